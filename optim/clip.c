@@ -128,8 +128,10 @@ int optim_clip_validate(const optim_clip *c, optim_error *err)
 /* ------------------------------------------------------------- norms
  *
  * One loop per (dtype, norm): sum of squares, sum of magnitudes, largest
- * magnitude.  The inner k loop has a constant trip count, so it is unrolled
- * and each lane stays a separate accumulator.
+ * magnitude.  The inner k loop has a constant trip count and its lanes
+ * never mix, so the vectoriser maps them onto vector registers without
+ * changing any rounding; the tail (< CLIP_LANES elements) goes into the
+ * first lanes.
  */
 
 /* Sums the lanes in a fixed tree order. */
