@@ -1,0 +1,902 @@
+/*
+ * optd_client.c -- the C client: one libcurl easy handle per client (so
+ * requests reuse a keep-alive connection), retries with backoff for
+ * transient failures, binary step and params bodies, problem+json errors.
+ */
+#include "clients/c/optd_client.h"
+
+#include <cjson/cJSON.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "optd's binary bodies are little-endian; this port needs byte swapping"
+#endif
+
+#define MAX_EXTRA_HEADERS 16
+#define KEY_BUF 201 /* the daemon takes keys of up to 200 characters */
+
+struct optd_client {
+    CURL *h;
+    char *base;               /* without a trailing slash */
+    char *auth;               /* "Authorization: Bearer KEY" or NULL */
+    int max_attempts;
+    long backoff0_ms, backoff_max_ms;
+    long connect_ms, request_ms;
+    char errbuf[CURL_ERROR_SIZE];
+};
+
+/* curl_global_init is not safe to race; every client goes through here. */
+static pthread_once_t curl_once = PTHREAD_ONCE_INIT;
+static CURLcode curl_init_rc = CURLE_OK;
+
+static void curl_init(void)
+{
+    curl_init_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+optd_client *optd_client_new(const char *base_url, const char *api_key)
+{
+    pthread_once(&curl_once, curl_init);
+    if (curl_init_rc != CURLE_OK || !base_url)
+        return NULL;
+    optd_client *c = calloc(1, sizeof *c);
+    if (!c)
+        return NULL;
+    c->base = strdup(base_url);
+    c->h = curl_easy_init();
+    if (api_key && *api_key) {
+        size_t n = strlen(api_key) + 32;
+        c->auth = malloc(n);
+        if (c->auth)
+            snprintf(c->auth, n, "Authorization: Bearer %s", api_key);
+    }
+    if (!c->base || !c->h || (api_key && *api_key && !c->auth)) {
+        optd_client_free(c);
+        return NULL;
+    }
+    size_t bl = strlen(c->base);
+    while (bl > 0 && c->base[bl - 1] == '/')
+        c->base[--bl] = '\0';
+    c->max_attempts = 5;
+    c->backoff0_ms = 50;
+    c->backoff_max_ms = 2000;
+    c->connect_ms = 5000;
+    c->request_ms = 60000;
+    return c;
+}
+
+void optd_client_free(optd_client *c)
+{
+    if (!c)
+        return;
+    if (c->h)
+        curl_easy_cleanup(c->h);
+    free(c->base);
+    free(c->auth);
+    free(c);
+}
+
+void optd_client_set_retry(optd_client *c, int max_attempts, long initial_backoff_ms,
+                           long max_backoff_ms)
+{
+    c->max_attempts = max_attempts < 1 ? 1 : max_attempts;
+    c->backoff0_ms = initial_backoff_ms < 0 ? 0 : initial_backoff_ms;
+    c->backoff_max_ms = max_backoff_ms < c->backoff0_ms ? c->backoff0_ms : max_backoff_ms;
+}
+
+void optd_client_set_timeouts(optd_client *c, long connect_ms, long request_ms)
+{
+    c->connect_ms = connect_ms > 0 ? connect_ms : 5000;
+    c->request_ms = request_ms > 0 ? request_ms : 60000;
+}
+
+/* ------------------------------------------------------------ errors */
+
+static void err_clear(optd_error *err)
+{
+    if (!err)
+        return;
+    memset(err, 0, sizeof *err);
+    err->step = -1;
+}
+
+static void err_set(optd_error *err, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void err_set(optd_error *err, int status, const char *fmt, ...)
+{
+    if (!err)
+        return;
+    err_clear(err);
+    err->status = status;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->detail, sizeof err->detail, fmt, ap);
+    va_end(ap);
+}
+
+static void copy_str(char *dst, size_t cap, const cJSON *item)
+{
+    if (cJSON_IsString(item) && item->valuestring)
+        snprintf(dst, cap, "%s", item->valuestring);
+}
+
+void optd_error_from_response(const optd_response *r, optd_error *err)
+{
+    if (!err)
+        return;
+    err_clear(err);
+    err->status = r->status;
+    cJSON *root = NULL;
+    if (r->body && r->len && strstr(r->content_type, "json"))
+        root = cJSON_ParseWithLength(r->body, r->len);
+    if (cJSON_IsObject(root)) {
+        copy_str(err->type, sizeof err->type, cJSON_GetObjectItemCaseSensitive(root, "type"));
+        copy_str(err->title, sizeof err->title, cJSON_GetObjectItemCaseSensitive(root, "title"));
+        copy_str(err->detail, sizeof err->detail,
+                 cJSON_GetObjectItemCaseSensitive(root, "detail"));
+        copy_str(err->field, sizeof err->field, cJSON_GetObjectItemCaseSensitive(root, "field"));
+        const cJSON *st = cJSON_GetObjectItemCaseSensitive(root, "step");
+        if (cJSON_IsNumber(st))
+            err->step = (long long)st->valuedouble;
+    } else if (r->body && r->len) {
+        snprintf(err->detail, sizeof err->detail, "%.*s",
+                 (int)(r->len < sizeof err->detail ? r->len : sizeof err->detail - 1), r->body);
+    }
+    cJSON_Delete(root);
+}
+
+/* ---------------------------------------------------------- responses */
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+    int oom;
+} growbuf;
+
+static int grow_put(growbuf *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < b->len + n + 1) {
+            if (cap > SIZE_MAX / 2)
+                return -1;
+            cap *= 2;
+        }
+        char *d = realloc(b->data, cap);
+        if (!d)
+            return -1;
+        b->data = d;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+    return 0;
+}
+
+static size_t on_body(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+    growbuf *b = ud;
+    size_t n = size * nmemb;
+    if (grow_put(b, ptr, n)) {
+        b->oom = 1;
+        return 0; /* aborts the transfer */
+    }
+    return n;
+}
+
+static void headers_free(optd_response *r)
+{
+    for (size_t i = 0; i < r->n_headers; i++) {
+        free(r->headers[i].name);
+        free(r->headers[i].value);
+    }
+    free(r->headers);
+    r->headers = NULL;
+    r->n_headers = 0;
+}
+
+/* Called once per header line, status lines included.  A new status line
+ * (after "100 Continue" or a redirect) starts a new header set, so only the
+ * final response's headers are kept. */
+static size_t on_header(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+    optd_response *r = ud;
+    size_t n = size * nmemb;
+    if (n >= 5 && strncmp(ptr, "HTTP/", 5) == 0) {
+        headers_free(r);
+        return n;
+    }
+    const char *colon = memchr(ptr, ':', n);
+    if (!colon)
+        return n;
+    size_t nl = (size_t)(colon - ptr);
+    const char *v = colon + 1;
+    const char *end = ptr + n;
+    while (v < end && (*v == ' ' || *v == '\t'))
+        v++;
+    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
+        end--;
+    optd_header *hs = realloc(r->headers, (r->n_headers + 1) * sizeof *hs);
+    if (!hs)
+        return 0;
+    r->headers = hs;
+    char *name = strndup(ptr, nl);
+    char *value = strndup(v, (size_t)(end - v));
+    if (!name || !value) {
+        free(name);
+        free(value);
+        return 0;
+    }
+    hs[r->n_headers].name = name;
+    hs[r->n_headers].value = value;
+    r->n_headers++;
+    return n;
+}
+
+const char *optd_response_header(const optd_response *r, const char *name)
+{
+    for (size_t i = 0; i < r->n_headers; i++)
+        if (strcasecmp(r->headers[i].name, name) == 0)
+            return r->headers[i].value;
+    return NULL;
+}
+
+void optd_response_free(optd_response *r)
+{
+    if (!r)
+        return;
+    free(r->body);
+    r->body = NULL;
+    r->len = 0;
+    headers_free(r);
+}
+
+/* ------------------------------------------------------------ requests */
+
+static bool has_header(const char *const *headers, const char *name)
+{
+    size_t n = strlen(name);
+    for (size_t i = 0; headers && headers[i]; i++)
+        if (strncasecmp(headers[i], name, n) == 0 && headers[i][n] == ':')
+            return true;
+    return false;
+}
+
+/* One attempt.  Returns 0 with *out filled when an answer came, else the
+ * CURLcode (> 0) with err filled. */
+static int perform(optd_client *c, const char *method, const char *path,
+                   const char *const *headers, const void *body, size_t len, optd_response *out,
+                   optd_error *err)
+{
+    memset(out, 0, sizeof *out);
+    CURL *h = c->h;
+    /* reset keeps the connection cache: the next request reuses the socket. */
+    curl_easy_reset(h);
+
+    size_t ul = strlen(c->base) + strlen(path) + 1;
+    char *url = malloc(ul);
+    if (!url) {
+        err_set(err, 0, "out of memory");
+        return CURLE_OUT_OF_MEMORY;
+    }
+    snprintf(url, ul, "%s%s", c->base, path);
+
+    struct curl_slist *list = NULL, *tmp;
+    bool oom = false;
+    for (size_t i = 0; headers && headers[i]; i++) {
+        if (!(tmp = curl_slist_append(list, headers[i])))
+            oom = true;
+        else
+            list = tmp;
+    }
+    if (c->auth && !has_header(headers, "Authorization")) {
+        if (!(tmp = curl_slist_append(list, c->auth)))
+            oom = true;
+        else
+            list = tmp;
+    }
+    /* libcurl would wait for "100 Continue" before larger bodies: a round
+     * trip for nothing on a daemon that answers at once. */
+    if (!has_header(headers, "Expect")) {
+        if (!(tmp = curl_slist_append(list, "Expect:")))
+            oom = true;
+        else
+            list = tmp;
+    }
+    if (body && !has_header(headers, "Content-Type")) {
+        if (!(tmp = curl_slist_append(list, "Content-Type: application/json")))
+            oom = true;
+        else
+            list = tmp;
+    }
+    if (oom) {
+        curl_slist_free_all(list);
+        free(url);
+        err_set(err, 0, "out of memory");
+        return CURLE_OUT_OF_MEMORY;
+    }
+
+    growbuf b = {0};
+    c->errbuf[0] = '\0';
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, c->connect_ms);
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, c->request_ms);
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, c->errbuf);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, out);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, list);
+    if (strcmp(method, "GET") == 0 && !body) {
+        curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+    } else if (strcmp(method, "HEAD") == 0) {
+        curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+    } else {
+        curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+        if (body || strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 ||
+            strcmp(method, "PATCH") == 0) {
+            curl_easy_setopt(h, CURLOPT_POSTFIELDS, body ? (const char *)body : "");
+            curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)(body ? len : 0));
+        }
+    }
+
+    CURLcode rc = curl_easy_perform(h);
+    long status = 0;
+    if (rc == CURLE_OK)
+        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    curl_slist_free_all(list);
+    free(url);
+    if (rc != CURLE_OK || b.oom) {
+        if (b.oom)
+            err_set(err, 0, "out of memory for the response body");
+        else
+            err_set(err, 0, "%s", c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc));
+        free(b.data);
+        headers_free(out);
+        return rc != CURLE_OK ? (int)rc : CURLE_OUT_OF_MEMORY;
+    }
+    out->status = (int)status;
+    if (!b.data && !(b.data = calloc(1, 1))) {
+        headers_free(out);
+        err_set(err, 0, "out of memory");
+        return CURLE_OUT_OF_MEMORY;
+    }
+    out->body = b.data;
+    out->len = b.len;
+    const char *ct = optd_response_header(out, "Content-Type");
+    snprintf(out->content_type, sizeof out->content_type, "%s", ct ? ct : "");
+    return 0;
+}
+
+int optd_request_err(optd_client *c, const char *method, const char *path,
+                     const char *const *headers, const void *body, size_t len,
+                     optd_response *out, optd_error *err)
+{
+    err_clear(err);
+    return perform(c, method, path, headers, body, len, out, err) ? -1 : 0;
+}
+
+int optd_request(optd_client *c, const char *method, const char *path,
+                 const char *const *headers, const void *body, size_t len, optd_response *out)
+{
+    return optd_request_err(c, method, path, headers, body, len, out, NULL);
+}
+
+/* Failures worth another try: the daemon was unreachable, went away
+ * mid-request or is restarting (503).  A retried step carries the same
+ * Idempotency-Key, so it is applied at most once. */
+static bool transient(int curl_rc)
+{
+    switch (curl_rc) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_OPERATION_TIMEDOUT:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {
+    }
+}
+
+/* perform() with the client's retry policy.  Returns 0 when an answer
+ * other than 503 came (or the last attempt's 503), -1 on a transport
+ * failure after the last attempt.  *retried says whether an earlier
+ * attempt may have reached the daemon. */
+static int call(optd_client *c, const char *method, const char *path,
+                const char *const *headers, const void *body, size_t len, optd_response *out,
+                optd_error *err, bool *retried)
+{
+    long wait = c->backoff0_ms;
+    if (retried)
+        *retried = false;
+    for (int attempt = 1;; attempt++) {
+        int rc = perform(c, method, path, headers, body, len, out, err);
+        bool last = attempt >= c->max_attempts;
+        if (rc == 0 && (out->status != 503 || last))
+            return 0;
+        if (rc != 0 && (!transient(rc) || last))
+            return -1;
+        if (rc == 0)
+            optd_response_free(out);
+        if (retried)
+            *retried = true;
+        sleep_ms(wait);
+        wait = wait > c->backoff_max_ms / 2 ? c->backoff_max_ms : wait * 2;
+    }
+}
+
+/* Sets err from a non-2xx answer and frees it; returns -1. */
+static int fail_with(optd_response *r, optd_error *err)
+{
+    optd_error_from_response(r, err);
+    optd_response_free(r);
+    return -1;
+}
+
+/* "/v1/sessions/NAME" + suffix, the name percent-encoded.  New string. */
+static char *session_path(optd_client *c, const char *name, const char *suffix, optd_error *err)
+{
+    if (!name) {
+        err_set(err, 0, "no session name");
+        return NULL;
+    }
+    char *esc = curl_easy_escape(c->h, name, 0);
+    if (!esc) {
+        err_set(err, 0, "out of memory");
+        return NULL;
+    }
+    size_t n = strlen(esc) + strlen(suffix) + 16;
+    char *p = malloc(n);
+    if (p)
+        snprintf(p, n, "/v1/sessions/%s%s", esc, suffix);
+    else
+        err_set(err, 0, "out of memory");
+    curl_free(esc);
+    return p;
+}
+
+static bool parse_ll(const char *s, long long *out)
+{
+    if (!s || !*s)
+        return false;
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end)
+        return false;
+    *out = v;
+    return true;
+}
+
+/* ------------------------------------------------------------ sessions */
+
+int optd_create_session(optd_client *c, const char *name, const char *config_json,
+                        optd_error *err)
+{
+    err_clear(err);
+    char *path = session_path(c, name, "", err);
+    if (!path)
+        return -1;
+    optd_response r;
+    int rc = call(c, "PUT", path, NULL, config_json, config_json ? strlen(config_json) : 0, &r,
+                  err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status != 201 && r.status != 200)
+        return fail_with(&r, err);
+    int created = r.status == 201;
+    optd_response_free(&r);
+    return created;
+}
+
+char *optd_get_session(optd_client *c, const char *name, optd_error *err)
+{
+    err_clear(err);
+    char *path = session_path(c, name, "", err);
+    if (!path)
+        return NULL;
+    optd_response r;
+    int rc = call(c, "GET", path, NULL, NULL, 0, &r, err, NULL);
+    free(path);
+    if (rc)
+        return NULL;
+    if (r.status != 200) {
+        fail_with(&r, err);
+        return NULL;
+    }
+    char *body = r.body;
+    r.body = NULL;
+    optd_response_free(&r);
+    return body;
+}
+
+int optd_update(optd_client *c, const char *name, const char *patch_json, optd_error *err)
+{
+    err_clear(err);
+    char *path = session_path(c, name, "", err);
+    if (!path)
+        return -1;
+    optd_response r;
+    int rc = call(c, "PATCH", path, NULL, patch_json, patch_json ? strlen(patch_json) : 0, &r,
+                  err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status < 200 || r.status > 299)
+        return fail_with(&r, err);
+    optd_response_free(&r);
+    return 0;
+}
+
+int optd_delete(optd_client *c, const char *name, optd_error *err)
+{
+    err_clear(err);
+    char *path = session_path(c, name, "", err);
+    if (!path)
+        return -1;
+    optd_response r;
+    bool retried;
+    int rc = call(c, "DELETE", path, NULL, NULL, 0, &r, err, &retried);
+    free(path);
+    if (rc)
+        return -1;
+    /* A 404 after a lost answer means our first attempt deleted it. */
+    if ((r.status < 200 || r.status > 299) && !(r.status == 404 && retried))
+        return fail_with(&r, err);
+    optd_response_free(&r);
+    return 0;
+}
+
+/* --------------------------------------------------------------- steps */
+
+optd_step_opts optd_step_opts_default(void)
+{
+    optd_step_opts o = {.base_step = -1, .worker = NULL, .json = 0, .idempotency_key = NULL};
+    return o;
+}
+
+int optd_new_idempotency_key(char key[33])
+{
+    unsigned char raw[16];
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t got = 0;
+    while (got < sizeof raw) {
+        ssize_t n = read(fd, raw + got, sizeof raw - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            close(fd);
+            return -1;
+        }
+        got += (size_t)n;
+    }
+    close(fd);
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < sizeof raw; i++) {
+        key[2 * i] = hex[raw[i] >> 4];
+        key[2 * i + 1] = hex[raw[i] & 15];
+    }
+    key[32] = '\0';
+    return 0;
+}
+
+/* A JSON array of n elements, bit-exact (%.9g float32, %.17g float64),
+ * into b after prefix.  0 or -1 (no memory). */
+static int json_vector(growbuf *b, const void *v, size_t n, size_t esize)
+{
+    if (grow_put(b, "[", 1))
+        return -1;
+    char tmp[40];
+    for (size_t i = 0; i < n; i++) {
+        int k = esize == 4 ? snprintf(tmp, sizeof tmp, "%s%.9g", i ? "," : "",
+                                      (double)((const float *)v)[i])
+                           : snprintf(tmp, sizeof tmp, "%s%.17g", i ? "," : "",
+                                      ((const double *)v)[i]);
+        if (grow_put(b, tmp, (size_t)k))
+            return -1;
+    }
+    return grow_put(b, "]", 1);
+}
+
+static int json_string(growbuf *b, const char *s)
+{
+    if (grow_put(b, "\"", 1))
+        return -1;
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        char tmp[8];
+        int k;
+        if (*p == '"' || *p == '\\')
+            k = snprintf(tmp, sizeof tmp, "\\%c", *p);
+        else if (*p < 0x20)
+            k = snprintf(tmp, sizeof tmp, "\\u%04x", *p);
+        else
+            k = snprintf(tmp, sizeof tmp, "%c", *p);
+        if (grow_put(b, tmp, (size_t)k))
+            return -1;
+    }
+    return grow_put(b, "\"", 1);
+}
+
+/* Copies a JSON array of numbers into out (n elements of esize bytes).
+ * strtod in cJSON rounds correctly, so %.17g text comes back bit-exact. */
+static int json_to_vector(const cJSON *arr, void *out, size_t n, size_t esize)
+{
+    if (!cJSON_IsArray(arr))
+        return -1;
+    size_t i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, arr)
+    {
+        if (i >= n || !cJSON_IsNumber(e))
+            return -1;
+        if (esize == 4)
+            ((float *)out)[i] = (float)e->valuedouble;
+        else
+            ((double *)out)[i] = e->valuedouble;
+        i++;
+    }
+    return i == n ? 0 : -1;
+}
+
+static int step_common(optd_client *c, const char *name, const void *grad, size_t n,
+                       size_t esize, const double *loss, const optd_step_opts *opts,
+                       void *params_out, long long *step_out, int *replayed, optd_error *err)
+{
+    err_clear(err);
+    if (replayed)
+        *replayed = 0;
+    optd_step_opts o = opts ? *opts : optd_step_opts_default();
+    if (n > SIZE_MAX / esize) {
+        err_set(err, 0, "gradient too large");
+        return -1;
+    }
+    char key[KEY_BUF];
+    if (o.idempotency_key) {
+        snprintf(key, sizeof key, "%s", o.idempotency_key);
+    } else if (optd_new_idempotency_key(key)) {
+        err_set(err, 0, "cannot read /dev/urandom for an idempotency key");
+        return -1;
+    }
+    char *path = session_path(c, name, params_out ? "/step" : "/step?params=false", err);
+    if (!path)
+        return -1;
+
+    char h_key[KEY_BUF + 32], h_loss[64], h_base[64], h_worker[200];
+    const char *hdrs[MAX_EXTRA_HEADERS];
+    size_t nh = 0;
+    snprintf(h_key, sizeof h_key, "Idempotency-Key: %s", key);
+    hdrs[nh++] = h_key;
+    growbuf jb = {0};
+    const void *body = grad;
+    size_t blen = n * esize;
+    if (o.json) {
+        hdrs[nh++] = "Content-Type: application/json";
+        hdrs[nh++] = "Accept: application/json";
+        int bad = grow_put(&jb, "{\"grad\":", 8) || json_vector(&jb, grad, n, esize);
+        char tmp[64];
+        if (!bad && loss) {
+            snprintf(tmp, sizeof tmp, ",\"loss\":%.17g", *loss);
+            bad = grow_put(&jb, tmp, strlen(tmp));
+        }
+        if (!bad && o.base_step >= 0) {
+            snprintf(tmp, sizeof tmp, ",\"base_step\":%lld", o.base_step);
+            bad = grow_put(&jb, tmp, strlen(tmp));
+        }
+        if (!bad && o.worker)
+            bad = grow_put(&jb, ",\"worker\":", 10) || json_string(&jb, o.worker);
+        if (bad || grow_put(&jb, "}", 1)) {
+            free(jb.data);
+            free(path);
+            err_set(err, 0, "out of memory");
+            return -1;
+        }
+        body = jb.data;
+        blen = jb.len;
+    } else {
+        hdrs[nh++] = "Content-Type: application/octet-stream";
+        hdrs[nh++] = "Accept: application/octet-stream";
+        if (loss) {
+            snprintf(h_loss, sizeof h_loss, "Optd-Loss: %.17g", *loss);
+            hdrs[nh++] = h_loss;
+        }
+        if (o.base_step >= 0) {
+            snprintf(h_base, sizeof h_base, "Optd-Base-Step: %lld", o.base_step);
+            hdrs[nh++] = h_base;
+        }
+        if (o.worker) {
+            snprintf(h_worker, sizeof h_worker, "Optd-Worker: %s", o.worker);
+            hdrs[nh++] = h_worker;
+        }
+    }
+    hdrs[nh] = NULL;
+
+    optd_response r;
+    int rc = call(c, "POST", path, hdrs, body ? body : "", blen, &r, err, NULL);
+    free(path);
+    free(jb.data);
+    if (rc)
+        return -1;
+    if (r.status != 200 && r.status != 202)
+        return fail_with(&r, err);
+
+    const char *rep = optd_response_header(&r, "Optd-Replayed");
+    if (replayed && rep && strcasecmp(rep, "true") == 0)
+        *replayed = 1;
+    long long step = -1;
+    bool have_step = parse_ll(optd_response_header(&r, "Optd-Step"), &step);
+    bool is_json = strstr(r.content_type, "json") != NULL;
+    cJSON *root = is_json ? cJSON_ParseWithLength(r.body, r.len) : NULL;
+    if (root && !have_step) {
+        const cJSON *st = cJSON_GetObjectItemCaseSensitive(root, "step");
+        if (cJSON_IsNumber(st)) {
+            step = (long long)st->valuedouble;
+            have_step = true;
+        }
+    }
+    int ret = r.status == 202 ? 1 : 0;
+    if (ret == 0 && params_out) {
+        if (is_json) {
+            if (!root ||
+                json_to_vector(cJSON_GetObjectItemCaseSensitive(root, "params"), params_out, n,
+                               esize)) {
+                err_set(err, r.status, "the step answer has no params array of %zu numbers", n);
+                ret = -1;
+            }
+        } else if (r.len != n * esize) {
+            err_set(err, r.status, "the step answer has %zu bytes; expected %zu", r.len,
+                    n * esize);
+            ret = -1;
+        } else {
+            memcpy(params_out, r.body, r.len);
+        }
+    }
+    if (ret >= 0 && !have_step && ret == 0) {
+        err_set(err, r.status, "the step answer carries no step");
+        ret = -1;
+    }
+    if (ret >= 0 && step_out)
+        *step_out = step;
+    cJSON_Delete(root);
+    optd_response_free(&r);
+    return ret;
+}
+
+int optd_step_f32_opts(optd_client *c, const char *name, const float *grad, size_t n,
+                       const double *loss, const optd_step_opts *opts, float *params_out,
+                       long long *step_out, int *replayed, optd_error *err)
+{
+    return step_common(c, name, grad, n, sizeof(float), loss, opts, params_out, step_out,
+                       replayed, err);
+}
+
+int optd_step_f64_opts(optd_client *c, const char *name, const double *grad, size_t n,
+                       const double *loss, const optd_step_opts *opts, double *params_out,
+                       long long *step_out, int *replayed, optd_error *err)
+{
+    return step_common(c, name, grad, n, sizeof(double), loss, opts, params_out, step_out,
+                       replayed, err);
+}
+
+int optd_step_f32(optd_client *c, const char *name, const float *grad, size_t n,
+                  const double *loss, float *params_out, long long *step_out, optd_error *err)
+{
+    return step_common(c, name, grad, n, sizeof(float), loss, NULL, params_out, step_out, NULL,
+                       err);
+}
+
+int optd_step_f64(optd_client *c, const char *name, const double *grad, size_t n,
+                  const double *loss, double *params_out, long long *step_out, optd_error *err)
+{
+    return step_common(c, name, grad, n, sizeof(double), loss, NULL, params_out, step_out, NULL,
+                       err);
+}
+
+/* -------------------------------------------------------------- params */
+
+static int get_params(optd_client *c, const char *name, void *out, size_t n, size_t esize,
+                      long long *step_out, optd_error *err)
+{
+    err_clear(err);
+    char *path = session_path(c, name, "/params", err);
+    if (!path)
+        return -1;
+    const char *hdrs[] = {"Accept: application/octet-stream", NULL};
+    optd_response r;
+    int rc = call(c, "GET", path, hdrs, NULL, 0, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status != 200)
+        return fail_with(&r, err);
+    long long step = -1;
+    if (n > SIZE_MAX / esize || r.len != n * esize) {
+        err_set(err, r.status, "the params answer has %zu bytes; expected %zu elements of %zu",
+                r.len, n, esize);
+        optd_response_free(&r);
+        return -1;
+    }
+    if (!parse_ll(optd_response_header(&r, "Optd-Step"), &step)) {
+        err_set(err, r.status, "the params answer carries no Optd-Step");
+        optd_response_free(&r);
+        return -1;
+    }
+    memcpy(out, r.body, r.len);
+    if (step_out)
+        *step_out = step;
+    optd_response_free(&r);
+    return 0;
+}
+
+static int set_params(optd_client *c, const char *name, const void *params, size_t n,
+                      size_t esize, optd_error *err)
+{
+    err_clear(err);
+    if (n > SIZE_MAX / esize) {
+        err_set(err, 0, "params too large");
+        return -1;
+    }
+    char *path = session_path(c, name, "/params", err);
+    if (!path)
+        return -1;
+    const char *hdrs[] = {"Content-Type: application/octet-stream", NULL};
+    optd_response r;
+    int rc = call(c, "PUT", path, hdrs, params ? params : "", n * esize, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status < 200 || r.status > 299)
+        return fail_with(&r, err);
+    optd_response_free(&r);
+    return 0;
+}
+
+int optd_get_params_f32(optd_client *c, const char *name, float *out, size_t n,
+                        long long *step_out, optd_error *err)
+{
+    return get_params(c, name, out, n, sizeof(float), step_out, err);
+}
+
+int optd_get_params_f64(optd_client *c, const char *name, double *out, size_t n,
+                        long long *step_out, optd_error *err)
+{
+    return get_params(c, name, out, n, sizeof(double), step_out, err);
+}
+
+int optd_set_params_f32(optd_client *c, const char *name, const float *params, size_t n,
+                        optd_error *err)
+{
+    return set_params(c, name, params, n, sizeof(float), err);
+}
+
+int optd_set_params_f64(optd_client *c, const char *name, const double *params, size_t n,
+                        optd_error *err)
+{
+    return set_params(c, name, params, n, sizeof(double), err);
+}

@@ -1,0 +1,164 @@
+/*
+ * optd_client.h -- a C client for optd's HTTP API (v1), on libcurl.
+ *
+ * A client owns one libcurl easy handle, so consecutive requests reuse one
+ * keep-alive connection.  A client is NOT thread-safe: give every thread
+ * its own (they are cheap).  Link build/liboptdclient.a and -lcurl.
+ *
+ * Conventions: functions return 0 on success and -1 on failure; when an
+ * optd_error pointer is given (it may be NULL) it then says why: the HTTP
+ * status and the problem+json members, or status 0 with detail set when
+ * no answer came at all (connection refused, timeout, ...).
+ *
+ * Retries: connection failures, timeouts and 503 answers are retried with
+ * exponential backoff (optd_client_set_retry).  A step carries an
+ * Idempotency-Key generated once per logical step and reused by every retry,
+ * so a retry never applies a gradient twice.
+ */
+#ifndef OPTD_CLIENT_H
+#define OPTD_CLIENT_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct optd_client optd_client;
+
+typedef struct {
+    int status;          /* HTTP status; 0 when no answer came             */
+    char type[128];      /* problem type URN ("urn:optd:problem:...")      */
+    char title[128];
+    char detail[512];
+    char field[96];      /* the field at fault, "" when none                */
+    long long step;      /* "step" member of the problem, else -1          */
+} optd_error;
+
+/* Returns a new client for base_url ("http://127.0.0.1:8080"; a trailing
+ * slash is ignored).  api_key (may be NULL) is sent as
+ * "Authorization: Bearer KEY".  NULL when out of memory.  Free with
+ * optd_client_free. */
+optd_client *optd_client_new(const char *base_url, const char *api_key);
+void optd_client_free(optd_client *c);
+
+/* Retry policy: at most max_attempts tries in all (>= 1; default 5), the
+ * first wait initial_backoff_ms (default 50), doubled after each failure up
+ * to max_backoff_ms (default 2000). */
+void optd_client_set_retry(optd_client *c, int max_attempts, long initial_backoff_ms,
+                           long max_backoff_ms);
+/* Per-attempt timeouts in milliseconds (defaults: connect 5000, whole
+ * request 60000). */
+void optd_client_set_timeouts(optd_client *c, long connect_ms, long request_ms);
+
+/* ------------------------------------------------------------- sessions */
+
+/* PUT /v1/sessions/{name} with config_json as the body.  Create-or-verify:
+ * 201 (created: returns 1) and 200 (the same config already exists:
+ * returns 0) both succeed; 409 (a different config exists) is an error. */
+int optd_create_session(optd_client *c, const char *name, const char *config_json,
+                        optd_error *err);
+/* GET /v1/sessions/{name}.  Returns a new JSON string (caller frees) or
+ * NULL. */
+char *optd_get_session(optd_client *c, const char *name, optd_error *err);
+/* PATCH /v1/sessions/{name} with patch_json (hyperparameters, schedule,
+ * clip, metadata). */
+int optd_update(optd_client *c, const char *name, const char *patch_json, optd_error *err);
+/* DELETE /v1/sessions/{name}. */
+int optd_delete(optd_client *c, const char *name, optd_error *err);
+
+/* ----------------------------------------------------------------- steps */
+
+typedef struct {
+    long long base_step;         /* Optd-Base-Step; < 0: not sent          */
+    const char *worker;          /* Optd-Worker; NULL: not sent            */
+    int json;                    /* non-zero: send and receive JSON        */
+    const char *idempotency_key; /* NULL: a fresh random key              */
+} optd_step_opts;
+
+/* The options that send nothing extra (base_step -1, random key). */
+optd_step_opts optd_step_opts_default(void);
+
+/* POST /v1/sessions/{name}/step with n gradient elements in the session's
+ * dtype (float32 for _f32, float64 for _f64).  loss (may be NULL) is sent
+ * as Optd-Loss.  params_out (n elements, may be NULL) receives the new
+ * parameters; when NULL the request says ?params=false.  *step_out (may be
+ * NULL) receives the step count after the update (Optd-Step).
+ * Returns 0 when applied (200), 1 when accepted but not yet applied (202:
+ * a pending accumulation or synchronous round; params_out is not written),
+ * -1 on error. */
+int optd_step_f32(optd_client *c, const char *name, const float *grad, size_t n,
+                  const double *loss, float *params_out, long long *step_out, optd_error *err);
+int optd_step_f64(optd_client *c, const char *name, const double *grad, size_t n,
+                  const double *loss, double *params_out, long long *step_out, optd_error *err);
+/* The same with options (opts may be NULL).  *replayed (may be NULL) is set
+ * to 1 when the daemon answered from its idempotency record (nothing was
+ * applied by this call). */
+int optd_step_f32_opts(optd_client *c, const char *name, const float *grad, size_t n,
+                       const double *loss, const optd_step_opts *opts, float *params_out,
+                       long long *step_out, int *replayed, optd_error *err);
+int optd_step_f64_opts(optd_client *c, const char *name, const double *grad, size_t n,
+                       const double *loss, const optd_step_opts *opts, double *params_out,
+                       long long *step_out, int *replayed, optd_error *err);
+
+/* Writes a fresh random 128-bit key as 32 hex digits + NUL into key[33].
+ * 0, or -1 when /dev/urandom cannot be read. */
+int optd_new_idempotency_key(char key[33]);
+
+/* ---------------------------------------------------------------- params */
+
+/* GET /v1/sessions/{name}/params (binary): n elements into out; *step_out
+ * (may be NULL) receives the step.  A size mismatch is an error. */
+int optd_get_params_f32(optd_client *c, const char *name, float *out, size_t n,
+                        long long *step_out, optd_error *err);
+int optd_get_params_f64(optd_client *c, const char *name, double *out, size_t n,
+                        long long *step_out, optd_error *err);
+/* PUT /v1/sessions/{name}/params (binary). */
+int optd_set_params_f32(optd_client *c, const char *name, const float *params, size_t n,
+                        optd_error *err);
+int optd_set_params_f64(optd_client *c, const char *name, const double *params, size_t n,
+                        optd_error *err);
+
+/* ------------------------------------------------------------ raw calls */
+
+typedef struct {
+    char *name;
+    char *value;
+} optd_header;
+
+typedef struct {
+    int status;               /* HTTP status                                */
+    char *body;               /* malloc'd, NUL-terminated (len excludes it) */
+    size_t len;
+    optd_header *headers;     /* of the final response, in order           */
+    size_t n_headers;
+    char content_type[128];   /* "" when absent                            */
+} optd_response;
+
+/* One request, no retries: method ("GET", "PUT", ...), path ("/v1/...",
+ * query included), extra headers as a NULL-terminated array of
+ * "Name: value" strings (NULL for none; "Name:" removes a default header),
+ * and an optional body (len bytes; sent as application/json unless a
+ * Content-Type is given).  Returns 0 when any HTTP answer came (out filled;
+ * free with optd_response_free), -1 on a transport failure (out->status 0,
+ * *err filled when err is given). */
+int optd_request(optd_client *c, const char *method, const char *path,
+                 const char *const *headers, const void *body, size_t len, optd_response *out);
+/* The same, reporting a transport failure in err (may be NULL). */
+int optd_request_err(optd_client *c, const char *method, const char *path,
+                     const char *const *headers, const void *body, size_t len,
+                     optd_response *out, optd_error *err);
+/* The value of a response header (case-insensitive name), or NULL.  The
+ * string belongs to the response. */
+const char *optd_response_header(const optd_response *r, const char *name);
+void optd_response_free(optd_response *r);
+
+/* Fills err from a response: status, and the problem+json members when the
+ * body is one. */
+void optd_error_from_response(const optd_response *r, optd_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* OPTD_CLIENT_H */
