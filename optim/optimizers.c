@@ -64,8 +64,10 @@ int optim_dtype_parse(const char *name, optim_dtype *out)
 static const char *const momentum_forms[] = { "torch", "classic", NULL };
 
 static const optim_hp_spec sgd_hps[] = {
-    HP_NUM("lr", lr, 0.01,
-           "learning rate (torch requires it; optd defaults to 0.01)"),
+    /* Required as in torch (a request must give it); def[0] is what
+     * optim_hparams_default() fills in so the struct is always usable. */
+    { "lr", OPTIM_HP_NUM, HP_AT(lr), 0, { 0.01, 0 }, true, NULL,
+      "learning rate (required, as in torch; a schedule scales it per step)" },
     HP_NUM("momentum", momentum, 0, "momentum factor (0: plain SGD, no buffer)"),
     HP_NUM("dampening", dampening, 0, "dampening for momentum: the gradient enters with 1 - dampening"),
     HP_WD(0),
