@@ -1,0 +1,436 @@
+/*
+ * test_client_c.c -- the C client library against the real daemon: typed
+ * errors, create-or-verify, binary and JSON steps (the same bits either
+ * way), idempotency keys reused by retries, params get/set, update,
+ * delete, the API key, and retries across a daemon restart.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <ctype.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "clients/c/optd_client.h"
+#include "tests/support/apitest.h"
+#include "tests/support/daemon.h"
+
+typedef struct {
+    tdaemon d;
+    optd_client *c;
+} suite;
+
+static int suite_setup(void **state)
+{
+    suite *s = calloc(1, sizeof *s);
+    if (!s || tdaemon_start(&s->d, NULL, NULL) != 0)
+        return -1;
+    s->c = optd_client_new(tdaemon_url(&s->d), NULL);
+    *state = s;
+    return s->c ? 0 : -1;
+}
+
+static int suite_teardown(void **state)
+{
+    suite *s = *state;
+    optd_client_free(s->c);
+    int rc = tdaemon_stop(&s->d);
+    tdaemon_cleanup(&s->d);
+    free(s);
+    return rc == 0 ? 0 : -1;
+}
+
+static void test_idempotency_keys(void **state)
+{
+    (void)state;
+    char a[33], b[33];
+    assert_int_equal(optd_new_idempotency_key(a), 0);
+    assert_int_equal(optd_new_idempotency_key(b), 0);
+    assert_int_equal(strlen(a), 32);
+    for (int i = 0; i < 32; i++)
+        assert_true(isxdigit((unsigned char)a[i]) && !isupper((unsigned char)a[i]));
+    assert_string_not_equal(a, b);
+}
+
+static void test_create_verify_conflict(void **state)
+{
+    suite *s = *state;
+    const char *cfg = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.1},\"params\":[1,2,3],"
+                      "\"dtype\":\"float64\"}";
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "cc", cfg, &e), 1);
+    assert_int_equal(optd_create_session(s->c, "cc", cfg, &e), 0);
+    assert_int_equal(optd_create_session(s->c, "cc",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.3},"
+                                         "\"params\":[1,2,3],\"dtype\":\"float64\"}",
+                                         &e),
+                     -1);
+    assert_int_equal(e.status, 409);
+    assert_string_equal(e.type, "urn:optd:problem:conflict");
+    assert_true(strlen(e.title) > 0);
+    assert_true(strlen(e.detail) > 0);
+
+    /* a field-level error names the field */
+    assert_int_equal(optd_create_session(s->c, "cc2",
+                                         "{\"optimizer\":{\"type\":\"nope\"},\"params\":[1]}", &e),
+                     -1);
+    assert_int_equal(e.status, 400);
+    assert_string_equal(e.field, "optimizer.type");
+    assert_int_equal(e.step, -1);
+
+    char *json = optd_get_session(s->c, "cc", &e);
+    assert_non_null(json);
+    cJSON *j = cJSON_Parse(json);
+    assert_non_null(j);
+    assert_string_equal(cJSON_GetObjectItem(j, "name")->valuestring, "cc");
+    assert_int_equal(cJSON_GetObjectItem(j, "step")->valuedouble, 0);
+    cJSON_Delete(j);
+    free(json);
+
+    assert_null(optd_get_session(s->c, "absent", &e));
+    assert_int_equal(e.status, 404);
+    assert_string_equal(e.type, "urn:optd:problem:not-found");
+}
+
+static void test_steps_binary_and_json_agree(void **state)
+{
+    suite *s = *state;
+    const char *cfg = "{\"optimizer\":{\"type\":\"adamw\",\"lr\":0.02},\"size\":32,"
+                      "\"init\":{\"type\":\"normal\",\"std\":1,\"seed\":9}}";
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "bin32", cfg, &e), 1);
+    assert_int_equal(optd_create_session(s->c, "json32", cfg, &e), 1);
+    optd_step_opts js = optd_step_opts_default();
+    js.json = 1;
+    float a[32], b[32], g[32];
+    for (int i = 0; i < 12; i++) {
+        for (int j = 0; j < 32; j++)
+            g[j] = (float)sin(i * 1.3 + j * 0.7);
+        double loss = 1.0 / (i + 1);
+        long long sa = -1, sb = -1;
+        int ra = -1, rb = -1;
+        assert_int_equal(optd_step_f32_opts(s->c, "bin32", g, 32, &loss, NULL, a, &sa, &ra, &e),
+                         0);
+        assert_int_equal(optd_step_f32_opts(s->c, "json32", g, 32, &loss, &js, b, &sb, &rb, &e),
+                         0);
+        assert_int_equal(sa, i + 1);
+        assert_int_equal(sb, i + 1);
+        assert_int_equal(ra, 0);
+        assert_int_equal(rb, 0);
+        /* JSON's %.9g carries float32 exactly: the same bits both ways */
+        assert_memory_equal(a, b, sizeof a);
+    }
+    float now[32];
+    long long st;
+    assert_int_equal(optd_get_params_f32(s->c, "bin32", now, 32, &st, &e), 0);
+    assert_int_equal(st, 12);
+    assert_memory_equal(now, a, sizeof a);
+
+    /* params_out NULL: ?params=false, the step still counted */
+    long long sn = -1;
+    assert_int_equal(optd_step_f32(s->c, "bin32", g, 32, NULL, NULL, &sn, &e), 0);
+    assert_int_equal(sn, 13);
+}
+
+static void test_step_f64_with_options(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "f64",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.25},"
+                                         "\"params\":[1,-1],\"dtype\":\"float64\"}",
+                                         &e),
+                     1);
+    double g[2] = {0.5, 4}, p[2];
+    long long st;
+    optd_step_opts o = optd_step_opts_default();
+    o.worker = "w-1";
+    o.base_step = 0;
+    double loss = 3.25;
+    assert_int_equal(optd_step_f64_opts(s->c, "f64", g, 2, &loss, &o, p, &st, NULL, &e), 0);
+    assert_int_equal(st, 1);
+    assert_true(p[0] == 1 - 0.25 * 0.5 && p[1] == -1 - 0.25 * 4);
+    o.json = 1;
+    o.base_step = 1;
+    assert_int_equal(optd_step_f64_opts(s->c, "f64", g, 2, &loss, &o, p, &st, NULL, &e), 0);
+    assert_int_equal(st, 2);
+    assert_true(p[0] == (1 - 0.25 * 0.5) - 0.25 * 0.5);
+
+    /* typed errors from the step */
+    double g3[3] = {1, 2, 3};
+    assert_int_equal(optd_step_f64(s->c, "f64", g3, 3, NULL, p, &st, &e), -1);
+    assert_int_equal(e.status, 422);
+    assert_string_equal(e.field, "grad");
+    assert_string_equal(e.type, "urn:optd:problem:unprocessable");
+    g[1] = NAN;
+    assert_int_equal(optd_step_f64(s->c, "f64", g, 2, NULL, p, &st, &e), -1);
+    assert_int_equal(e.status, 422);
+    assert_int_equal(optd_step_f64(s->c, "nope", g3, 3, NULL, p, &st, &e), -1);
+    assert_int_equal(e.status, 404);
+    assert_int_equal(optd_get_params_f64(s->c, "f64", p, 2, &st, &e), 0);
+    assert_int_equal(st, 2);
+}
+
+static void test_idempotency_key_reuse(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "idem",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},"
+                                         "\"params\":[0],\"dtype\":\"float64\"}",
+                                         &e),
+                     1);
+    char key[33];
+    assert_int_equal(optd_new_idempotency_key(key), 0);
+    optd_step_opts o = optd_step_opts_default();
+    o.idempotency_key = key;
+    double g = 2, p;
+    long long st;
+    int rep = -1;
+    assert_int_equal(optd_step_f64_opts(s->c, "idem", &g, 1, NULL, &o, &p, &st, &rep, &e), 0);
+    assert_int_equal(st, 1);
+    assert_int_equal(rep, 0);
+    assert_true(p == -2);
+    /* A retry with the same key (as after a lost answer): a replay. */
+    assert_int_equal(optd_step_f64_opts(s->c, "idem", &g, 1, NULL, &o, &p, &st, &rep, &e), 0);
+    assert_int_equal(st, 1);
+    assert_int_equal(rep, 1);
+    assert_true(p == -2);
+    /* Without a key override every call is a new step. */
+    assert_int_equal(optd_step_f64(s->c, "idem", &g, 1, NULL, &p, &st, &e), 0);
+    assert_int_equal(optd_step_f64(s->c, "idem", &g, 1, NULL, &p, &st, &e), 0);
+    assert_int_equal(st, 3);
+    assert_true(p == -6);
+}
+
+static void test_params_get_set(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "pset",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},\"size\":3,"
+                                         "\"init\":{\"type\":\"zeros\"}}",
+                                         &e),
+                     1);
+    float in[3] = {1.5f, -0.0f, 1e-40f}, out[3];
+    assert_int_equal(optd_set_params_f32(s->c, "pset", in, 3, &e), 0);
+    long long st = -1;
+    assert_int_equal(optd_get_params_f32(s->c, "pset", out, 3, &st, &e), 0);
+    assert_int_equal(st, 0);
+    assert_memory_equal(in, out, sizeof in);
+    /* wrong sizes are errors, on either side */
+    assert_int_equal(optd_set_params_f32(s->c, "pset", in, 2, &e), -1);
+    assert_int_equal(e.status, 422);
+    assert_string_equal(e.field, "params");
+    assert_int_equal(optd_get_params_f32(s->c, "pset", out, 4, &st, &e), -1);
+    double d[3];
+    assert_int_equal(optd_get_params_f64(s->c, "pset", d, 3, &st, &e), -1);
+    /* float64 session */
+    assert_int_equal(optd_create_session(s->c, "pset64",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},\"size\":3,"
+                                         "\"dtype\":\"float64\",\"init\":{\"type\":\"zeros\"}}",
+                                         &e),
+                     1);
+    double din[3] = {0.1, 1e300, -5e-324}, dout[3];
+    assert_int_equal(optd_set_params_f64(s->c, "pset64", din, 3, &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "pset64", dout, 3, &st, &e), 0);
+    assert_memory_equal(din, dout, sizeof din);
+}
+
+static void test_update_and_delete(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "upd",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.1},"
+                                         "\"params\":[1],\"dtype\":\"float64\"}",
+                                         &e),
+                     1);
+    assert_int_equal(optd_update(s->c, "upd", "{\"optimizer\":{\"lr\":0.75}}", &e), 0);
+    double g = 1, p;
+    long long st;
+    assert_int_equal(optd_step_f64(s->c, "upd", &g, 1, NULL, &p, &st, &e), 0);
+    assert_true(p == 1 - 0.75);
+    assert_int_equal(optd_update(s->c, "upd", "{\"optimizer\":{\"lr\":-1}}", &e), -1);
+    assert_int_equal(e.status, 400);
+    assert_string_equal(e.field, "optimizer.lr");
+    assert_int_equal(optd_update(s->c, "nope", "{\"optimizer\":{\"lr\":1}}", &e), -1);
+    assert_int_equal(e.status, 404);
+
+    assert_int_equal(optd_delete(s->c, "upd", &e), 0);
+    assert_null(optd_get_session(s->c, "upd", &e));
+    assert_int_equal(e.status, 404);
+    assert_int_equal(optd_delete(s->c, "upd", &e), -1);
+    assert_int_equal(e.status, 404);
+}
+
+static void test_raw_request_headers(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "raw",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},"
+                                         "\"params\":[1,2],\"dtype\":\"float64\"}",
+                                         &e),
+                     1);
+    const char *h[] = {"Accept: application/octet-stream", NULL};
+    optd_response r;
+    assert_int_equal(optd_request(s->c, "GET", "/v1/sessions/raw/params", h, NULL, 0, &r), 0);
+    assert_int_equal(r.status, 200);
+    assert_int_equal(r.len, 16);
+    /* header names are case-insensitive */
+    assert_non_null(optd_response_header(&r, "optd-step"));
+    assert_string_equal(optd_response_header(&r, "OPTD-STEP"), "0");
+    assert_null(optd_response_header(&r, "Optd-Nothing"));
+    assert_non_null(strstr(r.content_type, "application/octet-stream"));
+    optd_response_free(&r);
+
+    assert_int_equal(optd_request(s->c, "GET", "/v1/nope", NULL, NULL, 0, &r), 0);
+    optd_error_from_response(&r, &e);
+    assert_int_equal(e.status, 404);
+    assert_string_equal(e.type, "urn:optd:problem:not-found");
+    optd_response_free(&r);
+}
+
+static void test_api_key(void **state)
+{
+    (void)state;
+    tdaemon d;
+    const char *args[] = {"--api-key", "k-123", NULL};
+    assert_int_equal(tdaemon_start(&d, NULL, args), 0);
+    optd_client *with = optd_client_new(tdaemon_url(&d), "k-123");
+    optd_client *without = optd_client_new(tdaemon_url(&d), NULL);
+    optd_error e;
+    const char *cfg = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},\"params\":[1]}";
+    assert_int_equal(optd_create_session(without, "k", cfg, &e), -1);
+    assert_int_equal(e.status, 401);
+    assert_string_equal(e.type, "urn:optd:problem:unauthorized");
+    assert_int_equal(optd_create_session(with, "k", cfg, &e), 1);
+    float g = 1, p;
+    long long st;
+    assert_int_equal(optd_step_f32(with, "k", &g, 1, NULL, &p, &st, &e), 0);
+    assert_true(p == 0.0f);
+    optd_client_free(with);
+    optd_client_free(without);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+}
+
+/* Nobody listening: the client tries max_attempts times, backing off. */
+static void test_retry_gives_up(void **state)
+{
+    (void)state;
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    char url[64];
+    snprintf(url, sizeof url, "%s", tdaemon_url(&d));
+    assert_int_equal(tdaemon_stop(&d), 0);
+    optd_client *c = optd_client_new(url, NULL);
+    optd_client_set_retry(c, 4, 40, 1000);
+    optd_error e;
+    long long t0 = tapi_now_ms();
+    assert_null(optd_get_session(c, "x", &e));
+    long long ms = tapi_now_ms() - t0;
+    assert_int_equal(e.status, 0);
+    assert_true(strlen(e.detail) > 0);
+    /* waits 40 + 80 + 160 ms between the 4 attempts */
+    if (ms < 280 || ms > 5000)
+        fail_msg("4 attempts took %lld ms; expected about 280", ms);
+    optd_client_set_retry(c, 1, 40, 1000);
+    t0 = tapi_now_ms();
+    assert_null(optd_get_session(c, "x", &e));
+    assert_true(tapi_now_ms() - t0 < 200);
+    optd_client_free(c);
+    tdaemon_cleanup(&d);
+}
+
+typedef struct {
+    const char *url;
+    int rc;
+    long long step;
+    int replayed;
+    double p;
+    optd_error e;
+} retry_job;
+
+static void *retry_main(void *arg)
+{
+    retry_job *j = arg;
+    optd_client *c = optd_client_new(j->url, NULL);
+    optd_client_set_retry(c, 40, 25, 200);
+    double g = 1;
+    j->rc = optd_step_f64_opts(c, "through", &g, 1, NULL, NULL, &j->p, &j->step, &j->replayed,
+                               &j->e);
+    optd_client_free(c);
+    return NULL;
+}
+
+/* The daemon is down when the step starts and back 300 ms later: the
+ * client's retries carry the step through, applied once. */
+static void test_retry_across_restart(void **state)
+{
+    (void)state;
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    optd_client *c = optd_client_new(tdaemon_url(&d), NULL);
+    optd_error e;
+    assert_int_equal(optd_create_session(c, "through",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},"
+                                         "\"params\":[10],\"dtype\":\"float64\"}",
+                                         &e),
+                     1);
+    optd_client_free(c);
+    char url[64];
+    snprintf(url, sizeof url, "%s", tdaemon_url(&d));
+    assert_int_equal(tdaemon_kill9(&d), 0);
+
+    retry_job j = {.url = url};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, retry_main, &j), 0);
+    struct timespec ts = {0, 300 * 1000000L};
+    nanosleep(&ts, NULL);
+    /* restart asks for the same port, so the client's URL stays valid */
+    assert_int_equal(tdaemon_restart(&d), 0);
+    assert_string_equal(tdaemon_url(&d), url);
+    pthread_join(th, NULL);
+    if (j.rc != 0)
+        fail_msg("step through a restart: %d %s", j.e.status, j.e.detail);
+    assert_int_equal(j.step, 1);
+    assert_true(j.p == 9);
+
+    c = optd_client_new(tdaemon_url(&d), NULL);
+    double p;
+    long long st;
+    assert_int_equal(optd_get_params_f64(c, "through", &p, 1, &st, &e), 0);
+    assert_int_equal(st, 1);
+    assert_true(p == 9);
+    optd_client_free(c);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_idempotency_keys),
+        cmocka_unit_test(test_create_verify_conflict),
+        cmocka_unit_test(test_steps_binary_and_json_agree),
+        cmocka_unit_test(test_step_f64_with_options),
+        cmocka_unit_test(test_idempotency_key_reuse),
+        cmocka_unit_test(test_params_get_set),
+        cmocka_unit_test(test_update_and_delete),
+        cmocka_unit_test(test_raw_request_headers),
+        cmocka_unit_test(test_api_key),
+        cmocka_unit_test(test_retry_gives_up),
+        cmocka_unit_test(test_retry_across_restart),
+    };
+    return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
+}
