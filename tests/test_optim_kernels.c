@@ -6,7 +6,10 @@
  * names and the slots each flag needs.
  *
  * Run from the repository root.  One cmocka test per fixture case, named
- * after it.  OPTD_VERBOSE=1 prints the largest ulp difference of every case.
+ * after it.  OPTD_VERBOSE=1 prints the largest ulp difference of every case;
+ * OPTD_EXACT=1 demands bit-identical results (the kernels reach them; the
+ * default tolerance below would let a one-ulp slip in an operation order,
+ * e.g. radam's reciprocal-then-multiply, pass).
  *
  * Under valgrind (OPTD_VALGRIND=1) the 1000003-element cases stop after
  * update 3 and compare the reference's check at update 3 (every case still
@@ -49,6 +52,7 @@ static const char *const tk_kind_names[] = {
 
 static bool tk_verbose;
 static bool tk_valgrind;
+static bool tk_exact;
 
 /* ------------------------------------------------------------ fixtures */
 
@@ -376,6 +380,8 @@ static bool tk_close(optim_dtype dt, double got, double want)
 {
     if (!isfinite(got))
         return false;
+    if (tk_exact)
+        return got == want;
     double rel = dt == OPTIM_F32 ? REL_TOL_F32 : REL_TOL_F64;
     double floor_ = dt == OPTIM_F32 ? ABS_FLOOR_F32 : ABS_FLOOR_F64;
     return fabs(got - want) <= rel * fabs(want) + floor_;
@@ -879,6 +885,8 @@ int main(void)
     tk_verbose = v && strcmp(v, "0") != 0 && v[0];
     v = getenv("OPTD_VALGRIND");
     tk_valgrind = v && strcmp(v, "1") == 0;
+    v = getenv("OPTD_EXACT");
+    tk_exact = v && strcmp(v, "1") == 0;
     tk_load_all();
 
     static const struct CMUnitTest fixed[] = {

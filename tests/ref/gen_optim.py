@@ -21,6 +21,11 @@ of a Python float uses the default dtype) whatever the parameters' dtype:
 NAdam's mu_product and ASGD's eta and mu.  The reference rounds those to
 float32 exactly where torch does.
 
+Real torch agrees with these vectors bit for bit when its element-wise
+kernels run without FMA (ATEN_CPU_CAPABILITY=default); its AVX2 build fuses
+the multiply-add of add(..., alpha=) and differs by a few ulps, which is why
+the rules are written out here rather than replayed through torch.
+
 Inputs are index-addressable (tests/support/gen.c computes the same values):
 value(seed, stream, i) is a splitmix64 hash of (seed, stream, i) mapped to a
 double in [-1, 1) spread over eight binades, exactly 0 one time in sixteen;
@@ -32,9 +37,11 @@ Fixture format, one record per line ('#' starts a comment):
     case <name>                    starts a case
     kind <optimizer>               sgd, adam, ... (torch's names)
     dtype float32|float64
-    n <elements>   steps <updates>   seed <u64>
-    pscale <a>  gscale <a>         params = T(pscale*value(seed,0,i)),
-                                   grad_t = T(gscale*value(seed,t,i))
+    n <elements>                   (these six on lines of their own)
+    steps <updates>
+    seed <u64>
+    pscale <a>                     params = T(pscale*value(seed,0,i))
+    gscale <a>                     grad_t = T(gscale*value(seed,t,i))
     hp <field> <value>...          hyperparameter before the first update
     set <t> <field> <value>...     changed before update t (schedule, PATCH);
                                    the state (optim_state_init, and
