@@ -1,0 +1,171 @@
+# optd -- optimizer-as-a-service daemon.
+#
+#   make / make build   build/optd, build/liboptim.a, build/liboptdclient.a
+#   make run            install missing packages, build, start the daemon
+#   make test           install missing packages, build, run every test
+#   make deps           install the missing Debian packages (root), or print the line
+#   make asan           the test suite under ASan+UBSan (objects in build-asan/)
+#   make valgrind       the test suite under valgrind
+#   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
+#   make demo           the optimizer comparison on the digits data set
+#   make install        PREFIX=/usr/local DESTDIR=
+#   make clean
+
+BUILD    ?= build
+CC       ?= cc
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+OPTFLAGS ?= -O2
+SANFLAGS ?=
+
+# Packages a Debian 12 machine needs to build and test optd.
+DEPS_BUILD := gcc make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
+              libcurl4-openssl-dev libcmocka-dev sqlite3 ca-certificates
+DEPS_TEST  := valgrind python3 python3-numpy nodejs golang-go curl
+DEPS_RUN   := $(DEPS_BUILD)
+DEPS_BENCH := wrk nginx-light python3-torch
+DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
+
+PKGS     := libmicrohttpd libcjson sqlite3 libcurl
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+# -std=c11 also keeps GCC from contracting a*b+c into FMA
+# (-ffp-contract=off), so kernels round exactly like the reference formulas.
+WARN     := -Wall -Wextra -Werror
+CFLAGS_COMMON := -std=c11 $(WARN) -g $(OPTFLAGS) $(SANFLAGS) -fno-math-errno \
+                 -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE -I. -MMD -MP
+CFLAGS   ?=
+ALL_CFLAGS = $(CFLAGS_COMMON) $(PKG_CFLAGS) $(CFLAGS)
+LDLIBS_ALL = $(PKG_LIBS) -lpthread -lm
+
+OPTIM_SRC   := $(wildcard optim/*.c)
+STORAGE_SRC := $(wildcard storage/*.c)
+API_SRC     := $(wildcard api/*.c)
+SERVER_SRC  := $(wildcard server/*.c)
+CLIENT_SRC  := $(wildcard clients/c/*.c)
+TSUP_SRC    := $(wildcard tests/support/*.c)
+TEST_SRC    := $(wildcard tests/test_*.c)
+BENCH_SRC   := $(wildcard bench/*.c)
+
+obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
+
+LIBOPTIM   := $(BUILD)/liboptim.a
+LIBSTORAGE := $(BUILD)/libstorage.a
+LIBAPI     := $(BUILD)/libapi.a
+LIBCLIENT  := $(BUILD)/liboptdclient.a
+OPTD       := $(BUILD)/optd
+TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
+
+.PHONY: all build run test deps deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
+        bench-http bench-sync demo install clean test-unit test-clients
+.DEFAULT_GOAL := all
+
+all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(LIBOPTIM): $(call obj,$(OPTIM_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+$(LIBSTORAGE): $(call obj,$(STORAGE_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+$(LIBAPI): $(call obj,$(API_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+$(LIBCLIENT): $(call obj,$(CLIENT_SRC))
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+# Dependencies point one way: server -> api -> storage, optim.
+$(OPTD): $(call obj,$(SERVER_SRC)) $(LIBAPI) $(LIBSTORAGE) $(LIBOPTIM)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS_ALL)
+
+$(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(call obj,$(TSUP_SRC)) $(LIBCLIENT) $(LIBAPI) $(LIBSTORAGE) $(LIBOPTIM)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ -lcmocka $(LDLIBS_ALL)
+
+$(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIBCLIENT) $(LIBOPTIM)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS_ALL)
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+
+# ------------------------------------------------------------------ deps
+# Installs what is missing with apt-get when root; otherwise prints the line.
+# (node is only installed from Debian when no node is on PATH at all.)
+define install_missing
+	@missing=""; \
+	for p in $(1); do \
+	  case $$p in nodejs) command -v node >/dev/null 2>&1 && continue;; esac; \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  else \
+	    echo "optd needs:$$missing"; echo "run: sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+endef
+
+deps:
+	$(call install_missing,$(DEPS_BUILD))
+deps-test:
+	$(call install_missing,$(DEPS_BUILD) $(DEPS_TEST))
+deps-bench:
+	$(call install_missing,$(DEPS_BUILD) $(DEPS_BENCH))
+deps-demo:
+	$(call install_missing,$(DEPS_BUILD) $(DEPS_DEMO))
+
+# ------------------------------------------------------------------ run
+OPTD_PORT ?= 8080
+run: deps
+	@$(MAKE) --no-print-directory build
+	$(OPTD) --port $(OPTD_PORT) --db var/optd.db
+
+# ------------------------------------------------------------------ test
+# Each test binary is a cmocka suite; tests/run.sh runs them all plus the
+# client suites and prints one closing line.
+test: deps-test
+	@$(MAKE) --no-print-directory build
+	@OPTD_BUILD=$(BUILD) sh tests/run.sh
+
+test-unit: build
+	@OPTD_BUILD=$(BUILD) OPTD_ONLY_C=1 sh tests/run.sh
+
+asan:
+	@$(MAKE) --no-print-directory BUILD=build-asan OPTFLAGS=-O1 \
+	    SANFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" build
+	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    OPTD_BUILD=build-asan OPTD_ONLY_C=1 sh tests/run.sh
+
+valgrind: build
+	@OPTD_BUILD=$(BUILD) OPTD_ONLY_C=1 OPTD_VALGRIND=1 sh tests/run.sh
+
+# ------------------------------------------------------------------ bench
+bench: bench-kernels bench-http bench-sync
+bench-kernels: build
+	$(BUILD)/bench/kernels
+bench-http: deps-bench build
+	sh bench/http.sh
+bench-sync: build
+	$(BUILD)/bench/sync
+
+demo: deps-demo build
+	/usr/bin/python3 demo/compare.py
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib
+	install -m 755 $(OPTD) $(DESTDIR)$(PREFIX)/bin/optd
+	install -m 644 optim/optim.h clients/c/optd_client.h $(DESTDIR)$(PREFIX)/include/
+	install -m 644 $(LIBOPTIM) $(LIBCLIENT) $(DESTDIR)$(PREFIX)/lib/
+
+clean:
+	rm -rf build build-asan
+.SECONDARY:

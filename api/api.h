@@ -1,0 +1,200 @@
+/*
+ * api.h -- optd's HTTP contract without sockets: the route table, request
+ * decoding (JSON and binary) with validation, problem+json errors and
+ * response encoding.  api/openapi.yaml is the contract's source of truth.
+ *
+ * Replies are built in an api_reply; the server turns it into an HTTP
+ * response.  Decoders return 0 on success, or an HTTP status after having
+ * already filled the reply with the problem (the "_or_reply" contract).
+ */
+#ifndef API_H
+#define API_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "optim/optim.h"
+
+#define API_NAME_MAX 128
+#define API_WORKER_MAX 128
+#define API_IDEM_MAX 200
+
+/* ------------------------------------------------------------- replies */
+
+#define API_MAX_HEADERS 8
+
+typedef struct {
+    int status;
+    const char *content_type;          /* static string */
+    char *body;                        /* malloc'd; the server frees it */
+    size_t len;
+    int n_headers;
+    struct {
+        char name[32];
+        char value[96];
+    } headers[API_MAX_HEADERS];
+} api_reply;
+
+void api_reply_free(api_reply *r);
+void api_reply_header(api_reply *r, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Takes ownership of body (malloc'd, len bytes). */
+void api_reply_body(api_reply *r, int status, const char *content_type, char *body, size_t len);
+/* An application/problem+json reply (RFC 9457).  field may be NULL.
+ * Returns status, so handlers can `return api_problem(...)`. */
+int api_problem(api_reply *r, int status, const char *field, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* The same with one extra integer member (e.g. "step": current step). */
+int api_problem_with(api_reply *r, int status, const char *field, const char *extra_name,
+                     int64_t extra_value, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+/* The problem type URI for a status and field. */
+const char *api_problem_type(int status);
+
+/* -------------------------------------------------------------- routes */
+
+typedef enum {
+    API_R_HEALTHZ,
+    API_R_OPTIMIZERS,
+    API_R_SESSIONS_LIST,
+    API_R_SESSION_PUT,
+    API_R_SESSION_GET,
+    API_R_SESSION_PATCH,
+    API_R_SESSION_DELETE,
+    API_R_STEP,
+    API_R_PARAMS_GET,
+    API_R_PARAMS_PUT,
+    API_R_HISTORY,
+    API_R_COUNT
+} api_route_id;
+
+enum { API_BODY_NONE = 0, API_BODY_JSON = 1, API_BODY_VECTOR = 2 /* JSON or binary */ };
+
+typedef struct {
+    const char *method;
+    const char *pattern;   /* "/v1/sessions/{name}/step" */
+    api_route_id id;
+    int body;              /* API_BODY_* */
+    bool needs_auth;
+} api_route;
+
+extern const api_route api_routes[];
+extern const size_t api_route_count;
+
+/* Finds the route: 0 and *route (+ the {name} segment, validated) on a
+ * match; otherwise fills reply with 404 / 405 / 400 (bad name) and returns
+ * that status. */
+int api_route_match(const char *method, const char *path, const api_route **route,
+                    char name[API_NAME_MAX + 1], api_reply *r);
+bool api_name_valid(const char *name, size_t len);
+
+/* ------------------------------------------------------ session config */
+
+enum { API_MODE_ASYNC = 0, API_MODE_SYNC = 1 };
+enum { API_STALE_REJECT = 0, API_STALE_DAMP = 1 };
+enum { API_REDUCE_MEAN = 0, API_REDUCE_SUM = 1 };
+enum { API_TIMEOUT_FAIL = 0, API_TIMEOUT_APPLY = 1 };
+enum { API_NONFINITE_ERROR = 0, API_NONFINITE_SKIP = 1 };
+
+typedef struct {
+    int type;               /* API_MODE_*                                  */
+    int64_t max_staleness;  /* async: -1 = unbounded                        */
+    int stale_policy;       /* async: API_STALE_*                           */
+    int64_t workers;        /* sync: N                                      */
+    int64_t timeout_ms;     /* sync                                         */
+    int reduce;             /* sync: API_REDUCE_*                           */
+    int on_timeout;         /* sync: API_TIMEOUT_*                          */
+    int64_t accumulate;     /* K >= 1 (1: apply every gradient)            */
+} api_mode;
+
+typedef struct {
+    optim_dtype dtype;
+    uint64_t size;
+    optim_hparams opt;
+    optim_schedule sched;
+    optim_clip clip;
+    api_mode mode;
+    int nonfinite;          /* API_NONFINITE_*                               */
+    char *metadata;         /* canonical JSON object text or NULL; owned    */
+} api_config;
+
+enum { API_INIT_PARAMS = 0, API_INIT_ZEROS, API_INIT_NORMAL, API_INIT_UNIFORM };
+
+typedef struct {
+    int type;               /* API_INIT_*                                    */
+    double mean, std;       /* normal                                       */
+    double low, high;       /* uniform                                      */
+    uint64_t seed;
+} api_init;
+
+void api_config_free(api_config *c);
+/* Deep copy (metadata duplicated). */
+int api_config_copy(api_config *dst, const api_config *src);
+/* Canonical JSON of the config, every default filled in; new string. */
+char *api_config_to_json(const api_config *c);
+/* Parses a canonical config (as stored); 0 or -1. */
+int api_config_from_json(const char *json, api_config *c);
+
+/* PUT /v1/sessions/{name}.  On success *params is a new buffer of
+ * cfg->size elements of cfg->dtype when the body gave "params", else NULL
+ * and *init says how to fill them.  Caller frees both with api_config_free
+ * and free(). */
+int api_decode_create(const char *body, size_t len, size_t max_params, api_config *cfg,
+                      api_init *init, void **params, api_reply *r);
+/* PATCH: applies the body's changes onto cfg (a copy the caller owns). */
+int api_decode_patch(const char *body, size_t len, api_config *cfg, api_reply *r);
+/* Fills params per init (deterministic for a seed). */
+void api_init_fill(const api_init *init, optim_dtype dt, void *params, size_t n);
+
+/* ------------------------------------------------------------ vectors */
+
+typedef struct {
+    double loss;            /* NAN when absent                              */
+    int64_t base_step;      /* -1 when absent                               */
+    char worker[API_WORKER_MAX + 1]; /* "" when absent                      */
+} api_step_meta;
+
+/* Step / params bodies: JSON, or the raw little-endian binary body.  The
+ * vector goes into out (n elements of dt); length and types are checked
+ * here (422 / 400), finiteness is the caller's policy (api_vector_finite). */
+int api_decode_step_json(const char *body, size_t len, optim_dtype dt, size_t n, void *out,
+                         api_step_meta *meta, api_reply *r);
+int api_decode_params_json(const char *body, size_t len, optim_dtype dt, size_t n, void *out,
+                           api_reply *r);
+int api_decode_vector_binary(const char *body, size_t len, optim_dtype dt, size_t n, void *out,
+                             const char *what, api_reply *r);
+/* Header values: Optd-Loss, Optd-Base-Step, Optd-Worker.  NULL = absent. */
+int api_decode_step_headers(const char *loss, const char *base_step, const char *worker,
+                            api_step_meta *meta, api_reply *r);
+
+/* True when every element is finite. */
+bool api_vector_finite(optim_dtype dt, const void *v, size_t n);
+
+/* Prints v as a JSON array, bit-exact (%.9g float32, %.17g float64) into a
+ * growing buffer.  Returns 0 or -1 (no memory). */
+typedef struct {
+    char *data;
+    size_t len, cap;
+} api_buf;
+int api_buf_printf(api_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int api_buf_put(api_buf *b, const char *s, size_t n);
+int api_buf_vector(api_buf *b, optim_dtype dt, const void *v, size_t n);
+/* %.17g for a double, "null" when not finite. */
+int api_buf_double(api_buf *b, double x);
+
+/* --------------------------------------------------------- catalogue */
+
+/* GET /v1/optimizers body: every optimizer, schedule, clip kind with its
+ * hyperparameters and defaults.  New string. */
+char *api_catalogue_json(void);
+
+/* ------------------------------------------------------- negotiation */
+
+/* 0 = JSON, 1 = binary (application/octet-stream); -1 when nothing we can
+ * produce is acceptable (406). */
+int api_accept(const char *accept_header, bool binary_ok);
+/* Content-Type check for bodies: 0 JSON, 1 binary, -1 unsupported (415). */
+int api_content_type(const char *ct, bool binary_ok);
+
+#endif /* API_H */

@@ -1,0 +1,970 @@
+/*
+ * config.c -- session configuration: decoding create/PATCH bodies through
+ * optim's hyperparameter tables, the canonical JSON form stored with a
+ * session, the /v1/optimizers catalogue, and deterministic initialisation.
+ */
+#include "api/api.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MODE_DEFAULT_TIMEOUT_MS 30000
+
+void api_config_free(api_config *c)
+{
+    free(c->metadata);
+    c->metadata = NULL;
+}
+
+static char *dup_str(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    if (d)
+        memcpy(d, s, n);
+    return d;
+}
+
+int api_config_copy(api_config *dst, const api_config *src)
+{
+    *dst = *src;
+    dst->metadata = NULL;
+    if (src->metadata && !(dst->metadata = dup_str(src->metadata)))
+        return -1;
+    return 0;
+}
+
+/* ------------------------------------------------------------ parsing */
+
+/* Parses a whole body as one JSON value; 400 on anything else. */
+static cJSON *parse_body(const char *body, size_t len, api_reply *r)
+{
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, 0);
+    if (!root) {
+        size_t at = end && end >= body ? (size_t)(end - body) : 0;
+        api_problem(r, 400, NULL, "malformed JSON near byte %zu", at);
+        return NULL;
+    }
+    while (end && (size_t)(end - body) < len &&
+           (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t'))
+        end++;
+    if (end && (size_t)(end - body) < len) {
+        cJSON_Delete(root);
+        api_problem(r, 400, NULL, "malformed JSON: trailing data at byte %zu",
+                    (size_t)(end - body));
+        return NULL;
+    }
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        api_problem(r, 400, NULL, "the body must be a JSON object");
+        return NULL;
+    }
+    return root;
+}
+
+static void path_of(char *out, size_t n, const char *prefix, const char *name)
+{
+    if (prefix && *prefix)
+        snprintf(out, n, "%s.%s", prefix, name);
+    else
+        snprintf(out, n, "%s", name);
+}
+
+static int bad(api_reply *r, const char *prefix, const char *name, const char *what)
+{
+    char field[96];
+    path_of(field, sizeof field, prefix, name);
+    return api_problem(r, 400, field, "%s %s", field, what);
+}
+
+static bool json_int(const cJSON *v, int64_t *out)
+{
+    if (!cJSON_IsNumber(v))
+        return false;
+    double d = v->valuedouble;
+    if (!isfinite(d) || d != floor(d) || fabs(d) > 9007199254740992.0)
+        return false;
+    *out = (int64_t)d;
+    return true;
+}
+
+static const optim_hp_spec *spec_find(const optim_hp_spec *specs, size_t n, const char *name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(specs[i].name, name) == 0)
+            return &specs[i];
+    return NULL;
+}
+
+/* Sets every field of a table to its default. */
+static void specs_default(const optim_hp_spec *specs, size_t n, void *base)
+{
+    char *b = base;
+    for (size_t i = 0; i < n; i++) {
+        const optim_hp_spec *s = &specs[i];
+        switch (s->type) {
+        case OPTIM_HP_NUM:
+        case OPTIM_HP_NUM_INF:
+            *(double *)(b + s->offset) = s->def[0];
+            break;
+        case OPTIM_HP_INT:
+            *(int64_t *)(b + s->offset) = (int64_t)s->def[0];
+            break;
+        case OPTIM_HP_BOOL:
+            *(bool *)(b + s->offset) = s->def[0] != 0;
+            break;
+        case OPTIM_HP_PAIR:
+            ((double *)(b + s->offset))[0] = s->def[0];
+            ((double *)(b + s->offset))[1] = s->def[1];
+            break;
+        case OPTIM_HP_ENUM:
+            *(int *)(b + s->offset) = (int)s->def[0];
+            break;
+        case OPTIM_HP_INT_LIST:
+            *(size_t *)(b + s->count_offset) = 0;
+            break;
+        }
+    }
+}
+
+/* Decodes one hyperparameter value into base per its spec. */
+static int spec_set(const optim_hp_spec *s, const cJSON *v, void *base, const char *prefix,
+                    api_reply *r)
+{
+    char *b = base;
+    switch (s->type) {
+    case OPTIM_HP_NUM_INF:
+        if (cJSON_IsString(v) && strcmp(v->valuestring, "inf") == 0) {
+            *(double *)(b + s->offset) = INFINITY;
+            return 0;
+        }
+        /* fall through */
+    case OPTIM_HP_NUM:
+        if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
+            return bad(r, prefix, s->name,
+                       s->type == OPTIM_HP_NUM_INF ? "must be a finite number or \"inf\""
+                                                   : "must be a finite number");
+        *(double *)(b + s->offset) = v->valuedouble;
+        return 0;
+    case OPTIM_HP_INT: {
+        int64_t x;
+        if (!json_int(v, &x))
+            return bad(r, prefix, s->name, "must be an integer");
+        *(int64_t *)(b + s->offset) = x;
+        return 0;
+    }
+    case OPTIM_HP_BOOL:
+        if (!cJSON_IsBool(v))
+            return bad(r, prefix, s->name, "must be true or false");
+        *(bool *)(b + s->offset) = cJSON_IsTrue(v);
+        return 0;
+    case OPTIM_HP_PAIR: {
+        if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != 2)
+            return bad(r, prefix, s->name, "must be an array of two numbers");
+        double *d = (double *)(b + s->offset);
+        int i = 0;
+        const cJSON *e;
+        cJSON_ArrayForEach(e, v)
+        {
+            if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble))
+                return bad(r, prefix, s->name, "must be an array of two finite numbers");
+            d[i++] = e->valuedouble;
+        }
+        return 0;
+    }
+    case OPTIM_HP_ENUM:
+        if (cJSON_IsString(v)) {
+            for (int i = 0; s->choices[i]; i++) {
+                if (strcmp(s->choices[i], v->valuestring) == 0) {
+                    *(int *)(b + s->offset) = i;
+                    return 0;
+                }
+            }
+        }
+        {
+            char what[200] = "must be one of";
+            for (int i = 0; s->choices[i]; i++) {
+                size_t l = strlen(what);
+                snprintf(what + l, sizeof what - l, "%s \"%s\"", i ? "," : "", s->choices[i]);
+            }
+            return bad(r, prefix, s->name, what);
+        }
+    case OPTIM_HP_INT_LIST: {
+        if (!cJSON_IsArray(v))
+            return bad(r, prefix, s->name, "must be an array of integers");
+        int64_t *out = (int64_t *)(b + s->offset);
+        size_t n = 0;
+        const cJSON *e;
+        cJSON_ArrayForEach(e, v)
+        {
+            if (n >= OPTIM_MAX_LIST)
+                return bad(r, prefix, s->name, "has too many entries (at most 64)");
+            if (!json_int(e, &out[n]))
+                return bad(r, prefix, s->name, "must be an array of integers");
+            n++;
+        }
+        *(size_t *)(b + s->count_offset) = n;
+        return 0;
+    }
+    }
+    return bad(r, prefix, s->name, "has an unknown type");
+}
+
+/* Decodes the members of obj (except "type") through the table; unknown
+ * members are refused by name.  With check_required, every required spec
+ * must be present. */
+static int specs_decode(const cJSON *obj, const optim_hp_spec *specs, size_t n, void *base,
+                        const char *prefix, const char *kind_name, bool check_required,
+                        api_reply *r)
+{
+    const cJSON *m;
+    cJSON_ArrayForEach(m, obj)
+    {
+        if (strcmp(m->string, "type") == 0)
+            continue;
+        const optim_hp_spec *s = spec_find(specs, n, m->string);
+        if (!s) {
+            char field[96];
+            path_of(field, sizeof field, prefix, m->string);
+            return api_problem(r, 400, field, "unknown hyperparameter \"%s\" for %s", m->string,
+                               kind_name);
+        }
+        int st = spec_set(s, m, base, prefix, r);
+        if (st)
+            return st;
+    }
+    if (check_required) {
+        for (size_t i = 0; i < n; i++)
+            if (specs[i].required && !cJSON_GetObjectItemCaseSensitive(obj, specs[i].name))
+                return bad(r, prefix, specs[i].name, "is required");
+    }
+    return 0;
+}
+
+static int optim_err_reply(api_reply *r, const char *prefix, const optim_error *e)
+{
+    char field[96];
+    path_of(field, sizeof field, prefix, e->field);
+    return api_problem(r, 400, field, "%s: %s", field, e->msg);
+}
+
+static const char *type_of(const cJSON *obj, const char *prefix, api_reply *r)
+{
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(obj, "type");
+    if (!cJSON_IsString(t)) {
+        bad(r, prefix, "type", "is required (a string)");
+        return NULL;
+    }
+    return t->valuestring;
+}
+
+static int decode_optimizer(const cJSON *v, optim_hparams *hp, bool patch, api_reply *r)
+{
+    if (!cJSON_IsObject(v))
+        return bad(r, NULL, "optimizer", "must be an object with a \"type\"");
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(v, "type");
+    const optim_info *info;
+    if (patch && !t) {
+        info = optim_info_of(hp->kind);
+    } else {
+        const char *name = type_of(v, "optimizer", r);
+        if (!name)
+            return 400;
+        info = optim_find(name);
+        if (!info)
+            return api_problem(r, 400, "optimizer.type", "unknown optimizer \"%s\"", name);
+        if (patch && info->kind != hp->kind)
+            return api_problem(r, 400, "optimizer.type",
+                               "the optimizer type cannot change (session has %s)",
+                               optim_info_of(hp->kind)->name);
+        if (!patch)
+            optim_hparams_default(info->kind, hp);
+    }
+    int st = specs_decode(v, info->hps, info->n_hps, hp, "optimizer", info->name, !patch, r);
+    if (st)
+        return st;
+    optim_error e;
+    if (optim_hparams_validate(hp, &e) != OPTIM_OK)
+        return optim_err_reply(r, "optimizer", &e);
+    return 0;
+}
+
+static int decode_schedule(const cJSON *v, optim_schedule *s, api_reply *r)
+{
+    if (cJSON_IsNull(v)) {
+        optim_sched_default(OPTIM_SCHED_NONE, s);
+        return 0;
+    }
+    if (!cJSON_IsObject(v))
+        return bad(r, NULL, "schedule", "must be an object with a \"type\" (or null)");
+    const char *name = type_of(v, "schedule", r);
+    if (!name)
+        return 400;
+    const optim_sched_info *info = optim_sched_find(name);
+    if (!info)
+        return api_problem(r, 400, "schedule.type", "unknown schedule \"%s\"", name);
+    optim_sched_default(info->kind, s);
+    int st = specs_decode(v, info->hps, info->n_hps, s, "schedule", info->name, true, r);
+    if (st)
+        return st;
+    optim_error e;
+    if (optim_sched_validate(s, &e) != OPTIM_OK)
+        return optim_err_reply(r, "schedule", &e);
+    return 0;
+}
+
+static int decode_clip(const cJSON *v, optim_clip *c, api_reply *r)
+{
+    if (cJSON_IsNull(v)) {
+        optim_clip_default(OPTIM_CLIP_NONE, c);
+        return 0;
+    }
+    if (!cJSON_IsObject(v))
+        return bad(r, NULL, "clip", "must be an object with a \"type\" (or null)");
+    const char *name = type_of(v, "clip", r);
+    if (!name)
+        return 400;
+    const optim_clip_info *info = optim_clip_find(name);
+    if (!info)
+        return api_problem(r, 400, "clip.type", "unknown clip kind \"%s\" (norm, value)", name);
+    optim_clip_default(info->kind, c);
+    int st = specs_decode(v, info->hps, info->n_hps, c, "clip", info->name, true, r);
+    if (st)
+        return st;
+    optim_error e;
+    if (optim_clip_validate(c, &e) != OPTIM_OK)
+        return optim_err_reply(r, "clip", &e);
+    return 0;
+}
+
+/* The mode's fields, as a spec table of our own so that they decode like
+ * hyperparameters. */
+static const char *const stale_choices[] = {"reject", "damp", NULL};
+static const char *const reduce_choices[] = {"mean", "sum", NULL};
+static const char *const timeout_choices[] = {"fail", "apply", NULL};
+static const optim_hp_spec async_specs[] = {
+    {"max_staleness", OPTIM_HP_INT, offsetof(api_mode, max_staleness), 0, {-1, 0}, false, NULL,
+     "reject a step whose base_step is more than k steps behind (-1: no bound)"},
+    {"stale_policy", OPTIM_HP_ENUM, offsetof(api_mode, stale_policy), 0, {0, 0}, false,
+     stale_choices, "reject: only the bound applies; damp: lr / (1 + age) for late gradients"},
+    {"accumulate", OPTIM_HP_INT, offsetof(api_mode, accumulate), 0, {1, 0}, false, NULL,
+     "apply the mean of every K gradients"},
+};
+static const optim_hp_spec sync_specs[] = {
+    {"workers", OPTIM_HP_INT, offsetof(api_mode, workers), 0, {0, 0}, true, NULL,
+     "distinct workers per round"},
+    {"timeout_ms", OPTIM_HP_INT, offsetof(api_mode, timeout_ms), 0,
+     {MODE_DEFAULT_TIMEOUT_MS, 0}, false, NULL, "how long a round waits"},
+    {"reduce", OPTIM_HP_ENUM, offsetof(api_mode, reduce), 0, {0, 0}, false, reduce_choices,
+     "how a round's gradients combine"},
+    {"on_timeout", OPTIM_HP_ENUM, offsetof(api_mode, on_timeout), 0, {0, 0}, false,
+     timeout_choices, "fail: answer 504; apply: apply the partial round"},
+    {"accumulate", OPTIM_HP_INT, offsetof(api_mode, accumulate), 0, {1, 0}, false, NULL,
+     "apply the mean of every K round results"},
+};
+#define N_ASYNC (sizeof async_specs / sizeof async_specs[0])
+#define N_SYNC (sizeof sync_specs / sizeof sync_specs[0])
+
+static void mode_default(api_mode *m)
+{
+    memset(m, 0, sizeof *m);
+    m->type = API_MODE_ASYNC;
+    specs_default(async_specs, N_ASYNC, m);
+    m->timeout_ms = MODE_DEFAULT_TIMEOUT_MS;
+}
+
+static int decode_mode(const cJSON *v, api_mode *m, api_reply *r)
+{
+    if (!cJSON_IsObject(v))
+        return bad(r, NULL, "mode", "must be an object with a \"type\"");
+    const char *name = type_of(v, "mode", r);
+    if (!name)
+        return 400;
+    mode_default(m);
+    if (strcmp(name, "async") == 0) {
+        int st = specs_decode(v, async_specs, N_ASYNC, m, "mode", "async", true, r);
+        if (st)
+            return st;
+        if (m->max_staleness < -1)
+            return bad(r, "mode", "max_staleness", "must be >= 0 (or -1 for no bound)");
+    } else if (strcmp(name, "sync") == 0) {
+        m->type = API_MODE_SYNC;
+        specs_default(sync_specs, N_SYNC, m);
+        int st = specs_decode(v, sync_specs, N_SYNC, m, "mode", "sync", true, r);
+        if (st)
+            return st;
+        if (m->workers < 1 || m->workers > 1024)
+            return bad(r, "mode", "workers", "must be between 1 and 1024");
+        if (m->timeout_ms < 1 || m->timeout_ms > 86400000)
+            return bad(r, "mode", "timeout_ms", "must be between 1 and 86400000");
+    } else {
+        return api_problem(r, 400, "mode.type", "unknown mode \"%s\" (async, sync)", name);
+    }
+    if (m->accumulate < 1 || m->accumulate > 1000000)
+        return bad(r, "mode", "accumulate", "must be between 1 and 1000000");
+    return 0;
+}
+
+static int decode_nonfinite(const cJSON *v, int *out, api_reply *r)
+{
+    if (cJSON_IsString(v) && strcmp(v->valuestring, "error") == 0)
+        *out = API_NONFINITE_ERROR;
+    else if (cJSON_IsString(v) && strcmp(v->valuestring, "skip") == 0)
+        *out = API_NONFINITE_SKIP;
+    else
+        return bad(r, NULL, "nonfinite", "must be \"error\" or \"skip\"");
+    return 0;
+}
+
+static int decode_metadata(const cJSON *v, char **out, api_reply *r)
+{
+    if (cJSON_IsNull(v)) {
+        free(*out);
+        *out = NULL;
+        return 0;
+    }
+    if (!cJSON_IsObject(v))
+        return bad(r, NULL, "metadata", "must be a JSON object (or null)");
+    char *s = cJSON_PrintUnformatted(v);
+    if (!s)
+        return api_problem(r, 503, NULL, "out of memory");
+    if (strlen(s) > 65536) {
+        cJSON_free(s);
+        return bad(r, NULL, "metadata", "is larger than 64 KiB");
+    }
+    free(*out);
+    *out = dup_str(s);
+    cJSON_free(s);
+    return *out ? 0 : api_problem(r, 503, NULL, "out of memory");
+}
+
+/* Checks that the schedule can drive this optimizer (one-cycle momentum). */
+static int check_combination(const api_config *c, api_reply *r)
+{
+    if (c->sched.kind == OPTIM_SCHED_ONE_CYCLE && c->sched.cycle_momentum) {
+        optim_kind k = c->opt.kind;
+        bool has = k == OPTIM_SGD || k == OPTIM_RMSPROP || k == OPTIM_ADAM || k == OPTIM_ADAMW ||
+                   k == OPTIM_ADAMAX || k == OPTIM_NADAM || k == OPTIM_RADAM || k == OPTIM_LION;
+        if (!has)
+            return api_problem(r, 400, "schedule.cycle_momentum",
+                               "%s has no momentum or betas to cycle; set cycle_momentum false",
+                               optim_info_of(k)->name);
+    }
+    return 0;
+}
+
+static void config_default(api_config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->dtype = OPTIM_F32;
+    optim_hparams_default(OPTIM_SGD, &c->opt);
+    optim_sched_default(OPTIM_SCHED_NONE, &c->sched);
+    optim_clip_default(OPTIM_CLIP_NONE, &c->clip);
+    mode_default(&c->mode);
+    c->nonfinite = API_NONFINITE_ERROR;
+}
+
+static const char *const create_keys[] = {"optimizer", "params", "size", "init", "dtype",
+                                          "schedule", "clip", "mode", "nonfinite",
+                                          "metadata", NULL};
+
+static bool key_known(const char *k, const char *const *keys)
+{
+    for (int i = 0; keys[i]; i++)
+        if (strcmp(keys[i], k) == 0)
+            return true;
+    return false;
+}
+
+static int decode_init(const cJSON *v, api_init *init, api_reply *r)
+{
+    if (!cJSON_IsObject(v))
+        return bad(r, NULL, "init", "must be an object with a \"type\"");
+    const char *name = type_of(v, "init", r);
+    if (!name)
+        return 400;
+    memset(init, 0, sizeof *init);
+    init->std = 1.0;
+    init->high = 1.0;
+    const char *allowed[6] = {"type", NULL};
+    if (strcmp(name, "zeros") == 0) {
+        init->type = API_INIT_ZEROS;
+    } else if (strcmp(name, "normal") == 0) {
+        init->type = API_INIT_NORMAL;
+        allowed[1] = "mean", allowed[2] = "std", allowed[3] = "seed";
+    } else if (strcmp(name, "uniform") == 0) {
+        init->type = API_INIT_UNIFORM;
+        init->low = -1.0;
+        allowed[1] = "low", allowed[2] = "high", allowed[3] = "seed";
+    } else {
+        return api_problem(r, 400, "init.type", "unknown init \"%s\" (zeros, normal, uniform)",
+                           name);
+    }
+    const cJSON *m;
+    cJSON_ArrayForEach(m, v)
+    {
+        if (!key_known(m->string, allowed))
+            return api_problem(r, 400, "init", "unknown field init.%s for %s", m->string, name);
+        if (strcmp(m->string, "type") == 0)
+            continue;
+        if (strcmp(m->string, "seed") == 0) {
+            int64_t s;
+            if (!json_int(m, &s) || s < 0)
+                return bad(r, "init", "seed", "must be a non-negative integer");
+            init->seed = (uint64_t)s;
+            continue;
+        }
+        if (!cJSON_IsNumber(m) || !isfinite(m->valuedouble))
+            return bad(r, "init", m->string, "must be a finite number");
+        double d = m->valuedouble;
+        if (strcmp(m->string, "mean") == 0)
+            init->mean = d;
+        else if (strcmp(m->string, "std") == 0)
+            init->std = d;
+        else if (strcmp(m->string, "low") == 0)
+            init->low = d;
+        else
+            init->high = d;
+    }
+    if (init->type == API_INIT_NORMAL && init->std < 0)
+        return bad(r, "init", "std", "must be >= 0");
+    if (init->type == API_INIT_UNIFORM && !(init->low <= init->high))
+        return bad(r, "init", "low", "must be <= init.high");
+    return 0;
+}
+
+/* Decodes a JSON array of numbers into n elements of dt. */
+static int decode_array(const cJSON *arr, optim_dtype dt, size_t n, void *out,
+                        const char *field, api_reply *r)
+{
+    size_t i = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, arr)
+    {
+        if (i >= n)
+            break;
+        if (!cJSON_IsNumber(e))
+            return api_problem(r, 400, field, "%s[%zu] is not a number", field, i);
+        double d = e->valuedouble;
+        if (dt == OPTIM_F32) {
+            float f = fabs(d) > 3.4028235677973366e38 ? INFINITY : (float)d;
+            if (!isfinite(f))
+                return api_problem(r, 422, field, "%s[%zu] is not finite in float32", field, i);
+            ((float *)out)[i] = f;
+        } else {
+            if (!isfinite(d))
+                return api_problem(r, 422, field, "%s[%zu] is not finite", field, i);
+            ((double *)out)[i] = d;
+        }
+        i++;
+    }
+    return 0;
+}
+
+/* The shared part of create and of reading a stored config. */
+static int decode_config_obj(const cJSON *root, api_config *c, api_reply *r)
+{
+    const cJSON *v;
+    if ((v = cJSON_GetObjectItemCaseSensitive(root, "dtype"))) {
+        if (!cJSON_IsString(v) || optim_dtype_parse(v->valuestring, &c->dtype) != OPTIM_OK)
+            return bad(r, NULL, "dtype", "must be \"float32\" or \"float64\"");
+    }
+    v = cJSON_GetObjectItemCaseSensitive(root, "optimizer");
+    if (!v)
+        return bad(r, NULL, "optimizer", "is required (e.g. {\"type\":\"adam\",\"lr\":0.001})");
+    int st = decode_optimizer(v, &c->opt, false, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "schedule")))
+        st = decode_schedule(v, &c->sched, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "clip")))
+        st = decode_clip(v, &c->clip, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "mode")))
+        st = decode_mode(v, &c->mode, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "nonfinite")))
+        st = decode_nonfinite(v, &c->nonfinite, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "metadata")))
+        st = decode_metadata(v, &c->metadata, r);
+    if (!st)
+        st = check_combination(c, r);
+    return st;
+}
+
+int api_decode_create(const char *body, size_t len, size_t max_params, api_config *cfg,
+                      api_init *init, void **params, api_reply *r)
+{
+    config_default(cfg);
+    memset(init, 0, sizeof *init);
+    *params = NULL;
+    cJSON *root = parse_body(body, len, r);
+    if (!root)
+        return 400;
+    int st = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, root)
+    {
+        if (!key_known(m->string, create_keys)) {
+            st = api_problem(r, 400, m->string, "unknown field \"%s\"", m->string);
+            break;
+        }
+    }
+    if (!st)
+        st = decode_config_obj(root, cfg, r);
+    const cJSON *jp = cJSON_GetObjectItemCaseSensitive(root, "params");
+    const cJSON *js = cJSON_GetObjectItemCaseSensitive(root, "size");
+    const cJSON *ji = cJSON_GetObjectItemCaseSensitive(root, "init");
+    if (!st && jp && (js || ji))
+        st = api_problem(r, 400, "params", "give either params or size + init, not both");
+    if (!st && !jp && !js)
+        st = api_problem(r, 400, "params", "params (an array) or size is required");
+    if (!st && jp) {
+        if (!cJSON_IsArray(jp) || cJSON_GetArraySize(jp) < 1)
+            st = bad(r, NULL, "params", "must be a non-empty array of numbers");
+        else if ((size_t)cJSON_GetArraySize(jp) > max_params)
+            st = api_problem(r, 413, "params", "params has %d elements; the limit is %zu",
+                             cJSON_GetArraySize(jp), max_params);
+        if (!st) {
+            cfg->size = (uint64_t)cJSON_GetArraySize(jp);
+            *params = malloc(cfg->size * optim_dtype_size(cfg->dtype));
+            if (!*params)
+                st = api_problem(r, 503, NULL, "out of memory for %llu params",
+                                 (unsigned long long)cfg->size);
+            else
+                st = decode_array(jp, cfg->dtype, cfg->size, *params, "params", r);
+        }
+        init->type = API_INIT_PARAMS;
+    } else if (!st) {
+        int64_t n;
+        if (!json_int(js, &n) || n < 1)
+            st = bad(r, NULL, "size", "must be a positive integer");
+        else if ((uint64_t)n > max_params)
+            st = api_problem(r, 413, "size", "size %lld exceeds the limit of %zu params",
+                             (long long)n, max_params);
+        else
+            cfg->size = (uint64_t)n;
+        if (!st) {
+            if (ji)
+                st = decode_init(ji, init, r);
+            else
+                init->type = API_INIT_ZEROS;
+        }
+    }
+    cJSON_Delete(root);
+    if (st) {
+        free(*params);
+        *params = NULL;
+        api_config_free(cfg);
+    }
+    return st;
+}
+
+static const char *const patch_keys[] = {"optimizer", "schedule", "clip", "mode", "nonfinite",
+                                         "metadata", NULL};
+
+int api_decode_patch(const char *body, size_t len, api_config *cfg, api_reply *r)
+{
+    cJSON *root = parse_body(body, len, r);
+    if (!root)
+        return 400;
+    int st = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, root)
+    {
+        if (!key_known(m->string, patch_keys)) {
+            st = api_problem(r, 400, m->string,
+                             key_known(m->string, create_keys)
+                                 ? "\"%s\" cannot change after create"
+                                 : "unknown field \"%s\"",
+                             m->string);
+            break;
+        }
+    }
+    const cJSON *v;
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "optimizer")))
+        st = decode_optimizer(v, &cfg->opt, true, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "schedule")))
+        st = decode_schedule(v, &cfg->sched, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "clip")))
+        st = decode_clip(v, &cfg->clip, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "mode")))
+        st = decode_mode(v, &cfg->mode, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "nonfinite")))
+        st = decode_nonfinite(v, &cfg->nonfinite, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "metadata")))
+        st = decode_metadata(v, &cfg->metadata, r);
+    if (!st)
+        st = check_combination(cfg, r);
+    cJSON_Delete(root);
+    return st;
+}
+
+/* ----------------------------------------------------------- encoding */
+
+/* A number as cJSON raw text: cJSON's own printer is not bit-exact. */
+static cJSON *num(double d)
+{
+    char tmp[40];
+    if (isinf(d))
+        return cJSON_CreateString(d > 0 ? "inf" : "-inf");
+    snprintf(tmp, sizeof tmp, "%.17g", d);
+    return cJSON_CreateRaw(tmp);
+}
+
+static cJSON *int_num(int64_t v)
+{
+    char tmp[32];
+    snprintf(tmp, sizeof tmp, "%lld", (long long)v);
+    return cJSON_CreateRaw(tmp);
+}
+
+/* Adds every field of a table to obj. */
+static void specs_encode(cJSON *obj, const optim_hp_spec *specs, size_t n, const void *base)
+{
+    const char *b = base;
+    for (size_t i = 0; i < n; i++) {
+        const optim_hp_spec *s = &specs[i];
+        cJSON *v = NULL;
+        switch (s->type) {
+        case OPTIM_HP_NUM:
+        case OPTIM_HP_NUM_INF:
+            v = num(*(const double *)(b + s->offset));
+            break;
+        case OPTIM_HP_INT:
+            v = int_num(*(const int64_t *)(b + s->offset));
+            break;
+        case OPTIM_HP_BOOL:
+            v = cJSON_CreateBool(*(const bool *)(b + s->offset));
+            break;
+        case OPTIM_HP_PAIR:
+            v = cJSON_CreateArray();
+            cJSON_AddItemToArray(v, num(((const double *)(b + s->offset))[0]));
+            cJSON_AddItemToArray(v, num(((const double *)(b + s->offset))[1]));
+            break;
+        case OPTIM_HP_ENUM:
+            v = cJSON_CreateString(s->choices[*(const int *)(b + s->offset)]);
+            break;
+        case OPTIM_HP_INT_LIST: {
+            v = cJSON_CreateArray();
+            size_t cnt = *(const size_t *)(b + s->count_offset);
+            for (size_t k = 0; k < cnt; k++)
+                cJSON_AddItemToArray(v, int_num(((const int64_t *)(b + s->offset))[k]));
+            break;
+        }
+        }
+        cJSON_AddItemToObject(obj, s->name, v);
+    }
+}
+
+static cJSON *config_obj(const api_config *c)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "dtype", optim_dtype_name(c->dtype));
+    cJSON_AddItemToObject(root, "size", int_num((int64_t)c->size));
+    const optim_info *oi = optim_info_of(c->opt.kind);
+    cJSON *o = cJSON_AddObjectToObject(root, "optimizer");
+    cJSON_AddStringToObject(o, "type", oi->name);
+    specs_encode(o, oi->hps, oi->n_hps, &c->opt);
+    if (c->sched.kind == OPTIM_SCHED_NONE && c->sched.warmup_steps == 0) {
+        cJSON_AddNullToObject(root, "schedule");
+    } else {
+        const optim_sched_info *si = optim_sched_info_of(c->sched.kind);
+        cJSON *s = cJSON_AddObjectToObject(root, "schedule");
+        cJSON_AddStringToObject(s, "type", si->name);
+        specs_encode(s, si->hps, si->n_hps, &c->sched);
+    }
+    if (c->clip.kind == OPTIM_CLIP_NONE) {
+        cJSON_AddNullToObject(root, "clip");
+    } else {
+        const optim_clip_info *ci = optim_clip_info_of(c->clip.kind);
+        cJSON *s = cJSON_AddObjectToObject(root, "clip");
+        cJSON_AddStringToObject(s, "type", ci->name);
+        specs_encode(s, ci->hps, ci->n_hps, &c->clip);
+    }
+    cJSON *m = cJSON_AddObjectToObject(root, "mode");
+    if (c->mode.type == API_MODE_SYNC) {
+        cJSON_AddStringToObject(m, "type", "sync");
+        specs_encode(m, sync_specs, N_SYNC, &c->mode);
+    } else {
+        cJSON_AddStringToObject(m, "type", "async");
+        specs_encode(m, async_specs, N_ASYNC, &c->mode);
+    }
+    cJSON_AddStringToObject(root, "nonfinite", c->nonfinite == API_NONFINITE_SKIP ? "skip" : "error");
+    if (c->metadata)
+        cJSON_AddItemToObject(root, "metadata", cJSON_Parse(c->metadata));
+    else
+        cJSON_AddNullToObject(root, "metadata");
+    return root;
+}
+
+char *api_config_to_json(const api_config *c)
+{
+    cJSON *root = config_obj(c);
+    char *s = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    if (!s)
+        return NULL;
+    /* Return a malloc'd string so that callers free() it. */
+    char *d = dup_str(s);
+    cJSON_free(s);
+    return d;
+}
+
+int api_config_from_json(const char *json, api_config *c)
+{
+    config_default(c);
+    api_reply r = {0};
+    cJSON *root = parse_body(json, strlen(json), &r);
+    int st = root ? decode_config_obj(root, c, &r) : 400;
+    if (!st) {
+        int64_t n;
+        const cJSON *js = cJSON_GetObjectItemCaseSensitive(root, "size");
+        if (json_int(js, &n) && n > 0)
+            c->size = (uint64_t)n;
+        else
+            st = 400;
+    }
+    cJSON_Delete(root);
+    api_reply_free(&r);
+    if (st)
+        api_config_free(c);
+    return st ? -1 : 0;
+}
+
+/* ---------------------------------------------------------- catalogue */
+
+static const char *type_name(optim_hp_type t)
+{
+    switch (t) {
+    case OPTIM_HP_NUM: return "number";
+    case OPTIM_HP_NUM_INF: return "number|\"inf\"";
+    case OPTIM_HP_INT: return "integer";
+    case OPTIM_HP_BOOL: return "boolean";
+    case OPTIM_HP_PAIR: return "[number, number]";
+    case OPTIM_HP_ENUM: return "string";
+    case OPTIM_HP_INT_LIST: return "[integer]";
+    }
+    return "?";
+}
+
+static cJSON *catalogue_params(const optim_hp_spec *specs, size_t n, const void *defaults)
+{
+    cJSON *arr = cJSON_CreateArray();
+    cJSON *vals = cJSON_CreateObject();
+    specs_encode(vals, specs, n, defaults);
+    for (size_t i = 0; i < n; i++) {
+        cJSON *p = cJSON_CreateObject();
+        cJSON_AddStringToObject(p, "name", specs[i].name);
+        cJSON_AddStringToObject(p, "type", type_name(specs[i].type));
+        if (specs[i].required)
+            cJSON_AddTrueToObject(p, "required");
+        else
+            cJSON_AddItemToObject(p, "default",
+                                  cJSON_Duplicate(cJSON_GetObjectItem(vals, specs[i].name), 1));
+        if (specs[i].type == OPTIM_HP_ENUM) {
+            cJSON *ch = cJSON_AddArrayToObject(p, "choices");
+            for (int k = 0; specs[i].choices[k]; k++)
+                cJSON_AddItemToArray(ch, cJSON_CreateString(specs[i].choices[k]));
+        }
+        cJSON_AddStringToObject(p, "doc", specs[i].doc ? specs[i].doc : "");
+        cJSON_AddItemToArray(arr, p);
+    }
+    cJSON_Delete(vals);
+    return arr;
+}
+
+char *api_catalogue_json(void)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON *opts = cJSON_AddArrayToObject(root, "optimizers");
+    for (int k = 0; k < OPTIM_KIND_COUNT; k++) {
+        const optim_info *oi = optim_info_of((optim_kind)k);
+        optim_hparams hp;
+        optim_hparams_default((optim_kind)k, &hp);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", oi->name);
+        cJSON_AddStringToObject(o, "doc", oi->doc ? oi->doc : "");
+        cJSON_AddItemToObject(o, "hyperparameters", catalogue_params(oi->hps, oi->n_hps, &hp));
+        cJSON *bufs = cJSON_AddArrayToObject(o, "state");
+        for (unsigned s = 0; optim_buffer_name((optim_kind)k, s); s++)
+            cJSON_AddItemToArray(bufs, cJSON_CreateString(optim_buffer_name((optim_kind)k, s)));
+        cJSON_AddItemToArray(opts, o);
+    }
+    cJSON *scheds = cJSON_AddArrayToObject(root, "schedules");
+    for (int k = 1; k < OPTIM_SCHED_KIND_COUNT; k++) {
+        const optim_sched_info *si = optim_sched_info_of((optim_sched_kind)k);
+        optim_schedule s;
+        optim_sched_default((optim_sched_kind)k, &s);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", si->name);
+        cJSON_AddStringToObject(o, "doc", si->doc ? si->doc : "");
+        cJSON_AddItemToObject(o, "hyperparameters", catalogue_params(si->hps, si->n_hps, &s));
+        cJSON_AddItemToArray(scheds, o);
+    }
+    cJSON *clips = cJSON_AddArrayToObject(root, "clips");
+    for (int k = 1; k <= 2; k++) {
+        const optim_clip_info *ci = optim_clip_info_of((optim_clip_kind)k);
+        optim_clip c;
+        optim_clip_default((optim_clip_kind)k, &c);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "type", ci->name);
+        cJSON_AddStringToObject(o, "doc", ci->doc ? ci->doc : "");
+        cJSON_AddItemToObject(o, "hyperparameters", catalogue_params(ci->hps, ci->n_hps, &c));
+        cJSON_AddItemToArray(clips, o);
+    }
+    api_mode m;
+    mode_default(&m);
+    cJSON *modes = cJSON_AddArrayToObject(root, "modes");
+    cJSON *ma = cJSON_CreateObject();
+    cJSON_AddStringToObject(ma, "type", "async");
+    cJSON_AddItemToObject(ma, "hyperparameters", catalogue_params(async_specs, N_ASYNC, &m));
+    cJSON_AddItemToArray(modes, ma);
+    specs_default(sync_specs, N_SYNC, &m);
+    cJSON *ms = cJSON_CreateObject();
+    cJSON_AddStringToObject(ms, "type", "sync");
+    cJSON_AddItemToObject(ms, "hyperparameters", catalogue_params(sync_specs, N_SYNC, &m));
+    cJSON_AddItemToArray(modes, ms);
+    char *s = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    char *d = s ? dup_str(s) : NULL;
+    cJSON_free(s);
+    return d;
+}
+
+/* ------------------------------------------------------------ init */
+
+/* splitmix64: small, fast, and the same on every platform, so a seed gives
+ * the same parameters everywhere. */
+static uint64_t splitmix64(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static double unit(uint64_t *s) /* [0, 1) with 53 bits */
+{
+    return (double)(splitmix64(s) >> 11) * 0x1.0p-53;
+}
+
+void api_init_fill(const api_init *init, optim_dtype dt, void *params, size_t n)
+{
+    uint64_t s = init->seed;
+    for (size_t i = 0; i < n; i++) {
+        double x = 0.0;
+        if (init->type == API_INIT_UNIFORM) {
+            x = init->low + (init->high - init->low) * unit(&s);
+        } else if (init->type == API_INIT_NORMAL) {
+            /* Box-Muller, one value per pair of draws (simple and exact to
+             * reproduce). */
+            double u1 = 1.0 - unit(&s), u2 = unit(&s);
+            x = init->mean + init->std * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+        }
+        if (dt == OPTIM_F32)
+            ((float *)params)[i] = (float)x;
+        else
+            ((double *)params)[i] = x;
+    }
+}

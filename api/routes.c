@@ -1,0 +1,181 @@
+/*
+ * routes.c -- the route table (data, not an if-chain), path matching, and
+ * content negotiation.
+ */
+#include "api/api.h"
+
+#include <ctype.h>
+#include <string.h>
+#include <strings.h>
+
+const api_route api_routes[] = {
+    {"GET", "/healthz", API_R_HEALTHZ, API_BODY_NONE, false},
+    {"GET", "/v1/optimizers", API_R_OPTIMIZERS, API_BODY_NONE, true},
+    {"GET", "/v1/sessions", API_R_SESSIONS_LIST, API_BODY_NONE, true},
+    {"PUT", "/v1/sessions/{name}", API_R_SESSION_PUT, API_BODY_JSON, true},
+    {"GET", "/v1/sessions/{name}", API_R_SESSION_GET, API_BODY_NONE, true},
+    {"PATCH", "/v1/sessions/{name}", API_R_SESSION_PATCH, API_BODY_JSON, true},
+    {"DELETE", "/v1/sessions/{name}", API_R_SESSION_DELETE, API_BODY_NONE, true},
+    {"POST", "/v1/sessions/{name}/step", API_R_STEP, API_BODY_VECTOR, true},
+    {"GET", "/v1/sessions/{name}/params", API_R_PARAMS_GET, API_BODY_NONE, true},
+    {"PUT", "/v1/sessions/{name}/params", API_R_PARAMS_PUT, API_BODY_VECTOR, true},
+    {"GET", "/v1/sessions/{name}/history", API_R_HISTORY, API_BODY_NONE, true},
+};
+const size_t api_route_count = sizeof api_routes / sizeof api_routes[0];
+
+bool api_name_valid(const char *name, size_t len)
+{
+    if (len < 1 || len > API_NAME_MAX)
+        return false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)name[i];
+        if (!(isalnum(c) || c == '.' || c == '_' || c == '-'))
+            return false;
+    }
+    return true;
+}
+
+/* Matches path against pattern; the one "{name}" segment is captured into
+ * *seg / *seg_len.  Returns true on a match. */
+static bool match(const char *pattern, const char *path, const char **seg, size_t *seg_len)
+{
+    *seg = NULL;
+    *seg_len = 0;
+    while (*pattern && *path) {
+        if (*pattern == '{') {
+            const char *end = strchr(path, '/');
+            size_t n = end ? (size_t)(end - path) : strlen(path);
+            *seg = path;
+            *seg_len = n;
+            path += n;
+            pattern = strchr(pattern, '}') + 1;
+            continue;
+        }
+        if (*pattern != *path)
+            return false;
+        pattern++;
+        path++;
+    }
+    return *pattern == '\0' && *path == '\0';
+}
+
+int api_route_match(const char *method, const char *path, const api_route **route,
+                    char name[API_NAME_MAX + 1], api_reply *r)
+{
+    bool path_known = false;
+    const char *seg = NULL;
+    size_t seg_len = 0;
+    char allowed[64] = "";
+    for (size_t i = 0; i < api_route_count; i++) {
+        const api_route *rt = &api_routes[i];
+        if (!match(rt->pattern, path, &seg, &seg_len))
+            continue;
+        path_known = true;
+        if (strcmp(rt->method, method) != 0) {
+            if (strlen(allowed) + strlen(rt->method) + 3 < sizeof allowed) {
+                if (allowed[0])
+                    strcat(allowed, ", ");
+                strcat(allowed, rt->method);
+            }
+            continue;
+        }
+        if (seg) {
+            if (!api_name_valid(seg, seg_len))
+                return api_problem(r, 400, "name",
+                                   "invalid session name: use 1-128 characters of A-Z a-z 0-9 . _ -");
+            memcpy(name, seg, seg_len);
+            name[seg_len] = '\0';
+        } else {
+            name[0] = '\0';
+        }
+        *route = rt;
+        return 0;
+    }
+    if (path_known) {
+        api_problem(r, 405, NULL, "%s is not allowed on %s (allowed: %s)", method, path, allowed);
+        api_reply_header(r, "Allow", "%s", allowed);
+        return 405;
+    }
+    return api_problem(r, 404, NULL, "no route for %s", path);
+}
+
+/* Does the media range list accept this type?  A minimal reading of RFC
+ * 9110: ranges separated by commas, parameters after ';' (q=0 refuses). */
+static bool accepts(const char *header, const char *type)
+{
+    const char *p = header;
+    size_t tlen = strlen(type);
+    const char *slash = strchr(type, '/');
+    size_t major = (size_t)(slash - type);
+    while (*p) {
+        while (*p == ' ' || *p == ',')
+            p++;
+        const char *end = p;
+        while (*end && *end != ',')
+            end++;
+        const char *semi = memchr(p, ';', (size_t)(end - p));
+        const char *rend = semi ? semi : end;
+        while (rend > p && rend[-1] == ' ')
+            rend--;
+        size_t rlen = (size_t)(rend - p);
+        bool q0 = false;
+        if (semi) {
+            const char *q = semi;
+            while (q < end) {
+                while (q < end && (*q == ';' || *q == ' '))
+                    q++;
+                if (end - q >= 2 && (q[0] == 'q' || q[0] == 'Q') && q[1] == '=') {
+                    q += 2;
+                    q0 = (*q == '0') && !(q[1] == '.' && q + 2 < end && q[2] != '0');
+                    /* "0", "0.0", "0.00" all refuse; "0.5" accepts. */
+                    if (*q == '0') {
+                        q0 = true;
+                        for (const char *d = q + 1; d < end && *d != ';'; d++)
+                            if (*d >= '1' && *d <= '9')
+                                q0 = false;
+                    }
+                }
+                while (q < end && *q != ';')
+                    q++;
+            }
+        }
+        if (!q0) {
+            if (rlen == 3 && strncmp(p, "*/*", 3) == 0)
+                return true;
+            if (rlen == tlen && strncasecmp(p, type, tlen) == 0)
+                return true;
+            if (rlen == major + 2 && strncasecmp(p, type, major) == 0 && p[major] == '/' &&
+                p[major + 1] == '*')
+                return true;
+        }
+        p = end;
+    }
+    return false;
+}
+
+int api_accept(const char *h, bool binary_ok)
+{
+    if (!h || !*h)
+        return 0;
+    /* An explicit binary request wins when the route can produce it. */
+    if (binary_ok && strstr(h, "application/octet-stream") &&
+        accepts(h, "application/octet-stream"))
+        return 1;
+    if (accepts(h, "application/json"))
+        return 0;
+    if (binary_ok && accepts(h, "application/octet-stream"))
+        return 1;
+    return -1;
+}
+
+int api_content_type(const char *ct, bool binary_ok)
+{
+    if (!ct || !*ct)
+        return 0; /* no Content-Type: read it as JSON */
+    size_t n = strcspn(ct, "; ");
+    if (n == 16 && strncasecmp(ct, "application/json", 16) == 0)
+        return 0;
+    if (binary_ok && n == 24 && strncasecmp(ct, "application/octet-stream", 24) == 0)
+        return 1;
+    return -1;
+}

@@ -1,0 +1,193 @@
+/*
+ * config.c -- command-line flags and their OPTD_* environment twins, and
+ * the log.
+ */
+#include "server/server.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define OPTD_VERSION "0.1.0"
+
+int srv_log_level = SRV_LOG_INFO;
+
+int64_t srv_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void srv_log(int level, const char *fmt, ...)
+{
+    if (level > srv_log_level)
+        return;
+    static const char *const names[] = {"error", "warn", "info", "debug"};
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    fprintf(stderr, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s %s\n", tm.tm_year + 1900,
+            tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+            ts.tv_nsec / 1000000, names[level], line);
+}
+
+typedef enum { F_STR, F_INT, F_SIZE, F_DUR, F_LOG } flag_kind;
+
+typedef struct {
+    const char *flag;
+    const char *env;
+    flag_kind kind;
+    size_t offset;
+    size_t size;
+    const char *help;
+} flag_spec;
+
+#define STR(f) offsetof(srv_config, f), sizeof(((srv_config *)0)->f)
+static const flag_spec flags[] = {
+    {"--bind", "OPTD_BIND", F_STR, STR(bind), "address to listen on (default 127.0.0.1)"},
+    {"--port", "OPTD_PORT", F_INT, STR(port), "TCP port; 0 picks a free one and prints it (default 8080)"},
+    {"--db", "OPTD_DB", F_STR, STR(db), "SQLite database file, parent created (default ./var/optd.db)"},
+    {"--threads", "OPTD_THREADS", F_INT, STR(threads), "HTTP worker threads (default: 2 x cores, at least 4)"},
+    {"--max-body-mb", "OPTD_MAX_BODY_MB", F_SIZE, STR(max_body_mb), "largest request body in MiB (default 256)"},
+    {"--max-params", "OPTD_MAX_PARAMS", F_SIZE, STR(max_params), "largest session in parameters (default 100000000)"},
+    {"--cache-mb", "OPTD_CACHE_MB", F_SIZE, STR(cache_mb), "memory for hot sessions in MiB; colder ones are evicted (default 1024)"},
+    {"--durability", "OPTD_DURABILITY", F_DUR, STR(durability), "normal: survives a process crash; full: survives power loss (default normal)"},
+    {"--api-key", "OPTD_API_KEY", F_STR, STR(api_key), "require Authorization: Bearer KEY on every route but /healthz"},
+    {"--log-level", "OPTD_LOG_LEVEL", F_LOG, STR(log_level), "error, warn, info or debug (default info)"},
+    {"--check-health", "OPTD_CHECK_HEALTH", F_STR, STR(check_health), "probe URL's /healthz, exit 0 when healthy (for container health checks)"},
+};
+#define N_FLAGS (sizeof flags / sizeof flags[0])
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: optd [flags]\n\noptd " OPTD_VERSION
+               " -- optimizer-as-a-service: torch.optim updates over HTTP, durable in SQLite.\n\n");
+    for (size_t i = 0; i < N_FLAGS; i++)
+        fprintf(f, "  %-16s %-20s %s\n", flags[i].flag, flags[i].env, flags[i].help);
+    fprintf(f, "  %-16s %-20s %s\n  %-16s %-20s %s\n", "--help", "", "this text", "--version",
+            "", "print the version");
+}
+
+static int set_flag(srv_config *c, const flag_spec *f, const char *v, const char *src)
+{
+    char *p = (char *)c + f->offset;
+    char *end;
+    switch (f->kind) {
+    case F_STR:
+        if (strlen(v) >= f->size) {
+            fprintf(stderr, "optd: %s is too long\n", src);
+            return -1;
+        }
+        strcpy(p, v);
+        return 0;
+    case F_INT: {
+        errno = 0;
+        long x = strtol(v, &end, 10);
+        if (*v == '\0' || *end || errno || x < 0 || x > 65535) {
+            fprintf(stderr, "optd: %s must be an integer 0..65535, not \"%s\"\n", src, v);
+            return -1;
+        }
+        *(int *)p = (int)x;
+        return 0;
+    }
+    case F_SIZE: {
+        errno = 0;
+        unsigned long long x = strtoull(v, &end, 10);
+        if (*v == '\0' || *v == '-' || *end || errno || x == 0) {
+            fprintf(stderr, "optd: %s must be a positive integer, not \"%s\"\n", src, v);
+            return -1;
+        }
+        *(size_t *)p = (size_t)x;
+        return 0;
+    }
+    case F_DUR:
+        if (strcmp(v, "normal") == 0)
+            *(int *)p = STORAGE_SYNC_NORMAL;
+        else if (strcmp(v, "full") == 0)
+            *(int *)p = STORAGE_SYNC_FULL;
+        else {
+            fprintf(stderr, "optd: %s must be normal or full, not \"%s\"\n", src, v);
+            return -1;
+        }
+        return 0;
+    case F_LOG: {
+        static const char *const names[] = {"error", "warn", "info", "debug"};
+        for (int i = 0; i < 4; i++) {
+            if (strcmp(v, names[i]) == 0) {
+                *(int *)p = i;
+                return 0;
+            }
+        }
+        fprintf(stderr, "optd: %s must be error, warn, info or debug\n", src);
+        return -1;
+    }
+    }
+    return -1;
+}
+
+int srv_config_parse(srv_config *c, int argc, char **argv)
+{
+    memset(c, 0, sizeof *c);
+    strcpy(c->bind, "127.0.0.1");
+    c->port = 8080;
+    strcpy(c->db, "./var/optd.db");
+    c->max_body_mb = 256;
+    c->max_params = 100000000;
+    c->cache_mb = 1024;
+    c->durability = STORAGE_SYNC_NORMAL;
+    c->log_level = SRV_LOG_INFO;
+    for (size_t i = 0; i < N_FLAGS; i++) {
+        const char *v = getenv(flags[i].env);
+        if (v && *v && set_flag(c, &flags[i], v, flags[i].env))
+            return -1;
+    }
+    for (int a = 1; a < argc; a++) {
+        const char *arg = argv[a];
+        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+            usage(stdout);
+            return 1;
+        }
+        if (strcmp(arg, "--version") == 0) {
+            printf("optd " OPTD_VERSION "\n");
+            return 1;
+        }
+        const flag_spec *f = NULL;
+        const char *v = NULL;
+        for (size_t i = 0; i < N_FLAGS && !f; i++) {
+            size_t n = strlen(flags[i].flag);
+            if (strncmp(arg, flags[i].flag, n) == 0 && (arg[n] == '\0' || arg[n] == '=')) {
+                f = &flags[i];
+                v = arg[n] == '=' ? arg + n + 1 : NULL;
+            }
+        }
+        if (!f) {
+            fprintf(stderr, "optd: unknown flag %s (see optd --help)\n", arg);
+            return -1;
+        }
+        if (!v) {
+            if (a + 1 >= argc) {
+                fprintf(stderr, "optd: %s needs a value\n", arg);
+                return -1;
+            }
+            v = argv[++a];
+        }
+        if (set_flag(c, f, v, f->flag))
+            return -1;
+    }
+    if (c->max_params > SIZE_MAX / 8 / 4) {
+        fprintf(stderr, "optd: --max-params is too large\n");
+        return -1;
+    }
+    srv_log_level = c->log_level;
+    return 0;
+}

@@ -1,0 +1,673 @@
+/*
+ * handlers.c -- one function per route of api_routes.  Each returns after
+ * filling the reply; errors go through api_problem (problem+json) and leave
+ * the session exactly as it was.
+ */
+#include "server/server.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define IDEM_KEEP_MS (24LL * 3600 * 1000)
+#define IDEM_KEEP_KEYS 10000
+#define IDEM_PRUNE_EVERY 1000
+#define LIST_DEFAULT 100
+#define LIST_MAX 1000
+
+static int reply_json_text(api_reply *r, int status, char *text)
+{
+    if (!text)
+        return api_problem(r, 503, NULL, "out of memory");
+    api_reply_body(r, status, "application/json", text, strlen(text));
+    return status;
+}
+
+static int reply_cjson(api_reply *r, int status, cJSON *doc)
+{
+    char *s = doc ? cJSON_PrintUnformatted(doc) : NULL;
+    cJSON_Delete(doc);
+    if (!s)
+        return api_problem(r, 503, NULL, "out of memory");
+    size_t n = strlen(s);
+    char *d = malloc(n + 1);
+    if (d)
+        memcpy(d, s, n + 1);
+    cJSON_free(s);
+    return reply_json_text(r, status, d);
+}
+
+static cJSON *raw_double(double x)
+{
+    char tmp[40];
+    if (!isfinite(x))
+        return cJSON_CreateNull();
+    snprintf(tmp, sizeof tmp, "%.17g", x);
+    return cJSON_CreateRaw(tmp);
+}
+
+static cJSON *raw_int(int64_t x)
+{
+    char tmp[32];
+    snprintf(tmp, sizeof tmp, "%lld", (long long)x);
+    return cJSON_CreateRaw(tmp);
+}
+
+static int storage_fail(api_reply *r, storage *db, int err, const char *what)
+{
+    const char *msg = storage_errmsg(db);
+    srv_log(SRV_LOG_ERROR, "%s failed (%d): %s", what, err, msg);
+    return api_problem(r, 503, NULL, "storage failure during %s: %s; nothing was changed", what,
+                       msg);
+}
+
+/* The session document: its config with every default, plus live state. */
+static cJSON *session_doc(const srv_session *s)
+{
+    char *cfg = api_config_to_json(&s->cfg);
+    cJSON *doc = cfg ? cJSON_Parse(cfg) : NULL;
+    free(cfg);
+    if (!doc)
+        return NULL;
+    cJSON *out = cJSON_CreateObject();
+    cJSON_AddStringToObject(out, "name", s->name);
+    cJSON_AddItemToObject(out, "step", raw_int((int64_t)s->st.step));
+    cJSON_AddItemToObject(out, "lr", raw_double(srv_session_next_lr(s)));
+    cJSON *item = doc->child;
+    while (item) {
+        cJSON *next = item->next;
+        cJSON_DetachItemViaPointer(doc, item);
+        cJSON_AddItemToObject(out, item->string, item);
+        item = next;
+    }
+    cJSON_Delete(doc);
+    cJSON *state = cJSON_AddObjectToObject(out, "state");
+    cJSON *bufs = cJSON_AddArrayToObject(state, "buffers");
+    for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
+        if (s->st.buf[i])
+            cJSON_AddItemToArray(bufs, cJSON_CreateString(optim_buffer_name(s->cfg.opt.kind, i)));
+    cJSON_AddItemToObject(state, "last_lr", raw_double(s->last_lr));
+    cJSON_AddItemToObject(state, "last_loss", raw_double(s->last_loss));
+    cJSON_AddItemToObject(state, "pending_accumulation", raw_int(s->accum_count));
+    cJSON *cnt = cJSON_AddObjectToObject(out, "counters");
+    cJSON_AddItemToObject(cnt, "applied", raw_int(s->n_applied));
+    cJSON_AddItemToObject(cnt, "rejected_stale", raw_int(s->n_stale));
+    cJSON_AddItemToObject(cnt, "timed_out", raw_int(s->n_timeout));
+    cJSON_AddItemToObject(cnt, "skipped_nonfinite", raw_int(s->n_skipped));
+    cJSON_AddItemToObject(out, "created_ms", raw_int(s->created_ms));
+    cJSON_AddItemToObject(out, "updated_ms", raw_int(s->updated_ms));
+    return out;
+}
+
+static int reply_session(api_reply *r, int status, const srv_session *s)
+{
+    cJSON *doc = session_doc(s);
+    return doc ? reply_cjson(r, status, doc) : api_problem(r, 503, NULL, "out of memory");
+}
+
+/* {"step":t,"lr":x,"params":[...]} or the raw params (binary). */
+static int reply_params(api_reply *r, int status, const srv_session *s, const srv_request *req,
+                        double lr, bool with_lr, bool with_params)
+{
+    size_t bytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
+    if (req->want_binary) {
+        char *b = malloc(bytes ? bytes : 1);
+        if (!b)
+            return api_problem(r, 503, NULL, "out of memory");
+        memcpy(b, s->params, bytes);
+        api_reply_body(r, status, "application/octet-stream", b, with_params ? bytes : 0);
+    } else {
+        api_buf b = {0};
+        int rc = api_buf_printf(&b, "{\"step\":%llu", (unsigned long long)s->st.step);
+        if (with_lr) {
+            rc |= api_buf_put(&b, ",\"lr\":", 6);
+            rc |= api_buf_double(&b, lr);
+        }
+        if (with_params) {
+            rc |= api_buf_put(&b, ",\"params\":", 10);
+            rc |= api_buf_vector(&b, s->cfg.dtype, s->params, (size_t)s->cfg.size);
+        }
+        rc |= api_buf_put(&b, "}", 1);
+        if (rc) {
+            free(b.data);
+            return api_problem(r, 503, NULL, "out of memory");
+        }
+        api_reply_body(r, status, "application/json", b.data, b.len);
+    }
+    api_reply_header(r, "Optd-Step", "%llu", (unsigned long long)s->st.step);
+    if (with_lr && isfinite(lr))
+        api_reply_header(r, "Optd-Lr", "%.17g", lr);
+    return status;
+}
+
+/* ------------------------------------------------------------ routes */
+
+static int h_healthz(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    (void)req;
+    char *s = malloc(96);
+    if (!s)
+        return api_problem(r, 503, NULL, "out of memory");
+    snprintf(s, 96, "{\"status\":\"ok\",\"hot_sessions\":%zu}",
+             srv_registry_hot_count(ctx->reg));
+    return reply_json_text(r, 200, s);
+}
+
+static int h_optimizers(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    (void)ctx;
+    (void)req;
+    return reply_json_text(r, 200, api_catalogue_json());
+}
+
+static int h_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    const char *ls = req->query(req->conn, "limit");
+    const char *after = req->query(req->conn, "after");
+    long limit = LIST_DEFAULT;
+    if (ls) {
+        char *end;
+        limit = strtol(ls, &end, 10);
+        if (*ls == '\0' || *end || limit < 1 || limit > LIST_MAX)
+            return api_problem(r, 400, "limit", "limit must be an integer from 1 to %d", LIST_MAX);
+    }
+    if (after && !api_name_valid(after, strlen(after)))
+        return api_problem(r, 400, "after", "after must be a session name");
+    storage_session_info *infos = calloc((size_t)limit, sizeof *infos);
+    if (!infos)
+        return api_problem(r, 503, NULL, "out of memory");
+    int n = storage_session_list(ctx->db, after, (int)limit, infos);
+    if (n < 0) {
+        free(infos);
+        return storage_fail(r, ctx->db, n, "listing sessions");
+    }
+    cJSON *doc = cJSON_CreateObject();
+    cJSON *arr = cJSON_AddArrayToObject(doc, "sessions");
+    for (int i = 0; i < n; i++) {
+        cJSON *cfg = cJSON_Parse(infos[i].config);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", infos[i].name);
+        cJSON_AddItemToObject(o, "step", raw_int(infos[i].step));
+        if (cfg) {
+            cJSON *opt = cJSON_GetObjectItem(cfg, "optimizer");
+            cJSON_AddItemToObject(o, "optimizer",
+                                  cJSON_Duplicate(cJSON_GetObjectItem(opt, "type"), 1));
+            cJSON_AddItemToObject(o, "dtype", cJSON_Duplicate(cJSON_GetObjectItem(cfg, "dtype"), 1));
+            cJSON_AddItemToObject(o, "size", cJSON_Duplicate(cJSON_GetObjectItem(cfg, "size"), 1));
+            cJSON_Delete(cfg);
+        }
+        cJSON_AddItemToObject(o, "created_ms", raw_int(infos[i].created_ms));
+        cJSON_AddItemToObject(o, "updated_ms", raw_int(infos[i].updated_ms));
+        cJSON_AddItemToArray(arr, o);
+    }
+    if (n == limit)
+        cJSON_AddStringToObject(doc, "next", infos[n - 1].name);
+    else
+        cJSON_AddNullToObject(doc, "next");
+    for (int i = 0; i < n; i++)
+        storage_session_info_free(&infos[i]);
+    free(infos);
+    return reply_cjson(r, 200, doc);
+}
+
+/* 200 when the stored config equals cfg, 409 otherwise. */
+static int verify_existing(srv_session *s, const api_config *cfg, api_reply *r)
+{
+    char *want = api_config_to_json(cfg);
+    char *have = api_config_to_json(&s->cfg);
+    int same = want && have && strcmp(want, have) == 0;
+    free(want);
+    free(have);
+    if (!same)
+        return api_problem(r, 409, NULL,
+                           "session %s exists with a different config (GET it to compare, "
+                           "DELETE it to start over)",
+                           s->name);
+    return reply_session(r, 200, s);
+}
+
+static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    api_config cfg;
+    api_init init;
+    void *params = NULL;
+    int st = api_decode_create(req->body, req->body_len, ctx->cfg->max_params, &cfg, &init,
+                               &params, r);
+    if (st)
+        return st;
+    srv_session *s = NULL;
+    int err = srv_registry_acquire(ctx->reg, req->name, &s);
+    if (err == STORAGE_OK) {
+        st = verify_existing(s, &cfg, r);
+        srv_registry_release(ctx->reg, s);
+        goto out;
+    }
+    if (err != STORAGE_ENOTFOUND) {
+        st = storage_fail(r, ctx->db, err, "reading the session");
+        goto out;
+    }
+    s = srv_session_new(req->name, &cfg, params, &init);
+    if (!s) {
+        st = api_problem(r, 503, NULL, "out of memory for a session of %llu params",
+                         (unsigned long long)cfg.size);
+        goto out;
+    }
+    char *cfg_json = api_config_to_json(&s->cfg);
+    size_t len = 0;
+    void *blob = srv_session_checkpoint(s, &len);
+    s->created_ms = s->updated_ms = srv_now_ms();
+    err = cfg_json && blob ? storage_session_create(ctx->db, req->name, cfg_json, s->created_ms,
+                                                    blob, len, &s->id)
+                           : STORAGE_ENOMEM;
+    free(cfg_json);
+    free(blob);
+    if (err == STORAGE_EEXIST) {
+        /* Another request created it meanwhile: verify against that one. */
+        srv_session_free(s);
+        err = srv_registry_acquire(ctx->reg, req->name, &s);
+        if (err == STORAGE_OK) {
+            st = verify_existing(s, &cfg, r);
+            srv_registry_release(ctx->reg, s);
+        } else {
+            st = storage_fail(r, ctx->db, err, "reading the session");
+        }
+        goto out;
+    }
+    if (err != STORAGE_OK) {
+        srv_session_free(s);
+        st = storage_fail(r, ctx->db, err, "creating the session");
+        goto out;
+    }
+    st = reply_session(r, 201, s);
+    api_reply_header(r, "Location", "/v1/sessions/%s", req->name);
+    srv_registry_insert(ctx->reg, s);
+out:
+    free(params);
+    api_config_free(&cfg);
+    return st;
+}
+
+static int acquire_or_reply(srv_ctx *ctx, const char *name, srv_session **s, api_reply *r)
+{
+    int err = srv_registry_acquire(ctx->reg, name, s);
+    if (err == STORAGE_ENOTFOUND)
+        return api_problem(r, 404, "name", "no session named %s", name);
+    if (err != STORAGE_OK)
+        return storage_fail(r, ctx->db, err, "loading the session");
+    return 0;
+}
+
+static int h_get_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    srv_session *s;
+    int st = acquire_or_reply(ctx, req->name, &s, r);
+    if (st)
+        return st;
+    st = reply_session(r, 200, s);
+    srv_registry_release(ctx->reg, s);
+    return st;
+}
+
+/* Writes a full checkpoint (and config) of s; on failure the caller must
+ * drop the session. */
+static int write_checkpoint(srv_ctx *ctx, srv_session *s, bool with_config)
+{
+    char *cfg_json = with_config ? api_config_to_json(&s->cfg) : NULL;
+    size_t len = 0;
+    void *blob = srv_session_checkpoint(s, &len);
+    int64_t now = srv_now_ms();
+    int err = blob && (!with_config || cfg_json)
+                  ? storage_checkpoint(ctx->db, s->id, cfg_json, blob, len, s->seq,
+                                       (int64_t)s->st.step, now)
+                  : STORAGE_ENOMEM;
+    free(cfg_json);
+    free(blob);
+    if (err == STORAGE_OK) {
+        s->log_bytes = 0;
+        s->updated_ms = now;
+    }
+    return err;
+}
+
+static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    srv_session *s;
+    int st = acquire_or_reply(ctx, req->name, &s, r);
+    if (st)
+        return st;
+    api_config next;
+    if (api_config_copy(&next, &s->cfg)) {
+        srv_registry_release(ctx->reg, s);
+        return api_problem(r, 503, NULL, "out of memory");
+    }
+    st = api_decode_patch(req->body, req->body_len, &next, r);
+    if (!st && s->accum_count > 0 && next.mode.accumulate != s->cfg.mode.accumulate)
+        st = api_problem(r, 409, "mode.accumulate",
+                         "%lld gradients are pending accumulation; change accumulate after the "
+                         "next update",
+                         (long long)s->accum_count);
+    if (st) {
+        api_config_free(&next);
+        srv_registry_release(ctx->reg, s);
+        return st;
+    }
+    bool sched_changed = memcmp(&next.sched, &s->cfg.sched, sizeof next.sched) != 0 ||
+                         next.opt.lr != s->cfg.opt.lr;
+    api_config old = s->cfg;
+    optim_plateau old_plateau = s->plateau;
+    s->cfg = next;
+    if (sched_changed)
+        optim_plateau_init(&s->cfg.sched, s->cfg.opt.lr, &s->plateau);
+    int err = srv_session_ensure_buffers(s) ? STORAGE_ENOMEM : write_checkpoint(ctx, s, true);
+    if (err != STORAGE_OK) {
+        /* Memory may hold new buffers: rebuild from disk on next use. */
+        s->cfg = old;
+        s->plateau = old_plateau;
+        api_config_free(&next);
+        srv_registry_drop(ctx->reg, s);
+        srv_registry_release(ctx->reg, s);
+        return storage_fail(r, ctx->db, err, "saving the new config");
+    }
+    api_config_free(&old);
+    st = reply_session(r, 200, s);
+    srv_registry_release(ctx->reg, s);
+    return st;
+}
+
+static int h_delete_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    srv_session *s;
+    int st = acquire_or_reply(ctx, req->name, &s, r);
+    if (st)
+        return st;
+    int err = storage_session_delete(ctx->db, req->name);
+    if (err != STORAGE_OK && err != STORAGE_ENOTFOUND) {
+        srv_registry_release(ctx->reg, s);
+        return storage_fail(r, ctx->db, err, "deleting the session");
+    }
+    srv_registry_drop(ctx->reg, s);
+    srv_registry_release(ctx->reg, s);
+    api_reply_body(r, 204, "application/json", NULL, 0);
+    return 204;
+}
+
+/* Decodes a gradient or params body into a new buffer of the session's
+ * dtype. */
+static int decode_vector(const srv_session *s, const srv_request *req, bool is_step,
+                         void **out, api_step_meta *meta, api_reply *r)
+{
+    size_t n = (size_t)s->cfg.size;
+    void *v = malloc(n * optim_dtype_size(s->cfg.dtype));
+    if (!v)
+        return api_problem(r, 503, NULL, "out of memory");
+    int st;
+    if (req->body_binary) {
+        st = api_decode_vector_binary(req->body, req->body_len, s->cfg.dtype, n, v,
+                                      is_step ? "grad" : "params", r);
+        if (!st && is_step)
+            st = api_decode_step_headers(req->header(req->conn, "Optd-Loss"),
+                                         req->header(req->conn, "Optd-Base-Step"),
+                                         req->header(req->conn, "Optd-Worker"), meta, r);
+    } else if (is_step) {
+        st = api_decode_step_json(req->body, req->body_len, s->cfg.dtype, n, v, meta, r);
+    } else {
+        st = api_decode_params_json(req->body, req->body_len, s->cfg.dtype, n, v, r);
+    }
+    if (st) {
+        free(v);
+        return st;
+    }
+    *out = v;
+    return 0;
+}
+
+static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    srv_session *s;
+    int st = acquire_or_reply(ctx, req->name, &s, r);
+    if (st)
+        return st;
+    void *grad = NULL;
+    api_step_meta meta = {.loss = NAN, .base_step = -1};
+    const char *key = req->header(req->conn, "Idempotency-Key");
+    const char *qp = req->query(req->conn, "params");
+    bool with_params = !(qp && strcmp(qp, "false") == 0);
+    int64_t step_now = (int64_t)s->st.step;
+
+    if (key && (strlen(key) == 0 || strlen(key) > API_IDEM_MAX)) {
+        st = api_problem(r, 400, "Idempotency-Key", "Idempotency-Key must have 1-%d characters",
+                         API_IDEM_MAX);
+        goto done;
+    }
+    st = decode_vector(s, req, true, &grad, &meta, r);
+    if (st)
+        goto done;
+    if (key) {
+        int64_t recorded;
+        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded);
+        if (err == STORAGE_OK) {
+            st = reply_params(r, 200, s, req, s->last_lr, true, with_params);
+            /* The replay answers the step the key applied. */
+            for (int i = 0; i < r->n_headers; i++)
+                if (strcmp(r->headers[i].name, "Optd-Step") == 0)
+                    snprintf(r->headers[i].value, sizeof r->headers[i].value, "%lld",
+                             (long long)recorded);
+            if (!req->want_binary) {
+                /* Rewrite the leading "step" member as well. */
+                api_buf b = {0};
+                const char *rest = strchr(r->body, ',');
+                if (api_buf_printf(&b, "{\"step\":%lld,\"replayed\":true", (long long)recorded) ||
+                    api_buf_put(&b, rest ? rest : "}", rest ? strlen(rest) : 1)) {
+                    free(b.data);
+                } else {
+                    api_reply_body(r, 200, "application/json", b.data, b.len);
+                }
+            }
+            api_reply_header(r, "Optd-Replayed", "true");
+            goto done;
+        }
+        if (err != STORAGE_ENOTFOUND) {
+            st = storage_fail(r, ctx->db, err, "checking the idempotency key");
+            goto done;
+        }
+    }
+    if (s->cfg.mode.type == API_MODE_SYNC) {
+        st = api_problem(r, 501, "mode",
+                         "synchronous rounds are not available in this build; PATCH the "
+                         "session's mode to {\"type\":\"async\"}");
+        goto done;
+    }
+    bool finite = api_vector_finite(s->cfg.dtype, grad, (size_t)s->cfg.size);
+    if (!finite && s->cfg.nonfinite == API_NONFINITE_ERROR) {
+        st = api_problem(r, 422, "grad",
+                         "grad contains NaN or Inf; nothing was applied (set the session's "
+                         "nonfinite to \"skip\" to count and skip such steps)");
+        goto done;
+    }
+    double factor = 1.0;
+    if (meta.base_step >= 0) {
+        if (meta.base_step > step_now) {
+            st = api_problem_with(r, 409, "base_step", "step", step_now,
+                                  "base_step %lld is ahead of the session's step %lld",
+                                  (long long)meta.base_step, (long long)step_now);
+            goto done;
+        }
+        int64_t age = step_now - meta.base_step;
+        if (s->cfg.mode.max_staleness >= 0 && age > s->cfg.mode.max_staleness) {
+            s->n_stale++;
+            st = api_problem_with(r, 409, "base_step", "step", step_now,
+                                  "gradient is %lld steps stale (max_staleness %lld); pull the "
+                                  "params and retry",
+                                  (long long)age, (long long)s->cfg.mode.max_staleness);
+            goto done;
+        }
+        if (s->cfg.mode.stale_policy == API_STALE_DAMP && age > 0)
+            factor = 1.0 / (1.0 + (double)age);
+    }
+
+    srv_apply_result res;
+    srv_session_apply(s, grad, meta.loss, factor, &res);
+    size_t gbytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
+    storage_log_entry e = {
+        .seq = s->seq + 1,
+        .kind = res.kind,
+        .step = (int64_t)s->st.step,
+        .time_ms = srv_now_ms(),
+        .lr = res.lr,
+        .factor = factor,
+        .loss = meta.loss,
+        .grad_norm = res.grad_norm,
+        .update_norm = res.update_norm,
+        .grad = res.kind == STORAGE_LOG_SKIP ? NULL : grad,
+        .grad_len = res.kind == STORAGE_LOG_SKIP ? 0 : gbytes,
+        .idem_key = key,
+        .worker = meta.worker[0] ? meta.worker : NULL,
+    };
+    /* Checkpoint when the log since the last one outgrows the state. */
+    size_t state_bytes = srv_session_bytes(s);
+    void *blob = NULL;
+    size_t blob_len = 0;
+    if (s->log_bytes + gbytes > state_bytes)
+        blob = srv_session_checkpoint(s, &blob_len);
+    int err = storage_append(ctx->db, s->id, &e, blob, blob_len);
+    free(blob);
+    if (err != STORAGE_OK) {
+        /* Memory is ahead of disk: drop it, the next request reloads the
+         * last committed state. */
+        srv_registry_drop(ctx->reg, s);
+        st = storage_fail(r, ctx->db, err, "committing the step");
+        goto done;
+    }
+    s->seq = e.seq;
+    s->log_bytes = blob ? 0 : s->log_bytes + e.grad_len;
+    s->updated_ms = e.time_ms;
+    if (s->seq % IDEM_PRUNE_EVERY == 0)
+        storage_idem_prune(ctx->db, s->id, e.time_ms - IDEM_KEEP_MS, IDEM_KEEP_KEYS);
+    if (res.kind == STORAGE_LOG_ACCUM) {
+        st = reply_params(r, 202, s, req, NAN, false, with_params);
+        api_reply_header(r, "Optd-Pending", "%lld", (long long)s->accum_count);
+    } else if (res.kind == STORAGE_LOG_SKIP) {
+        st = reply_params(r, 200, s, req, NAN, false, with_params);
+        api_reply_header(r, "Optd-Skipped", "true");
+    } else {
+        st = reply_params(r, 200, s, req, res.lr, true, with_params);
+    }
+done:
+    free(grad);
+    srv_registry_release(ctx->reg, s);
+    return st;
+}
+
+static int h_get_params(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    srv_session *s;
+    int st = acquire_or_reply(ctx, req->name, &s, r);
+    if (st)
+        return st;
+    st = reply_params(r, 200, s, req, NAN, false, true);
+    srv_registry_release(ctx->reg, s);
+    return st;
+}
+
+static int h_put_params(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    srv_session *s;
+    int st = acquire_or_reply(ctx, req->name, &s, r);
+    if (st)
+        return st;
+    void *v = NULL;
+    st = decode_vector(s, req, false, &v, NULL, r);
+    if (!st && !api_vector_finite(s->cfg.dtype, v, (size_t)s->cfg.size))
+        st = api_problem(r, 422, "params", "params contain NaN or Inf");
+    if (!st) {
+        size_t bytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
+        memcpy(s->snap, s->params, bytes);
+        memcpy(s->params, v, bytes);
+        int err = write_checkpoint(ctx, s, false);
+        if (err != STORAGE_OK) {
+            memcpy(s->params, s->snap, bytes);
+            st = storage_fail(r, ctx->db, err, "saving the params");
+        } else {
+            st = reply_params(r, 200, s, req, NAN, false, false);
+        }
+    }
+    free(v);
+    srv_registry_release(ctx->reg, s);
+    return st;
+}
+
+typedef struct {
+    cJSON *arr;
+    int64_t last;
+} history_acc;
+
+static int history_row(void *ud, const storage_log_entry *e)
+{
+    history_acc *h = ud;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddItemToObject(o, "step", raw_int(e->step));
+    cJSON_AddItemToObject(o, "time_ms", raw_int(e->time_ms));
+    cJSON_AddItemToObject(o, "lr", raw_double(e->lr));
+    cJSON_AddItemToObject(o, "loss", raw_double(e->loss));
+    cJSON_AddItemToObject(o, "grad_norm", raw_double(e->grad_norm));
+    cJSON_AddItemToObject(o, "update_norm", raw_double(e->update_norm));
+    if (e->worker)
+        cJSON_AddStringToObject(o, "worker", e->worker);
+    cJSON_AddItemToArray(h->arr, o);
+    h->last = e->step;
+    return 0;
+}
+
+static int h_history(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    srv_session *s;
+    int st = acquire_or_reply(ctx, req->name, &s, r);
+    if (st)
+        return st;
+    const char *as = req->query(req->conn, "after");
+    const char *ls = req->query(req->conn, "limit");
+    long long after = as ? strtoll(as, NULL, 10) : 0;
+    long limit = ls ? strtol(ls, NULL, 10) : LIST_DEFAULT;
+    if (limit < 1 || limit > LIST_MAX || after < 0) {
+        srv_registry_release(ctx->reg, s);
+        return api_problem(r, 400, "limit", "after must be >= 0 and limit from 1 to %d",
+                           LIST_MAX);
+    }
+    int64_t id = s->id;
+    srv_registry_release(ctx->reg, s);
+    cJSON *doc = cJSON_CreateObject();
+    history_acc h = {cJSON_AddArrayToObject(doc, "steps"), -1};
+    int err = storage_history(ctx->db, id, after, (int)limit, history_row, &h);
+    if (err != STORAGE_OK) {
+        cJSON_Delete(doc);
+        return storage_fail(r, ctx->db, err, "reading the history");
+    }
+    if (cJSON_GetArraySize(h.arr) == limit)
+        cJSON_AddItemToObject(doc, "next", raw_int(h.last));
+    else
+        cJSON_AddNullToObject(doc, "next");
+    return reply_cjson(r, 200, doc);
+}
+
+typedef int (*handler_fn)(srv_ctx *, const srv_request *, api_reply *);
+
+static const handler_fn handlers[API_R_COUNT] = {
+    [API_R_HEALTHZ] = h_healthz,
+    [API_R_OPTIMIZERS] = h_optimizers,
+    [API_R_SESSIONS_LIST] = h_list,
+    [API_R_SESSION_PUT] = h_put_session,
+    [API_R_SESSION_GET] = h_get_session,
+    [API_R_SESSION_PATCH] = h_patch_session,
+    [API_R_SESSION_DELETE] = h_delete_session,
+    [API_R_STEP] = h_step,
+    [API_R_PARAMS_GET] = h_get_params,
+    [API_R_PARAMS_PUT] = h_put_params,
+    [API_R_HISTORY] = h_history,
+};
+
+int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)
+{
+    return handlers[req->route->id](ctx, req, reply);
+}

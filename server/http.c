@@ -1,0 +1,273 @@
+/*
+ * http.c -- libmicrohttpd glue: body accumulation under the size limit,
+ * authentication, content negotiation, dispatch to the handlers, one log
+ * line per request, and the graceful stop.
+ */
+#include "server/server.h"
+
+#include <arpa/inet.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    const api_route *route;
+    char name[API_NAME_MAX + 1];
+    char *body;
+    size_t len, cap, limit;
+    bool body_binary, want_binary;
+    bool responded;      /* a reply was queued before the body was read */
+    bool too_large;      /* chunked body went past the limit            */
+    int status;
+    struct timespec t0;
+    char method[8];
+    char path[160];
+} conn_ctx;
+
+static const char *hdr(void *conn, const char *name)
+{
+    return MHD_lookup_connection_value(conn, MHD_HEADER_KIND, name);
+}
+
+static const char *qry(void *conn, const char *name)
+{
+    return MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, name);
+}
+
+static enum MHD_Result queue(struct MHD_Connection *c, conn_ctx *x, api_reply *r)
+{
+    struct MHD_Response *resp;
+    if (r->body && r->len)
+        resp = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
+    else
+        resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    if (!resp) {
+        api_reply_free(r);
+        return MHD_NO;
+    }
+    if (!(r->body && r->len))
+        api_reply_free(r);
+    r->body = NULL; /* MHD owns it now */
+    if (r->content_type && r->status != 204)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, r->content_type);
+    for (int i = 0; i < r->n_headers; i++)
+        MHD_add_response_header(resp, r->headers[i].name, r->headers[i].value);
+    enum MHD_Result ok = MHD_queue_response(c, (unsigned)r->status, resp);
+    MHD_destroy_response(resp);
+    x->status = r->status;
+    return ok;
+}
+
+/* Constant-time comparison: the time taken does not depend on where the
+ * keys differ. */
+static bool key_equal(const char *given, const char *want)
+{
+    size_t lg = strlen(given), lw = strlen(want);
+    unsigned char d = (unsigned char)(lg != lw);
+    for (size_t i = 0; i < lw; i++)
+        d |= (unsigned char)(want[i] ^ (i < lg ? given[i] : 0));
+    return d == 0;
+}
+
+/* Checks that can answer before any body byte is read. */
+static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const char *method,
+                    const char *url, api_reply *r)
+{
+    int st = api_route_match(method, url, &x->route, x->name, r);
+    if (st)
+        return st;
+    if (x->route->needs_auth && ctx->cfg->api_key[0]) {
+        const char *a = hdr(c, MHD_HTTP_HEADER_AUTHORIZATION);
+        if (!a || strncmp(a, "Bearer ", 7) != 0 || !key_equal(a + 7, ctx->cfg->api_key)) {
+            api_problem(r, 401, NULL, "missing or wrong API key (Authorization: Bearer KEY)");
+            api_reply_header(r, "WWW-Authenticate", "Bearer realm=\"optd\"");
+            return 401;
+        }
+    }
+    bool binary_ok = x->route->body == API_BODY_VECTOR || x->route->id == API_R_PARAMS_GET;
+    int acc = api_accept(hdr(c, MHD_HTTP_HEADER_ACCEPT), binary_ok);
+    if (acc < 0)
+        return api_problem(r, 406, "Accept",
+                           binary_ok ? "this route answers application/json or "
+                                       "application/octet-stream"
+                                     : "this route answers application/json");
+    x->want_binary = acc == 1;
+    if (x->route->body != API_BODY_NONE) {
+        int ct = api_content_type(hdr(c, MHD_HTTP_HEADER_CONTENT_TYPE),
+                                  x->route->body == API_BODY_VECTOR);
+        if (ct < 0)
+            return api_problem(r, 415, "Content-Type",
+                               x->route->body == API_BODY_VECTOR
+                                   ? "send application/json or application/octet-stream"
+                                   : "send application/json");
+        x->body_binary = ct == 1;
+        const char *cl = hdr(c, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        if (cl) {
+            unsigned long long n = strtoull(cl, NULL, 10);
+            if (n > x->limit)
+                return api_problem(r, 413, NULL, "body of %llu bytes exceeds the limit of %zu",
+                                   n, x->limit);
+        }
+    }
+    return 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_size, void **con_cls)
+{
+    (void)version;
+    srv_ctx *ctx = cls;
+    conn_ctx *x = *con_cls;
+    if (!x) {
+        x = calloc(1, sizeof *x);
+        if (!x)
+            return MHD_NO;
+        *con_cls = x;
+        clock_gettime(CLOCK_MONOTONIC, &x->t0);
+        snprintf(x->method, sizeof x->method, "%s", method);
+        snprintf(x->path, sizeof x->path, "%s", url);
+        x->limit = ctx->cfg->max_body_mb * 1024 * 1024;
+        api_reply r = {0};
+        if (precheck(ctx, c, x, method, url, &r)) {
+            x->responded = true;
+            return queue(c, x, &r);
+        }
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        if (x->responded || x->too_large)
+            return MHD_YES;
+        if (x->len + n > x->limit) {
+            x->too_large = true;
+            free(x->body);
+            x->body = NULL;
+            x->len = x->cap = 0;
+            return MHD_YES;
+        }
+        if (x->len + n + 1 > x->cap) {
+            size_t cap = x->cap ? x->cap : 4096;
+            while (cap < x->len + n + 1)
+                cap *= 2;
+            char *b = realloc(x->body, cap);
+            if (!b)
+                return MHD_NO;
+            x->body = b;
+            x->cap = cap;
+        }
+        memcpy(x->body + x->len, upload_data, n);
+        x->len += n;
+        x->body[x->len] = '\0';
+        return MHD_YES;
+    }
+    if (x->responded)
+        return MHD_YES;
+    api_reply r = {0};
+    if (x->too_large) {
+        api_problem(&r, 413, NULL, "body exceeds the limit of %zu bytes", x->limit);
+        return queue(c, x, &r);
+    }
+    if (x->route->body == API_BODY_JSON || (x->route->body == API_BODY_VECTOR && !x->body_binary)) {
+        if (x->len == 0) {
+            api_problem(&r, 400, NULL, "a JSON body is required");
+            return queue(c, x, &r);
+        }
+    }
+    srv_request req = {
+        .route = x->route,
+        .name = x->name,
+        .body = x->body ? x->body : "",
+        .body_len = x->len,
+        .body_binary = x->body_binary,
+        .want_binary = x->want_binary,
+        .header = hdr,
+        .query = qry,
+        .conn = c,
+    };
+    srv_handle(ctx, &req, &r);
+    return queue(c, x, &r);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    (void)cls;
+    (void)c;
+    conn_ctx *x = *con_cls;
+    if (!x)
+        return;
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double ms = (double)(t1.tv_sec - x->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - x->t0.tv_nsec) / 1e6;
+    srv_log(x->status >= 500 || toe != MHD_REQUEST_TERMINATED_COMPLETED_OK ? SRV_LOG_WARN
+                                                                           : SRV_LOG_DEBUG,
+            "%s %s %d %.3fms%s", x->method, x->path, x->status, ms,
+            toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (connection ended early)");
+    free(x->body);
+    free(x);
+    *con_cls = NULL;
+}
+
+int srv_http_run(srv_ctx *ctx)
+{
+    const srv_config *cfg = ctx->cfg;
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME;
+    struct sockaddr_in *v4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&ss;
+    if (inet_pton(AF_INET, cfg->bind, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)cfg->port);
+    } else if (inet_pton(AF_INET6, cfg->bind, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)cfg->port);
+        flags |= MHD_USE_IPv6;
+    } else {
+        srv_log(SRV_LOG_ERROR, "--bind %s is not an IPv4 or IPv6 address", cfg->bind);
+        return -1;
+    }
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned threads = cfg->threads > 0 ? (unsigned)cfg->threads
+                                        : (unsigned)(cores > 2 ? 2 * cores : 4);
+
+    /* Signals go to the main thread only, through sigwait. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    struct MHD_Daemon *d = MHD_start_daemon(
+        flags, (uint16_t)cfg->port, NULL, NULL, on_request, ctx, MHD_OPTION_SOCK_ADDR, &ss,
+        MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_NOTIFY_COMPLETED, on_completed, ctx,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)300, MHD_OPTION_CONNECTION_LIMIT, (unsigned)4096,
+        MHD_OPTION_END);
+    if (!d) {
+        srv_log(SRV_LOG_ERROR, "cannot listen on %s:%d", cfg->bind, cfg->port);
+        return -1;
+    }
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    int port = info ? info->port : cfg->port;
+    printf("optd listening on http://%s%s%s:%d\n", v6->sin6_family == AF_INET6 ? "[" : "",
+           cfg->bind, v6->sin6_family == AF_INET6 ? "]" : "", port);
+    fflush(stdout);
+    srv_log(SRV_LOG_INFO, "listening on %s:%d with %u threads, db %s", cfg->bind, port, threads,
+            cfg->db);
+
+    int sig = 0;
+    sigwait(&set, &sig);
+    srv_log(SRV_LOG_INFO, "signal %d: stopping (in-flight requests finish)", sig);
+    MHD_quiesce_daemon(d);
+    MHD_stop_daemon(d); /* waits for handlers to return */
+    return 0;
+}

@@ -1,0 +1,158 @@
+/*
+ * server.h -- the daemon's internals: configuration, sessions (the step
+ * engine: clip, schedule, kernel, log, checkpoint, replay), the registry of
+ * hot sessions, and the HTTP handlers.
+ */
+#ifndef SERVER_H
+#define SERVER_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "api/api.h"
+#include "optim/optim.h"
+#include "storage/storage.h"
+
+/* ------------------------------------------------------------- config */
+
+enum { SRV_LOG_ERROR = 0, SRV_LOG_WARN, SRV_LOG_INFO, SRV_LOG_DEBUG };
+
+typedef struct {
+    char bind[64];
+    int port;
+    char db[1024];
+    int threads;
+    size_t max_body_mb;
+    size_t max_params;
+    size_t cache_mb;
+    int durability;         /* STORAGE_SYNC_* */
+    char api_key[256];      /* "" = none */
+    int log_level;
+    char check_health[512]; /* --check-health URL: probe and exit */
+} srv_config;
+
+/* Parses OPTD_* environment variables, then argv (flags win).  Returns 0,
+ * 1 when it printed --help/--version (exit 0), or -1 after printing the
+ * error (exit 2). */
+int srv_config_parse(srv_config *c, int argc, char **argv);
+
+void srv_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+extern int srv_log_level;
+int64_t srv_now_ms(void);
+
+/* ------------------------------------------------------------ session */
+
+typedef struct srv_session srv_session;
+
+struct srv_session {
+    char name[API_NAME_MAX + 1];
+    int64_t id;                 /* storage id                                  */
+    api_config cfg;
+    optim_state st;
+    optim_plateau plateau;
+    void *params;
+    void *accum;                /* pending accumulation (mode.accumulate > 1)  */
+    int64_t accum_count;
+    void *scratch;              /* gradient work copy                          */
+    void *snap;                 /* params before the update (update norm)      */
+    int64_t seq;                /* last log row                                */
+    size_t log_bytes;           /* replay bytes logged since the checkpoint    */
+    int64_t created_ms, updated_ms;
+    double last_lr;
+    double last_loss;
+    int64_t n_applied, n_stale, n_timeout, n_skipped;
+
+    /* registry bookkeeping (registry lock) */
+    pthread_mutex_t mu;         /* serialises every operation on the session  */
+    int refs;
+    bool dead;                  /* removed from the registry; reload to use    */
+    srv_session *hnext;         /* hash chain                                  */
+    srv_session *lru_prev, *lru_next;
+};
+
+size_t srv_session_bytes(const srv_session *s);
+
+/* Creates an in-memory session at step 0 from cfg (deep-copied) and params
+ * (copied; NULL: filled per init).  Returns NULL when out of memory. */
+srv_session *srv_session_new(const char *name, const api_config *cfg, const void *params,
+                             const api_init *init);
+void srv_session_free(srv_session *s);
+
+/* The full state as a checkpoint blob; new buffer, caller frees. */
+void *srv_session_checkpoint(const srv_session *s, size_t *len);
+/* Rebuilds a session from its stored config, checkpoint and log. */
+int srv_session_load(storage *db, const storage_session_info *info, srv_session **out);
+
+/* The lr the next update would use. */
+double srv_session_next_lr(const srv_session *s);
+
+/* Outcome of feeding one gradient. */
+typedef struct {
+    int kind;                   /* STORAGE_LOG_STEP / ACCUM / SKIP             */
+    double lr;
+    double grad_norm;
+    double update_norm;
+} srv_apply_result;
+
+/* Feeds one gradient (n elements of the session's dtype) through the
+ * pipeline: non-finite policy, accumulation, clipping, schedule, kernel.
+ * The live path and replay both call this, so replay is bit-identical.
+ * factor scales this update's lr (stale damping).  Never fails. */
+void srv_session_apply(srv_session *s, const void *grad, double loss, double factor,
+                       srv_apply_result *res);
+
+/* Makes the buffers this config needs exist (after PATCH). 0 or -1 (OOM). */
+int srv_session_ensure_buffers(srv_session *s);
+
+/* ----------------------------------------------------------- registry */
+
+typedef struct srv_registry srv_registry;
+
+srv_registry *srv_registry_new(storage *db, size_t cache_bytes);
+/* Checkpoints every hot session that has log rows since its checkpoint,
+ * then frees everything. */
+void srv_registry_free(srv_registry *r);
+
+/* Finds (loading from storage when cold) and locks the session.  Returns 0,
+ * STORAGE_ENOTFOUND, or another STORAGE_E* code. */
+int srv_registry_acquire(srv_registry *r, const char *name, srv_session **out);
+/* Unlocks and releases; may evict cold sessions. */
+void srv_registry_release(srv_registry *r, srv_session *s);
+/* Marks a locked, acquired session dead (deleted or failed write): the next
+ * acquire reloads from storage. */
+void srv_registry_drop(srv_registry *r, srv_session *s);
+/* Inserts a freshly created session (not locked). */
+void srv_registry_insert(srv_registry *r, srv_session *s);
+storage *srv_registry_storage(srv_registry *r);
+size_t srv_registry_hot_count(srv_registry *r);
+
+/* ----------------------------------------------------------- handlers */
+
+typedef struct {
+    srv_registry *reg;
+    storage *db;
+    const srv_config *cfg;
+} srv_ctx;
+
+/* What a handler gets from the HTTP layer. */
+typedef struct {
+    const api_route *route;
+    const char *name;
+    const char *body;
+    size_t body_len;
+    bool body_binary;           /* Content-Type application/octet-stream       */
+    bool want_binary;           /* Accept chose application/octet-stream       */
+    const char *(*header)(void *conn, const char *name);
+    const char *(*query)(void *conn, const char *name);
+    void *conn;
+} srv_request;
+
+int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply);
+
+/* --------------------------------------------------------------- http */
+
+int srv_http_run(srv_ctx *ctx);
+
+#endif /* SERVER_H */
