@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define IDEM_KEEP_MS (24LL * 3600 * 1000)
 #define IDEM_KEEP_KEYS 10000
@@ -55,6 +56,18 @@ static cJSON *raw_int(int64_t x)
     return cJSON_CreateRaw(tmp);
 }
 
+/* RFC 3339 UTC with milliseconds. */
+static cJSON *timestamp(int64_t ms)
+{
+    char tmp[96];
+    time_t sec = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&sec, &tm);
+    snprintf(tmp, sizeof tmp, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(ms % 1000));
+    return cJSON_CreateString(tmp);
+}
+
 static int storage_fail(api_reply *r, storage *db, int err, const char *what)
 {
     const char *msg = storage_errmsg(db);
@@ -96,8 +109,8 @@ static cJSON *session_doc(const srv_session *s)
     cJSON_AddItemToObject(cnt, "rejected_stale", raw_int(s->n_stale));
     cJSON_AddItemToObject(cnt, "timed_out", raw_int(s->n_timeout));
     cJSON_AddItemToObject(cnt, "skipped_nonfinite", raw_int(s->n_skipped));
-    cJSON_AddItemToObject(out, "created_ms", raw_int(s->created_ms));
-    cJSON_AddItemToObject(out, "updated_ms", raw_int(s->updated_ms));
+    cJSON_AddItemToObject(out, "created_at", timestamp(s->created_ms));
+    cJSON_AddItemToObject(out, "updated_at", timestamp(s->updated_ms));
     return out;
 }
 
@@ -198,8 +211,8 @@ static int h_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
             cJSON_AddItemToObject(o, "size", cJSON_Duplicate(cJSON_GetObjectItem(cfg, "size"), 1));
             cJSON_Delete(cfg);
         }
-        cJSON_AddItemToObject(o, "created_ms", raw_int(infos[i].created_ms));
-        cJSON_AddItemToObject(o, "updated_ms", raw_int(infos[i].updated_ms));
+        cJSON_AddItemToObject(o, "created_at", timestamp(infos[i].created_ms));
+        cJSON_AddItemToObject(o, "updated_at", timestamp(infos[i].updated_ms));
         cJSON_AddItemToArray(arr, o);
     }
     if (n == limit)
@@ -608,7 +621,7 @@ static int history_row(void *ud, const storage_log_entry *e)
     history_acc *h = ud;
     cJSON *o = cJSON_CreateObject();
     cJSON_AddItemToObject(o, "step", raw_int(e->step));
-    cJSON_AddItemToObject(o, "time_ms", raw_int(e->time_ms));
+    cJSON_AddItemToObject(o, "time", timestamp(e->time_ms));
     cJSON_AddItemToObject(o, "lr", raw_double(e->lr));
     cJSON_AddItemToObject(o, "loss", raw_double(e->loss));
     cJSON_AddItemToObject(o, "grad_norm", raw_double(e->grad_norm));
