@@ -23,7 +23,8 @@
 #include "tests/support/apitest.h"
 #include "tests/support/daemon.h"
 
-static unsigned seed;
+static unsigned seed;      /* advanced by rand_r */
+static unsigned seed0;     /* as given, to repeat a run */
 
 static cJSON *get_session(optd_client *c, const char *name)
 {
@@ -315,7 +316,7 @@ static void test_crash_kill9(void **state)
             long long hi = acked[l] + (l == lane ? 1 : 0);
             if (now[l] < acked[l] || now[l] > hi)
                 fail_msg("round %d: lane %d at step %lld; %lld acknowledged (seed %u)", round, l,
-                         now[l], acked[l], seed);
+                         now[l], acked[l], seed0);
         }
         assert_sgd_params(c, (int)now[0]);
         bool was_applied = now[lane] == acked[lane] + 1;
@@ -367,7 +368,7 @@ static void test_crash_kill9(void **state)
             "crash: %d kill -9 in %lld ms, %d steps (%d sgd, %d adam); in-flight step committed "
             "before the crash %d times, applied by its retry %d times (seed %u)\n",
             ROUNDS, tapi_now_ms() - t0, n, n_sgd, n_adam, lost_in_flight, applied_by_retry,
-            seed);
+            seed0);
 }
 
 /* A crash right after create: the session exists, at step 0. */
@@ -397,8 +398,9 @@ static void test_crash_after_create(void **state)
 int main(void)
 {
     const char *env = getenv("OPTD_TEST_SEED");
-    seed = env ? (unsigned)strtoul(env, NULL, 10) : (unsigned)time(NULL);
-    fprintf(stderr, "test_api_durability: seed %u (set OPTD_TEST_SEED to repeat)\n", seed);
+    seed0 = env ? (unsigned)strtoul(env, NULL, 10) : (unsigned)time(NULL);
+    seed = seed0;
+    fprintf(stderr, "test_api_durability: seed %u (set OPTD_TEST_SEED to repeat)\n", seed0);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_restart_keeps_everything),
         cmocka_unit_test(test_crash_kill9),
