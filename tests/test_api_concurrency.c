@@ -33,8 +33,14 @@ typedef struct {
 static int suite_setup(void **state)
 {
     suite *s = calloc(1, sizeof *s);
-    if (!s || tdaemon_start(&s->d, NULL, NULL) != 0)
+    *state = NULL;
+    if (!s)
         return -1;
+    if (tdaemon_start(&s->d, NULL, NULL) != 0) {
+        tdaemon_cleanup(&s->d);
+        free(s);
+        return -1;
+    }
     s->c = tapi_client(tdaemon_url(&s->d), NULL, false);
     *state = s;
     return 0;
@@ -43,6 +49,8 @@ static int suite_setup(void **state)
 static int suite_teardown(void **state)
 {
     suite *s = *state;
+    if (!s) /* the setup failed and said why */
+        return -1;
     optd_client_free(s->c);
     int rc = tdaemon_stop(&s->d);
     if (rc == 0 && tapi_integrity_check(tdaemon_db(&s->d)) != 0)

@@ -31,8 +31,14 @@ typedef struct {
 static int suite_setup(void **state)
 {
     suite *s = calloc(1, sizeof *s);
-    if (!s || tdaemon_start(&s->d, NULL, NULL) != 0)
+    *state = NULL;
+    if (!s)
         return -1;
+    if (tdaemon_start(&s->d, NULL, NULL) != 0) {
+        tdaemon_cleanup(&s->d);
+        free(s);
+        return -1;
+    }
     s->c = optd_client_new(tdaemon_url(&s->d), NULL);
     *state = s;
     return s->c ? 0 : -1;
@@ -41,6 +47,8 @@ static int suite_setup(void **state)
 static int suite_teardown(void **state)
 {
     suite *s = *state;
+    if (!s) /* the setup failed and said why */
+        return -1;
     optd_client_free(s->c);
     int rc = tdaemon_stop(&s->d);
     tdaemon_cleanup(&s->d);

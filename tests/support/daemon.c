@@ -21,10 +21,29 @@
 
 #define LISTEN_PREFIX "optd listening on http://127.0.0.1:"
 
-static bool under_valgrind(void)
+/* Is this test process itself running under valgrind?  Valgrind preloads
+ * its vgpreload_*.so into the programs it runs. */
+static bool test_under_valgrind(void)
+{
+    const char *p = getenv("LD_PRELOAD");
+    return p && strstr(p, "vgpreload");
+}
+
+/* The command to prefix the daemon with, or NULL.  When the test itself
+ * runs under valgrind (tests/run.sh with OPTD_VALGRIND=1 traces children),
+ * the daemon is already traced by that valgrind: a second valgrind inside
+ * the first cannot start, so no prefix then. */
+static const char *daemon_prefix(void)
 {
     const char *v = getenv("OPTD_VALGRIND_DAEMON");
-    return v && *v;
+    if (!v || !*v || test_under_valgrind())
+        return NULL;
+    return v;
+}
+
+static bool under_valgrind(void)
+{
+    return daemon_prefix() || test_under_valgrind();
 }
 
 /* Valgrind makes a start or a stop ten times slower. */
@@ -93,8 +112,8 @@ static void reap_io(tdaemon *d)
 static int prefix_words(char **argv, int max, char **store)
 {
     *store = NULL;
-    const char *v = getenv("OPTD_VALGRIND_DAEMON");
-    if (!v || !*v)
+    const char *v = daemon_prefix();
+    if (!v)
         return 0;
     *store = strdup(v);
     if (!*store)

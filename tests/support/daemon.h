@@ -5,7 +5,8 @@
  * The daemon is started with --bind 127.0.0.1 --port 0 --db PATH; the port
  * it bound is read back from its "optd listening on http://127.0.0.1:PORT"
  * line.  When $OPTD_VALGRIND_DAEMON is set, the daemon runs under that
- * command (split on spaces).  The daemon's stderr and the rest of its
+ * command (split on spaces) -- unless the test itself runs under valgrind,
+ * whose --trace-children already covers the daemon.  The daemon's stderr and the rest of its
  * stdout go to DIR/optd.log, printed when a start fails or the daemon
  * exits badly.
  */
