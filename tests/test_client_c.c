@@ -280,6 +280,55 @@ static void test_update_and_delete(void **state)
     assert_int_equal(e.status, 404);
 }
 
+/* A gradient that only joins a pending accumulation answers 202: the
+ * client returns 1 and leaves params_out alone. */
+static void test_accumulate_accepted(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "acc",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.5},"
+                                         "\"params\":[1,1],\"dtype\":\"float64\","
+                                         "\"mode\":{\"type\":\"async\",\"accumulate\":2}}",
+                                         &e),
+                     1);
+    double g1[2] = {1, 2}, g2[2] = {3, 6}, p[2] = {-7, -7};
+    long long st = -1;
+    assert_int_equal(optd_step_f64(s->c, "acc", g1, 2, NULL, p, &st, &e), 1);
+    assert_int_equal(st, 0);
+    assert_true(p[0] == -7 && p[1] == -7);
+    assert_int_equal(optd_step_f64(s->c, "acc", g2, 2, NULL, p, &st, &e), 0);
+    assert_int_equal(st, 1);
+    /* the mean of the two gradients, applied once */
+    assert_true(p[0] == 1 - 0.5 * 2.0 && p[1] == 1 - 0.5 * 4.0);
+}
+
+/* A stale gradient's 409 carries the session's step in the problem. */
+static void test_stale_error_carries_step(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "stale",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.5},"
+                                         "\"params\":[1],\"mode\":{\"type\":\"async\","
+                                         "\"max_staleness\":1}}",
+                                         &e),
+                     1);
+    float g = 1, p;
+    long long st;
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(optd_step_f32(s->c, "stale", &g, 1, NULL, &p, &st, &e), 0);
+    optd_step_opts o = optd_step_opts_default();
+    o.base_step = 0; /* 3 behind, the bound is 1 */
+    assert_int_equal(optd_step_f32_opts(s->c, "stale", &g, 1, NULL, &o, &p, &st, NULL, &e), -1);
+    assert_int_equal(e.status, 409);
+    assert_string_equal(e.field, "base_step");
+    assert_int_equal(e.step, 3);
+    o.base_step = 2;
+    assert_int_equal(optd_step_f32_opts(s->c, "stale", &g, 1, NULL, &o, &p, &st, NULL, &e), 0);
+    assert_int_equal(st, 4);
+}
+
 static void test_raw_request_headers(void **state)
 {
     suite *s = *state;
@@ -435,6 +484,8 @@ int main(void)
         cmocka_unit_test(test_idempotency_key_reuse),
         cmocka_unit_test(test_params_get_set),
         cmocka_unit_test(test_update_and_delete),
+        cmocka_unit_test(test_accumulate_accepted),
+        cmocka_unit_test(test_stale_error_carries_step),
         cmocka_unit_test(test_raw_request_headers),
         cmocka_unit_test(test_api_key),
         cmocka_unit_test(test_retry_gives_up),
