@@ -1,0 +1,561 @@
+// optd.js -- JavaScript client for the optd daemon (Node >= 18 and browsers).
+//
+// One ESM module, no dependencies: the platform's fetch for HTTP, typed arrays
+// for vectors.  See README.md for the API; the wire contract is the daemon's
+// v1 API (PUT/GET/PATCH/DELETE /v1/sessions/{name}, POST .../step, ...).
+
+const JSON_TYPE = 'application/json';
+const BINARY_TYPE = 'application/octet-stream';
+const NAME_RE = /^[A-Za-z0-9._-]{1,128}$/;
+const LIST_PAGE_MAX = 1000;
+
+// The daemon's binary bodies are little-endian.  On a little-endian host a
+// typed array's bytes are already the wire format; elsewhere every element
+// goes through a DataView.
+const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+const DTYPES = {
+  float32: { Array: Float32Array, bytes: 4 },
+  float64: { Array: Float64Array, bytes: 8 },
+};
+
+function dtypeInfo(dtype) {
+  const d = DTYPES[dtype];
+  if (!d) throw new TypeError(`unknown dtype ${JSON.stringify(dtype)} (float32 or float64)`);
+  return d;
+}
+
+/** The dtype a typed array stands for, or undefined for anything else. */
+function dtypeOf(v) {
+  if (v instanceof Float64Array) return 'float64';
+  if (v instanceof Float32Array) return 'float32';
+  return undefined;
+}
+
+/**
+ * A vector as a typed array of `dtype`: the same object when it already is
+ * one, otherwise a converted copy (float64 -> float32 rounds as the daemon's
+ * JSON decoder would).  `null` elements become NaN.
+ */
+export function toTypedArray(v, dtype) {
+  const { Array: T } = dtypeInfo(dtype);
+  if (v instanceof T) return v;
+  if (v == null || typeof v.length !== 'number') {
+    throw new TypeError('a vector must be a Float32Array, a Float64Array or an array of numbers');
+  }
+  const out = new T(v.length);
+  for (let i = 0; i < v.length; i++) {
+    const x = v[i];
+    // JSON has no NaN: the daemon prints non-finite values as null.
+    out[i] = x === null ? NaN : x;
+  }
+  return out;
+}
+
+/**
+ * Little-endian bytes of a vector in `dtype`.  `hostLittleEndian` is for
+ * tests of the DataView path; callers leave it alone.
+ */
+export function encodeVector(v, dtype, hostLittleEndian = HOST_LITTLE_ENDIAN) {
+  const { bytes } = dtypeInfo(dtype);
+  const t = toTypedArray(v, dtype);
+  if (hostLittleEndian) return new Uint8Array(t.buffer, t.byteOffset, t.byteLength);
+  const out = new Uint8Array(t.length * bytes);
+  const dv = new DataView(out.buffer);
+  for (let i = 0; i < t.length; i++) {
+    if (bytes === 4) dv.setFloat32(i * 4, t[i], true);
+    else dv.setFloat64(i * 8, t[i], true);
+  }
+  return out;
+}
+
+/** A typed array of `dtype` from little-endian bytes (ArrayBuffer or view). */
+export function decodeVector(buf, dtype, hostLittleEndian = HOST_LITTLE_ENDIAN) {
+  const { Array: T, bytes } = dtypeInfo(dtype);
+  const u8 = buf instanceof Uint8Array ? buf : new Uint8Array(buf);
+  if (u8.byteLength % bytes !== 0) {
+    throw new RangeError(`binary body of ${u8.byteLength} bytes is not a whole number of ${dtype}`);
+  }
+  const n = u8.byteLength / bytes;
+  if (hostLittleEndian) {
+    // A view needs an aligned offset; copy when the bytes sit elsewhere.
+    if (u8.byteOffset % bytes === 0) return new T(u8.buffer, u8.byteOffset, n);
+    return new T(u8.slice().buffer);
+  }
+  const dv = new DataView(u8.buffer, u8.byteOffset, u8.byteLength);
+  const out = new T(n);
+  for (let i = 0; i < n; i++) out[i] = bytes === 4 ? dv.getFloat32(i * 4, true) : dv.getFloat64(i * 8, true);
+  return out;
+}
+
+function allFinite(t) {
+  for (let i = 0; i < t.length; i++) if (!Number.isFinite(t[i])) return false;
+  return true;
+}
+
+/**
+ * A vector as JSON text.  JSON.stringify would print -0 as 0; String() keeps
+ * the shortest text that reads back as the same double, and a float32 value
+ * is a double exactly, so every element round-trips bit for bit.
+ */
+function vectorJson(t) {
+  const parts = new Array(t.length);
+  for (let i = 0; i < t.length; i++) {
+    const x = t[i];
+    // JSON has no NaN or Inf: null makes the daemon name the element.
+    parts[i] = Object.is(x, -0) ? '-0' : Number.isFinite(x) ? String(x) : 'null';
+  }
+  return `[${parts.join(',')}]`;
+}
+
+/** JSON text of `rest` (an object) with a leading vector member `key`. */
+function jsonWithVector(key, vec, rest = {}) {
+  const r = JSON.stringify(rest);
+  return `{${JSON.stringify(key)}:${vectorJson(vec)}${r === '{}' ? '' : ',' + r.slice(1, -1)}}`;
+}
+
+let nodeCrypto;
+
+/** 128 random bits for an Idempotency-Key (a UUID where the platform has it). */
+export async function newIdempotencyKey() {
+  let c = globalThis.crypto;
+  if (!c?.getRandomValues) {
+    // Node 18 has Web Crypto only as node:crypto's webcrypto.  The specifier
+    // sits in a variable so browser bundlers do not try to resolve it.
+    const spec = 'node:crypto';
+    nodeCrypto ??= (await import(spec)).webcrypto;
+    c = nodeCrypto;
+  }
+  if (c.randomUUID) return c.randomUUID();
+  const b = c.getRandomValues(new Uint8Array(16));
+  return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+}
+
+/**
+ * Every failure: an answer of the daemon (problem+json: status, type, title,
+ * detail, field, step) or no answer at all (status 0, the cause in `cause`).
+ */
+export class OptdError extends Error {
+  constructor({ status = 0, type = null, title = null, detail = null, field = null, step = null, cause } = {}) {
+    const msg = status
+      ? `optd ${status}${title ? ' ' + title : ''}${detail ? ': ' + detail : ''}${field ? ` [${field}]` : ''}`
+      : `optd unreachable: ${detail ?? 'no answer'}`;
+    super(msg, cause === undefined ? undefined : { cause });
+    this.name = 'OptdError';
+    this.status = status;
+    this.type = type;
+    this.title = title;
+    this.detail = detail;
+    this.field = field;
+    this.step = step;
+  }
+}
+
+async function errorFromResponse(res) {
+  const text = await res.text().catch(() => '');
+  let p = null;
+  if (/json/i.test(res.headers.get('content-type') ?? '')) {
+    try {
+      p = JSON.parse(text);
+    } catch {
+      p = null;
+    }
+  }
+  if (p && typeof p === 'object') {
+    return new OptdError({
+      status: res.status,
+      type: p.type ?? null,
+      title: p.title ?? res.statusText ?? null,
+      detail: p.detail ?? null,
+      field: p.field ?? null,
+      step: p.step ?? null,
+    });
+  }
+  return new OptdError({ status: res.status, title: res.statusText || null, detail: text || null });
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function checkName(name) {
+  // "." and ".." are valid names to the daemon, but every URL parser folds
+  // them away as dot segments: such a session cannot be addressed over HTTP.
+  if (typeof name !== 'string' || !NAME_RE.test(name) || name === '.' || name === '..') {
+    throw new TypeError(
+      `invalid session name ${JSON.stringify(name)}: use 1-128 characters of A-Z a-z 0-9 . _ - (not "." or "..")`,
+    );
+  }
+  return name;
+}
+
+export class Client {
+  /**
+   * @param {string} url  the daemon's base URL, e.g. "http://127.0.0.1:8080"
+   * @param {object} [o]
+   * @param {string} [o.apiKey]        sent as Authorization: Bearer KEY
+   * @param {number} [o.retries=4]     retries after the first attempt for
+   *        network errors, timeouts and 503 answers
+   * @param {number} [o.timeoutMs=60000] per attempt
+   * @param {number} [o.backoffMs=50]  first retry delay; doubles per retry
+   * @param {number} [o.maxBackoffMs=2000] largest retry delay
+   * @param {number} [o.binaryThreshold=256] vectors of more elements go as
+   *        binary bodies; smaller ones as JSON
+   * @param {Function} [o.fetch]       a fetch to use instead of the global one
+   */
+  constructor(url, o = {}) {
+    if (typeof url !== 'string' || !/^https?:\/\//i.test(url)) {
+      throw new TypeError('url must be an http(s) URL, e.g. "http://127.0.0.1:8080"');
+    }
+    this.url = url.replace(/\/+$/, '');
+    this.apiKey = o.apiKey ?? null;
+    this.retries = o.retries ?? 4;
+    this.timeoutMs = o.timeoutMs ?? 60000;
+    this.backoffMs = o.backoffMs ?? 50;
+    this.maxBackoffMs = o.maxBackoffMs ?? 2000;
+    this.binaryThreshold = o.binaryThreshold ?? 256;
+    this._fetch = o.fetch ?? globalThis.fetch;
+    if (typeof this._fetch !== 'function') throw new TypeError('no fetch on this platform: pass options.fetch');
+  }
+
+  /**
+   * One call with retries.  `handle(res)` reads a successful answer; it runs
+   * inside the attempt so that a connection lost mid-body is retried too.
+   * `ok` lists the statuses that are answers, not errors.  Every call here is
+   * safe to repeat: PUT and PATCH set state, steps carry an Idempotency-Key.
+   */
+  async _request(method, path, { headers = {}, body, ok = [200], handle, onRetry404 } = {}) {
+    const h = { ...headers };
+    if (this.apiKey) h.Authorization = `Bearer ${this.apiKey}`;
+    let lastError;
+    for (let attempt = 0; ; attempt++) {
+      let res;
+      let retryAfterMs = 0;
+      try {
+        res = await this._fetch(this.url + path, {
+          method,
+          headers: h,
+          body,
+          signal: AbortSignal.timeout(this.timeoutMs),
+        });
+        if (ok.includes(res.status)) return await handle(res);
+        if (res.status === 404 && attempt > 0 && onRetry404) {
+          // An earlier attempt may have done the work before its answer was
+          // lost (a DELETE): the 404 is then its success.
+          await res.body?.cancel();
+          return onRetry404();
+        }
+        const err = await errorFromResponse(res);
+        if (res.status !== 503) throw err;
+        lastError = err;
+        const ra = Number(res.headers.get('retry-after'));
+        if (Number.isFinite(ra) && ra > 0) retryAfterMs = ra * 1000;
+      } catch (e) {
+        if (e instanceof OptdError) throw e;
+        if (e instanceof SyntaxError || e instanceof RangeError) {
+          // A malformed answer will not heal on a retry.
+          throw new OptdError({ status: res?.status ?? 0, detail: `bad answer: ${e.message}`, cause: e });
+        }
+        // fetch rejects with TypeError on network failure and with
+        // TimeoutError/AbortError when the attempt's signal fires.
+        const what = e?.name === 'TimeoutError' ? `timed out after ${this.timeoutMs} ms` : e?.cause?.message ?? e?.message;
+        lastError = new OptdError({ status: 0, detail: `${method} ${path}: ${what}`, cause: e });
+      }
+      if (attempt >= this.retries) throw lastError;
+      // Exponential backoff with "equal jitter": half the cap is waited for
+      // sure, the other half at random, so retrying clients spread out.
+      const cap = Math.min(this.maxBackoffMs, this.backoffMs * 2 ** attempt);
+      const delay = Math.max(cap / 2 + Math.random() * (cap / 2), Math.min(retryAfterMs, this.maxBackoffMs));
+      await sleep(delay);
+    }
+  }
+
+  async _json(method, path, body, ok = [200]) {
+    return this._request(method, path, {
+      headers: body === undefined ? { Accept: JSON_TYPE } : { Accept: JSON_TYPE, 'Content-Type': JSON_TYPE },
+      body: body === undefined || typeof body === 'string' ? body : JSON.stringify(body),
+      ok,
+      handle: async (res) => ({ status: res.status, doc: res.status === 204 ? null : await res.json(), res }),
+    });
+  }
+
+  /**
+   * Creates a session, or verifies that one of the same config exists.
+   * Resolves to a Session whose `created` is true (201) or false (200); a
+   * session of a different config throws OptdError 409.
+   *
+   * Nested objects (optimizer, init, schedule, clip, mode) use the daemon's
+   * names, which are torch.optim's: {type: 'adam', lr: 1e-3, weight_decay: 0}.
+   * `optimizer` may also be just the type name.
+   */
+  async createSession(name, opts = {}) {
+    checkName(name);
+    const { optimizer, params, size, init, dtype, schedule, clip, mode, nonfinite, metadata } = opts;
+    const body = {};
+    let vec = null;
+    if (optimizer !== undefined) body.optimizer = typeof optimizer === 'string' ? { type: optimizer } : optimizer;
+    // A typed array says its dtype; an explicit dtype wins.
+    const dt = dtype ?? dtypeOf(params);
+    // Untyped params without a dtype go as float64 text: the daemon rounds.
+    if (params !== undefined) vec = toTypedArray(params, dt ?? 'float64');
+    if (size !== undefined) body.size = size;
+    if (init !== undefined) body.init = init;
+    if (dt !== undefined) body.dtype = dt;
+    if (schedule !== undefined) body.schedule = schedule;
+    if (clip !== undefined) body.clip = clip;
+    if (mode !== undefined) body.mode = mode;
+    if (nonfinite !== undefined) body.nonfinite = nonfinite;
+    if (metadata !== undefined) body.metadata = metadata;
+    const { status, doc } = await this._json('PUT', `/v1/sessions/${name}`, vec ? jsonWithVector('params', vec, body) : body, [
+      200, 201,
+    ]);
+    const s = new Session(this, name, doc);
+    s.created = status === 201;
+    return s;
+  }
+
+  /** A handle on an existing session (no request is made). */
+  session(name) {
+    return new Session(this, checkName(name));
+  }
+
+  /**
+   * Every session, in name order: an async iterator that fetches the pages
+   * (`pageSize` sessions each, at most 1000) as it goes.  Each item is a
+   * summary {name, step, optimizer, dtype, size, created_at, updated_at}.
+   * `after` starts after that name.
+   */
+  async *sessions({ pageSize = 100, after = null } = {}) {
+    const limit = Math.min(Math.max(1, pageSize | 0), LIST_PAGE_MAX);
+    let cursor = after;
+    for (;;) {
+      const q = `?limit=${limit}${cursor ? `&after=${encodeURIComponent(cursor)}` : ''}`;
+      const { doc } = await this._json('GET', `/v1/sessions${q}`);
+      for (const s of doc.sessions) yield s;
+      if (!doc.next) return;
+      cursor = doc.next;
+    }
+  }
+
+  /** The catalogue of optimizers, schedules, clips and modes with defaults. */
+  async optimizers() {
+    return (await this._json('GET', '/v1/optimizers')).doc;
+  }
+
+  /** GET /healthz: {status: "ok", ...}. */
+  async health() {
+    return (await this._json('GET', '/healthz')).doc;
+  }
+}
+
+export class Session {
+  constructor(client, name, doc = null) {
+    this.client = client;
+    this.name = name;
+    this.path = `/v1/sessions/${name}`;
+    /** true when createSession made it, false when it existed. */
+    this.created = undefined;
+    /** The step count the daemon reported in the last step/params call. */
+    this.lastStep = null;
+    /** The lr used by the update of the last step call; null when that call
+     * applied no update (202 pending accumulation, skipped non-finite). */
+    this.lastLr = null;
+    this._dtype = null;
+    this._size = null;
+    if (doc) this._remember(doc);
+  }
+
+  get dtype() {
+    return this._dtype;
+  }
+
+  get size() {
+    return this._size;
+  }
+
+  _remember(doc) {
+    this._dtype = doc.dtype;
+    this._size = doc.size;
+  }
+
+  /** dtype and size are needed to encode and decode binary vectors. */
+  async _meta() {
+    if (this._dtype === null) await this.info();
+    return { dtype: this._dtype, size: this._size };
+  }
+
+  _binary(n, json) {
+    if (json === true) return false;
+    if (json === false) return true;
+    return n > this.client.binaryThreshold;
+  }
+
+  /** The session document: config with defaults, step, lr, state, counters. */
+  async info() {
+    const { doc } = await this.client._json('GET', this.path);
+    this._remember(doc);
+    return doc;
+  }
+
+  /**
+   * One optimizer step.  Resolves to the new params (a typed array of the
+   * session's dtype), or null with `params: false`.  Options: loss,
+   * baseStep (staleness bound), worker, params (default true), json (true:
+   * JSON body and answer; false: binary; default: binary above the client's
+   * binaryThreshold), idempotencyKey (default: a fresh one, reused by this
+   * call's retries).  `lastStep` and `lastLr` are updated; `stepResult` gives
+   * the full answer.
+   */
+  async step(grad, opts = {}) {
+    return (await this.stepResult(grad, opts)).params;
+  }
+
+  /**
+   * Like step, but resolves to {status, step, lr, params, pending, replayed,
+   * skipped}: status 200 (applied, replayed or skipped) or 202 (accumulated,
+   * `pending` gradients waiting for the update).
+   */
+  async stepResult(grad, { loss, baseStep, worker, params = true, json, idempotencyKey } = {}) {
+    const { dtype } = await this._meta();
+    const g = toTypedArray(grad, dtype);
+    const finite = allFinite(g);
+    let binary = this._binary(g.length, json);
+    if (!finite) {
+      // JSON cannot carry NaN or Inf; the daemon must see them to refuse or
+      // skip them as the session's nonfinite policy says.
+      if (json === true) throw new RangeError('grad contains NaN or Inf, which JSON cannot carry: send it binary');
+      binary = true;
+    }
+    const key = idempotencyKey ?? (await newIdempotencyKey());
+    const headers = { 'Idempotency-Key': key };
+    let body;
+    if (binary) {
+      headers['Content-Type'] = BINARY_TYPE;
+      headers.Accept = BINARY_TYPE;
+      if (loss !== undefined && loss !== null) headers['Optd-Loss'] = String(loss);
+      if (baseStep !== undefined && baseStep !== null) headers['Optd-Base-Step'] = String(baseStep);
+      if (worker !== undefined && worker !== null) headers['Optd-Worker'] = String(worker);
+      body = encodeVector(g, dtype);
+    } else {
+      headers['Content-Type'] = JSON_TYPE;
+      headers.Accept = JSON_TYPE;
+      const b = {};
+      if (loss !== undefined && loss !== null) b.loss = loss;
+      if (baseStep !== undefined && baseStep !== null) b.base_step = baseStep;
+      if (worker !== undefined && worker !== null) b.worker = worker;
+      body = jsonWithVector('grad', g, b);
+    }
+    const q = params ? '' : '?params=false';
+    const r = await this.client._request('POST', `${this.path}/step${q}`, {
+      headers,
+      body,
+      ok: [200, 202],
+      handle: (res) => this._readParams(res, dtype, params),
+    });
+    const h = r.headers;
+    const out = {
+      status: r.status,
+      step: r.step,
+      lr: r.status === 200 && h.get('optd-skipped') !== 'true' ? r.lr : null,
+      params: r.params,
+      pending: r.status === 202 ? Number(h.get('optd-pending')) : 0,
+      replayed: h.get('optd-replayed') === 'true',
+      skipped: h.get('optd-skipped') === 'true',
+    };
+    this.lastStep = out.step;
+    this.lastLr = out.lr;
+    return out;
+  }
+
+  /** Reads a params answer, JSON or binary, into {status, step, lr, params, headers}. */
+  async _readParams(res, dtype, wantParams = true) {
+    const ct = res.headers.get('content-type') ?? '';
+    const hs = res.headers.get('optd-step');
+    const hl = res.headers.get('optd-lr');
+    let step = hs === null ? null : Number(hs);
+    let lr = hl === null ? null : Number(hl);
+    let params = null;
+    if (ct.startsWith(BINARY_TYPE)) {
+      const buf = await res.arrayBuffer();
+      if (wantParams) {
+        params = decodeVector(buf, dtype);
+        if (this._size !== null && params.length !== this._size) {
+          throw new RangeError(`answer has ${params.length} params; the session has ${this._size}`);
+        }
+      }
+    } else {
+      const doc = await res.json();
+      // The body's step is the one a replay answers; prefer it.
+      if (typeof doc.step === 'number') step = doc.step;
+      if (typeof doc.lr === 'number') lr = doc.lr;
+      if (wantParams && doc.params) params = toTypedArray(doc.params, dtype);
+    }
+    return { status: res.status, step, lr, params, headers: res.headers };
+  }
+
+  /** The current params as a typed array of the session's dtype. */
+  async params({ json } = {}) {
+    const { dtype, size } = await this._meta();
+    const binary = this._binary(size, json);
+    const r = await this.client._request('GET', `${this.path}/params`, {
+      headers: { Accept: binary ? BINARY_TYPE : JSON_TYPE },
+      handle: (res) => this._readParams(res, dtype),
+    });
+    this.lastStep = r.step;
+    return r.params;
+  }
+
+  /** Overwrites the params (the optimizer state stays).  Resolves to the step. */
+  async setParams(v, { json } = {}) {
+    const { dtype } = await this._meta();
+    const t = toTypedArray(v, dtype);
+    const binary = this._binary(t.length, json) || !allFinite(t);
+    const r = await this.client._request('PUT', `${this.path}/params`, {
+      headers: { 'Content-Type': binary ? BINARY_TYPE : JSON_TYPE, Accept: JSON_TYPE },
+      body: binary ? encodeVector(t, dtype) : jsonWithVector('params', t),
+      handle: (res) => this._readParams(res, dtype, false),
+    });
+    this.lastStep = r.step;
+    return r.step;
+  }
+
+  /**
+   * PATCH: changes some of optimizer (hyperparameters, e.g. {lr: 1e-4}),
+   * schedule, clip, mode, metadata.  Resolves to the new session document.
+   */
+  async update(changes) {
+    const { doc } = await this.client._json('PATCH', this.path, changes);
+    this._remember(doc);
+    return doc;
+  }
+
+  /**
+   * The step log's metrics {step, time, lr, loss, grad_norm, update_norm,
+   * worker?}, oldest first: every step after `after` (default 0), at most
+   * `limit` of them, fetched `pageSize` (at most 1000) at a time.
+   */
+  async history({ after = 0, limit = Infinity, pageSize = LIST_PAGE_MAX } = {}) {
+    const page = Math.min(Math.max(1, pageSize | 0), LIST_PAGE_MAX);
+    const out = [];
+    let cursor = after;
+    while (out.length < limit) {
+      const n = Math.min(page, limit - out.length);
+      const { doc } = await this.client._json('GET', `${this.path}/history?after=${cursor}&limit=${n}`);
+      out.push(...doc.steps);
+      if (doc.next === null || doc.next === undefined || doc.steps.length === 0) break;
+      cursor = doc.next;
+    }
+    return out;
+  }
+
+  /** Deletes the session and its state. */
+  async delete() {
+    await this.client._request('DELETE', this.path, {
+      ok: [200, 204],
+      handle: async (res) => {
+        await res.body?.cancel();
+      },
+      onRetry404: () => undefined,
+    });
+  }
+}
+
+export default Client;

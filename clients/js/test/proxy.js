@@ -1,0 +1,94 @@
+// A TCP proxy in front of a real daemon that injects network faults, one per
+// connection, in the order queued: the client's retry path meets the faults a
+// real network or load balancer produces.
+//   'pass'  forward both ways
+//   'drop'  forward the request, then cut the connection as the answer
+//           starts: the daemon did the work, the client never hears of it
+//   'reset' cut the connection on arrival
+//   'hang'  read the request and never answer
+//   '503'   answer 503 problem+json (an overloaded front end) and close
+import net from 'node:net';
+
+/** Reads one HTTP/1.1 request (head + Content-Length body) off `sock`. */
+function readRequest(sock, onRequest) {
+  let buf = Buffer.alloc(0);
+  const onData = (d) => {
+    buf = Buffer.concat([buf, d]);
+    const end = buf.indexOf('\r\n\r\n');
+    if (end < 0) return;
+    const head = buf.subarray(0, end).toString('latin1');
+    const m = /\r\ncontent-length:\s*(\d+)/i.exec(head);
+    const need = end + 4 + (m ? Number(m[1]) : 0);
+    if (buf.length < need) return;
+    sock.off('data', onData);
+    onRequest(buf);
+  };
+  sock.on('data', onData);
+}
+
+export async function startProxy(upstreamUrl) {
+  const up = new URL(upstreamUrl);
+  const faults = [];
+  const sockets = new Set();
+  const stats = { connections: 0 };
+  const server = net.createServer((client) => {
+    sockets.add(client);
+    client.on('close', () => sockets.delete(client));
+    client.on('error', () => {});
+    stats.connections++;
+    const mode = faults.shift() ?? 'pass';
+    if (mode === 'reset') {
+      client.destroy();
+      return;
+    }
+    if (mode === 'hang') {
+      readRequest(client, () => {});
+      return;
+    }
+    if (mode === '503') {
+      readRequest(client, () => {
+        const body = JSON.stringify({
+          type: 'urn:optd:problem:unavailable',
+          title: 'Service Unavailable',
+          status: 503,
+          detail: 'injected by the test proxy',
+        });
+        client.end(
+          'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n' +
+            `Connection: close\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+        );
+      });
+      return;
+    }
+    const upstream = net.connect(Number(up.port), up.hostname);
+    sockets.add(upstream);
+    upstream.on('close', () => sockets.delete(upstream));
+    upstream.on('error', () => client.destroy());
+    client.on('close', () => upstream.destroy());
+    if (mode === 'drop') {
+      readRequest(client, (req) => {
+        upstream.write(req);
+        upstream.once('data', () => {
+          client.destroy();
+          upstream.destroy();
+        });
+      });
+      return;
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise((res) => server.listen(0, '127.0.0.1', res));
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    stats,
+    /** Queues faults for the next connections, in order. */
+    inject(...modes) {
+      faults.push(...modes);
+    },
+    async close() {
+      for (const s of sockets) s.destroy();
+      await new Promise((res) => server.close(res));
+    },
+  };
+}
