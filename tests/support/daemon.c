@@ -270,8 +270,7 @@ int tdaemon_start(tdaemon *d, const char *db_path, const char *const *extra_args
     }
     int rc = spawn(d, 0);
     if (rc != 0) {
-        fprintf(stderr, "tdaemon: %s did not start (wait status %d)\n", getenv("OPTD_BIN"),
-                d->last_status);
+        fprintf(stderr, "tdaemon: the daemon did not start (wait status %d)\n", d->last_status);
         tdaemon_dump_log(d);
         return -1;
     }
