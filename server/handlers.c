@@ -68,7 +68,7 @@ static cJSON *timestamp(int64_t ms)
     return cJSON_CreateString(tmp);
 }
 
-static int storage_fail(api_reply *r, storage *db, int err, const char *what)
+int srv_storage_fail(api_reply *r, storage *db, int err, const char *what)
 {
     const char *msg = storage_errmsg(db);
     srv_log(SRV_LOG_ERROR, "%s failed (%d): %s", what, err, msg);
@@ -121,11 +121,11 @@ static int reply_session(api_reply *r, int status, const srv_session *s)
 }
 
 /* {"step":t,"lr":x,"params":[...]} or the raw params (binary). */
-static int reply_params(api_reply *r, int status, const srv_session *s, const srv_request *req,
-                        double lr, bool with_lr, bool with_params)
+int srv_reply_params(api_reply *r, int status, const srv_session *s, bool want_binary,
+                     double lr, bool with_lr, bool with_params)
 {
     size_t bytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
-    if (req->want_binary) {
+    if (want_binary) {
         char *b = malloc(bytes ? bytes : 1);
         if (!b)
             return api_problem(r, 503, NULL, "out of memory");
@@ -194,7 +194,7 @@ static int h_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
     int n = storage_session_list(ctx->db, after, (int)limit, infos);
     if (n < 0) {
         free(infos);
-        return storage_fail(r, ctx->db, n, "listing sessions");
+        return srv_storage_fail(r, ctx->db, n, "listing sessions");
     }
     cJSON *doc = cJSON_CreateObject();
     cJSON *arr = cJSON_AddArrayToObject(doc, "sessions");
@@ -258,7 +258,7 @@ static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
         goto out;
     }
     if (err != STORAGE_ENOTFOUND) {
-        st = storage_fail(r, ctx->db, err, "reading the session");
+        st = srv_storage_fail(r, ctx->db, err, "reading the session");
         goto out;
     }
     s = srv_session_new(req->name, &cfg, params, &init);
@@ -284,13 +284,13 @@ static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
             st = verify_existing(s, &cfg, r);
             srv_registry_release(ctx->reg, s);
         } else {
-            st = storage_fail(r, ctx->db, err, "reading the session");
+            st = srv_storage_fail(r, ctx->db, err, "reading the session");
         }
         goto out;
     }
     if (err != STORAGE_OK) {
         srv_session_free(s);
-        st = storage_fail(r, ctx->db, err, "creating the session");
+        st = srv_storage_fail(r, ctx->db, err, "creating the session");
         goto out;
     }
     st = reply_session(r, 201, s);
@@ -308,7 +308,7 @@ static int acquire_or_reply(srv_ctx *ctx, const char *name, srv_session **s, api
     if (err == STORAGE_ENOTFOUND)
         return api_problem(r, 404, "name", "no session named %s", name);
     if (err != STORAGE_OK)
-        return storage_fail(r, ctx->db, err, "loading the session");
+        return srv_storage_fail(r, ctx->db, err, "loading the session");
     return 0;
 }
 
@@ -366,6 +366,8 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
         srv_registry_release(ctx->reg, s);
         return st;
     }
+    if (s->round_count > 0 && memcmp(&next.mode, &s->cfg.mode, sizeof next.mode) != 0)
+        srv_sync_abort(ctx, s, 409, "the session's mode changed; the open round was dropped");
     bool sched_changed = memcmp(&next.sched, &s->cfg.sched, sizeof next.sched) != 0 ||
                          next.opt.lr != s->cfg.opt.lr;
     api_config old = s->cfg;
@@ -381,7 +383,7 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
         api_config_free(&next);
         srv_registry_drop(ctx->reg, s);
         srv_registry_release(ctx->reg, s);
-        return storage_fail(r, ctx->db, err, "saving the new config");
+        return srv_storage_fail(r, ctx->db, err, "saving the new config");
     }
     api_config_free(&old);
     st = reply_session(r, 200, s);
@@ -398,8 +400,9 @@ static int h_delete_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
     int err = storage_session_delete(ctx->db, req->name);
     if (err != STORAGE_OK && err != STORAGE_ENOTFOUND) {
         srv_registry_release(ctx->reg, s);
-        return storage_fail(r, ctx->db, err, "deleting the session");
+        return srv_storage_fail(r, ctx->db, err, "deleting the session");
     }
+    srv_sync_abort(ctx, s, 404, "the session was deleted; the round was not applied");
     srv_registry_drop(ctx->reg, s);
     srv_registry_release(ctx->reg, s);
     api_reply_body(r, 204, "application/json", NULL, 0);
@@ -436,6 +439,52 @@ static int decode_vector(const srv_session *s, const srv_request *req, bool is_s
     return 0;
 }
 
+/* Applies one gradient to a locked session and commits the log row (with
+ * its idempotency keys), checkpointing when the log has outgrown the state.
+ * On a failed commit the session is dropped (memory is ahead of disk; the
+ * next request reloads) and the reply holds the 503. */
+int srv_commit_update(srv_ctx *ctx, srv_session *s, const void *grad, double loss, double factor,
+                      const char *key, const char *const *more_keys, size_t n_more_keys,
+                      const char *worker, srv_apply_result *res, api_reply *r)
+{
+    srv_session_apply(s, grad, loss, factor, res);
+    size_t gbytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
+    storage_log_entry e = {
+        .seq = s->seq + 1,
+        .kind = res->kind,
+        .step = (int64_t)s->st.step,
+        .time_ms = srv_now_ms(),
+        .lr = res->lr,
+        .factor = factor,
+        .loss = loss,
+        .grad_norm = res->grad_norm,
+        .update_norm = res->update_norm,
+        .grad = res->kind == STORAGE_LOG_SKIP ? NULL : grad,
+        .grad_len = res->kind == STORAGE_LOG_SKIP ? 0 : gbytes,
+        .idem_key = key,
+        .more_keys = more_keys,
+        .n_more_keys = n_more_keys,
+        .worker = worker,
+    };
+    /* Checkpoint when the log since the last one outgrows the state. */
+    void *blob = NULL;
+    size_t blob_len = 0;
+    if (s->log_bytes + gbytes > srv_session_bytes(s))
+        blob = srv_session_checkpoint(s, &blob_len);
+    int err = storage_append(ctx->db, s->id, &e, blob, blob_len);
+    free(blob);
+    if (err != STORAGE_OK) {
+        srv_registry_drop(ctx->reg, s);
+        return srv_storage_fail(r, ctx->db, err, "committing the step");
+    }
+    s->seq = e.seq;
+    s->log_bytes = blob ? 0 : s->log_bytes + e.grad_len;
+    s->updated_ms = e.time_ms;
+    if (s->seq % IDEM_PRUNE_EVERY == 0)
+        storage_idem_prune(ctx->db, s->id, e.time_ms - IDEM_KEEP_MS, IDEM_KEEP_KEYS);
+    return 0;
+}
+
 static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
     srv_session *s;
@@ -461,7 +510,7 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         int64_t recorded;
         int err = storage_idem_lookup(ctx->db, s->id, key, &recorded);
         if (err == STORAGE_OK) {
-            st = reply_params(r, 200, s, req, s->last_lr, true, with_params);
+            st = srv_reply_params(r, 200, s, req->want_binary, s->last_lr, true, with_params);
             /* The replay answers the step the key applied. */
             for (int i = 0; i < r->n_headers; i++)
                 if (strcmp(r->headers[i].name, "Optd-Step") == 0)
@@ -482,17 +531,21 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
             goto done;
         }
         if (err != STORAGE_ENOTFOUND) {
-            st = storage_fail(r, ctx->db, err, "checking the idempotency key");
+            st = srv_storage_fail(r, ctx->db, err, "checking the idempotency key");
             goto done;
         }
     }
+    bool finite = api_vector_finite(s->cfg.dtype, grad, (size_t)s->cfg.size);
     if (s->cfg.mode.type == API_MODE_SYNC) {
-        st = api_problem(r, 501, "mode",
-                         "synchronous rounds are not available in this build; PATCH the "
-                         "session's mode to {\"type\":\"async\"}");
+        /* A round cannot skip one worker's gradient: refuse it whatever
+         * the nonfinite policy, so that the worker can resend. */
+        if (!finite)
+            st = api_problem(r, 422, "grad", "grad contains NaN or Inf; nothing was added to "
+                                             "the round");
+        else
+            st = srv_sync_submit(ctx, s, req, grad, &meta, key, with_params, r);
         goto done;
     }
-    bool finite = api_vector_finite(s->cfg.dtype, grad, (size_t)s->cfg.size);
     if (!finite && s->cfg.nonfinite == API_NONFINITE_ERROR) {
         st = api_problem(r, 422, "grad",
                          "grad contains NaN or Inf; nothing was applied (set the session's "
@@ -521,51 +574,18 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
     }
 
     srv_apply_result res;
-    srv_session_apply(s, grad, meta.loss, factor, &res);
-    size_t gbytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
-    storage_log_entry e = {
-        .seq = s->seq + 1,
-        .kind = res.kind,
-        .step = (int64_t)s->st.step,
-        .time_ms = srv_now_ms(),
-        .lr = res.lr,
-        .factor = factor,
-        .loss = meta.loss,
-        .grad_norm = res.grad_norm,
-        .update_norm = res.update_norm,
-        .grad = res.kind == STORAGE_LOG_SKIP ? NULL : grad,
-        .grad_len = res.kind == STORAGE_LOG_SKIP ? 0 : gbytes,
-        .idem_key = key,
-        .worker = meta.worker[0] ? meta.worker : NULL,
-    };
-    /* Checkpoint when the log since the last one outgrows the state. */
-    size_t state_bytes = srv_session_bytes(s);
-    void *blob = NULL;
-    size_t blob_len = 0;
-    if (s->log_bytes + gbytes > state_bytes)
-        blob = srv_session_checkpoint(s, &blob_len);
-    int err = storage_append(ctx->db, s->id, &e, blob, blob_len);
-    free(blob);
-    if (err != STORAGE_OK) {
-        /* Memory is ahead of disk: drop it, the next request reloads the
-         * last committed state. */
-        srv_registry_drop(ctx->reg, s);
-        st = storage_fail(r, ctx->db, err, "committing the step");
+    st = srv_commit_update(ctx, s, grad, meta.loss, factor, key, NULL, 0,
+                           meta.worker[0] ? meta.worker : NULL, &res, r);
+    if (st)
         goto done;
-    }
-    s->seq = e.seq;
-    s->log_bytes = blob ? 0 : s->log_bytes + e.grad_len;
-    s->updated_ms = e.time_ms;
-    if (s->seq % IDEM_PRUNE_EVERY == 0)
-        storage_idem_prune(ctx->db, s->id, e.time_ms - IDEM_KEEP_MS, IDEM_KEEP_KEYS);
     if (res.kind == STORAGE_LOG_ACCUM) {
-        st = reply_params(r, 202, s, req, NAN, false, with_params);
+        st = srv_reply_params(r, 202, s, req->want_binary, NAN, false, with_params);
         api_reply_header(r, "Optd-Pending", "%lld", (long long)s->accum_count);
     } else if (res.kind == STORAGE_LOG_SKIP) {
-        st = reply_params(r, 200, s, req, NAN, false, with_params);
+        st = srv_reply_params(r, 200, s, req->want_binary, NAN, false, with_params);
         api_reply_header(r, "Optd-Skipped", "true");
     } else {
-        st = reply_params(r, 200, s, req, res.lr, true, with_params);
+        st = srv_reply_params(r, 200, s, req->want_binary, res.lr, true, with_params);
     }
 done:
     free(grad);
@@ -579,7 +599,7 @@ static int h_get_params(srv_ctx *ctx, const srv_request *req, api_reply *r)
     int st = acquire_or_reply(ctx, req->name, &s, r);
     if (st)
         return st;
-    st = reply_params(r, 200, s, req, NAN, false, true);
+    st = srv_reply_params(r, 200, s, req->want_binary, NAN, false, true);
     srv_registry_release(ctx->reg, s);
     return st;
 }
@@ -601,9 +621,9 @@ static int h_put_params(srv_ctx *ctx, const srv_request *req, api_reply *r)
         int err = write_checkpoint(ctx, s, false);
         if (err != STORAGE_OK) {
             memcpy(s->params, s->snap, bytes);
-            st = storage_fail(r, ctx->db, err, "saving the params");
+            st = srv_storage_fail(r, ctx->db, err, "saving the params");
         } else {
-            st = reply_params(r, 200, s, req, NAN, false, false);
+            st = srv_reply_params(r, 200, s, req->want_binary, NAN, false, false);
         }
     }
     free(v);
@@ -655,7 +675,7 @@ static int h_history(srv_ctx *ctx, const srv_request *req, api_reply *r)
     int err = storage_history(ctx->db, id, after, (int)limit, history_row, &h);
     if (err != STORAGE_OK) {
         cJSON_Delete(doc);
-        return storage_fail(r, ctx->db, err, "reading the history");
+        return srv_storage_fail(r, ctx->db, err, "reading the history");
     }
     if (cJSON_GetArraySize(h.arr) == limit)
         cJSON_AddItemToObject(doc, "next", raw_int(h.last));

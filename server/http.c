@@ -24,11 +24,26 @@ typedef struct {
     bool body_binary, want_binary;
     bool responded;      /* a reply was queued before the body was read */
     bool too_large;      /* chunked body went past the limit            */
+    bool parked;         /* suspended, waiting for its round              */
+    srv_waiter waiter;
     int status;
     struct timespec t0;
     char method[8];
     char path[160];
 } conn_ctx;
+
+/* Requests parked in synchronous rounds right now (for the drain at stop). */
+static int parked_now;
+
+static void suspend_conn(void *conn)
+{
+    MHD_suspend_connection(conn);
+}
+
+static void resume_conn(void *conn)
+{
+    MHD_resume_connection(conn);
+}
 
 static const char *hdr(void *conn, const char *name)
 {
@@ -170,6 +185,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     }
     if (x->responded)
         return MHD_YES;
+    if (x->parked) {
+        if (!x->waiter.done)
+            return MHD_YES;
+        x->responded = true;
+        return queue(c, x, &x->waiter.reply);
+    }
     api_reply r = {0};
     if (x->too_large) {
         api_problem(&r, 413, NULL, "body exceeds the limit of %zu bytes", x->limit);
@@ -191,8 +212,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         .header = hdr,
         .query = qry,
         .conn = c,
+        .waiter = &x->waiter,
     };
-    srv_handle(ctx, &req, &r);
+    if (srv_handle(ctx, &req, &r) == SRV_SUSPENDED) {
+        x->parked = true;
+        __atomic_add_fetch(&parked_now, 1, __ATOMIC_SEQ_CST);
+        return MHD_YES;
+    }
     return queue(c, x, &r);
 }
 
@@ -204,6 +230,9 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     conn_ctx *x = *con_cls;
     if (!x)
         return;
+    if (x->parked)
+        __atomic_sub_fetch(&parked_now, 1, __ATOMIC_SEQ_CST);
+    api_reply_free(&x->waiter.reply);
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double ms = (double)(t1.tv_sec - x->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - x->t0.tv_nsec) / 1e6;
@@ -247,6 +276,8 @@ int srv_http_run(srv_ctx *ctx)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    ctx->suspend = suspend_conn;
+    ctx->resume = resume_conn;
     struct MHD_Daemon *d = MHD_start_daemon(
         flags, (uint16_t)cfg->port, NULL, NULL, on_request, ctx, MHD_OPTION_SOCK_ADDR, &ss,
         MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_NOTIFY_COMPLETED, on_completed, ctx,
@@ -268,6 +299,12 @@ int srv_http_run(srv_ctx *ctx)
     sigwait(&set, &sig);
     srv_log(SRV_LOG_INFO, "signal %d: stopping (in-flight requests finish)", sig);
     MHD_quiesce_daemon(d);
+    /* Waiters of open rounds get 503; give their answers time to go out. */
+    srv_sync_shutdown(ctx->sync);
+    for (int i = 0; i < 200 && __atomic_load_n(&parked_now, __ATOMIC_SEQ_CST) > 0; i++) {
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     MHD_stop_daemon(d); /* waits for handlers to return */
     return 0;
 }

@@ -54,8 +54,10 @@ int main(int argc, char **argv)
         return 1;
     }
     srv_registry *reg = srv_registry_new(db, cfg.cache_mb * 1024 * 1024);
-    srv_ctx ctx = {reg, db, &cfg};
-    rc = reg ? srv_http_run(&ctx) : -1;
+    srv_ctx ctx = {.reg = reg, .db = db, .cfg = &cfg};
+    ctx.sync = reg ? srv_sync_new(&ctx) : NULL;
+    rc = ctx.sync ? srv_http_run(&ctx) : -1;
+    srv_sync_free(ctx.sync);
     srv_registry_free(reg); /* checkpoints every session with a log tail */
     storage_close(db);
     srv_log(SRV_LOG_INFO, "stopped");

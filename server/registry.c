@@ -72,7 +72,7 @@ static void unmap(srv_registry *r, srv_session *s)
     if (*pp) {
         *pp = s->hnext;
         lru_unlink(r, s);
-        r->hot_bytes -= srv_session_bytes(s);
+        r->hot_bytes -= s->acct_bytes;
         r->hot_count--;
     }
     s->hnext = NULL;
@@ -84,7 +84,8 @@ static void map(srv_registry *r, srv_session *s)
     s->hnext = r->buckets[b];
     r->buckets[b] = s;
     lru_push_front(r, s);
-    r->hot_bytes += srv_session_bytes(s);
+    s->acct_bytes = srv_session_bytes(s);
+    r->hot_bytes += s->acct_bytes;
     r->hot_count++;
 }
 
@@ -198,6 +199,22 @@ void srv_registry_drop(srv_registry *r, srv_session *s)
     pthread_mutex_unlock(&r->mu);
 }
 
+void srv_registry_hold(srv_registry *r, srv_session *s)
+{
+    pthread_mutex_lock(&r->mu);
+    s->refs++;
+    pthread_mutex_unlock(&r->mu);
+}
+
+void srv_registry_unhold(srv_registry *r, srv_session *s)
+{
+    pthread_mutex_lock(&r->mu);
+    bool free_it = --s->refs == 0 && s->dead;
+    pthread_mutex_unlock(&r->mu);
+    if (free_it)
+        srv_session_free(s);
+}
+
 void srv_registry_insert(srv_registry *r, srv_session *s)
 {
     pthread_mutex_lock(&r->mu);
@@ -240,10 +257,10 @@ void srv_registry_release(srv_registry *r, srv_session *s)
     pthread_mutex_lock(&r->mu);
     bool free_it = --s->refs == 0 && s->dead;
     if (!s->dead) {
-        /* Sizes change when buffers appear (PATCH); recount. */
-        r->hot_bytes = 0;
-        for (srv_session *p = r->lru_head; p; p = p->lru_next)
-            r->hot_bytes += srv_session_bytes(p);
+        /* Sizes change when buffers appear (PATCH, accumulation). */
+        size_t now = srv_session_bytes(s);
+        r->hot_bytes = r->hot_bytes - s->acct_bytes + now;
+        s->acct_bytes = now;
         evict(r);
     }
     pthread_mutex_unlock(&r->mu);

@@ -45,6 +45,21 @@ int64_t srv_now_ms(void);
 /* ------------------------------------------------------------ session */
 
 typedef struct srv_session srv_session;
+typedef struct srv_waiter srv_waiter;
+
+/* A request waiting for its synchronous round to close.  Lives in the
+ * HTTP layer's per-connection context; linked into the session's round
+ * while suspended, answered (reply filled, done set) before it is resumed. */
+struct srv_waiter {
+    srv_waiter *next;
+    void *conn;                 /* the suspended MHD connection              */
+    api_reply reply;
+    bool done;
+    bool want_binary;
+    bool with_params;
+    char worker[API_WORKER_MAX + 1];
+    char key[API_IDEM_MAX + 1]; /* "" when none                              */
+};
 
 struct srv_session {
     char name[API_NAME_MAX + 1];
@@ -64,9 +79,24 @@ struct srv_session {
     double last_loss;
     int64_t n_applied, n_stale, n_timeout, n_skipped;
 
+    /* the open synchronous round (mode sync); not persisted: nothing in it
+     * has been acknowledged */
+    void *round_sum;            /* sum of the round's gradients              */
+    int64_t round_count;        /* gradients received                        */
+    int64_t round_step;         /* the step the round is for                 */
+    int64_t round_deadline_ms;
+    double round_loss_sum;
+    int64_t round_loss_n;
+    char (*round_workers)[API_WORKER_MAX + 1];
+    char (*round_keys)[API_IDEM_MAX + 1];
+    srv_waiter *waiters;
+    bool round_listed;          /* on the reaper's list                       */
+    srv_session *round_next;
+
     /* registry bookkeeping (registry lock) */
     pthread_mutex_t mu;         /* serialises every operation on the session  */
     int refs;
+    size_t acct_bytes;          /* bytes counted against --cache-mb         */
     bool dead;                  /* removed from the registry; reload to use    */
     srv_session *hnext;         /* hash chain                                  */
     srv_session *lru_prev, *lru_next;
@@ -123,6 +153,9 @@ void srv_registry_release(srv_registry *r, srv_session *s);
 /* Marks a locked, acquired session dead (deleted or failed write): the next
  * acquire reloads from storage. */
 void srv_registry_drop(srv_registry *r, srv_session *s);
+/* Extra references (an open synchronous round, the reaper). */
+void srv_registry_hold(srv_registry *r, srv_session *s);
+void srv_registry_unhold(srv_registry *r, srv_session *s);
 /* Inserts a freshly created session (not locked). */
 void srv_registry_insert(srv_registry *r, srv_session *s);
 storage *srv_registry_storage(srv_registry *r);
@@ -130,11 +163,19 @@ size_t srv_registry_hot_count(srv_registry *r);
 
 /* ----------------------------------------------------------- handlers */
 
+typedef struct srv_sync srv_sync;
+
 typedef struct {
     srv_registry *reg;
     storage *db;
     const srv_config *cfg;
+    srv_sync *sync;
+    void (*suspend)(void *conn); /* parks the connection of this request    */
+    void (*resume)(void *conn); /* resumes a suspended connection           */
 } srv_ctx;
+
+/* Returned by a handler that parked its request (a synchronous round). */
+#define SRV_SUSPENDED 1
 
 /* What a handler gets from the HTTP layer. */
 typedef struct {
@@ -147,9 +188,33 @@ typedef struct {
     const char *(*header)(void *conn, const char *name);
     const char *(*query)(void *conn, const char *name);
     void *conn;
+    srv_waiter *waiter;         /* where a parked request's answer goes      */
 } srv_request;
 
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply);
+
+/* Shared by the step paths (handlers.c, sync.c). */
+int srv_reply_params(api_reply *r, int status, const srv_session *s, bool want_binary,
+                     double lr, bool with_lr, bool with_params);
+int srv_storage_fail(api_reply *r, storage *db, int err, const char *what);
+int srv_commit_update(srv_ctx *ctx, srv_session *s, const void *grad, double loss, double factor,
+                      const char *key, const char *const *more_keys, size_t n_more_keys,
+                      const char *worker, srv_apply_result *res, api_reply *r);
+
+/* ------------------------------------------------------- sync rounds */
+
+srv_sync *srv_sync_new(srv_ctx *ctx);
+/* Answers every waiter 503 and stops the reaper. */
+void srv_sync_shutdown(srv_sync *sy);
+void srv_sync_free(srv_sync *sy);
+/* A gradient for the session's open round (session locked).  Returns an
+ * HTTP status with the reply filled, or SRV_SUSPENDED when req->waiter was
+ * parked until the round closes. */
+int srv_sync_submit(srv_ctx *ctx, srv_session *s, const srv_request *req, const void *grad,
+                    const api_step_meta *meta, const char *key, bool with_params,
+                    api_reply *r);
+/* Drops an open round (PATCH of the mode, DELETE): its waiters get status. */
+void srv_sync_abort(srv_ctx *ctx, srv_session *s, int status, const char *why);
 
 /* --------------------------------------------------------------- http */
 

@@ -66,6 +66,9 @@ void srv_session_free(srv_session *s)
     free(s->accum);
     free(s->scratch);
     free(s->snap);
+    free(s->round_sum);
+    free(s->round_workers);
+    free(s->round_keys);
     api_config_free(&s->cfg);
     pthread_mutex_destroy(&s->mu);
     free(s);

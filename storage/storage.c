@@ -79,7 +79,7 @@ static const char *const sql_text[Q_COUNT] = {
         " update_norm, worker, grad) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     [Q_LOG_DROP_GRAD] =
         "UPDATE steps SET grad = NULL WHERE session_id = ?1 AND seq <= ?2 AND grad IS NOT NULL",
-    [Q_IDEM_INSERT] = "INSERT INTO idem(session_id, key, step, time_ms) VALUES (?1, ?2, ?3, ?4)",
+    [Q_IDEM_INSERT] = "INSERT OR IGNORE INTO idem(session_id, key, step, time_ms) VALUES (?1, ?2, ?3, ?4)",
     [Q_IDEM_GET] = "SELECT step FROM idem WHERE session_id = ?1 AND key = ?2",
     [Q_IDEM_PRUNE] =
         "DELETE FROM idem WHERE session_id = ?1 AND time_ms < ?2 AND key NOT IN"
@@ -512,10 +512,13 @@ int storage_append(storage *st, int64_t id, const storage_log_entry *e, const vo
             sqlite3_bind_blob64(s, 12, e->grad, e->grad_len, SQLITE_STATIC);
         err = exec_stmt(s);
     }
-    if (err == STORAGE_OK && e->idem_key) {
+    for (size_t k = 0; err == STORAGE_OK && k <= e->n_more_keys; k++) {
+        const char *key = k == 0 ? e->idem_key : e->more_keys[k - 1];
+        if (!key)
+            continue;
         sqlite3_stmt *s = stmt(st, Q_IDEM_INSERT);
         sqlite3_bind_int64(s, 1, id);
-        sqlite3_bind_text(s, 2, e->idem_key, -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 2, key, -1, SQLITE_STATIC);
         sqlite3_bind_int64(s, 3, e->step);
         sqlite3_bind_int64(s, 4, e->time_ms);
         err = exec_stmt(s);

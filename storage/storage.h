@@ -59,6 +59,9 @@ typedef struct {
     const void *grad;       /* the gradient to replay; NULL in history rows */
     size_t grad_len;        /* bytes                                        */
     const char *idem_key;   /* NULL when none                               */
+    const char *const *more_keys; /* further keys of the same update (a
+                                     synchronous round), n_more_keys of them */
+    size_t n_more_keys;
     const char *worker;     /* NULL when none                               */
 } storage_log_entry;
 

@@ -25,7 +25,7 @@ run_suite() {
 
 VG=""
 if [ "${OPTD_VALGRIND:-0}" = 1 ]; then
-    VG="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --trace-children=yes --trace-children-skip=*/python3*,*/node,*/go"
+    VG="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite"
     export OPTD_VALGRIND_DAEMON="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite"
 fi
 

@@ -1,0 +1,386 @@
+/*
+ * sync.c -- synchronous rounds (mode "sync"): round t closes when N
+ * distinct workers have sent a gradient with base_step t; one update with
+ * the reduced gradient is applied and committed, and every request of the
+ * round is answered with the same step and params.
+ *
+ * Waiting requests hold no thread: the connection is suspended (MHD) while
+ * the session lock is held, and resumed by whoever closes the round -- the
+ * last worker's request, or the reaper when the round times out.  An open
+ * round holds a reference on its session so that it is never evicted.
+ *
+ * Lock order: a session's lock, then sy->mu (to list the round); the reaper
+ * takes sy->mu, lets it go, then takes the session's lock.
+ */
+#include "server/server.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define REAPER_TICK_MS 20
+
+typedef struct round_entry {
+    srv_session *s;
+    int64_t deadline_ms;
+    struct round_entry *next;
+} round_entry;
+
+struct srv_sync {
+    srv_ctx *ctx;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    round_entry *open;          /* sessions with an open round */
+    bool stop;
+    bool started;
+    pthread_t reaper;
+};
+
+/* -------------------------------------------------------- round list */
+
+static void list_add(srv_sync *sy, srv_session *s, int64_t deadline)
+{
+    round_entry *e = malloc(sizeof *e);
+    if (!e)
+        return; /* the round then only closes by its workers */
+    e->s = s;
+    e->deadline_ms = deadline;
+    pthread_mutex_lock(&sy->mu);
+    e->next = sy->open;
+    sy->open = e;
+    s->round_listed = true;
+    pthread_mutex_unlock(&sy->mu);
+}
+
+static void list_remove(srv_sync *sy, srv_session *s)
+{
+    pthread_mutex_lock(&sy->mu);
+    for (round_entry **pp = &sy->open; *pp; pp = &(*pp)->next) {
+        if ((*pp)->s == s) {
+            round_entry *e = *pp;
+            *pp = e->next;
+            free(e);
+            break;
+        }
+    }
+    s->round_listed = false;
+    pthread_mutex_unlock(&sy->mu);
+}
+
+/* ------------------------------------------------------------ rounds */
+
+static size_t vec_bytes(const srv_session *s)
+{
+    return (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
+}
+
+static int round_alloc(srv_session *s)
+{
+    size_t w = (size_t)s->cfg.mode.workers;
+    if (!s->round_sum)
+        s->round_sum = calloc(1, vec_bytes(s));
+    free(s->round_workers);
+    free(s->round_keys);
+    s->round_workers = calloc(w, sizeof *s->round_workers);
+    s->round_keys = calloc(w, sizeof *s->round_keys);
+    return s->round_sum && s->round_workers && s->round_keys ? 0 : -1;
+}
+
+/* Clears the round (session locked) and lets go of its session ref. */
+static void round_reset(srv_ctx *ctx, srv_session *s)
+{
+    bool was_open = s->round_count > 0;
+    if (s->round_sum)
+        memset(s->round_sum, 0, vec_bytes(s));
+    s->round_count = 0;
+    s->round_loss_sum = 0;
+    s->round_loss_n = 0;
+    s->waiters = NULL;
+    if (s->round_listed)
+        list_remove(ctx->sync, s);
+    if (was_open)
+        srv_registry_unhold(ctx->reg, s);
+}
+
+/* Copies a problem reply into each waiter and resumes it. */
+static void answer_waiters_problem(srv_ctx *ctx, srv_session *s, const api_reply *p)
+{
+    for (srv_waiter *w = s->waiters, *next; w; w = next) {
+        next = w->next;
+        w->reply = *p;
+        w->reply.body = NULL;
+        if (p->body && (w->reply.body = malloc(p->len)))
+            memcpy(w->reply.body, p->body, p->len);
+        w->reply.len = w->reply.body ? p->len : 0;
+        w->done = true;
+        ctx->resume(w->conn);
+    }
+}
+
+/* Closes the round with what it has: one update with the reduced
+ * gradient, committed; every waiter answered. r gets the same answer for
+ * the request that closed it (want_binary, with_params). */
+static int round_close(srv_ctx *ctx, srv_session *s, bool want_binary, bool with_params,
+                       api_reply *r)
+{
+    size_t n = (size_t)s->cfg.size;
+    void *red = malloc(vec_bytes(s));
+    const char **keys = calloc((size_t)s->round_count, sizeof *keys);
+    int st;
+    if (!red || !keys) {
+        st = api_problem(r, 503, NULL, "out of memory closing the round");
+    } else {
+        /* mean: divide in the dtype, like a local mean of the gradients. */
+        if (s->cfg.dtype == OPTIM_F32) {
+            const float *a = s->round_sum;
+            float *o = red, k = (float)s->round_count;
+            for (size_t i = 0; i < n; i++)
+                o[i] = s->cfg.mode.reduce == API_REDUCE_SUM ? a[i] : a[i] / k;
+        } else {
+            const double *a = s->round_sum;
+            double *o = red, k = (double)s->round_count;
+            for (size_t i = 0; i < n; i++)
+                o[i] = s->cfg.mode.reduce == API_REDUCE_SUM ? a[i] : a[i] / k;
+        }
+        size_t nk = 0;
+        for (int64_t i = 0; i < s->round_count; i++)
+            if (s->round_keys[i][0])
+                keys[nk++] = s->round_keys[i];
+        double loss = s->round_loss_n ? s->round_loss_sum / (double)s->round_loss_n : NAN;
+        srv_apply_result res;
+        st = srv_commit_update(ctx, s, red, loss, 1.0, nk ? keys[0] : NULL,
+                               nk > 1 ? keys + 1 : NULL, nk > 1 ? nk - 1 : 0, NULL, &res, r);
+        if (!st) {
+            int status = res.kind == STORAGE_LOG_ACCUM ? 202 : 200;
+            bool with_lr = res.kind == STORAGE_LOG_STEP;
+            for (srv_waiter *w = s->waiters, *next; w; w = next) {
+                next = w->next;
+                srv_reply_params(&w->reply, status, s, w->want_binary, res.lr, with_lr,
+                                 w->with_params);
+                api_reply_header(&w->reply, "Optd-Round-Size", "%lld",
+                                 (long long)s->round_count);
+                w->done = true;
+                ctx->resume(w->conn);
+            }
+            st = srv_reply_params(r, status, s, want_binary, res.lr, with_lr, with_params);
+            api_reply_header(r, "Optd-Round-Size", "%lld", (long long)s->round_count);
+            s->waiters = NULL;
+        }
+    }
+    if (st >= 400)
+        answer_waiters_problem(ctx, s, r);
+    free(red);
+    free(keys);
+    round_reset(ctx, s);
+    return st;
+}
+
+static void accumulate(srv_session *s, const void *grad)
+{
+    size_t n = (size_t)s->cfg.size;
+    if (s->cfg.dtype == OPTIM_F32) {
+        float *a = s->round_sum;
+        const float *g = grad;
+        for (size_t i = 0; i < n; i++)
+            a[i] += g[i];
+    } else {
+        double *a = s->round_sum;
+        const double *g = grad;
+        for (size_t i = 0; i < n; i++)
+            a[i] += g[i];
+    }
+}
+
+int srv_sync_submit(srv_ctx *ctx, srv_session *s, const srv_request *req, const void *grad,
+                    const api_step_meta *meta, const char *key, bool with_params, api_reply *r)
+{
+    int64_t step = (int64_t)s->st.step;
+    if (!meta->worker[0])
+        return api_problem(r, 400, "worker",
+                           "a sync session needs the worker's id (header Optd-Worker or field "
+                           "worker)");
+    if (meta->base_step >= 0 && meta->base_step != step)
+        return api_problem_with(r, 409, "base_step", "step", step,
+                                "the open round is for step %lld, not %lld; pull the params and "
+                                "compute the gradient at step %lld",
+                                (long long)step, (long long)meta->base_step, (long long)step);
+    if (!req->waiter || !ctx->resume)
+        return api_problem(r, 503, NULL, "this server cannot park requests");
+    if (s->round_count == 0 && round_alloc(s))
+        return api_problem(r, 503, NULL, "out of memory for the round");
+    /* A retry of a request that is already in the round (same worker, same
+     * key) waits for the same answer instead of counting twice. */
+    bool rejoin = false;
+    for (int64_t i = 0; i < s->round_count; i++) {
+        if (strcmp(s->round_workers[i], meta->worker) == 0) {
+            if (key && strcmp(s->round_keys[i], key) == 0) {
+                rejoin = true;
+                break;
+            }
+            return api_problem_with(r, 409, "worker", "step", step,
+                                    "worker %s already sent a gradient for the round of step "
+                                    "%lld",
+                                    meta->worker, (long long)step);
+        }
+    }
+    if (!rejoin) {
+        if (s->round_count == 0) {
+            s->round_step = step;
+            s->round_deadline_ms = srv_now_ms() + s->cfg.mode.timeout_ms;
+            srv_registry_hold(ctx->reg, s);
+            list_add(ctx->sync, s, s->round_deadline_ms);
+        }
+        accumulate(s, grad);
+        snprintf(s->round_workers[s->round_count], API_WORKER_MAX + 1, "%s", meta->worker);
+        snprintf(s->round_keys[s->round_count], API_IDEM_MAX + 1, "%s", key ? key : "");
+        s->round_count++;
+        if (!isnan(meta->loss)) {
+            s->round_loss_sum += meta->loss;
+            s->round_loss_n++;
+        }
+        if (s->round_count >= s->cfg.mode.workers)
+            return round_close(ctx, s, req->want_binary, with_params, r);
+    }
+    /* Park: suspend first, under the session lock, so that whoever closes
+     * the round (and needs this lock) can only resume a suspended request. */
+    srv_waiter *w = req->waiter;
+    memset(w, 0, sizeof *w);
+    w->conn = req->conn;
+    w->want_binary = req->want_binary;
+    w->with_params = with_params;
+    snprintf(w->worker, sizeof w->worker, "%s", meta->worker);
+    ctx->suspend(req->conn);
+    w->next = s->waiters;
+    s->waiters = w;
+    return SRV_SUSPENDED;
+}
+
+void srv_sync_abort(srv_ctx *ctx, srv_session *s, int status, const char *why)
+{
+    if (s->round_count == 0)
+        return;
+    api_reply p = {0};
+    api_problem_with(&p, status, NULL, "step", (int64_t)s->st.step, "%s", why);
+    answer_waiters_problem(ctx, s, &p);
+    api_reply_free(&p);
+    round_reset(ctx, s);
+}
+
+/* ------------------------------------------------------------ reaper */
+
+static void round_timeout(srv_ctx *ctx, srv_session *s)
+{
+    s->n_timeout++;
+    if (s->cfg.mode.on_timeout == API_TIMEOUT_APPLY) {
+        api_reply r = {0};
+        /* The closing "request" is the reaper: its own answer is dropped. */
+        round_close(ctx, s, false, false, &r);
+        api_reply_free(&r);
+        return;
+    }
+    char why[160];
+    snprintf(why, sizeof why,
+             "the round of step %lld timed out with %lld of %lld workers; nothing was applied",
+             (long long)s->st.step, (long long)s->round_count, (long long)s->cfg.mode.workers);
+    srv_sync_abort(ctx, s, 504, why);
+}
+
+static void *reaper_main(void *arg)
+{
+    srv_sync *sy = arg;
+    pthread_mutex_lock(&sy->mu);
+    while (!sy->stop) {
+        int64_t now = srv_now_ms();
+        srv_session *due = NULL;
+        for (round_entry *e = sy->open; e; e = e->next) {
+            if (e->deadline_ms <= now) {
+                due = e->s;
+                break;
+            }
+        }
+        if (!due) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += REAPER_TICK_MS * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&sy->cv, &sy->mu, &ts);
+            continue;
+        }
+        /* The round holds a ref, and only round_reset (under the session
+         * lock) lets it go: take our own before unlocking. */
+        srv_registry_hold(sy->ctx->reg, due);
+        pthread_mutex_unlock(&sy->mu);
+        pthread_mutex_lock(&due->mu);
+        if (due->round_count > 0 && due->round_deadline_ms <= srv_now_ms())
+            round_timeout(sy->ctx, due);
+        pthread_mutex_unlock(&due->mu);
+        srv_registry_unhold(sy->ctx->reg, due);
+        pthread_mutex_lock(&sy->mu);
+    }
+    pthread_mutex_unlock(&sy->mu);
+    return NULL;
+}
+
+srv_sync *srv_sync_new(srv_ctx *ctx)
+{
+    srv_sync *sy = calloc(1, sizeof *sy);
+    if (!sy)
+        return NULL;
+    sy->ctx = ctx;
+    pthread_mutex_init(&sy->mu, NULL);
+    pthread_cond_init(&sy->cv, NULL);
+    if (pthread_create(&sy->reaper, NULL, reaper_main, sy) != 0) {
+        free(sy);
+        return NULL;
+    }
+    sy->started = true;
+    return sy;
+}
+
+void srv_sync_shutdown(srv_sync *sy)
+{
+    if (!sy || !sy->started)
+        return;
+    pthread_mutex_lock(&sy->mu);
+    sy->stop = true;
+    pthread_cond_signal(&sy->cv);
+    pthread_mutex_unlock(&sy->mu);
+    pthread_join(sy->reaper, NULL);
+    sy->started = false;
+    for (;;) {
+        pthread_mutex_lock(&sy->mu);
+        srv_session *s = sy->open ? sy->open->s : NULL;
+        if (s)
+            srv_registry_hold(sy->ctx->reg, s);
+        pthread_mutex_unlock(&sy->mu);
+        if (!s)
+            break;
+        pthread_mutex_lock(&s->mu);
+        srv_sync_abort(sy->ctx, s, 503, "optd is shutting down; the round was not applied");
+        if (s->round_listed)
+            list_remove(sy, s); /* defensive: never loop on one entry */
+        pthread_mutex_unlock(&s->mu);
+        srv_registry_unhold(sy->ctx->reg, s);
+    }
+}
+
+void srv_sync_free(srv_sync *sy)
+{
+    if (!sy)
+        return;
+    srv_sync_shutdown(sy);
+    while (sy->open) {
+        round_entry *e = sy->open;
+        sy->open = e->next;
+        free(e);
+    }
+    pthread_mutex_destroy(&sy->mu);
+    pthread_cond_destroy(&sy->cv);
+    free(sy);
+}
