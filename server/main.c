@@ -5,6 +5,7 @@
 #include "server/server.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +54,13 @@ int main(int argc, char **argv)
         free(err);
         return 1;
     }
+    /* SIGTERM/SIGINT reach the main thread only (sigwait in srv_http_run):
+     * block them before any thread exists, since threads inherit the mask. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
     srv_registry *reg = srv_registry_new(db, cfg.cache_mb * 1024 * 1024);
     srv_ctx ctx = {.reg = reg, .db = db, .cfg = &cfg};
     ctx.sync = reg ? srv_sync_new(&ctx) : NULL;

@@ -1,6 +1,8 @@
 // A TCP proxy in front of a real daemon that injects network faults, one per
-// connection, in the order queued: the client's retry path meets the faults a
-// real network or load balancer produces.
+// request, in the order queued: the client's retry path meets the faults a
+// real network or load balancer produces.  Each connection carries one
+// request (the proxy asks the daemon for Connection: close and closes after
+// the answer), so a client's keep-alive pool cannot slip past the queue.
 //   'pass'  forward both ways
 //   'drop'  forward the request, then cut the connection as the answer
 //           starts: the daemon did the work, the client never hears of it
@@ -24,6 +26,18 @@ function readRequest(sock, onRequest) {
     onRequest(buf);
   };
   sock.on('data', onData);
+}
+
+/** The request with its Connection header replaced by "close". */
+function oneShot(req) {
+  const end = req.indexOf('\r\n\r\n');
+  const lines = req
+    .subarray(0, end)
+    .toString('latin1')
+    .split('\r\n')
+    .filter((l) => !/^connection:/i.test(l));
+  lines.push('Connection: close');
+  return Buffer.concat([Buffer.from(lines.join('\r\n'), 'latin1'), req.subarray(end)]);
 }
 
 export async function startProxy(upstreamUrl) {
@@ -60,29 +74,28 @@ export async function startProxy(upstreamUrl) {
       });
       return;
     }
-    const upstream = net.connect(Number(up.port), up.hostname);
-    sockets.add(upstream);
-    upstream.on('close', () => sockets.delete(upstream));
-    upstream.on('error', () => client.destroy());
-    client.on('close', () => upstream.destroy());
-    if (mode === 'drop') {
-      readRequest(client, (req) => {
-        upstream.write(req);
+    readRequest(client, (req) => {
+      const upstream = net.connect(Number(up.port), up.hostname);
+      sockets.add(upstream);
+      upstream.on('close', () => sockets.delete(upstream));
+      upstream.on('error', () => client.destroy());
+      client.on('close', () => upstream.destroy());
+      upstream.write(oneShot(req));
+      if (mode === 'drop') {
         upstream.once('data', () => {
           client.destroy();
           upstream.destroy();
         });
-      });
-      return;
-    }
-    client.pipe(upstream);
-    upstream.pipe(client);
+      } else {
+        upstream.pipe(client);
+      }
+    });
   });
   await new Promise((res) => server.listen(0, '127.0.0.1', res));
   return {
     url: `http://127.0.0.1:${server.address().port}`,
     stats,
-    /** Queues faults for the next connections, in order. */
+    /** Queues faults for the next requests, in order. */
     inject(...modes) {
       faults.push(...modes);
     },
