@@ -121,19 +121,25 @@ static int reply_session(api_reply *r, int status, const srv_session *s)
 }
 
 /* {"step":t,"lr":x,"params":[...]} or the raw params (binary). */
-int srv_reply_params(api_reply *r, int status, const srv_session *s, bool want_binary,
-                     double lr, bool with_lr, bool with_params)
+/* The params answer; step is the step to report (a replay reports the
+ * step its key applied), replayed adds "replayed":true. */
+static int reply_params_at(api_reply *r, int status, const srv_session *s, bool want_binary,
+                           uint64_t step, bool replayed, double lr, bool with_lr,
+                           bool with_params)
 {
     size_t bytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
     if (want_binary) {
-        char *b = malloc(bytes ? bytes : 1);
-        if (!b)
+        char *b = with_params ? malloc(bytes ? bytes : 1) : NULL;
+        if (with_params && !b)
             return api_problem(r, 503, NULL, "out of memory");
-        memcpy(b, s->params, bytes);
-        api_reply_body(r, status, "application/octet-stream", b, with_params ? bytes : 0);
+        if (b)
+            memcpy(b, s->params, bytes);
+        api_reply_body(r, status, "application/octet-stream", b, b ? bytes : 0);
     } else {
         api_buf b = {0};
-        int rc = api_buf_printf(&b, "{\"step\":%llu", (unsigned long long)s->st.step);
+        int rc = api_buf_printf(&b, "{\"step\":%llu", (unsigned long long)step);
+        if (replayed)
+            rc |= api_buf_put(&b, ",\"replayed\":true", 16);
         if (with_lr) {
             rc |= api_buf_put(&b, ",\"lr\":", 6);
             rc |= api_buf_double(&b, lr);
@@ -149,10 +155,19 @@ int srv_reply_params(api_reply *r, int status, const srv_session *s, bool want_b
         }
         api_reply_body(r, status, "application/json", b.data, b.len);
     }
-    api_reply_header(r, "Optd-Step", "%llu", (unsigned long long)s->st.step);
+    api_reply_header(r, "Optd-Step", "%llu", (unsigned long long)step);
     if (with_lr && isfinite(lr))
         api_reply_header(r, "Optd-Lr", "%.17g", lr);
+    if (replayed)
+        api_reply_header(r, "Optd-Replayed", "true");
     return status;
+}
+
+int srv_reply_params(api_reply *r, int status, const srv_session *s, bool want_binary,
+                     double lr, bool with_lr, bool with_params)
+{
+    return reply_params_at(r, status, s, want_binary, s->st.step, false, lr, with_lr,
+                           with_params);
 }
 
 /* ------------------------------------------------------------ routes */
@@ -510,24 +525,8 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         int64_t recorded;
         int err = storage_idem_lookup(ctx->db, s->id, key, &recorded);
         if (err == STORAGE_OK) {
-            st = srv_reply_params(r, 200, s, req->want_binary, s->last_lr, true, with_params);
-            /* The replay answers the step the key applied. */
-            for (int i = 0; i < r->n_headers; i++)
-                if (strcmp(r->headers[i].name, "Optd-Step") == 0)
-                    snprintf(r->headers[i].value, sizeof r->headers[i].value, "%lld",
-                             (long long)recorded);
-            if (!req->want_binary) {
-                /* Rewrite the leading "step" member as well. */
-                api_buf b = {0};
-                const char *rest = strchr(r->body, ',');
-                if (api_buf_printf(&b, "{\"step\":%lld,\"replayed\":true", (long long)recorded) ||
-                    api_buf_put(&b, rest ? rest : "}", rest ? strlen(rest) : 1)) {
-                    free(b.data);
-                } else {
-                    api_reply_body(r, 200, "application/json", b.data, b.len);
-                }
-            }
-            api_reply_header(r, "Optd-Replayed", "true");
+            st = reply_params_at(r, 200, s, req->want_binary, (uint64_t)recorded, true,
+                                 s->last_lr, true, with_params);
             goto done;
         }
         if (err != STORAGE_ENOTFOUND) {
