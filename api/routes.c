@@ -99,55 +99,47 @@ int api_route_match(const char *method, const char *path, const api_route **rout
     return api_problem(r, 404, NULL, "no route for %s", path);
 }
 
-/* Does the media range list accept this type?  A minimal reading of RFC
- * 9110: ranges separated by commas, parameters after ';' (q=0 refuses). */
+/* True when a "q=..." parameter list (between ';' and the range's end)
+ * carries q=0 (or 0.0, 0.00, ...), i.e. refuses the range. */
+static bool refused(const char *p, const char *end)
+{
+    while (p < end) {
+        while (p < end && (*p == ';' || *p == ' '))
+            p++;
+        if (end - p >= 2 && (p[0] == 'q' || p[0] == 'Q') && p[1] == '=') {
+            bool zero = p + 2 < end && p[2] == '0';
+            for (const char *d = p + 3; zero && d < end && *d != ';'; d++)
+                if (*d != '.' && *d != '0')
+                    zero = false;
+            return zero;
+        }
+        while (p < end && *p != ';')
+            p++;
+    }
+    return false;
+}
+
+/* Does the media-range list accept this type?  A minimal reading of RFC
+ * 9110: ranges separated by commas, parameters after ';', q=0 refuses. */
 static bool accepts(const char *header, const char *type)
 {
-    const char *p = header;
     size_t tlen = strlen(type);
-    const char *slash = strchr(type, '/');
-    size_t major = (size_t)(slash - type);
-    while (*p) {
+    size_t major = (size_t)(strchr(type, '/') - type);
+    for (const char *p = header; *p;) {
         while (*p == ' ' || *p == ',')
             p++;
-        const char *end = p;
-        while (*end && *end != ',')
-            end++;
+        const char *end = p + strcspn(p, ",");
         const char *semi = memchr(p, ';', (size_t)(end - p));
         const char *rend = semi ? semi : end;
         while (rend > p && rend[-1] == ' ')
             rend--;
         size_t rlen = (size_t)(rend - p);
-        bool q0 = false;
-        if (semi) {
-            const char *q = semi;
-            while (q < end) {
-                while (q < end && (*q == ';' || *q == ' '))
-                    q++;
-                if (end - q >= 2 && (q[0] == 'q' || q[0] == 'Q') && q[1] == '=') {
-                    q += 2;
-                    q0 = (*q == '0') && !(q[1] == '.' && q + 2 < end && q[2] != '0');
-                    /* "0", "0.0", "0.00" all refuse; "0.5" accepts. */
-                    if (*q == '0') {
-                        q0 = true;
-                        for (const char *d = q + 1; d < end && *d != ';'; d++)
-                            if (*d >= '1' && *d <= '9')
-                                q0 = false;
-                    }
-                }
-                while (q < end && *q != ';')
-                    q++;
-            }
-        }
-        if (!q0) {
-            if (rlen == 3 && strncmp(p, "*/*", 3) == 0)
-                return true;
-            if (rlen == tlen && strncasecmp(p, type, tlen) == 0)
-                return true;
-            if (rlen == major + 2 && strncasecmp(p, type, major) == 0 && p[major] == '/' &&
-                p[major + 1] == '*')
-                return true;
-        }
+        bool match = (rlen == 3 && strncmp(p, "*/*", 3) == 0) ||
+                     (rlen == tlen && strncasecmp(p, type, tlen) == 0) ||
+                     (rlen == major + 2 && strncasecmp(p, type, major + 1) == 0 &&
+                      p[major + 1] == '*');
+        if (match && !(semi && refused(semi, end)))
+            return true;
         p = end;
     }
     return false;

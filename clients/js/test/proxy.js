@@ -51,6 +51,7 @@ export async function startProxy(upstreamUrl) {
     client.on('error', () => {});
     stats.connections++;
     const mode = faults.shift() ?? 'pass';
+    if (process.env.PROXY_DEBUG) console.error('conn', stats.connections, mode);
     if (mode === 'reset') {
       client.destroy();
       return;
