@@ -1,0 +1,353 @@
+"""Client and Session: optd's HTTP API in Python idiom."""
+
+import json as _json
+import math
+import os
+import re
+import urllib.parse
+
+from . import _vec
+from ._http import Transport
+from .errors import OptdError, from_problem
+
+__all__ = ["Client", "Session", "new_idempotency_key"]
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+# Vectors up to this many elements go as JSON (readable in logs, and the
+# text is small); longer ones as raw little-endian bytes, which skips the
+# formatting and parsing of every number on both ends.
+BINARY_THRESHOLD = 64
+
+_JSON = "application/json"
+_BINARY = "application/octet-stream"
+
+
+def new_idempotency_key():
+    """128 random bits as 32 hex digits."""
+    return os.urandom(16).hex()
+
+
+def _check_name(name):
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError("session names are 1-128 characters of A-Z a-z 0-9 . _ -, not %r"
+                         % (name,))
+    return name
+
+
+def _path(name, tail=""):
+    return "/v1/sessions/" + _check_name(name) + tail
+
+
+def _parse_int(text):
+    # The daemon prints a float's -0.0 as "-0", which int() would turn into
+    # a plain 0 and lose the sign bit.
+    return -0.0 if text == "-0" else int(text)
+
+
+def _decode_json(resp):
+    if not resp.body:
+        return None
+    try:
+        return _json.loads(resp.body, parse_int=_parse_int)
+    except ValueError:
+        return None
+
+
+def _raise_for(resp):
+    """Turns any non-2xx answer into its typed OptdError."""
+    if 200 <= resp.status < 300:
+        return
+    doc = _decode_json(resp)
+    fallback = resp.body[:200].decode("utf-8", "replace") if doc is None else ""
+    raise from_problem(resp.status, doc, fallback)
+
+
+def _json_doc(resp):
+    _raise_for(resp)
+    doc = _decode_json(resp)
+    if doc is None:
+        raise OptdError(resp.status, title="bad answer",
+                        detail="expected a JSON body, got %d bytes" % len(resp.body))
+    return doc
+
+
+def _int_header(resp, name):
+    v = resp.header(name)
+    return int(v) if v is not None else None
+
+
+def _float_header(resp, name):
+    v = resp.header(name)
+    return float(v) if v is not None else None
+
+
+class Client:
+    """A connection to one optd daemon.
+
+    ``url``: the daemon's base URL.  ``api_key``: sent as
+    ``Authorization: Bearer KEY``.  ``timeout``: seconds per attempt.
+    ``retries``: how many times a transient failure is retried (so at most
+    retries + 1 attempts), waiting ``backoff`` seconds doubling up to
+    ``max_backoff``, with jitter.  ``numpy``: None uses NumPy arrays when
+    NumPy is importable, False always hands back ``array.array``.
+
+    A client keeps one keep-alive connection; threads may share it (their
+    requests take turns), or make one client each to run in parallel.
+    """
+
+    def __init__(self, url="http://127.0.0.1:8080", api_key=None, timeout=60.0, retries=5,
+                 backoff=0.05, max_backoff=2.0, numpy=None,
+                 binary_threshold=BINARY_THRESHOLD):
+        self.url = url
+        self._t = Transport(url, api_key=api_key, timeout=timeout, retries=retries,
+                            backoff=backoff, max_backoff=max_backoff)
+        self.use_numpy = _vec.numpy_available() if numpy is None else bool(numpy)
+        if self.use_numpy and not _vec.numpy_available():
+            raise ValueError("numpy=True but NumPy cannot be imported")
+        self.binary_threshold = int(binary_threshold)
+
+    def __repr__(self):
+        return "optd.Client(%r)" % (self.url,)
+
+    def close(self):
+        """Closes the connection (the next call opens a new one)."""
+        self._t.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _request(self, method, path, body=None, headers=None):
+        return self._t.request(method, path, body=body, headers=headers)
+
+    def _get_json(self, path):
+        return _json_doc(self._request("GET", path, headers={"Accept": _JSON}))
+
+    def _send_json(self, method, path, doc):
+        body = _json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        return self._request(method, path, body=body,
+                             headers={"Content-Type": _JSON, "Accept": _JSON})
+
+    # ------------------------------------------------------------ calls
+
+    def health(self):
+        """GET /healthz: {"status": "ok", ...}."""
+        return self._get_json("/healthz")
+
+    def optimizers(self):
+        """GET /v1/optimizers: every optimizer, schedule, clip kind and mode
+        with its hyperparameters and defaults."""
+        return self._get_json("/v1/optimizers")
+
+    def sessions(self, page_size=100):
+        """Iterates over every session (summaries: name, step, optimizer,
+        dtype, size, created_at, updated_at), fetching page after page."""
+        after = None
+        while True:
+            q = {"limit": str(page_size)}
+            if after is not None:
+                q["after"] = after
+            doc = self._get_json("/v1/sessions?" + urllib.parse.urlencode(q))
+            yield from doc.get("sessions", [])
+            after = doc.get("next")
+            if after is None:
+                return
+
+    def session(self, name):
+        """The existing session called name (NotFound when there is none)."""
+        return Session(self, self._get_json(_path(name)), created=False)
+
+    def create_session(self, name, optimizer, params=None, size=None, init=None,
+                       dtype="float32", schedule=None, clip=None, mode=None, nonfinite=None,
+                       metadata=None):
+        """Creates the session, or verifies that it exists with this config.
+
+        ``optimizer``: {"type": "adam", "lr": 1e-3, ...} with torch.optim's
+        names (or just the type as a string).  Either ``params`` (a vector:
+        the initial parameters) or ``size`` and ``init`` ({"type": "zeros"},
+        {"type": "normal", "std": s, "seed": n}, {"type": "uniform", ...};
+        zeros when left out).  The rest is left to the daemon's defaults when
+        None.  Returns the Session; ``session.created`` says whether this call
+        created it (201) or found it (200, its params kept as they are).  A
+        session of the same name with a different config raises Conflict.
+        """
+        _vec.check_dtype(dtype)
+        if isinstance(optimizer, str):
+            optimizer = {"type": optimizer}
+        doc = {"optimizer": optimizer, "dtype": dtype}
+        if params is not None:
+            if size is not None or init is not None:
+                raise ValueError("give either params or size (+ init), not both")
+            codec = _vec.Codec(dtype, self.use_numpy)
+            if not codec.finite(params):
+                raise ValueError("params contain NaN or Inf")
+            doc["params"] = codec.to_list(params)
+        else:
+            if size is None:
+                raise ValueError("give params, or size (+ init)")
+            doc["size"] = int(size)
+            doc["init"] = init if init is not None else {"type": "zeros"}
+        for key, value in (("schedule", schedule), ("clip", clip), ("mode", mode),
+                           ("nonfinite", nonfinite), ("metadata", metadata)):
+            if value is not None:
+                doc[key] = value
+        resp = self._send_json("PUT", _path(name), doc)
+        return Session(self, _json_doc(resp), created=resp.status == 201)
+
+
+class Session:
+    """One optimizer session on the daemon.
+
+    ``name``, ``dtype``, ``size``; ``created`` (this object's create call made
+    it); after each call that reports one: ``last_step`` (updates applied so
+    far), ``last_lr`` (the learning rate of the last update, None when the
+    last step applied nothing), ``last_replayed`` (the daemon answered a step
+    from its idempotency record), ``pending`` (gradients waiting in an
+    accumulation, from a 202 answer; 0 otherwise).
+    """
+
+    def __init__(self, client, doc, created=False):
+        self.client = client
+        self.name = doc["name"]
+        self.dtype = doc["dtype"]
+        self.size = int(doc["size"])
+        self.created = created
+        self.last_step = doc.get("step")
+        self.last_lr = None
+        self.last_replayed = False
+        self.pending = 0
+        self._codec = _vec.Codec(self.dtype, client.use_numpy)
+
+    def __repr__(self):
+        return "optd.Session(%r, dtype=%r, size=%d)" % (self.name, self.dtype, self.size)
+
+    def _binary(self, n, json):
+        if json is None:
+            return n > self.client.binary_threshold
+        return not json
+
+    def step(self, grad, loss=None, base_step=None, worker=None, params=True, json=None,
+             idempotency_key=None):
+        """Applies one gradient; returns the new params (None with
+        params=False).
+
+        ``loss`` is recorded in the history (and drives reduce_on_plateau);
+        ``base_step`` is the step the gradient was computed at (for the
+        staleness bound); ``worker`` names the sender.  ``json``: None sends
+        vectors longer than the client's binary_threshold as raw bytes and
+        shorter ones as JSON; True / False force one.  Every call carries an
+        Idempotency-Key -- a fresh one unless given -- reused by the
+        client's retries, so a gradient is never applied twice.
+        """
+        key = idempotency_key or new_idempotency_key()
+        n = self._codec.length(grad)
+        binary = self._binary(n, json)
+        loss = None if loss is None else float(loss)
+        if loss is not None and not math.isfinite(loss):
+            raise ValueError("loss must be finite, not %r (leave it out instead)" % loss)
+        if not binary and not self._codec.finite(grad):
+            # JSON has no NaN or Inf; only the binary form can carry them
+            # (to a session whose nonfinite policy is "skip").
+            if json:
+                raise ValueError("grad is not finite: JSON cannot carry it; use json=False")
+            binary = True
+        path = _path(self.name, "/step") + ("" if params else "?params=false")
+        headers = {"Idempotency-Key": key}
+        if binary:
+            body = self._codec.to_bytes(grad)
+            headers.update({"Content-Type": _BINARY, "Accept": _BINARY})
+            if loss is not None:
+                headers["Optd-Loss"] = repr(loss)
+            if base_step is not None:
+                headers["Optd-Base-Step"] = str(int(base_step))
+            if worker is not None:
+                headers["Optd-Worker"] = str(worker)
+        else:
+            doc = {"grad": self._codec.to_list(grad)}
+            if loss is not None:
+                doc["loss"] = loss
+            if base_step is not None:
+                doc["base_step"] = int(base_step)
+            if worker is not None:
+                doc["worker"] = str(worker)
+            body = _json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+            headers.update({"Content-Type": _JSON, "Accept": _JSON})
+        resp = self.client._request("POST", path, body=body, headers=headers)
+        _raise_for(resp)
+        self.last_step = _int_header(resp, "Optd-Step")
+        self.last_lr = _float_header(resp, "Optd-Lr")
+        self.last_replayed = resp.header("Optd-Replayed") == "true"
+        self.pending = _int_header(resp, "Optd-Pending") or 0
+        if binary:
+            return self._codec.from_bytes(resp.body) if params else None
+        doc = _json_doc(resp)
+        self.last_step = doc.get("step", self.last_step)
+        if "lr" in doc:
+            self.last_lr = doc["lr"]
+        return self._codec.from_list(doc["params"]) if params else None
+
+    def params(self, json=None):
+        """The current params (and last_step)."""
+        if self._binary(self.size, json):
+            resp = self.client._request("GET", _path(self.name, "/params"),
+                                        headers={"Accept": _BINARY})
+            _raise_for(resp)
+            self.last_step = _int_header(resp, "Optd-Step")
+            return self._codec.from_bytes(resp.body)
+        doc = self.client._get_json(_path(self.name, "/params"))
+        self.last_step = doc["step"]
+        return self._codec.from_list(doc["params"])
+
+    def set_params(self, params, json=None):
+        """Overwrites the params (optimizer state and step are kept)."""
+        if self._binary(self._codec.length(params), json):
+            resp = self.client._request(
+                "PUT", _path(self.name, "/params"), body=self._codec.to_bytes(params),
+                headers={"Content-Type": _BINARY, "Accept": _JSON})
+        else:
+            resp = self.client._send_json("PUT", _path(self.name, "/params"),
+                                          {"params": self._codec.to_list(params)})
+        self.last_step = _json_doc(resp)["step"]
+
+    def update(self, lr=None, **changes):
+        """Changes the session mid-run (PATCH): optimizer={"lr": ...},
+        schedule=..., clip=..., mode=..., metadata=...; ``lr=x`` is short for
+        optimizer={"lr": x}.  Returns the session document."""
+        if lr is not None:
+            changes["optimizer"] = dict(changes.get("optimizer") or {}, lr=lr)
+        doc = _json_doc(self.client._send_json("PATCH", _path(self.name), changes))
+        self.last_step = doc.get("step", self.last_step)
+        return doc
+
+    def info(self):
+        """The session document: config with every default, step, next lr,
+        state, counters, timestamps."""
+        doc = self.client._get_json(_path(self.name))
+        self.last_step = doc.get("step", self.last_step)
+        return doc
+
+    def history(self, after=0, limit=None, page_size=100):
+        """The step log's metrics after step ``after``, oldest first: a list
+        of {step, time, lr, loss, grad_norm, update_norm, worker?}; at most
+        ``limit`` entries when given."""
+        out = []
+        while limit is None or len(out) < limit:
+            n = page_size if limit is None else min(page_size, limit - len(out))
+            q = urllib.parse.urlencode({"after": str(after), "limit": str(n)})
+            doc = self.client._get_json(_path(self.name, "/history?" + q))
+            out.extend(doc.get("steps", []))
+            after = doc.get("next")
+            if after is None:
+                break
+        return out
+
+    def delete(self):
+        """Deletes the session and its state."""
+        resp = self.client._request("DELETE", _path(self.name), headers={"Accept": _JSON})
+        if resp.status == 404 and resp.attempts > 1:
+            # An earlier attempt deleted it but its answer was lost.
+            return
+        _raise_for(resp)

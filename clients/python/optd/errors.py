@@ -1,0 +1,135 @@
+"""Typed errors built from optd's application/problem+json answers (RFC 9457).
+
+Every error the client raises is an :class:`OptdError`.  The subclass says
+what family the HTTP status belongs to, so callers can catch ``NotFound`` or
+``Conflict`` without comparing numbers; the members carry the problem body.
+"""
+
+__all__ = [
+    "OptdError",
+    "InvalidRequest",
+    "Unprocessable",
+    "Unauthorized",
+    "NotFound",
+    "Conflict",
+    "StaleGradient",
+    "ServerError",
+    "NotImplementedByServer",
+    "Unavailable",
+    "RoundTimeout",
+    "ConnectionFailed",
+]
+
+
+class OptdError(Exception):
+    """An error answer from optd, or no answer at all (status 0).
+
+    Members: ``status`` (HTTP status, 0 when no answer came), ``type``
+    (``urn:optd:problem:...``), ``title``, ``detail``, ``field`` (the request
+    field at fault, or None), ``step`` (the session's step for a stale
+    gradient, or None), ``body`` (the whole problem document as a dict).
+    """
+
+    def __init__(self, status, title="", detail="", type=None, field=None, step=None,
+                 body=None):
+        self.status = status
+        self.type = type
+        self.title = title
+        self.detail = detail
+        self.field = field
+        self.step = step
+        self.body = body if body is not None else {}
+        super().__init__(self._message())
+
+    def _message(self):
+        head = "%d %s" % (self.status, self.title) if self.status else self.title
+        msg = "%s: %s" % (head, self.detail) if self.detail else head
+        if self.field:
+            msg += " (field %s)" % self.field
+        return msg
+
+
+class InvalidRequest(OptdError):
+    """400, 405, 406, 413, 415: the request itself is wrong."""
+
+
+class Unprocessable(InvalidRequest):
+    """422: well-formed but unusable, e.g. a gradient of the wrong length or NaN."""
+
+
+class Unauthorized(OptdError):
+    """401: missing or wrong API key."""
+
+
+class NotFound(OptdError):
+    """404: no such session (or route)."""
+
+
+class Conflict(OptdError):
+    """409: a session exists with a different config, or the step conflicts."""
+
+
+class StaleGradient(Conflict):
+    """409 on ``base_step``: the gradient is too stale; ``step`` is the session's step."""
+
+
+class ServerError(OptdError):
+    """5xx answers."""
+
+
+class NotImplementedByServer(ServerError):
+    """501: the daemon does not implement this (e.g. synchronous mode)."""
+
+
+class Unavailable(ServerError):
+    """503: the daemon could not do it now (storage); retried before it is raised."""
+
+
+class RoundTimeout(ServerError):
+    """504: a synchronous round timed out."""
+
+
+class ConnectionFailed(Unavailable):
+    """No answer came: connection refused or reset, or a timeout, after every retry."""
+
+
+def error_class(status, field=None):
+    """The OptdError subclass for an HTTP status (and the field at fault)."""
+    if status == 401:
+        return Unauthorized
+    if status == 404:
+        return NotFound
+    if status == 409:
+        return StaleGradient if field == "base_step" else Conflict
+    if status == 422:
+        return Unprocessable
+    if status == 501:
+        return NotImplementedByServer
+    if status == 503:
+        return Unavailable
+    if status == 504:
+        return RoundTimeout
+    if 400 <= status < 500:
+        return InvalidRequest
+    if status >= 500:
+        return ServerError
+    return OptdError
+
+
+def from_problem(status, doc, fallback_detail=""):
+    """Builds the typed error for an answer; doc is the parsed problem body
+    (or None when the body was not a JSON object)."""
+    if not isinstance(doc, dict):
+        doc = {}
+    field = doc.get("field")
+    step = doc.get("step")
+    cls = error_class(status, field)
+    return cls(
+        status,
+        title=doc.get("title") or "HTTP %d" % status,
+        detail=doc.get("detail") or fallback_detail,
+        type=doc.get("type"),
+        field=field,
+        step=step if isinstance(step, int) else None,
+        body=doc,
+    )
