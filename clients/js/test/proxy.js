@@ -6,8 +6,8 @@
 //   'pass'  forward both ways
 //   'drop'  forward the request, then cut the connection as the answer
 //           starts: the daemon did the work, the client never hears of it
-//   'reset' cut the connection on arrival
-//   'hang'  read the request and never answer
+//   'reset' cut the connection without forwarding the request
+//   'hang'  never answer
 //   '503'   answer 503 problem+json (an overloaded front end) and close
 import net from 'node:net';
 
@@ -44,24 +44,23 @@ export async function startProxy(upstreamUrl) {
   const up = new URL(upstreamUrl);
   const faults = [];
   const sockets = new Set();
-  const stats = { connections: 0 };
+  const stats = { connections: 0, requests: 0 };
   const server = net.createServer((client) => {
     sockets.add(client);
     client.on('close', () => sockets.delete(client));
     client.on('error', () => {});
     stats.connections++;
-    const mode = faults.shift() ?? 'pass';
-    if (process.env.PROXY_DEBUG) console.error('conn', stats.connections, mode);
-    if (mode === 'reset') {
-      client.destroy();
-      return;
-    }
-    if (mode === 'hang') {
-      readRequest(client, () => {});
-      return;
-    }
-    if (mode === '503') {
-      readRequest(client, () => {
+    // The fault is taken when a request arrives, not when a connection
+    // opens: a client may open connections ahead of need.
+    readRequest(client, (req) => {
+      stats.requests++;
+      const mode = faults.shift() ?? 'pass';
+      if (mode === 'reset') {
+        client.destroy();
+        return;
+      }
+      if (mode === 'hang') return;
+      if (mode === '503') {
         const body = JSON.stringify({
           type: 'urn:optd:problem:unavailable',
           title: 'Service Unavailable',
@@ -72,10 +71,8 @@ export async function startProxy(upstreamUrl) {
           'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n' +
             `Connection: close\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
         );
-      });
-      return;
-    }
-    readRequest(client, (req) => {
+        return;
+      }
       const upstream = net.connect(Number(up.port), up.hostname);
       sockets.add(upstream);
       upstream.on('close', () => sockets.delete(upstream));
@@ -96,6 +93,8 @@ export async function startProxy(upstreamUrl) {
   return {
     url: `http://127.0.0.1:${server.address().port}`,
     stats,
+    /** Faults queued and not yet met. */
+    pending: () => faults.length,
     /** Queues faults for the next requests, in order. */
     inject(...modes) {
       faults.push(...modes);
