@@ -22,6 +22,7 @@ LISTEN_PREFIX = "optd listening on http://127.0.0.1:"
 
 # tests/run.sh may ask for the daemon under valgrind: ten times slower.
 _WRAP = shlex.split(os.environ.get("OPTD_VALGRIND_DAEMON", ""))
+SLOW = bool(_WRAP)
 START_TIMEOUT = 120.0 if _WRAP else 20.0
 STOP_TIMEOUT = 120.0 if _WRAP else 20.0
 

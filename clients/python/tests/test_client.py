@@ -4,6 +4,7 @@ vectors in both wire forms, typed errors, idempotent retries."""
 import array
 import itertools
 import math
+import sqlite3
 import struct
 import threading
 import time
@@ -12,7 +13,7 @@ import unittest
 import optd
 from optd import _vec
 
-from .daemon import DaemonCase, LossyRelay, free_port
+from .daemon import SLOW, DaemonCase, LossyRelay, free_port
 
 try:
     import numpy as np
@@ -408,7 +409,9 @@ class TestClient(DaemonCase):
 
 class TestRestart(DaemonCase):
     def test_retry_across_restart_never_applies_twice(self):
-        c = optd.Client(self.daemon.url, retries=8, backoff=0.05, max_backoff=0.5)
+        # Enough retries to outlast a restart (a long one under valgrind).
+        c = optd.Client(self.daemon.url, retries=40 if SLOW else 8, backoff=0.05,
+                        max_backoff=0.5)
         self.addCleanup(c.close)
         s = c.create_session("restart", {"type": "sgd", "lr": 1.0}, params=[0.0, 0.0],
                              dtype="float64")
@@ -447,6 +450,39 @@ class TestRestart(DaemonCase):
         self.assertEqual((s.last_step, list(p)), (2, [-2.0, -2.0]))
         self.assertEqual(s.info()["counters"]["applied"], 2)
         self.assertEqual([h["step"] for h in s.history()], [1, 2])
+
+
+    def test_503_is_retried(self):
+        # Another SQLite connection holds the write lock: the daemon's commit
+        # times out (5 s busy timeout) and it answers 503, applying nothing.
+        # The client retries; once the lock is gone the step lands, once.
+        c = optd.Client(self.daemon.url, retries=8, backoff=0.05, max_backoff=0.5)
+        self.addCleanup(c.close)
+        s = c.create_session("busy", {"type": "sgd", "lr": 1.0}, params=[0.0, 0.0])
+        lock = sqlite3.connect(self.daemon.db, isolation_level=None, timeout=10)
+        self.addCleanup(lock.close)
+        lock.execute("BEGIN IMMEDIATE")
+        answer = {}
+
+        def step():
+            try:
+                answer["params"] = s.step([1.0, 1.0])
+            except Exception as exc:  # noqa: BLE001 -- reported below
+                answer["error"] = exc
+
+        worker = threading.Thread(target=step)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while "committing the step" not in self.daemon.log_text():
+            self.assertLess(time.monotonic(), deadline, "no 503 from the daemon")
+            self.assertTrue(worker.is_alive(), answer)
+            time.sleep(0.02)
+        lock.execute("ROLLBACK")
+        worker.join()
+        self.assertNotIn("error", answer)
+        self.assertIn("/v1/sessions/busy/step 503", self.daemon.log_text())
+        self.assertEqual((s.last_step, list(answer["params"])), (1, [-1.0, -1.0]))
+        self.assertEqual(s.info()["counters"]["applied"], 1)
 
 
 class TestApiKey(DaemonCase):
