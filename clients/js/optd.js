@@ -15,6 +15,7 @@ const LIST_PAGE_MAX = 1000;
 const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 const DTYPES = {
+  __proto__: null,
   float32: { Array: Float32Array, bytes: 4 },
   float64: { Array: Float64Array, bytes: 8 },
 };
@@ -174,6 +175,11 @@ async function errorFromResponse(res) {
   return new OptdError({ status: res.status, title: res.statusText || null, detail: text || null });
 }
 
+/** A page size the daemon accepts: 1..1000. */
+function pageClamp(n) {
+  return Number.isFinite(n) ? Math.min(Math.max(1, Math.floor(n)), LIST_PAGE_MAX) : LIST_PAGE_MAX;
+}
+
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function checkName(name) {
@@ -294,8 +300,9 @@ export class Client {
     if (optimizer !== undefined) body.optimizer = typeof optimizer === 'string' ? { type: optimizer } : optimizer;
     // A typed array says its dtype; an explicit dtype wins.
     const dt = dtype ?? dtypeOf(params);
-    // Untyped params without a dtype go as float64 text: the daemon rounds.
-    if (params !== undefined) vec = toTypedArray(params, dt ?? 'float64');
+    // Untyped params (or a dtype unknown here, which the daemon will name in
+    // its 400) go as float64 text: the daemon rounds to the session dtype.
+    if (params !== undefined) vec = toTypedArray(params, dt in DTYPES ? dt : 'float64');
     if (size !== undefined) body.size = size;
     if (init !== undefined) body.init = init;
     if (dt !== undefined) body.dtype = dt;
@@ -324,7 +331,7 @@ export class Client {
    * `after` starts after that name.
    */
   async *sessions({ pageSize = 100, after = null } = {}) {
-    const limit = Math.min(Math.max(1, pageSize | 0), LIST_PAGE_MAX);
+    const limit = pageClamp(pageSize);
     let cursor = after;
     for (;;) {
       const q = `?limit=${limit}${cursor ? `&after=${encodeURIComponent(cursor)}` : ''}`;
@@ -533,7 +540,7 @@ export class Session {
    * `limit` of them, fetched `pageSize` (at most 1000) at a time.
    */
   async history({ after = 0, limit = Infinity, pageSize = LIST_PAGE_MAX } = {}) {
-    const page = Math.min(Math.max(1, pageSize | 0), LIST_PAGE_MAX);
+    const page = pageClamp(pageSize);
     const out = [];
     let cursor = after;
     while (out.length < limit) {
