@@ -523,10 +523,13 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         goto done;
     if (key) {
         int64_t recorded;
-        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded);
+        double rec_lr;
+        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr);
         if (err == STORAGE_OK) {
-            st = reply_params_at(r, 200, s, req->want_binary, (uint64_t)recorded, true,
-                                 s->last_lr, true, with_params);
+            /* The step and lr of the original update; the params are the
+             * session's current ones. */
+            st = reply_params_at(r, 200, s, req->want_binary, (uint64_t)recorded, true, rec_lr,
+                                 !isnan(rec_lr), with_params);
             goto done;
         }
         if (err != STORAGE_ENOTFOUND) {

@@ -51,17 +51,23 @@ static const char *const sql_text[Q_COUNT] = {
         "INSERT INTO sessions(name, config, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?3)",
     [Q_CKPT_INSERT] = "INSERT INTO checkpoints(session_id, seq, step, data) VALUES (?1, 0, 0, ?2)",
     [Q_SESSION_GET] =
-        "SELECT s.id, s.name, s.config, s.created_ms, s.updated_ms,"
+        "SELECT s.id, s.name, s.config, s.created_ms,"
+        " MAX(s.updated_ms, COALESCE((SELECT time_ms FROM steps WHERE session_id = s.id"
+        "                             ORDER BY seq DESC LIMIT 1), 0)),"
         " COALESCE((SELECT step FROM steps WHERE session_id = s.id ORDER BY seq DESC LIMIT 1),"
         "          c.step)"
         " FROM sessions s JOIN checkpoints c ON c.session_id = s.id WHERE s.name = ?1",
     [Q_SESSION_LIST] =
-        "SELECT s.id, s.name, s.config, s.created_ms, s.updated_ms,"
+        "SELECT s.id, s.name, s.config, s.created_ms,"
+        " MAX(s.updated_ms, COALESCE((SELECT time_ms FROM steps WHERE session_id = s.id"
+        "                             ORDER BY seq DESC LIMIT 1), 0)),"
         " COALESCE((SELECT step FROM steps WHERE session_id = s.id ORDER BY seq DESC LIMIT 1),"
         "          c.step)"
         " FROM sessions s JOIN checkpoints c ON c.session_id = s.id ORDER BY s.name LIMIT ?1",
     [Q_SESSION_LIST_AFTER] =
-        "SELECT s.id, s.name, s.config, s.created_ms, s.updated_ms,"
+        "SELECT s.id, s.name, s.config, s.created_ms,"
+        " MAX(s.updated_ms, COALESCE((SELECT time_ms FROM steps WHERE session_id = s.id"
+        "                             ORDER BY seq DESC LIMIT 1), 0)),"
         " COALESCE((SELECT step FROM steps WHERE session_id = s.id ORDER BY seq DESC LIMIT 1),"
         "          c.step)"
         " FROM sessions s JOIN checkpoints c ON c.session_id = s.id WHERE s.name > ?2"
@@ -80,7 +86,10 @@ static const char *const sql_text[Q_COUNT] = {
     [Q_LOG_DROP_GRAD] =
         "UPDATE steps SET grad = NULL WHERE session_id = ?1 AND seq <= ?2 AND grad IS NOT NULL",
     [Q_IDEM_INSERT] = "INSERT OR IGNORE INTO idem(session_id, key, step, time_ms) VALUES (?1, ?2, ?3, ?4)",
-    [Q_IDEM_GET] = "SELECT step FROM idem WHERE session_id = ?1 AND key = ?2",
+    [Q_IDEM_GET] =
+        "SELECT i.step, (SELECT lr FROM steps WHERE session_id = i.session_id AND step = i.step"
+        "                AND kind = 0)"
+        " FROM idem i WHERE i.session_id = ?1 AND i.key = ?2",
     [Q_IDEM_PRUNE] =
         "DELETE FROM idem WHERE session_id = ?1 AND time_ms < ?2 AND key NOT IN"
         " (SELECT key FROM idem WHERE session_id = ?1 ORDER BY time_ms DESC LIMIT ?3)",
@@ -559,7 +568,7 @@ int storage_checkpoint(storage *st, int64_t id, const char *config, const void *
     return err;
 }
 
-int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step)
+int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step, double *lr)
 {
     pthread_mutex_lock(&st->mu);
     sqlite3_stmt *s = stmt(st, Q_IDEM_GET);
@@ -567,8 +576,11 @@ int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step)
     sqlite3_bind_text(s, 2, key, -1, SQLITE_STATIC);
     int rc = sqlite3_step(s);
     int err = rc == SQLITE_ROW ? STORAGE_OK : rc == SQLITE_DONE ? STORAGE_ENOTFOUND : rc_to_err(rc);
-    if (rc == SQLITE_ROW)
+    if (rc == SQLITE_ROW) {
         *step = sqlite3_column_int64(s, 0);
+        if (lr)
+            *lr = column_double_or_nan(s, 1);
+    }
     sqlite3_reset(s);
     pthread_mutex_unlock(&st->mu);
     return err;
