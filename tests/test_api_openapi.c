@@ -891,6 +891,80 @@ static void assert_valid(const ynode *schema, const cJSON *v, const char *what)
     }
 }
 
+/* ========================================== 0: the validator bites */
+
+static void test_validator_refuses_what_the_spec_forbids(void **state)
+{
+    (void)state;
+    spec_load();
+    static const struct {
+        const char *schema;
+        const char *json;
+        bool ok;
+    } cases[] = {
+        {"Problem", "{\"type\":\"urn:optd:problem:conflict\",\"title\":\"Conflict\","
+                    "\"status\":409,\"detail\":\"x\",\"field\":\"base_step\",\"step\":3}",
+         true},
+        {"Problem", "{\"type\":\"urn:optd:problem:conflict\",\"title\":\"C\",\"status\":409}",
+         false},
+        {"Problem", "{\"type\":\"urn:optd:problem:nope\",\"title\":\"C\",\"status\":409,"
+                    "\"detail\":\"x\"}",
+         false},
+        {"Problem", "{\"type\":\"urn:optd:problem:conflict\",\"title\":\"C\",\"status\":409,"
+                    "\"detail\":\"x\",\"extra\":1}",
+         false},
+        {"Problem", "{\"type\":\"urn:optd:problem:conflict\",\"title\":\"C\",\"status\":200,"
+                    "\"detail\":\"x\"}",
+         false},
+        {"StepResult", "{\"step\":1,\"lr\":0.1,\"params\":[1,null]}", true},
+        {"StepResult", "{\"step\":-1}", false},
+        {"StepResult", "{\"step\":1.5}", false},
+        {"StepResult", "{\"step\":1,\"replayed\":false}", false},
+        {"StepResult", "{\"step\":1,\"params\":[\"1\"]}", false},
+        {"HistoryEntry", "{\"step\":1,\"time\":\"2026-01-31T12:00:00.000Z\",\"lr\":0.1,"
+                         "\"loss\":null,\"grad_norm\":1,\"update_norm\":0.1}",
+         true},
+        {"HistoryEntry", "{\"step\":1,\"time\":\"yesterday\",\"lr\":0.1,\"loss\":null,"
+                         "\"grad_norm\":1,\"update_norm\":0.1}",
+         false},
+        {"SessionSummary", "{\"name\":\"bad name\",\"step\":0,\"optimizer\":\"sgd\","
+                           "\"dtype\":\"float32\",\"size\":1,"
+                           "\"created_at\":\"2026-01-31T12:00:00.000Z\","
+                           "\"updated_at\":\"2026-01-31T12:00:00.000Z\"}",
+         false},
+        {"Clip", "{\"type\":\"norm\",\"max_norm\":1,\"norm_type\":\"inf\"}", true},
+        {"Clip", "{\"type\":\"norm\",\"max_norm\":1,\"norm_type\":2}", true},
+        {"Clip", "{\"type\":\"norm\",\"max_norm\":1,\"norm_type\":3}", false},
+        {"Clip", "{\"type\":\"value\",\"max_value\":0}", false},
+        {"Optimizer", "{\"type\":\"sgd\",\"lr\":0.1}", true},
+        {"Optimizer", "{\"type\":\"sgd\"}", false},
+        {"Optimizer", "{\"type\":\"adam\",\"momentum\":0.9}", false},
+        {"Optimizer", "{\"type\":\"adam\",\"betas\":[0.9,1.0]}", false},
+        {"Optimizer", "{\"type\":\"adamx\"}", false},
+        {"Schedule", "{\"type\":\"cosine\",\"T_max\":10}", true},
+        {"Schedule", "{\"type\":\"cosine\"}", false},
+        {"Mode", "{\"type\":\"async\",\"accumulate\":0}", false},
+        {"Mode", "{\"type\":\"sync\",\"workers\":4,\"reduce\":\"sum\"}", true},
+        {"Health", "{\"status\":\"ok\",\"hot_sessions\":0}", true},
+        {"Health", "{\"status\":\"bad\",\"hot_sessions\":0}", false},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char ref[128];
+        snprintf(ref, sizeof ref, "#/components/schemas/%s", cases[i].schema);
+        const ynode *schema = yref(ref);
+        if (!schema)
+            fail_msg("no schema %s", cases[i].schema);
+        cJSON *j = cJSON_Parse(cases[i].json);
+        assert_non_null(j);
+        verr e = {{0}};
+        bool ok = validate(schema, j, "$", &e);
+        if (ok != cases[i].ok)
+            fail_msg("%s %s: the validator says %s (%s)", cases[i].schema, cases[i].json,
+                     ok ? "valid" : "invalid", e.msg);
+        cJSON_Delete(j);
+    }
+}
+
 /* ============================================================ harness */
 
 typedef struct {
@@ -1924,6 +1998,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_spec_reads_and_is_regular),
+        cmocka_unit_test(test_validator_refuses_what_the_spec_forbids),
         cmocka_unit_test(test_spec_paths_equal_route_table),
         cmocka_unit_test(test_problem_types_documented),
         cmocka_unit_test(test_operations_answer_documented_statuses),
