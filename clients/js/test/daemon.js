@@ -11,7 +11,9 @@ import { fileURLToPath } from 'node:url';
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
 export const OPTD_BIN = process.env.OPTD_BIN || join(repoRoot, 'build/optd');
 const PREFIX = (process.env.OPTD_VALGRIND_DAEMON ?? '').split(/\s+/).filter(Boolean);
-const START_MS = PREFIX.length ? 60000 : 10000;
+/** True under valgrind: timing-bound tests give the daemon more time. */
+export const SLOW = PREFIX.length > 0;
+const START_MS = SLOW ? 60000 : 10000;
 
 /**
  * Resolves to {url, pid, dir, port, stop()} once the daemon has printed its

@@ -1,10 +1,12 @@
 // Typed errors from the daemon's problem+json answers, idempotent steps,
 // accumulation (202), and retries through a fault-injecting proxy.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import { Client, OptdError } from '../optd.js';
-import { startDaemon } from './daemon.js';
+import { SLOW, startDaemon } from './daemon.js';
 import { startProxy } from './proxy.js';
 
 let d;
@@ -185,6 +187,47 @@ describe('errors', () => {
     assert.equal(s.lastStep, 1);
   });
 
+  test('a real 503 (the database write lock is held) is retried and applied once', async () => {
+    const k = counting();
+    const s = await new Client(d.url, { retries: 8, backoffMs: 50, maxBackoffMs: 500, fetch: k.fetch }).createSession('busy', {
+      optimizer: { type: 'sgd', lr: 1 },
+      params: [0, 0],
+    });
+    // Another SQLite connection takes the write lock: the daemon's commit
+    // waits out its busy timeout, answers 503 and applies nothing.
+    const lock = spawn('sqlite3', [join(d.dir, 'optd.db')], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const lockExit = new Promise((res) => lock.once('exit', res));
+    let out = '';
+    lock.stdout.setEncoding('utf8');
+    await new Promise((res, rej) => {
+      lock.once('error', rej);
+      lock.stdout.on('data', (x) => {
+        out += x;
+        if (out.includes('locked')) res();
+      });
+      lock.stdin.write("BEGIN IMMEDIATE;\nSELECT 'locked';\n");
+    });
+    const before503 = d.stderr().split('committing the step').length;
+    const answer = s.stepResult([1, 1]);
+    const deadline = Date.now() + 30000;
+    while (d.stderr().split('committing the step').length === before503) {
+      assert.ok(Date.now() < deadline, 'the daemon never answered 503');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    lock.stdin.end('ROLLBACK;\n');
+    assert.equal(await lockExit, 0);
+    const r = await answer;
+    assert.equal(r.step, 1);
+    assert.equal(r.replayed, false, 'the 503 attempt left no record');
+    const posts = k.calls.filter((x) => x.startsWith('POST'));
+    assert.ok(posts.length >= 2, 'retried');
+    assert.equal(new Set(posts).size, 1, 'with one key');
+    assert.deepEqual(Array.from(r.params), [-1, -1]);
+    const i = await s.info();
+    assert.equal(i.step, 1);
+    assert.equal(i.counters.applied, 1);
+  });
+
   describe('retries', () => {
     let proxy;
     before(async () => {
@@ -237,11 +280,13 @@ describe('errors', () => {
     });
 
     test('a hung attempt times out and is retried', async () => {
-      const s = await client({ timeoutMs: 300 }).createSession('hang', { optimizer: { type: 'sgd', lr: 1 }, params: [0] });
+      // Long enough for a loaded machine to answer the attempt that is not hung.
+      const timeoutMs = SLOW ? 5000 : 1000;
+      const s = await client({ timeoutMs }).createSession('hang', { optimizer: { type: 'sgd', lr: 1 }, params: [0] });
       proxy.inject('hang');
       const t0 = Date.now();
       const p = await s.step([1]);
-      assert.ok(Date.now() - t0 >= 300);
+      assert.ok(Date.now() - t0 >= timeoutMs);
       assert.deepEqual(Array.from(p), [-1]);
     });
 
