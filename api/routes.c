@@ -27,6 +27,9 @@ bool api_name_valid(const char *name, size_t len)
 {
     if (len < 1 || len > API_NAME_MAX)
         return false;
+    /* "." and ".." would be folded away by URL normalisation in clients. */
+    if ((len == 1 && name[0] == '.') || (len == 2 && name[0] == '.' && name[1] == '.'))
+        return false;
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)name[i];
         if (!(isalnum(c) || c == '.' || c == '_' || c == '-'))
@@ -82,7 +85,7 @@ int api_route_match(const char *method, const char *path, const api_route **rout
         if (seg) {
             if (!api_name_valid(seg, seg_len))
                 return api_problem(r, 400, "name",
-                                   "invalid session name: use 1-128 characters of A-Z a-z 0-9 . _ -");
+                                   "invalid session name: use 1-128 characters of A-Z a-z 0-9 . _ - (not \".\" or \"..\")");
             memcpy(name, seg, seg_len);
             name[seg_len] = '\0';
         } else {

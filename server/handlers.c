@@ -663,12 +663,15 @@ static int h_history(srv_ctx *ctx, const srv_request *req, api_reply *r)
         return st;
     const char *as = req->query(req->conn, "after");
     const char *ls = req->query(req->conn, "limit");
-    long long after = as ? strtoll(as, NULL, 10) : 0;
-    long limit = ls ? strtol(ls, NULL, 10) : LIST_DEFAULT;
-    if (limit < 1 || limit > LIST_MAX || after < 0) {
+    long long after = 0, limit = LIST_DEFAULT;
+    char *end;
+    if (as && (*as == '\0' || (after = strtoll(as, &end, 10)) < 0 || *end)) {
         srv_registry_release(ctx->reg, s);
-        return api_problem(r, 400, "limit", "after must be >= 0 and limit from 1 to %d",
-                           LIST_MAX);
+        return api_problem(r, 400, "after", "after must be a step number >= 0");
+    }
+    if (ls && (*ls == '\0' || (limit = strtoll(ls, &end, 10)) < 1 || *end || limit > LIST_MAX)) {
+        srv_registry_release(ctx->reg, s);
+        return api_problem(r, 400, "limit", "limit must be an integer from 1 to %d", LIST_MAX);
     }
     int64_t id = s->id;
     srv_registry_release(ctx->reg, s);
