@@ -1,0 +1,78 @@
+package optd
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+)
+
+// Error is an answer other than 2xx: the daemon's problem+json body (RFC 9457)
+// with its HTTP status. Get it with errors.As.
+type Error struct {
+	Status int    // HTTP status
+	Type   string // "urn:optd:problem:not-found", ...
+	Title  string // "Not Found", ...
+	Detail string // what went wrong, for people
+	Field  string // the field at fault ("grad", "optimizer.lr", "name"), or ""
+	Step   *int64 // the session's step, on a 409 about a stale gradient; else nil
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "optd: %d %s", e.Status, e.Title)
+	if e.Detail != "" {
+		b.WriteString(": ")
+		b.WriteString(e.Detail)
+	}
+	if e.Field != "" {
+		fmt.Fprintf(&b, " (field %s)", e.Field)
+	}
+	return b.String()
+}
+
+// Temporary reports whether the same request may succeed later (503: the
+// daemon could not reach its storage).
+func (e *Error) Temporary() bool { return e.Status == http.StatusServiceUnavailable }
+
+func statusIs(err error, status int) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Status == status
+}
+
+// IsNotFound reports whether err is a 404 (no such session).
+func IsNotFound(err error) bool { return statusIs(err, http.StatusNotFound) }
+
+// IsConflict reports whether err is a 409: a session exists with another
+// config, or a gradient is too stale.
+func IsConflict(err error) bool { return statusIs(err, http.StatusConflict) }
+
+// IsUnauthorized reports whether err is a 401 (missing or wrong API key).
+func IsUnauthorized(err error) bool { return statusIs(err, http.StatusUnauthorized) }
+
+// decodeProblem turns a non-2xx answer into an *Error. A body that is not
+// problem+json (a proxy's page, say) still yields the status and its text.
+func decodeProblem(r *response) *Error {
+	e := &Error{Status: r.status}
+	var p struct {
+		Type   string `json:"type"`
+		Title  string `json:"title"`
+		Detail string `json:"detail"`
+		Field  string `json:"field"`
+		Step   *int64 `json:"step"`
+	}
+	if json.Unmarshal(r.body, &p) == nil {
+		e.Type, e.Title, e.Detail, e.Field, e.Step = p.Type, p.Title, p.Detail, p.Field, p.Step
+	} else {
+		d := strings.TrimSpace(string(r.body))
+		if len(d) > 200 {
+			d = d[:200] + "..."
+		}
+		e.Detail = d
+	}
+	if e.Title == "" {
+		e.Title = http.StatusText(r.status)
+	}
+	return e
+}

@@ -1,0 +1,3 @@
+module optd.dev/client/go
+
+go 1.19
