@@ -192,7 +192,7 @@ type Hyperparameter struct {
 	Doc      string   `json:"doc"`
 }
 
-// Find returns the kind named typ, or nil.
+// findKind returns the kind named typ, or nil.
 func findKind(ks []Kind, typ string) *Kind {
 	for i := range ks {
 		if ks[i].Type == typ {
