@@ -434,6 +434,14 @@ static int decode_vector(const srv_session *s, const srv_request *req, bool is_s
     if (!v)
         return api_problem(r, 503, NULL, "out of memory");
     int st;
+    const char *dth = req->body_binary ? req->header(req->conn, "Optd-Dtype") : NULL;
+    optim_dtype said;
+    if (dth && (optim_dtype_parse(dth, &said) != OPTIM_OK || said != s->cfg.dtype)) {
+        free(v);
+        return api_problem(r, 422, "Optd-Dtype",
+                           "the body is declared %s but session %s is %s; nothing was applied",
+                           dth, s->name, optim_dtype_name(s->cfg.dtype));
+    }
     if (req->body_binary) {
         st = api_decode_vector_binary(req->body, req->body_len, s->cfg.dtype, n, v,
                                       is_step ? "grad" : "params", r);
