@@ -19,7 +19,7 @@ OPTFLAGS ?= -O2
 SANFLAGS ?=
 
 # Packages a Debian 12 machine needs to build and test optd.
-DEPS_BUILD := gcc make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
+DEPS_BUILD := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
               libcurl4-openssl-dev libcmocka-dev sqlite3 ca-certificates
 DEPS_TEST  := curl python3 python3-numpy python3-torch golang-go nodejs
 DEPS_RUN   := $(DEPS_BUILD)
@@ -165,6 +165,11 @@ install: build
 	install -m 755 $(OPTD) $(DESTDIR)$(PREFIX)/bin/optd
 	install -m 644 optim/optim.h clients/c/optd_client.h $(DESTDIR)$(PREFIX)/include/
 	install -m 644 $(LIBOPTIM) $(LIBCLIENT) $(DESTDIR)$(PREFIX)/lib/
+	install -d $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/lib/systemd/system
+	install -m 644 docs/optd.8 $(DESTDIR)$(PREFIX)/share/man/man8/optd.8
+	sed 's|/usr/local/bin/optd|$(PREFIX)/bin/optd|' docs/optd.service \
+	    > $(DESTDIR)$(PREFIX)/lib/systemd/system/optd.service
+	chmod 644 $(DESTDIR)$(PREFIX)/lib/systemd/system/optd.service
 
 clean:
 	rm -rf build build-asan

@@ -892,8 +892,10 @@ char *api_catalogue_json(void)
         cJSON_AddItemToArray(opts, o);
     }
     cJSON *scheds = cJSON_AddArrayToObject(root, "schedules");
-    for (int k = 1; k < OPTIM_SCHED_KIND_COUNT; k++) {
+    for (int k = 0; k < OPTIM_SCHED_KIND_COUNT; k++) {
         const optim_sched_info *si = optim_sched_info_of((optim_sched_kind)k);
+        if (!si)
+            continue;
         optim_schedule s;
         optim_sched_default((optim_sched_kind)k, &s);
         cJSON *o = cJSON_CreateObject();
@@ -918,11 +920,15 @@ char *api_catalogue_json(void)
     cJSON *modes = cJSON_AddArrayToObject(root, "modes");
     cJSON *ma = cJSON_CreateObject();
     cJSON_AddStringToObject(ma, "type", "async");
+    cJSON_AddStringToObject(ma, "doc", "each gradient is applied on arrival, serialised per "
+                                       "session; optional staleness bound and damping");
     cJSON_AddItemToObject(ma, "hyperparameters", catalogue_params(async_specs, N_ASYNC, &m));
     cJSON_AddItemToArray(modes, ma);
     specs_default(sync_specs, N_SYNC, &m);
     cJSON *ms = cJSON_CreateObject();
     cJSON_AddStringToObject(ms, "type", "sync");
+    cJSON_AddStringToObject(ms, "doc", "round t closes when N distinct workers have sent a "
+                                       "gradient for step t; one update with their mean or sum");
     cJSON_AddItemToObject(ms, "hyperparameters", catalogue_params(sync_specs, N_SYNC, &m));
     cJSON_AddItemToArray(modes, ms);
     char *s = cJSON_PrintUnformatted(root);

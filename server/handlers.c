@@ -436,7 +436,11 @@ static int decode_vector(const srv_session *s, const srv_request *req, bool is_s
     int st;
     const char *dth = req->body_binary ? req->header(req->conn, "Optd-Dtype") : NULL;
     optim_dtype said;
-    if (dth && (optim_dtype_parse(dth, &said) != OPTIM_OK || said != s->cfg.dtype)) {
+    if (dth && optim_dtype_parse(dth, &said) != OPTIM_OK) {
+        free(v);
+        return api_problem(r, 400, "Optd-Dtype", "Optd-Dtype must be float32 or float64");
+    }
+    if (dth && said != s->cfg.dtype) {
         free(v);
         return api_problem(r, 422, "Optd-Dtype",
                            "the body is declared %s but session %s is %s; nothing was applied",
@@ -450,7 +454,12 @@ static int decode_vector(const srv_session *s, const srv_request *req, bool is_s
                                          req->header(req->conn, "Optd-Base-Step"),
                                          req->header(req->conn, "Optd-Worker"), meta, r);
     } else if (is_step) {
-        st = api_decode_step_json(req->body, req->body_len, s->cfg.dtype, n, v, meta, r);
+        /* Headers work with JSON bodies too; a body field wins over its header. */
+        st = api_decode_step_headers(req->header(req->conn, "Optd-Loss"),
+                                     req->header(req->conn, "Optd-Base-Step"),
+                                     req->header(req->conn, "Optd-Worker"), meta, r);
+        if (!st)
+            st = api_decode_step_json(req->body, req->body_len, s->cfg.dtype, n, v, meta, r);
     } else {
         st = api_decode_params_json(req->body, req->body_len, s->cfg.dtype, n, v, r);
     }
@@ -519,6 +528,10 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
     const char *key = req->header(req->conn, "Idempotency-Key");
     const char *qp = req->query(req->conn, "params");
     bool with_params = !(qp && strcmp(qp, "false") == 0);
+    if (qp && with_params && strcmp(qp, "true") != 0) {
+        srv_registry_release(ctx->reg, s);
+        return api_problem(r, 400, "params", "the query parameter params must be true or false");
+    }
     int64_t step_now = (int64_t)s->st.step;
 
     if (key && (strlen(key) == 0 || strlen(key) > API_IDEM_MAX)) {

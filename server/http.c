@@ -106,7 +106,8 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
         }
     }
     bool binary_ok = x->route->body == API_BODY_VECTOR || x->route->id == API_R_PARAMS_GET;
-    int acc = api_accept(hdr(c, MHD_HTTP_HEADER_ACCEPT), binary_ok);
+    /* /healthz answers any prober, whatever it accepts. */
+    int acc = x->route->id == API_R_HEALTHZ ? 0 : api_accept(hdr(c, MHD_HTTP_HEADER_ACCEPT), binary_ok);
     if (acc < 0)
         return api_problem(r, 406, "Accept",
                            binary_ok ? "this route answers application/json or "
@@ -273,6 +274,7 @@ int srv_http_run(srv_ctx *ctx)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 

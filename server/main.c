@@ -60,6 +60,7 @@ int main(int argc, char **argv)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     srv_registry *reg = srv_registry_new(db, cfg.cache_mb * 1024 * 1024);
     srv_ctx ctx = {.reg = reg, .db = db, .cfg = &cfg};

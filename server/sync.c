@@ -162,11 +162,16 @@ static int round_close(srv_ctx *ctx, srv_session *s, bool want_binary, bool with
                                  w->with_params);
                 api_reply_header(&w->reply, "Optd-Round-Size", "%lld",
                                  (long long)s->round_count);
+                if (status == 202)
+                    api_reply_header(&w->reply, "Optd-Pending", "%lld",
+                                     (long long)s->accum_count);
                 w->done = true;
                 ctx->resume(w->conn);
             }
             st = srv_reply_params(r, status, s, want_binary, res.lr, with_lr, with_params);
             api_reply_header(r, "Optd-Round-Size", "%lld", (long long)s->round_count);
+            if (status == 202)
+                api_reply_header(r, "Optd-Pending", "%lld", (long long)s->accum_count);
             s->waiters = NULL;
         }
     }

@@ -256,7 +256,9 @@ int storage_open(const char *path, storage_durability d, storage **out, char **e
             err = STORAGE_EIO;
     }
     if (err != STORAGE_OK) {
-        if (errmsg)
+        if (errmsg && err == STORAGE_ECORRUPT && rc == SQLITE_OK)
+            *errmsg = dup_str("the database's schema is newer than this optd (or not optd's)");
+        else if (errmsg)
             *errmsg = dup_str(st->db ? sqlite3_errmsg(st->db) : "out of memory");
         storage_close(st);
         return err;

@@ -1260,7 +1260,7 @@ static const char EXPECT100[] = "Expect: 100-continue";
 
 static const scenario SCENARIOS[] = {
     {"healthz", WHO_ANON, "GET", "/healthz", {0}, NULL, 0, 200},
-    {"healthz 406", WHO_ANON, "GET", "/healthz", {"Accept: text/html"}, NULL, 0, 406},
+    {"healthz any Accept", WHO_ANON, "GET", "/healthz", {"Accept: text/html"}, NULL, 0, 200},
     {"catalogue", WHO_KEY, "GET", "/v1/optimizers", {0}, NULL, 0, 200},
     {"catalogue 401", WHO_ANON, "GET", "/v1/optimizers", {0}, NULL, 0, 401},
     {"catalogue 406", WHO_KEY, "GET", "/v1/optimizers", {BINACC}, NULL, 0, 406},
@@ -1762,6 +1762,8 @@ static void test_step_header_parameters(void **state)
             snprintf(badv, sizeof badv, "%g", lim - 1);
         } else if (!strcmp(type, "number")) {
             snprintf(badv, sizeof badv, "not-a-number");
+        } else if (!strcmp(type, "string") && yget(sc, "enum")) {
+            snprintf(badv, sizeof badv, "not-one-of-the-enum");
         } else {
             fail_msg("header parameter %s: no way to make a value its schema refuses", name);
         }
