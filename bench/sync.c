@@ -38,7 +38,8 @@
 #define MAX_LIST 8
 #define MAX_WORKERS 64
 #define MIN_ROUNDS 3
-#define MIN_ROUNDS_LARGE 2
+#define MIN_ROUNDS_LARGE 3
+#define REPS 3
 #define LARGE 100000
 #define MAX_ROUNDS 5000
 #define ROUND_TIMEOUT_MS 120000
@@ -266,8 +267,21 @@ static void create(optd_client *c, const char *name, const char *optimizer, size
 typedef struct {
     size_t size;
     int workers, rounds;
-    double t_sync, t_async;
+    double sync_rate, async_rate; /* rounds/s; async: workers gradients per round */
+    double ratio;                 /* async time / sync time for the same gradients */
 } result;
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
 
 static void measure(const char *optimizer, size_t size, int n_workers, double seconds,
                     result *res)
@@ -309,11 +323,23 @@ static void measure(const char *optimizer, size_t size, int n_workers, double se
     int rounds = (int)fmin(MAX_ROUNDS,
                            fmax(large ? MIN_ROUNDS_LARGE : MIN_ROUNDS, seconds / fmax(tp, 1e-6)));
 
+    /* The machine is shared: alternate sync and async in REPS slices so
+     * that both see the same background load, and keep the medians. */
+    int reps = rounds < REPS ? rounds : REPS, per = rounds / reps;
+    double sr[REPS], ar[REPS], ratio[REPS];
+    for (int i = 0; i < reps; i++) {
+        double ts = run(&k, s_name, true, per);
+        double ta = run(&k, a_name, false, per);
+        sr[i] = per / ts;
+        ar[i] = per / ta;
+        ratio[i] = ta / ts;
+    }
     res->size = size;
     res->workers = n_workers;
-    res->rounds = rounds;
-    res->t_sync = run(&k, s_name, true, rounds);
-    res->t_async = run(&k, a_name, false, rounds);
+    res->rounds = per * reps;
+    res->sync_rate = median(sr, reps);
+    res->async_rate = median(ar, reps);
+    res->ratio = median(ratio, reps);
 
     optd_error e;
     if (optd_delete(k.c[0], s_name, &e) || optd_delete(k.c[0], a_name, &e))
@@ -403,15 +429,16 @@ int main(int argc, char **argv)
         for (int wi = 0; wi < n_w; wi++) {
             result r;
             measure(optimizer, (size_t)sl[si], (int)wl[wi], seconds, &r);
-            double sr = r.rounds / r.t_sync, ar = r.rounds / r.t_async;
             printf("%9zu %7d %6d | %10.1f %10.0f | %10.1f %10.0f | %9.2f\n", r.size, r.workers,
-                   r.rounds, sr, sr * r.workers, ar, ar * r.workers, sr / ar);
+                   r.rounds, r.sync_rate, r.sync_rate * r.workers, r.async_rate,
+                   r.async_rate * r.workers, r.ratio);
             fflush(stdout);
         }
     }
     printf("(r/s: rounds per second -- for async, the same gradients' worth: workers gradients "
-           "per round; g/s: gradients per second; total %.0f s)\n",
-           now_s() - t0);
+           "per round;\n g/s: gradients per second; sync/async: how many times faster the "
+           "rounds moved the same\n gradients; medians of %d alternating slices; total %.0f s)\n",
+           REPS, now_s() - t0);
     daemon_stop();
     return 0;
 }
