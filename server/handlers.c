@@ -104,6 +104,16 @@ static cJSON *session_doc(const srv_session *s)
     cJSON_AddItemToObject(state, "last_lr", raw_double(s->last_lr));
     cJSON_AddItemToObject(state, "last_loss", raw_double(s->last_loss));
     cJSON_AddItemToObject(state, "pending_accumulation", raw_int(s->accum_count));
+    if (s->cfg.mode.type == API_MODE_SYNC) {
+        /* The open round: who has sent, how many are awaited. */
+        cJSON *round = cJSON_AddObjectToObject(out, "round");
+        cJSON_AddItemToObject(round, "step", raw_int((int64_t)s->st.step));
+        cJSON_AddItemToObject(round, "received", raw_int(s->round_count));
+        cJSON_AddItemToObject(round, "awaiting", raw_int(s->cfg.mode.workers - s->round_count));
+        cJSON *ws = cJSON_AddArrayToObject(round, "workers");
+        for (int64_t i = 0; i < s->round_count; i++)
+            cJSON_AddItemToArray(ws, cJSON_CreateString(s->round_workers[i]));
+    }
     cJSON *cnt = cJSON_AddObjectToObject(out, "counters");
     cJSON_AddItemToObject(cnt, "applied", raw_int(s->n_applied));
     cJSON_AddItemToObject(cnt, "rejected_stale", raw_int(s->n_stale));
@@ -545,7 +555,17 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
     if (key) {
         int64_t recorded;
         double rec_lr;
-        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr);
+        int rec_kind;
+        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr, &rec_kind);
+        if (err == STORAGE_OK && rec_kind == STORAGE_LOG_ACCUM &&
+            (int64_t)s->st.step == recorded && s->accum_count > 0) {
+            /* The gradient is still waiting in the accumulation: answer
+             * like the original 202. */
+            st = reply_params_at(r, 202, s, req->want_binary, (uint64_t)recorded, true, NAN,
+                                 false, with_params);
+            api_reply_header(r, "Optd-Pending", "%lld", (long long)s->accum_count);
+            goto done;
+        }
         if (err == STORAGE_OK) {
             /* The step and lr of the original update; the params are the
              * session's current ones. */

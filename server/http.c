@@ -307,6 +307,9 @@ int srv_http_run(srv_ctx *ctx)
         struct timespec ts = {0, 10 * 1000000L};
         nanosleep(&ts, NULL);
     }
+    /* A request that raced the first sweep was refused (stopping flag);
+     * sweep once more so that no connection stays suspended. */
+    srv_sync_shutdown(ctx->sync);
     MHD_stop_daemon(d); /* waits for handlers to return */
     return 0;
 }

@@ -35,6 +35,7 @@ struct srv_sync {
     pthread_cond_t cv;
     round_entry *open;          /* sessions with an open round */
     bool stop;
+    bool stopping;              /* shutdown began: no request may park */
     bool started;
     pthread_t reaper;
 };
@@ -214,6 +215,10 @@ int srv_sync_submit(srv_ctx *ctx, srv_session *s, const srv_request *req, const 
                                 (long long)step, (long long)meta->base_step, (long long)step);
     if (!req->waiter || !ctx->resume)
         return api_problem(r, 503, NULL, "this server cannot park requests");
+    /* Checked under the session lock: once shutdown's sweep has passed
+     * this session, nothing may park here again. */
+    if (__atomic_load_n(&ctx->sync->stopping, __ATOMIC_SEQ_CST))
+        return api_problem(r, 503, NULL, "optd is shutting down; retry against the next start");
     if (s->round_count == 0 && round_alloc(s))
         return api_problem(r, 503, NULL, "out of memory for the round");
     /* A retry of a request that is already in the round (same worker, same
@@ -350,14 +355,18 @@ srv_sync *srv_sync_new(srv_ctx *ctx)
 
 void srv_sync_shutdown(srv_sync *sy)
 {
-    if (!sy || !sy->started)
+    if (!sy)
         return;
-    pthread_mutex_lock(&sy->mu);
-    sy->stop = true;
-    pthread_cond_signal(&sy->cv);
-    pthread_mutex_unlock(&sy->mu);
-    pthread_join(sy->reaper, NULL);
-    sy->started = false;
+    __atomic_store_n(&sy->stopping, true, __ATOMIC_SEQ_CST);
+    if (sy->started) {
+        pthread_mutex_lock(&sy->mu);
+        sy->stop = true;
+        pthread_cond_signal(&sy->cv);
+        pthread_mutex_unlock(&sy->mu);
+        pthread_join(sy->reaper, NULL);
+        sy->started = false;
+    }
+    /* Answer every waiter 503.  Safe to call again: it sweeps what is left. */
     for (;;) {
         pthread_mutex_lock(&sy->mu);
         srv_session *s = sy->open ? sy->open->s : NULL;

@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2
 
 enum {
     Q_BEGIN,
@@ -85,10 +85,10 @@ static const char *const sql_text[Q_COUNT] = {
         " update_norm, worker, grad) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     [Q_LOG_DROP_GRAD] =
         "UPDATE steps SET grad = NULL WHERE session_id = ?1 AND seq <= ?2 AND grad IS NOT NULL",
-    [Q_IDEM_INSERT] = "INSERT OR IGNORE INTO idem(session_id, key, step, time_ms) VALUES (?1, ?2, ?3, ?4)",
+    [Q_IDEM_INSERT] = "INSERT OR IGNORE INTO idem(session_id, key, step, time_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
     [Q_IDEM_GET] =
         "SELECT i.step, (SELECT lr FROM steps WHERE session_id = i.session_id AND step = i.step"
-        "                AND kind = 0)"
+        "                AND kind = 0), i.kind"
         " FROM idem i WHERE i.session_id = ?1 AND i.key = ?2",
     [Q_IDEM_PRUNE] =
         "DELETE FROM idem WHERE session_id = ?1 AND time_ms < ?2 AND key NOT IN"
@@ -128,6 +128,9 @@ static const char *const migrations[] = {
     "  time_ms INTEGER NOT NULL,"
     "  PRIMARY KEY (session_id, key)) WITHOUT ROWID;"
     "CREATE INDEX idem_by_time ON idem(session_id, time_ms);",
+    /* 1 -> 2: what the keyed request did (STORAGE_LOG_*), so that a replay
+     * of an accumulated gradient answers like the original 202. */
+    "ALTER TABLE idem ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;",
 };
 
 struct storage {
@@ -532,6 +535,7 @@ int storage_append(storage *st, int64_t id, const storage_log_entry *e, const vo
         sqlite3_bind_text(s, 2, key, -1, SQLITE_STATIC);
         sqlite3_bind_int64(s, 3, e->step);
         sqlite3_bind_int64(s, 4, e->time_ms);
+        sqlite3_bind_int(s, 5, e->kind);
         err = exec_stmt(s);
     }
     if (err == STORAGE_OK && ckpt)
@@ -570,7 +574,8 @@ int storage_checkpoint(storage *st, int64_t id, const char *config, const void *
     return err;
 }
 
-int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step, double *lr)
+int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step, double *lr,
+                        int *kind)
 {
     pthread_mutex_lock(&st->mu);
     sqlite3_stmt *s = stmt(st, Q_IDEM_GET);
@@ -582,6 +587,8 @@ int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step,
         *step = sqlite3_column_int64(s, 0);
         if (lr)
             *lr = column_double_or_nan(s, 1);
+        if (kind)
+            *kind = sqlite3_column_int(s, 2);
     }
     sqlite3_reset(s);
     pthread_mutex_unlock(&st->mu);

@@ -117,10 +117,11 @@ int storage_checkpoint(storage *st, int64_t id, const char *config,
                        const void *ckpt, size_t ckpt_len, int64_t ckpt_seq,
                        int64_t step, int64_t now_ms);
 
-/* The step recorded with this idempotency key, and the lr that update used
- * (NAN when the key's request applied no update, e.g. an accumulation).
- * lr may be NULL. */
-int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step, double *lr);
+/* The step recorded with this idempotency key, the lr that update used
+ * (NAN when the key's request applied no update, e.g. an accumulation) and
+ * the log row's kind (STORAGE_LOG_*).  lr and kind may be NULL. */
+int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step, double *lr,
+                        int *kind);
 
 /* Drops idempotency keys older than min_ms that are not among the newest
  * keep keys of the session. */
