@@ -32,14 +32,19 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -75,6 +80,17 @@ static void sleep_ms(long ms)
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
         ;
+}
+
+/* Under valgrind (the test, the daemon or both) everything is ten to fifty
+ * times slower: the C worker and the daemon are traced, the others are
+ * not. */
+static long long worker_timeout_ms(void)
+{
+    const char *p = getenv("LD_PRELOAD");
+    const char *v = getenv("OPTD_VALGRIND_DAEMON");
+    bool slow = (v && *v) || (p && strstr(p, "vgpreload"));
+    return slow ? 20 * WORKER_TIMEOUT_MS : WORKER_TIMEOUT_MS;
 }
 
 /* --------------------------------------------------- little-endian bytes */
@@ -126,11 +142,209 @@ static int hex_digit(int c)
     return -1;
 }
 
+/* ------------------------------------------------------ a counting proxy
+ *
+ * The workers reach the daemon through a byte-for-byte TCP relay that
+ * counts the step bodies of each wire form it sees go by (the
+ * Content-Type of each request), so the test knows from the wire, not
+ * from the clients' word, that every language sent both JSON and binary
+ * steps.  One thread, poll(); a handful of small requests at a time.
+ */
+#define PX_PAIRS 64
+#define PX_TAIL 64 /* longer than "content-type:" + spaces + the longest type */
+
+typedef struct {
+    int listen_fd, wake[2];
+    int daemon_port;
+    char url[64];
+    pthread_t th;
+    bool running;
+    int fd_c[PX_PAIRS], fd_s[PX_PAIRS]; /* client side, daemon side; -1: free */
+    char tail[PX_PAIRS][PX_TAIL];       /* the end of what the client sent  */
+    size_t tail_len[PX_PAIRS];
+    long n_json, n_binary;              /* atomics                          */
+} proxy;
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Counts the Content-Type headers in buf[0..len) that end past buf[skip]
+ * (those ending earlier were counted with the previous chunk). */
+static void px_scan(proxy *px, const char *buf, size_t len, size_t skip)
+{
+    static const char key[] = "content-type:";
+    size_t kl = sizeof key - 1;
+    for (size_t i = 0; i + kl <= len; i++) {
+        if (strncasecmp(buf + i, key, kl) != 0)
+            continue;
+        size_t j = i + kl;
+        while (j < len && (buf[j] == ' ' || buf[j] == '\t'))
+            j++;
+        static const char *const types[2] = {"application/json", "application/octet-stream"};
+        for (int k = 0; k < 2; k++) {
+            size_t tl = strlen(types[k]);
+            if (j + tl <= len && j + tl > skip && !strncasecmp(buf + j, types[k], tl))
+                __atomic_add_fetch(k ? &px->n_binary : &px->n_json, 1, __ATOMIC_SEQ_CST);
+        }
+    }
+}
+
+static void px_close(proxy *px, int i)
+{
+    close(px->fd_c[i]);
+    close(px->fd_s[i]);
+    px->fd_c[i] = px->fd_s[i] = -1;
+}
+
+static int px_connect_daemon(const proxy *px)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)px->daemon_port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void *px_main(void *arg)
+{
+    proxy *px = arg;
+    for (;;) {
+        struct pollfd pf[2 + 2 * PX_PAIRS];
+        int slot[2 + 2 * PX_PAIRS];
+        nfds_t n = 0;
+        pf[n++] = (struct pollfd){.fd = px->wake[0], .events = POLLIN};
+        pf[n++] = (struct pollfd){.fd = px->listen_fd, .events = POLLIN};
+        for (int i = 0; i < PX_PAIRS; i++) {
+            if (px->fd_c[i] < 0)
+                continue;
+            slot[n] = i;
+            pf[n++] = (struct pollfd){.fd = px->fd_c[i], .events = POLLIN};
+            slot[n] = i;
+            pf[n++] = (struct pollfd){.fd = px->fd_s[i], .events = POLLIN};
+        }
+        if (poll(pf, n, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (pf[0].revents)
+            break;
+        if (pf[1].revents & POLLIN) {
+            int c = accept4(px->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            int free_i = -1;
+            for (int i = 0; i < PX_PAIRS && free_i < 0; i++)
+                if (px->fd_c[i] < 0)
+                    free_i = i;
+            int d = c >= 0 && free_i >= 0 ? px_connect_daemon(px) : -1;
+            if (d < 0) {
+                if (c >= 0)
+                    close(c);
+            } else {
+                px->fd_c[free_i] = c;
+                px->fd_s[free_i] = d;
+                px->tail_len[free_i] = 0;
+            }
+        }
+        for (nfds_t k = 2; k < n; k++) {
+            int i = slot[k];
+            if (!pf[k].revents || px->fd_c[i] < 0)
+                continue;
+            bool from_client = pf[k].fd == px->fd_c[i];
+            char buf[PX_TAIL + 65536];
+            size_t off = from_client ? px->tail_len[i] : 0;
+            memcpy(buf, px->tail[i], off);
+            ssize_t r = read(pf[k].fd, buf + off, sizeof buf - off);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0 || write_all(from_client ? px->fd_s[i] : px->fd_c[i], buf + off,
+                                    (size_t)r) != 0) {
+                px_close(px, i);
+                continue;
+            }
+            if (from_client) {
+                size_t len = off + (size_t)r;
+                px_scan(px, buf, len, off);
+                size_t keep = len < PX_TAIL ? len : PX_TAIL;
+                memcpy(px->tail[i], buf + len - keep, keep);
+                px->tail_len[i] = keep;
+            }
+        }
+    }
+    for (int i = 0; i < PX_PAIRS; i++)
+        if (px->fd_c[i] >= 0)
+            px_close(px, i);
+    return NULL;
+}
+
+static int proxy_start(proxy *px, int daemon_port)
+{
+    memset(px, 0, sizeof *px);
+    px->listen_fd = px->wake[0] = px->wake[1] = -1;
+    for (int i = 0; i < PX_PAIRS; i++)
+        px->fd_c[i] = px->fd_s[i] = -1;
+    px->daemon_port = daemon_port;
+    px->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof a;
+    if (px->listen_fd < 0 || bind(px->listen_fd, (struct sockaddr *)&a, sizeof a) != 0 ||
+        listen(px->listen_fd, 64) != 0 ||
+        getsockname(px->listen_fd, (struct sockaddr *)&a, &al) != 0 ||
+        pipe2(px->wake, O_CLOEXEC) != 0) {
+        fprintf(stderr, "proxy: %s\n", strerror(errno));
+        return -1;
+    }
+    snprintf(px->url, sizeof px->url, "http://127.0.0.1:%d", ntohs(a.sin_port));
+    if (pthread_create(&px->th, NULL, px_main, px) != 0)
+        return -1;
+    px->running = true;
+    return 0;
+}
+
+static void proxy_stop(proxy *px)
+{
+    if (px->running) {
+        if (write(px->wake[1], "x", 1) != 1)
+            abort(); /* the thread would never end */
+        pthread_join(px->th, NULL);
+        px->running = false;
+    }
+    if (px->listen_fd >= 0)
+        close(px->listen_fd);
+    for (int k = 0; k < 2; k++)
+        if (px->wake[k] >= 0)
+            close(px->wake[k]);
+    px->listen_fd = px->wake[0] = px->wake[1] = -1;
+}
+
+/* The step bodies counted so far, and reset. */
+static void proxy_take(proxy *px, long *json, long *binary)
+{
+    *json = __atomic_exchange_n(&px->n_json, 0, __ATOMIC_SEQ_CST);
+    *binary = __atomic_exchange_n(&px->n_binary, 0, __ATOMIC_SEQ_CST);
+}
+
 /* -------------------------------------------------------------- suite */
 
 typedef struct {
     tdaemon d;
-    optd_client *c;
+    proxy px;               /* the workers' way to the daemon              */
+    optd_client *c;         /* the test's own, straight to the daemon      */
     char root[PATH_LEN];    /* the repository (the working directory)      */
     char dir[PATH_LEN];     /* mkdtemp: worker outputs and the Go binary   */
     char go_bin[PATH_LEN + 16];
@@ -292,6 +506,7 @@ static int suite_setup(void **state)
     if (!s)
         return -1;
     *state = s;
+    s->px.listen_fd = s->px.wake[0] = s->px.wake[1] = -1;
     if (!getcwd(s->root, sizeof s->root)) {
         fprintf(stderr, "getcwd: %s\n", strerror(errno));
         goto fail;
@@ -319,6 +534,8 @@ static int suite_setup(void **state)
         goto fail;
     if (tdaemon_start(&s->d, NULL, NULL) != 0)
         goto fail;
+    if (proxy_start(&s->px, s->d.port) != 0)
+        goto fail;
     s->c = optd_client_new(tdaemon_url(&s->d), NULL);
     if (!s->c)
         goto fail;
@@ -337,6 +554,7 @@ static int suite_teardown(void **state)
     int rc = 0;
     if (s->c)
         optd_client_free(s->c);
+    proxy_stop(&s->px);
     if (s->d.pid) {
         rc = tdaemon_stop(&s->d);
         if (rc == 0 && tapi_integrity_check(tdaemon_db(&s->d)) != 0)
@@ -426,7 +644,7 @@ static void worker_spawn(suite *s, worker *k)
     snprintf(a_w, sizeof a_w, "%d", k->w);
     snprintf(a_t0, sizeof a_t0, "%lld", k->t0);
     snprintf(a_t1, sizeof a_t1, "%lld", k->t1);
-    const char *url = tdaemon_url(&s->d), *dtype = optim_dtype_name(k->dt);
+    const char *url = s->px.url, *dtype = optim_dtype_name(k->dt);
     const char *name = lang_name[k->lang];
     fflush(stdout);
     fflush(stderr);
@@ -438,6 +656,10 @@ static void worker_spawn(suite *s, worker *k)
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         child_redirect(k->out, 1);
         child_redirect(k->err, 2);
+        /* The C worker does not exec: let go of the test's sockets (the
+         * proxy's, the daemon harness's) so that their closes are seen. */
+        for (int fd = 3; fd < 1024; fd++)
+            close(fd);
         switch (k->lang) {
         case LANG_C:
             _exit(c_worker(url, k->session, k->dt, name, k->w, k->t0, k->t1));
@@ -467,13 +689,21 @@ static void worker_spawn(suite *s, worker *k)
     k->pid = pid;
 }
 
-/* Waits for every worker (killing those still running after the timeout)
- * and fails the test, after printing the output of each failed one, when
- * any did not exit 0. */
+static bool exited_ok(int status)
+{
+    return status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+/* Waits for every worker and fails the test, after printing the output of
+ * each failed one, when any did not exit 0.  Those still running after the
+ * timeout are killed, and so are the others as soon as one fails: in a
+ * synchronous round they would only wait for the missing gradient until
+ * the round times out. */
 static void workers_wait(worker *ws, int n)
 {
-    long long deadline = tapi_now_ms() + WORKER_TIMEOUT_MS;
+    long long deadline = tapi_now_ms() + worker_timeout_ms();
     int left = n;
+    bool failed = false;
     while (left > 0) {
         for (int i = 0; i < n; i++) {
             worker *k = &ws[i];
@@ -486,9 +716,10 @@ static void workers_wait(worker *ws, int n)
                 k->ms = tapi_now_ms() - k->started;
                 k->pid = 0;
                 left--;
+                failed = failed || !exited_ok(k->status);
             }
         }
-        if (left > 0 && tapi_now_ms() > deadline) {
+        if (left > 0 && (failed || tapi_now_ms() > deadline)) {
             for (int i = 0; i < n; i++) {
                 worker *k = &ws[i];
                 if (!k->pid)
@@ -507,12 +738,13 @@ static void workers_wait(worker *ws, int n)
     int bad = 0;
     for (int i = 0; i < n; i++) {
         worker *k = &ws[i];
-        if (k->status != -1 && WIFEXITED(k->status) && WEXITSTATUS(k->status) == 0)
+        if (exited_ok(k->status))
             continue;
         bad++;
         if (k->status == -1)
-            fprintf(stderr, "%s worker (steps %lld..%lld) killed after %lld ms\n",
-                    lang_name[k->lang], k->t0, k->t1 - 1, k->ms);
+            fprintf(stderr, "%s worker (steps %lld..%lld) killed after %lld ms%s\n",
+                    lang_name[k->lang], k->t0, k->t1 - 1, k->ms,
+                    failed ? " (another worker had failed)" : " (timeout)");
         else if (WIFEXITED(k->status))
             fprintf(stderr, "%s worker (steps %lld..%lld) exited with %d\n", lang_name[k->lang],
                     k->t0, k->t1 - 1, WEXITSTATUS(k->status));
@@ -523,7 +755,7 @@ static void workers_wait(worker *ws, int n)
         dump_file("its stdout", k->out, 2000);
     }
     if (bad)
-        fail_msg("%d of %d workers failed (their output is above)", bad, n);
+        fail_msg("%d of %d workers did not finish (their output is above)", bad, n);
 }
 
 /* Reads a worker's output: one line "t step hex" per step t0 .. t1-1, in
@@ -672,6 +904,33 @@ static void assert_history_workers(suite *s, const char *session)
     cJSON_Delete(j);
 }
 
+/* The step bodies a worker sends as JSON and as binary: by (t + w) mod 3,
+ * its client's default (JSON for Python and JS at 16 elements, binary for C
+ * and Go), JSON, binary. */
+static void expected_forms(lang_id l, int w, long long t0, long long t1, long *json,
+                           long *binary)
+{
+    bool default_json = l == LANG_PY || l == LANG_JS;
+    for (long long t = t0; t < t1; t++) {
+        long long f = (t + w) % 3;
+        if (f == 1 || (f == 0 && default_json))
+            (*json)++;
+        else
+            (*binary)++;
+    }
+}
+
+/* Asserts that the proxy saw at least the expected step bodies of each
+ * form since the last call (a client's retry may add some). */
+static void assert_forms(suite *s, const char *who, long want_json, long want_binary)
+{
+    long json, binary;
+    proxy_take(&s->px, &json, &binary);
+    if (json < want_json || binary < want_binary)
+        fail_msg("%s: the wire carried %ld JSON and %ld binary step bodies, expected %ld and %ld",
+                 who, json, binary, want_json, want_binary);
+}
+
 /* Runs the four languages one after another on one session: Python steps
  * 0..24, JS 25..49, C 50..74, Go 75..99, each with base_step t.  ref holds
  * the reference params (little-endian bytes) after 0 .. 100 steps. */
@@ -684,12 +943,16 @@ static void run_turns(suite *s, const char *session, optim_dtype dt, const unsig
     for (int l = 0; l < N_LANGS; l++) {
         worker k = {.lang = (lang_id)l, .session = session, .dt = dt, .w = 0,
                     .t0 = (long long)l * TURN, .t1 = (long long)(l + 1) * TURN};
+        proxy_take(&s->px, &(long){0}, &(long){0});
         worker_spawn(s, &k);
         workers_wait(&k, 1);
         ms[l] = k.ms;
         unsigned char *got = worker_read(&k);
         char who[96];
         snprintf(who, sizeof who, "%s worker on %s", lang_name[l], session);
+        long want_json = 0, want_binary = 0;
+        expected_forms(k.lang, k.w, k.t0, k.t1, &want_json, &want_binary);
+        assert_forms(s, who, want_json, want_binary);
         for (long long t = k.t0; t < k.t1; t++)
             assert_params(who, t, dt, got + (size_t)(t - k.t0) * vb, ref + (size_t)(t + 1) * vb,
                           tol, &inexact);
@@ -812,14 +1075,18 @@ static void test_sync_rounds_f64(void **state)
     }
 
     worker ws[N_LANGS];
+    long want_json = 0, want_binary = 0;
+    proxy_take(&s->px, &(long){0}, &(long){0});
     long long t0 = tapi_now_ms();
     for (int l = 0; l < N_LANGS; l++) {
         ws[l] = (worker){.lang = (lang_id)l, .session = session, .dt = OPTIM_F64, .w = l,
                          .t0 = 0, .t1 = ROUNDS};
+        expected_forms(ws[l].lang, ws[l].w, ws[l].t0, ws[l].t1, &want_json, &want_binary);
         worker_spawn(s, &ws[l]);
     }
     workers_wait(ws, N_LANGS);
     long long wall = tapi_now_ms() - t0;
+    assert_forms(s, "the sync workers", want_json, want_binary);
 
     unsigned char *got[N_LANGS];
     for (int l = 0; l < N_LANGS; l++)
