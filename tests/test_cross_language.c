@@ -9,7 +9,10 @@
  * fork of this binary.  Each worker prints, after every step, the step the
  * daemon reported and the params as the hex of their little-endian bytes;
  * the test checks every line against a reference computed here: bit for bit
- * for SGD in float64, within 1e-6 of optim_step for Adam in float32.
+ * for SGD in float64, within 1e-6 of optim_step for Adam in float32.  Each
+ * worker alternates its client's default wire form with forced JSON and
+ * forced binary steps; the workers reach the daemon through a relay that
+ * counts both forms, so the wire itself shows that every language sent each.
  *
  * The gradient stream g(t, i, w) = (((7t + 13i + 5w) mod 17) - 8) / 8 is
  * k/8 with |k| <= 8, exact in both dtypes, so every language computes the
@@ -95,8 +98,9 @@ static long long worker_timeout_ms(void)
 
 /* --------------------------------------------------- little-endian bytes */
 
-/* Element i of a vector of dtype dt as its little-endian bytes, and back:
- * the workers print exactly these, whatever the host's byte order. */
+/* n elements of dtype dt as little-endian bytes (put_le), and element i of
+ * such bytes as a double (get_le): the workers print exactly these bytes,
+ * whatever the host's byte order. */
 static void put_le(optim_dtype dt, const void *v, size_t n, unsigned char *out)
 {
     for (size_t i = 0; i < n; i++) {
