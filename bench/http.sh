@@ -7,7 +7,7 @@
 # Environment (all optional):
 #   OPTD_BIN               daemon to measure (default build/optd)
 #   OPTD_BENCH_DURATION    seconds per timed run (default 4)
-#   OPTD_BENCH_REPS        rounds of the four runs; medians are reported (default 3)
+#   OPTD_BENCH_REPS        rounds of the six runs; medians are reported (default 3)
 #   OPTD_BENCH_BIG_SECONDS seconds of 1M-param steps (default 8)
 #   OPTD_BENCH_PROFILE     1: afterwards, perf-record the daemon during one more run
 #                          at 1 and at 16 connections and print where the time goes
@@ -323,15 +323,17 @@ echo
 echo "checked: $applied steps applied for $answered answered on the 1k sessions, $big_applied for $big_answered on the 1M one"
 
 # ------------------------------------------------------------------ profile
-# On-CPU time of the daemon by function, callers included (--children):
-# storage_append against on_request says how much of a step is SQLite.
-# DWARF unwinding, since Debian's libsqlite3 and libc have no frame pointers.
+# On-CPU time of the daemon, callers included: the share of a step's CPU in
+# each stage, then the flat list of the hottest functions.  DWARF unwinding,
+# since Debian's libsqlite3 and libc have no frame pointers.
+STAGES="on_request h_step srv_session_apply srv_reply_params storage_append sqlite3WalFrames
+sqlite3WalCheckpoint fdatasync __libc_pread __libc_pwrite __libc_sendmsg __libc_recv epoll_wait"
 if [ "$PROFILE" = 1 ]; then
     command -v perf >/dev/null 2>&1 || die "OPTD_BENCH_PROFILE=1 needs perf"
     for c in 1 $CONNS; do
         echo
         echo "--- perf: optd during ${DUR}s of 1k steps at $c connection(s), on-CPU time"
-        perf record -q --call-graph dwarf,16384 -F 999 -p "$OPTD_PID" -o "$TMP/perf.$c.data" \
+        perf record -q --call-graph dwarf,32768 -F 499 -p "$OPTD_PID" -o "$TMP/perf.$c.data" \
             -- sleep $((DUR + 1)) >/dev/null 2>&1 &
         PERF_PID=$!
         sleep 0.5
@@ -339,7 +341,22 @@ if [ "$PROFILE" = 1 ]; then
         wait $PERF_PID
         PERF_PID=
         timeout 120 perf report -i "$TMP/perf.$c.data" --stdio --children --sort sym -g none \
-            --percent-limit 2 2>/dev/null | grep '%' | grep -v ' 0x0000' | head -45
-        echo "(children%: time in the function and its callees; self%: in the function)"
+            2>/dev/null >"$TMP/perf.$c.children"
+        echo "stage (function and its callees)      share of optd CPU"
+        awk -v stages="$STAGES" '
+            BEGIN { n = split(stages, st, /[ \n]+/); for (i = 1; i <= n; i++) want[st[i]] = i }
+            $3 == "[.]" && ($4 in want) && !(($4) in seen) { seen[$4] = $1 }
+            END {
+                for (i = 1; i <= n; i++)
+                    if (st[i] in seen) printf "  %-36s %8s\n", st[i], seen[st[i]]
+                # What the transaction spends outside the WAL: the statements
+                # (log row, checkpoint row, dropping checkpointed gradients).
+                rest = seen["storage_append"] - seen["sqlite3WalFrames"] - seen["sqlite3WalCheckpoint"]
+                printf "  %-36s %7.2f%%\n", "storage_append minus WAL I/O", rest
+            }
+        ' "$TMP/perf.$c.children"
+        echo "hottest functions (self time):"
+        timeout 120 perf report -i "$TMP/perf.$c.data" --stdio --no-children --sort dso,sym \
+            -g none --percent-limit 2 2>/dev/null | grep '%' | head -12
     done
 fi
