@@ -84,7 +84,8 @@ static const char *const sql_text[Q_COUNT] = {
         "INSERT INTO steps(session_id, seq, kind, step, time_ms, lr, factor, loss, grad_norm,"
         " update_norm, worker, grad) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     [Q_LOG_DROP_GRAD] =
-        "UPDATE steps SET grad = NULL WHERE session_id = ?1 AND seq <= ?2 AND grad IS NOT NULL",
+        "UPDATE steps SET grad = NULL WHERE session_id = ?1 AND seq <= ?2 AND grad IS NOT NULL"
+        " AND seq > (SELECT seq FROM checkpoints WHERE session_id = ?1)",
     [Q_IDEM_INSERT] = "INSERT OR IGNORE INTO idem(session_id, key, step, time_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
     [Q_IDEM_GET] =
         "SELECT i.step, (SELECT lr FROM steps WHERE session_id = i.session_id AND step = i.step"
@@ -243,11 +244,18 @@ int storage_open(const char *path, storage_durability d, storage **out, char **e
     int rc = sqlite3_open_v2(path, &st->db,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
                              NULL);
+    /* WAL checkpoints run inside a commit, under the storage lock: with
+     * SQLite's default (every 1000 pages) they stall a step every ~140
+     * steps.  Every 16384 pages (64 MiB at 4 KiB) they are rarer; the page
+     * cache (64 MiB) keeps large sessions' rows from spilling mid-insert.
+     * bench/HTTP.md has the measurements. */
     const char *pragmas = d == STORAGE_SYNC_FULL
                               ? "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
-                                " PRAGMA foreign_keys=ON;"
+                                " PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=16384;"
+                                " PRAGMA cache_size=-65536;"
                               : "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
-                                " PRAGMA foreign_keys=ON;";
+                                " PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=16384;"
+                                " PRAGMA cache_size=-65536;";
     if (rc == SQLITE_OK) {
         sqlite3_busy_timeout(st->db, 5000);
         rc = sqlite3_exec(st->db, pragmas, NULL, NULL, NULL);
@@ -477,19 +485,22 @@ int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
 static int replace_ckpt(storage *st, int64_t id, const void *ckpt, size_t len, int64_t seq,
                         int64_t step)
 {
-    sqlite3_stmt *s = stmt(st, Q_CKPT_REPLACE);
+    /* Drop the replay data the new checkpoint covers: only the rows after
+     * the old checkpoint still have any, so the scan stays bounded (run it
+     * before the checkpoint row changes). */
+    sqlite3_stmt *s = stmt(st, Q_LOG_DROP_GRAD);
     sqlite3_bind_int64(s, 1, id);
     sqlite3_bind_int64(s, 2, seq);
-    sqlite3_bind_int64(s, 3, step);
-    sqlite3_bind_blob64(s, 4, ckpt, len, SQLITE_STATIC);
     int err = exec_stmt(s);
-    if (err == STORAGE_OK && sqlite3_changes(st->db) == 0)
-        err = STORAGE_ENOTFOUND;
     if (err == STORAGE_OK) {
-        s = stmt(st, Q_LOG_DROP_GRAD);
+        s = stmt(st, Q_CKPT_REPLACE);
         sqlite3_bind_int64(s, 1, id);
         sqlite3_bind_int64(s, 2, seq);
+        sqlite3_bind_int64(s, 3, step);
+        sqlite3_bind_blob64(s, 4, ckpt, len, SQLITE_STATIC);
         err = exec_stmt(s);
+        if (err == STORAGE_OK && sqlite3_changes(st->db) == 0)
+            err = STORAGE_ENOTFOUND;
     }
     return err;
 }
