@@ -12,9 +12,9 @@
  * imports torch, torch.optim's params/s and optd's speed-up.
  *
  * The machine is shared, so every figure of a cell is taken in the same
- * window: the step's batches take turns with the copy and triad batches,
+ * window: the copy and triad loops run right after the step's batches,
  * and bench/torch_optim.py (kept running, two instances, see "torch")
- * times the same row right after.  The whole table is walked --rounds
+ * times the same row right after them.  The whole table is walked --rounds
  * times and each figure is the median of all its batches, so a neighbour's
  * burst of load spoils a part of every cell's samples rather than all of a
  * few cells'.  bench/README.md explains the columns.
@@ -183,14 +183,19 @@ typedef struct {
 
 #define MAX_OPS 3
 
-/* One round of a cell: each op is warmed up and given a batch length from
- * its warm-up pace, then the batches take turns (op 0, op 1, ..., op 0,
- * ...) so that a neighbour's load weighs on every op alike.  ops[0] sets
- * the number of batches: undisturbed ones that together last >= min_time,
- * trying at most twice as many. */
+/* One round of a cell: the ops run one after the other, each warmed up
+ * and then timed in batches run back to back, as a training loop runs its
+ * step (and as torch's steps are timed).  The ceiling loops follow straight
+ * after the step, in the same second of the shared machine.  Taking turns
+ * batch by batch would share the window more tightly, but each switch
+ * between working sets (dirty lines of the other op going back to memory,
+ * cold TLB and prefetchers) cost a 1e7 step 15-30%, even after an untimed
+ * call.  ops[0] sets the number of batches: undisturbed ones that together
+ * last >= min_time, trying at most twice as many; the ceiling loops get as
+ * many batches of half the length. */
 static void time_ops(timed_op *ops, size_t nops, double min_time)
 {
-    size_t k[MAX_OPS], nsamp = 0;
+    size_t nsamp = 0;
     for (size_t o = 0; o < nops; o++) {
         size_t calls = 0;
         double t0 = now_sec(), el;
@@ -200,34 +205,24 @@ static void time_ops(timed_op *ops, size_t nops, double min_time)
             el = now_sec() - t0;
         } while (calls < 2 || el < WARMUP_SEC);
         double per = el / (double)calls;
-        /* The ceiling loops only need to share the window: half-length
-         * batches keep a cell near 2 x min_time. */
         double batch = o == 0 ? BATCH_SEC : BATCH_SEC / 2;
-        k[o] = per >= batch ? 1 : (size_t)ceil(batch / per);
-        if (o == 0)
-            nsamp = (size_t)ceil(min_time / (per * (double)k[0]));
-    }
-    if (nsamp < MIN_CHUNK)
-        nsamp = MIN_CHUNK;
-    if (nsamp > MAX_CHUNK)
-        nsamp = MAX_CHUNK;
-    size_t good = 0;
-    for (size_t tries = 0; good < nsamp && tries < 2 * nsamp; tries++) {
-        for (size_t o = 0; o < nops; o++) {
-            /* One untimed call first: it pays for the switch from the
-             * other op (its dirty lines going back to memory, cold TLB and
-             * prefetchers), which at 1e7 cost a lone step 15-30%.  The
-             * timed calls then run as they do back to back, as torch's
-             * repeated steps do. */
-            ops[o].fn(ops[o].ctx);
+        size_t k = per >= batch ? 1 : (size_t)ceil(batch / per);
+        if (o == 0) {
+            nsamp = (size_t)ceil(min_time / (per * (double)k));
+            if (nsamp < MIN_CHUNK)
+                nsamp = MIN_CHUNK;
+            if (nsamp > MAX_CHUNK)
+                nsamp = MAX_CHUNK;
+        }
+        size_t good = 0;
+        for (size_t tries = 0; good < nsamp && tries < 2 * nsamp; tries++) {
             double c = cpu_sec(), a = now_sec();
-            for (size_t j = 0; j < k[o]; j++)
+            for (size_t j = 0; j < k; j++)
                 ops[o].fn(ops[o].ctx);
             double wall = now_sec() - a;
             bool undisturbed = cpu_sec() - c >= ON_CPU_SHARE * wall;
-            pool_add(ops[o].out, wall / (double)k[o], undisturbed);
-            if (o == 0)
-                good += undisturbed;
+            pool_add(ops[o].out, wall / (double)k, undisturbed);
+            good += undisturbed;
         }
     }
 }
@@ -400,9 +395,9 @@ static void arena_free(arena *a)
     free(a->tri.c);
 }
 
-/* One round of a row at size n: fresh state, then the step in turns with
- * the ceiling loops over arrays as large in total as the rule's vectors
- * (two arrays of half for copy, three of a third for triad). */
+/* One round of a row at size n: fresh state, the step, then the ceiling
+ * loops over arrays as large in total as the rule's vectors (two arrays of
+ * half for copy, three of a third for triad). */
 static int optd_round(const row_def *row, size_t n, arena *a, cell *c, double min_time)
 {
     optim_hparams hp;
@@ -881,7 +876,7 @@ int main(int argc, char **argv)
            "x          optd's speed-up: params/s over the torch figure to its left\n"
            "GB/s       bytes the step touches per second: optim_bytes_per_param x params/s\n"
            "ceilGB     the better of a copy and a triad loop over arrays as large in total as\n"
-           "           the rule's params + grad + buffers, in turns with the steps, in GB/s\n"
+           "           the rule's params + grad + buffers, right after the steps, in GB/s\n"
            "           counting the write-allocate (copy 12 B, triad 16 B per element)\n\n");
     printf("%-5s %-16s %8s %9s %6s %9s %8s %6s %9s %6s %6s %6s\n", "size", "optimizer",
            "params/s", "ceiling/s", "ofceil", "ns/step", "torch/s", "x", "tuned/s", "x",
