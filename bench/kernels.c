@@ -437,27 +437,36 @@ static int optd_round(const row_def *row, size_t n, arena *a, cell *c, double mi
 
 /* -------------------------------------------------------------- machine */
 
+/* "model name" from /proc/cpuinfo, with family and model numbers: a VM may
+ * report only "AMD EPYC". */
 static void cpu_model(char *out, size_t cap)
 {
-    snprintf(out, cap, "unknown");
+    char name[160] = "unknown", family[16] = "?", model[16] = "?";
     FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f)
-        return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (strncmp(line, "model name", 10) == 0) {
+    if (f) {
+        char line[512];
+        while (fgets(line, sizeof line, f)) {
             char *v = strchr(line, ':');
-            if (v) {
+            if (!v)
+                continue;
+            v++;
+            while (*v == ' ' || *v == '\t')
                 v++;
-                while (*v == ' ' || *v == '\t')
-                    v++;
-                v[strcspn(v, "\n")] = '\0';
-                snprintf(out, cap, "%s", v);
+            v[strcspn(v, "\n")] = '\0';
+            if (strncmp(line, "cpu family", 10) == 0) {
+                snprintf(family, sizeof family, "%s", v);
+            } else if (strncmp(line, "model\t", 6) == 0) {
+                snprintf(model, sizeof model, "%s", v);
+            } else if (strncmp(line, "model name", 10) == 0) {
+                /* Last of the three in the first CPU's block. */
+                snprintf(name, sizeof name, "%s", v);
+                break;
             }
-            break;
         }
+        fclose(f);
     }
-    fclose(f);
+    snprintf(out, cap, "%s (family %s, model %s), %ld CPUs online", name, family, model,
+             sysconf(_SC_NPROCESSORS_ONLN));
 }
 
 /* The clone GCC's target_clones resolver runs: it takes the first of
