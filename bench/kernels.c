@@ -21,7 +21,6 @@
  */
 #include "optim/optim.h"
 
-#include <errno.h>
 #include <fcntl.h>
 #include <math.h>
 #include <signal.h>
@@ -157,8 +156,8 @@ static void pool_add(pool *p, double sec, bool undisturbed)
 #define POOL_ENOUGH 3
 
 /* The median of the undisturbed batches, or of all of them when fewer
- * than POOL_ENOUGH ran undisturbed; 0 for an empty pool.  Sorts. */
-static double pool_median(pool *p)
+ * than POOL_ENOUGH ran undisturbed; 0 for an empty pool. */
+static double pool_median(const pool *p)
 {
     double all[2 * POOL_MAX];
     size_t n = 0;
@@ -180,8 +179,6 @@ typedef struct {
     void *ctx;
     pool *out;       /* each batch's seconds per call is added here */
 } timed_op;
-
-#define MAX_OPS 3
 
 /* One round of a cell: the ops run one after the other, each warmed up
  * and then timed in batches run back to back, as a training loop runs its
@@ -310,13 +307,11 @@ static void op_triad(void *ctx)
     triad_loop(s->a, s->b, s->c, 0.5f, s->n);
 }
 
-/* Bytes per element each loop moves.  "touched" counts what the program
- * reads and writes, as optim_bytes_per_param does; "bus" adds the
+/* Bytes per element each loop puts on the memory bus: what it reads and
+ * writes (8 and 12, counted as optim_bytes_per_param counts) plus the
  * write-allocate read of the destination line, which the in-place
  * optimizer updates never pay (they read every line they write). */
-#define COPY_TOUCHED 8.0
 #define COPY_BUS 12.0
-#define TRIAD_TOUCHED 12.0
 #define TRIAD_BUS 16.0
 
 /* ----------------------------------------------------------- optd cells */
@@ -739,7 +734,7 @@ typedef struct {
     bool tuned_single;   /* foreach=False was the better one             */
 } figures;
 
-static void cell_figures(cell *c, const row_def *row, size_t n, figures *f)
+static void cell_figures(const cell *c, const row_def *row, size_t n, figures *f)
 {
     optim_hparams hp;
     row_hparams(row, &hp);
@@ -806,9 +801,9 @@ int main(int argc, char **argv)
     printf("compiler:  %s\n", compiler_name());
     printf("kernels:   target_clones variant %s\n", clone_variant());
     printf("timing:    CLOCK_MONOTONIC; per cell >= %.2g s of optim_step batches (>= 2 ms\n"
-           "           each; torch: half that) over %u rounds, after a warm-up; median;\n"
+           "           each; torch: half that) over %u round%s, after a warm-up; median;\n"
            "           64-byte-aligned vectors, touched first\n",
-           min_time, rounds);
+           min_time, rounds, rounds == 1 ? "" : "s");
 
     torch_proc shipped = {0}, tuned = {0};
     char torch_info[256] = "skipped (--no-torch)";
