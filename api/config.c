@@ -100,36 +100,6 @@ static const optim_hp_spec *spec_find(const optim_hp_spec *specs, size_t n, cons
     return NULL;
 }
 
-/* Sets every field of a table to its default. */
-static void specs_default(const optim_hp_spec *specs, size_t n, void *base)
-{
-    char *b = base;
-    for (size_t i = 0; i < n; i++) {
-        const optim_hp_spec *s = &specs[i];
-        switch (s->type) {
-        case OPTIM_HP_NUM:
-        case OPTIM_HP_NUM_INF:
-            *(double *)(b + s->offset) = s->def[0];
-            break;
-        case OPTIM_HP_INT:
-            *(int64_t *)(b + s->offset) = (int64_t)s->def[0];
-            break;
-        case OPTIM_HP_BOOL:
-            *(bool *)(b + s->offset) = s->def[0] != 0;
-            break;
-        case OPTIM_HP_PAIR:
-            ((double *)(b + s->offset))[0] = s->def[0];
-            ((double *)(b + s->offset))[1] = s->def[1];
-            break;
-        case OPTIM_HP_ENUM:
-            *(int *)(b + s->offset) = (int)s->def[0];
-            break;
-        case OPTIM_HP_INT_LIST:
-            *(size_t *)(b + s->count_offset) = 0;
-            break;
-        }
-    }
-}
 
 /* Decodes one hyperparameter value into base per its spec. */
 static int spec_set(const optim_hp_spec *s, const cJSON *v, void *base, const char *prefix,
@@ -373,7 +343,7 @@ static void mode_default(api_mode *m)
 {
     memset(m, 0, sizeof *m);
     m->type = API_MODE_ASYNC;
-    specs_default(async_specs, N_ASYNC, m);
+    optim_specs_default(async_specs, N_ASYNC, m);
     m->timeout_ms = MODE_DEFAULT_TIMEOUT_MS;
 }
 
@@ -393,7 +363,7 @@ static int decode_mode(const cJSON *v, api_mode *m, api_reply *r)
             return bad(r, "mode", "max_staleness", "must be >= 0 (or -1 for no bound)");
     } else if (strcmp(name, "sync") == 0) {
         m->type = API_MODE_SYNC;
-        specs_default(sync_specs, N_SYNC, m);
+        optim_specs_default(sync_specs, N_SYNC, m);
         int st = specs_decode(v, sync_specs, N_SYNC, m, "mode", "sync", true, r);
         if (st)
             return st;
@@ -924,7 +894,7 @@ char *api_catalogue_json(void)
                                        "session; optional staleness bound and damping");
     cJSON_AddItemToObject(ma, "hyperparameters", catalogue_params(async_specs, N_ASYNC, &m));
     cJSON_AddItemToArray(modes, ma);
-    specs_default(sync_specs, N_SYNC, &m);
+    optim_specs_default(sync_specs, N_SYNC, &m);
     cJSON *ms = cJSON_CreateObject();
     cJSON_AddStringToObject(ms, "type", "sync");
     cJSON_AddStringToObject(ms, "doc", "round t closes when N distinct workers have sent a "

@@ -83,12 +83,7 @@ void optim_clip_default(optim_clip_kind kind, optim_clip *out)
     const optim_clip_info *info = optim_clip_info_of(kind);
     if (!info)
         return;
-    for (size_t i = 0; i < info->n_hps; i++) {
-        const optim_hp_spec *s = &info->hps[i];
-        /* Only numbers appear in the clip tables. */
-        if (s->type == OPTIM_HP_NUM || s->type == OPTIM_HP_NUM_INF)
-            *(double *)((char *)out + s->offset) = s->def[0];
-    }
+    optim_specs_default(info->hps, info->n_hps, out);
 }
 
 static int clip_fail(optim_error *err, const char *field, const char *msg)

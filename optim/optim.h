@@ -73,6 +73,9 @@ typedef struct {
     const char *doc;             /* one line for /v1/optimizers            */
 } optim_hp_spec;
 
+/* Sets every field a table describes to its default (lists to empty). */
+void optim_specs_default(const optim_hp_spec *specs, size_t n, void *base);
+
 /* ------------------------------------------------------------ optimizers */
 
 typedef enum {

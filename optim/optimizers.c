@@ -228,36 +228,7 @@ void optim_hparams_default(optim_kind kind, optim_hparams *out)
     const optim_info *info = optim_info_of(kind);
     if (info == NULL)
         return;
-    for (size_t i = 0; i < info->n_hps; i++) {
-        const optim_hp_spec *s = &info->hps[i];
-        char *at = (char *)out + s->offset;
-        switch (s->type) {
-        case OPTIM_HP_NUM:
-        case OPTIM_HP_NUM_INF:
-            memcpy(at, &s->def[0], sizeof(double));
-            break;
-        case OPTIM_HP_PAIR:
-            memcpy(at, s->def, 2 * sizeof(double));
-            break;
-        case OPTIM_HP_BOOL: {
-            bool b = s->def[0] != 0;
-            memcpy(at, &b, sizeof b);
-            break;
-        }
-        case OPTIM_HP_ENUM: {
-            int e = (int)s->def[0];
-            memcpy(at, &e, sizeof e);
-            break;
-        }
-        case OPTIM_HP_INT: {
-            int64_t v = (int64_t)s->def[0];
-            memcpy(at, &v, sizeof v);
-            break;
-        }
-        case OPTIM_HP_INT_LIST:
-            break;
-        }
-    }
+    optim_specs_default(info->hps, info->n_hps, out);
 }
 
 /* ------------------------------------------------------------ validation */

@@ -188,32 +188,7 @@ void optim_sched_default(optim_sched_kind kind, optim_schedule *out)
     const optim_sched_info *info = optim_sched_info_of(kind);
     if (!info)
         return;
-    char *b = (char *)out;
-    for (size_t i = 0; i < info->n_hps; i++) {
-        const optim_hp_spec *s = &info->hps[i];
-        switch (s->type) {
-        case OPTIM_HP_NUM:
-        case OPTIM_HP_NUM_INF:
-            *(double *)(b + s->offset) = s->def[0];
-            break;
-        case OPTIM_HP_INT:
-            *(int64_t *)(b + s->offset) = (int64_t)s->def[0];
-            break;
-        case OPTIM_HP_BOOL:
-            *(bool *)(b + s->offset) = s->def[0] != 0;
-            break;
-        case OPTIM_HP_PAIR:
-            ((double *)(b + s->offset))[0] = s->def[0];
-            ((double *)(b + s->offset))[1] = s->def[1];
-            break;
-        case OPTIM_HP_ENUM:
-            *(int *)(b + s->offset) = (int)s->def[0];
-            break;
-        case OPTIM_HP_INT_LIST:
-            *(size_t *)(b + s->count_offset) = 0;
-            break;
-        }
-    }
+    optim_specs_default(info->hps, info->n_hps, out);
 }
 
 /* ------------------------------------------------------------ validation */
