@@ -25,39 +25,17 @@
 enum { THREADS = 8, STEPS = 200, N = 16 };
 static const double LR = 0.01;
 
-typedef struct {
-    tdaemon d;
-    optd_client *c;
-} suite;
+typedef tapi_suite suite;
 
 static int suite_setup(void **state)
 {
-    suite *s = calloc(1, sizeof *s);
-    *state = NULL;
-    if (!s)
-        return -1;
-    if (tdaemon_start(&s->d, NULL, NULL) != 0) {
-        tdaemon_cleanup(&s->d);
-        free(s);
-        return -1;
-    }
-    s->c = tapi_client(tdaemon_url(&s->d), NULL, false);
-    *state = s;
-    return 0;
+    *state = tapi_suite_open(NULL);
+    return *state ? 0 : -1;
 }
 
 static int suite_teardown(void **state)
 {
-    suite *s = *state;
-    if (!s) /* the setup failed and said why */
-        return -1;
-    optd_client_free(s->c);
-    int rc = tdaemon_stop(&s->d);
-    if (rc == 0 && tapi_integrity_check(tdaemon_db(&s->d)) != 0)
-        rc = -1;
-    tdaemon_cleanup(&s->d);
-    free(s);
-    return rc == 0 ? 0 : -1;
+    return tapi_suite_close(*state);
 }
 
 /* Worker threads count problems instead of asserting: cmocka's asserts

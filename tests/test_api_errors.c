@@ -22,28 +22,18 @@
 
 #define MAX_BODY_MB 1
 
-typedef struct {
-    tdaemon d;
-    optd_client *c;
-} suite;
+typedef tapi_suite suite;
 
 static const char *const E64 = "e64"; /* sgd float64 [1,2,3], one step applied */
 static const char *const E32 = "e32"; /* adam float32 size 4, one step applied */
 
 static int suite_setup(void **state)
 {
-    suite *s = calloc(1, sizeof *s);
     const char *args[] = {"--max-body-mb", "1", NULL};
-    *state = NULL;
+    suite *s = tapi_suite_open(args);
+    *state = s;
     if (!s)
         return -1;
-    if (tdaemon_start(&s->d, NULL, args) != 0) {
-        tdaemon_cleanup(&s->d);
-        free(s);
-        return -1;
-    }
-    s->c = tapi_client(tdaemon_url(&s->d), NULL, false);
-    *state = s;
     /* Each session has a step behind it, so "unchanged" means more than
      * "still at its initial values". */
     optd_response r = tapi_req(s->c, "PUT", "/v1/sessions/e64", NULL,
@@ -69,14 +59,7 @@ static int suite_setup(void **state)
 
 static int suite_teardown(void **state)
 {
-    suite *s = *state;
-    if (!s) /* the setup failed and said why */
-        return -1;
-    optd_client_free(s->c);
-    int rc = tdaemon_stop(&s->d);
-    tdaemon_cleanup(&s->d);
-    free(s);
-    return rc == 0 ? 0 : -1;
+    return tapi_suite_close(*state);
 }
 
 /* GET session's body: a PATCH error must leave even the config alone. */

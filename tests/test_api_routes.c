@@ -20,37 +20,17 @@
 #include "tests/support/apitest.h"
 #include "tests/support/daemon.h"
 
-typedef struct {
-    tdaemon d;
-    optd_client *c;
-} suite;
+typedef tapi_suite suite;
 
 static int suite_setup(void **state)
 {
-    suite *s = calloc(1, sizeof *s);
-    *state = NULL;
-    if (!s)
-        return -1;
-    if (tdaemon_start(&s->d, NULL, NULL) != 0) {
-        tdaemon_cleanup(&s->d);
-        free(s);
-        return -1;
-    }
-    s->c = tapi_client(tdaemon_url(&s->d), NULL, false);
-    *state = s;
-    return 0;
+    *state = tapi_suite_open(NULL);
+    return *state ? 0 : -1;
 }
 
 static int suite_teardown(void **state)
 {
-    suite *s = *state;
-    if (!s) /* the setup failed and said why */
-        return -1;
-    optd_client_free(s->c);
-    int rc = tdaemon_stop(&s->d);
-    tdaemon_cleanup(&s->d);
-    free(s);
-    return rc == 0 ? 0 : -1;
+    return tapi_suite_close(*state);
 }
 
 static const char *const JSON_ACCEPT[] = {"Accept: application/json", NULL};

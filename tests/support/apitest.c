@@ -181,3 +181,30 @@ int tapi_integrity_check(const char *db_path)
     sqlite3_close(db);
     return rc;
 }
+
+tapi_suite *tapi_suite_open(const char *const *args)
+{
+    tapi_suite *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    if (tdaemon_start(&s->d, NULL, args) != 0) {
+        tdaemon_cleanup(&s->d);
+        free(s);
+        return NULL;
+    }
+    s->c = tapi_client(tdaemon_url(&s->d), NULL, false);
+    return s;
+}
+
+int tapi_suite_close(tapi_suite *s)
+{
+    if (!s)
+        return -1;
+    optd_client_free(s->c);
+    int rc = tdaemon_stop(&s->d);
+    if (rc == 0 && tapi_integrity_check(tdaemon_db(&s->d)) != 0)
+        rc = -1;
+    tdaemon_cleanup(&s->d);
+    free(s);
+    return rc == 0 ? 0 : -1;
+}

@@ -12,6 +12,7 @@
 #include <stddef.h>
 
 #include "clients/c/optd_client.h"
+#include "tests/support/daemon.h"
 
 /* A client for url with retries off (a test sees every answer), or with
  * the default retries when retry is true.  Fails the test on OOM. */
@@ -60,5 +61,18 @@ int tapi_integrity_check(const char *db_path);
 
 /* Milliseconds of a monotonic clock. */
 long long tapi_now_ms(void);
+
+/* A suite's daemon and client: most integration suites share one of each. */
+typedef struct {
+    tdaemon d;
+    optd_client *c;
+} tapi_suite;
+
+/* Starts a daemon (extra args may be NULL) and a client without retries.
+ * NULL after saying why. */
+tapi_suite *tapi_suite_open(const char *const *args);
+/* Stops the daemon (a clean exit is required), checks the database's
+ * integrity, frees everything.  0 or -1. */
+int tapi_suite_close(tapi_suite *s);
 
 #endif /* TESTS_SUPPORT_APITEST_H */
