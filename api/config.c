@@ -263,52 +263,86 @@ static int decode_optimizer(const cJSON *v, optim_hparams *hp, bool patch, api_r
     return 0;
 }
 
-static int decode_schedule(const cJSON *v, optim_schedule *s, api_reply *r)
+/* Schedules and clips decode alike: null means none, otherwise a "type"
+ * naming an entry of the family's table, its hyperparameters, and the
+ * family's validation.  One decoder, described per family. */
+typedef struct {
+    const char *field;          /* "schedule", "clip"                     */
+    const char *kinds_hint;     /* for the unknown-type message           */
+    /* Finds name; on success fills the spec table and resets cfg to the
+     * kind's defaults.  false when unknown. */
+    bool (*select)(const char *name, void *cfg, const optim_hp_spec **hps, size_t *n,
+                   const char **canon);
+    void (*none)(void *cfg);
+    int (*validate)(const void *cfg, optim_error *e);
+} family;
+
+static bool sched_select(const char *name, void *cfg, const optim_hp_spec **hps, size_t *n,
+                         const char **canon)
+{
+    const optim_sched_info *info = optim_sched_find(name);
+    if (!info)
+        return false;
+    optim_sched_default(info->kind, cfg);
+    *hps = info->hps, *n = info->n_hps, *canon = info->name;
+    return true;
+}
+static void sched_none(void *cfg) { optim_sched_default(OPTIM_SCHED_NONE, cfg); }
+static int sched_validate(const void *cfg, optim_error *e) { return optim_sched_validate(cfg, e); }
+
+static bool clip_select(const char *name, void *cfg, const optim_hp_spec **hps, size_t *n,
+                        const char **canon)
+{
+    const optim_clip_info *info = optim_clip_find(name);
+    if (!info)
+        return false;
+    optim_clip_default(info->kind, cfg);
+    *hps = info->hps, *n = info->n_hps, *canon = info->name;
+    return true;
+}
+static void clip_none(void *cfg) { optim_clip_default(OPTIM_CLIP_NONE, cfg); }
+static int clip_validate(const void *cfg, optim_error *e) { return optim_clip_validate(cfg, e); }
+
+static const family schedule_family = {"schedule", "", sched_select, sched_none, sched_validate};
+static const family clip_family = {"clip", " (norm, value)", clip_select, clip_none,
+                                   clip_validate};
+
+static int decode_family(const cJSON *v, const family *f, void *cfg, api_reply *r)
 {
     if (cJSON_IsNull(v)) {
-        optim_sched_default(OPTIM_SCHED_NONE, s);
+        f->none(cfg);
         return 0;
     }
     if (!cJSON_IsObject(v))
-        return bad(r, NULL, "schedule", "must be an object with a \"type\" (or null)");
-    const char *name = type_of(v, "schedule", r);
+        return bad(r, NULL, f->field, "must be an object with a \"type\" (or null)");
+    const char *name = type_of(v, f->field, r);
     if (!name)
         return 400;
-    const optim_sched_info *info = optim_sched_find(name);
-    if (!info)
-        return api_problem(r, 400, "schedule.type", "unknown schedule \"%s\"", name);
-    optim_sched_default(info->kind, s);
-    int st = specs_decode(v, info->hps, info->n_hps, s, "schedule", info->name, true, r);
+    const optim_hp_spec *hps;
+    size_t n;
+    const char *canon;
+    if (!f->select(name, cfg, &hps, &n, &canon)) {
+        char field[32];
+        snprintf(field, sizeof field, "%s.type", f->field);
+        return api_problem(r, 400, field, "unknown %s \"%s\"%s", f->field, name, f->kinds_hint);
+    }
+    int st = specs_decode(v, hps, n, cfg, f->field, canon, true, r);
     if (st)
         return st;
     optim_error e;
-    if (optim_sched_validate(s, &e) != OPTIM_OK)
-        return optim_err_reply(r, "schedule", &e);
+    if (f->validate(cfg, &e) != OPTIM_OK)
+        return optim_err_reply(r, f->field, &e);
     return 0;
+}
+
+static int decode_schedule(const cJSON *v, optim_schedule *s, api_reply *r)
+{
+    return decode_family(v, &schedule_family, s, r);
 }
 
 static int decode_clip(const cJSON *v, optim_clip *c, api_reply *r)
 {
-    if (cJSON_IsNull(v)) {
-        optim_clip_default(OPTIM_CLIP_NONE, c);
-        return 0;
-    }
-    if (!cJSON_IsObject(v))
-        return bad(r, NULL, "clip", "must be an object with a \"type\" (or null)");
-    const char *name = type_of(v, "clip", r);
-    if (!name)
-        return 400;
-    const optim_clip_info *info = optim_clip_find(name);
-    if (!info)
-        return api_problem(r, 400, "clip.type", "unknown clip kind \"%s\" (norm, value)", name);
-    optim_clip_default(info->kind, c);
-    int st = specs_decode(v, info->hps, info->n_hps, c, "clip", info->name, true, r);
-    if (st)
-        return st;
-    optim_error e;
-    if (optim_clip_validate(c, &e) != OPTIM_OK)
-        return optim_err_reply(r, "clip", &e);
-    return 0;
+    return decode_family(v, &clip_family, c, r);
 }
 
 /* The mode's fields, as a spec table of our own so that they decode like

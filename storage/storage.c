@@ -441,6 +441,26 @@ static void read_entry(sqlite3_stmt *s, storage_log_entry *e, bool with_grad)
     }
 }
 
+/* Steps a bound row query, calling fn for each log row; stops on the
+ * first non-zero return.  Resets the statement. */
+static int walk_rows(sqlite3_stmt *s, bool with_grad, storage_replay_fn fn, void *ud)
+{
+    int rc, err = STORAGE_OK;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        storage_log_entry e;
+        read_entry(s, &e, with_grad);
+        int r = fn(ud, &e);
+        if (r != 0) {
+            err = r;
+            break;
+        }
+    }
+    if (err == STORAGE_OK && rc != SQLITE_DONE)
+        err = rc_to_err(rc);
+    sqlite3_reset(s);
+    return err;
+}
+
 int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
                          storage_replay_fn replay, void *ud)
 {
@@ -464,18 +484,7 @@ int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
         s = stmt(st, Q_LOG_AFTER);
         sqlite3_bind_int64(s, 1, id);
         sqlite3_bind_int64(s, 2, seq);
-        while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-            storage_log_entry e;
-            read_entry(s, &e, true);
-            int r = replay(ud, &e);
-            if (r != 0) {
-                err = r;
-                break;
-            }
-        }
-        if (err == STORAGE_OK && rc != SQLITE_DONE)
-            err = rc_to_err(rc);
-        sqlite3_reset(s);
+        err = walk_rows(s, true, replay, ud);
     }
     rollback(st);
     pthread_mutex_unlock(&st->mu);
@@ -626,19 +635,7 @@ int storage_history(storage *st, int64_t id, int64_t after, int limit, storage_r
     sqlite3_bind_int64(s, 1, id);
     sqlite3_bind_int64(s, 2, after);
     sqlite3_bind_int(s, 3, limit);
-    int rc, err = STORAGE_OK;
-    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-        storage_log_entry e;
-        read_entry(s, &e, false);
-        int r = fn(ud, &e);
-        if (r != 0) {
-            err = r;
-            break;
-        }
-    }
-    if (err == STORAGE_OK && rc != SQLITE_DONE)
-        err = rc_to_err(rc);
-    sqlite3_reset(s);
+    int err = walk_rows(s, false, fn, ud);
     pthread_mutex_unlock(&st->mu);
     return err;
 }
