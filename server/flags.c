@@ -1,5 +1,5 @@
 /*
- * config.c -- command-line flags and their OPTD_* environment twins, and
+ * flags.c -- command-line flags and their OPTD_* environment twins, and
  * the log.
  */
 #include "server/server.h"

@@ -1,5 +1,5 @@
 /*
- * config.c -- session configuration: decoding create/PATCH bodies through
+ * session_config.c -- session configuration: decoding create/PATCH bodies through
  * optim's hyperparameter tables, the canonical JSON form stored with a
  * session, the /v1/optimizers catalogue, and deterministic initialisation.
  */
