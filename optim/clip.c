@@ -3,10 +3,8 @@
  * hyperparameter tables, and the gradient norms they (and the API's
  * reporting) rely on.
  *
- * Norms are accumulated in double whatever the dtype, in CLIP_LANES
- * independent partial sums combined in a fixed order at the end: the lanes
- * let the compiler vectorise the loop without reassociating anything, so the
- * result is the same bit for bit on every CPU and in every clone below.
+ * The norms themselves are optim/vec.c's blocked reductions (the same bit
+ * for bit on every CPU, in every clone and on any number of threads).
  */
 #include "optim/optim.h"
 
@@ -22,10 +20,6 @@
 #else
 #define CLIP_CLONES
 #endif
-
-/* 16 doubles: two AVX-512 or four AVX2 registers of independent sums, enough
- * to hide the adder's latency so that the loop runs at memory speed. */
-#define CLIP_LANES 16
 
 /* torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing. */
 #define CLIP_NORM_EPS 1e-6
@@ -120,109 +114,14 @@ int optim_clip_validate(const optim_clip *c, optim_error *err)
     return clip_fail(err, "type", "unknown clip kind");
 }
 
-/* ------------------------------------------------------------- norms
- *
- * One loop per (dtype, norm): sum of squares, sum of magnitudes, largest
- * magnitude.  The inner k loop has a constant trip count and its lanes
- * never mix, so the vectoriser maps them onto vector registers without
- * changing any rounding; the tail (< CLIP_LANES elements) goes into the
- * first lanes.
- */
-
-/* Sums the lanes in a fixed tree order. */
-static double lanes_sum(const double *acc)
-{
-    double s[CLIP_LANES];
-    memcpy(s, acc, sizeof s);
-    for (int w = CLIP_LANES / 2; w >= 1; w /= 2)
-        for (int k = 0; k < w; k++)
-            s[k] = s[k] + s[k + w];
-    return s[0];
-}
-
-static double lanes_max(const double *acc)
-{
-    double m = acc[0];
-    for (int k = 1; k < CLIP_LANES; k++)
-        m = acc[k] > m ? acc[k] : m;
-    return m;
-}
-
-/* The max-magnitude loop takes `a > m ? a : m`, one vector max, which passes
- * over NaN.  Alongside it sums a - a: 0 for a finite element, NaN for NaN or
- * Inf.  Only when that sum is NaN does a second, scalar pass decide between
- * NaN (some element is NaN: torch's max propagates it) and Inf. */
-#define DEFINE_NORM_LOOPS(T, SUFFIX)                                                    \
-    CLIP_CLONES static double sumsq_##SUFFIX(const T *restrict g, size_t n)            \
-    {                                                                                   \
-        double acc[CLIP_LANES] = {0};                                                   \
-        size_t i = 0;                                                                   \
-        for (; i + CLIP_LANES <= n; i += CLIP_LANES) {                                  \
-            for (int k = 0; k < CLIP_LANES; k++) {                                      \
-                double x = (double)g[i + k];                                            \
-                acc[k] = acc[k] + x * x;                                                \
-            }                                                                           \
-        }                                                                               \
-        for (int k = 0; i < n; i++, k++) {                                              \
-            double x = (double)g[i];                                                    \
-            acc[k] = acc[k] + x * x;                                                    \
-        }                                                                               \
-        return lanes_sum(acc);                                                          \
-    }                                                                                   \
-    CLIP_CLONES static double sumabs_##SUFFIX(const T *restrict g, size_t n)           \
-    {                                                                                   \
-        double acc[CLIP_LANES] = {0};                                                   \
-        size_t i = 0;                                                                   \
-        for (; i + CLIP_LANES <= n; i += CLIP_LANES) {                                  \
-            for (int k = 0; k < CLIP_LANES; k++)                                        \
-                acc[k] = acc[k] + fabs((double)g[i + k]);                               \
-        }                                                                               \
-        for (int k = 0; i < n; i++, k++)                                                \
-            acc[k] = acc[k] + fabs((double)g[i]);                                       \
-        return lanes_sum(acc);                                                          \
-    }                                                                                   \
-    static double nan_or_##SUFFIX(double m, const T *g, size_t n)                      \
-    {                                                                                   \
-        for (size_t i = 0; i < n; i++)                                                  \
-            if (isnan(g[i]))                                                            \
-                return NAN;                                                             \
-        return m;                                                                       \
-    }                                                                                   \
-    CLIP_CLONES static double maxabs_##SUFFIX(const T *restrict g, size_t n)           \
-    {                                                                                   \
-        double acc[CLIP_LANES] = {0}, bad[CLIP_LANES] = {0};                            \
-        size_t i = 0;                                                                   \
-        for (; i + CLIP_LANES <= n; i += CLIP_LANES) {                                  \
-            for (int k = 0; k < CLIP_LANES; k++) {                                      \
-                double a = fabs((double)g[i + k]);                                      \
-                acc[k] = a > acc[k] ? a : acc[k];                                       \
-                bad[k] = bad[k] + (a - a);                                              \
-            }                                                                           \
-        }                                                                               \
-        for (int k = 0; i < n; i++, k++) {                                              \
-            double a = fabs((double)g[i]);                                              \
-            acc[k] = a > acc[k] ? a : acc[k];                                           \
-            bad[k] = bad[k] + (a - a);                                                  \
-        }                                                                               \
-        double m = lanes_max(acc);                                                      \
-        return lanes_sum(bad) == 0 ? m : nan_or_##SUFFIX(m, g, n);                     \
-    }
-
-DEFINE_NORM_LOOPS(float, f32)
-DEFINE_NORM_LOOPS(double, f64)
-
 double optim_grad_norm(optim_dtype dt, const void *g, size_t n, double norm_type)
 {
-    bool f32 = dt == OPTIM_F32;
-    if (norm_type == 2.0)
-        return sqrt(f32 ? sumsq_f32(g, n) : sumsq_f64(g, n));
-    if (norm_type == 1.0)
-        return f32 ? sumabs_f32(g, n) : sumabs_f64(g, n);
-    if (isinf(norm_type) && norm_type > 0)
-        return f32 ? maxabs_f32(g, n) : maxabs_f64(g, n);
+    double norm;
+    bool finite;
     /* optim_clip_validate refuses every other norm; an unvalidated one
      * reads as a non-finite norm rather than as a plausible number. */
-    return NAN;
+    optim_vec_stats(dt, g, n, norm_type, &norm, &finite);
+    return norm;
 }
 
 /* ---------------------------------------------------------- clipping */

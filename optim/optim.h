@@ -243,6 +243,54 @@ double optim_grad_norm(optim_dtype dt, const void *g, size_t n, double norm_type
  * (norm_type for CLIP_NORM, 2-norm otherwise). */
 double optim_clip_apply(const optim_clip *c, optim_dtype dt, void *g, size_t n);
 
+/* --------------------------------------------------------------- vectors
+ *
+ * The per-dtype loops a step needs besides the kernel (optim/vec.c).
+ * Reductions are blocked (OPTIM_VEC_BLOCK elements a block, the blocks'
+ * partials combined in block order), so that a caller may reduce the
+ * blocks on several threads and still get the single-thread result bit for
+ * bit: reduce each block with optim_vec_block_stats, then combine the
+ * partials in order with optim_vec_stats_combine.
+ */
+#define OPTIM_VEC_BLOCK 8192
+#define OPTIM_VEC_LANES 16
+
+typedef struct {
+    double norm;        /* the block's sum of squares (2), of magnitudes (1)
+                           or largest magnitude (inf)                    */
+    bool finite;        /* every element finite                          */
+} optim_vec_partial;
+
+size_t optim_vec_blocks(size_t n);
+void optim_vec_block_stats(optim_dtype dt, const void *g, size_t n, double norm_type,
+                           optim_vec_partial *out);
+void optim_vec_stats_combine(double norm_type, const optim_vec_partial *parts, size_t nblocks,
+                             double *norm, bool *finite);
+/* One pass: the norm (norm_type 1, 2 or INFINITY) and whether every element
+ * is finite.  optim_grad_norm is this norm. */
+void optim_vec_stats(optim_dtype dt, const void *g, size_t n, double norm_type, double *norm,
+                     bool *finite);
+/* out = g * c (rounded in the dtype); out = clamp(g, -max_value, max_value).
+ * out and g must not overlap. */
+void optim_vec_scale(optim_dtype dt, void *out, const void *g, size_t n, double c);
+void optim_vec_clamp(optim_dtype dt, void *out, const void *g, size_t n, double max_value);
+/* acc += g;  acc /= k (the mean of k accumulated gradients). */
+void optim_vec_add(optim_dtype dt, void *acc, const void *g, size_t n);
+void optim_vec_div(optim_dtype dt, void *acc, size_t n, int64_t k);
+/* sum of (a[i] - b[i])^2 in double, in lanes (one block's update norm). */
+double optim_vec_diffsq(optim_dtype dt, const void *a, const void *b, size_t n);
+
+/* Element types a vector may travel in: the two dtypes and two 16-bit
+ * forms.  Widening is exact; narrowing rounds to nearest even from float32
+ * (a float64 vector is rounded to float32 first).  docs/api.md. */
+typedef enum { OPTIM_WIRE_F32 = 0, OPTIM_WIRE_F64, OPTIM_WIRE_BF16, OPTIM_WIRE_F16 } optim_wire;
+
+int optim_wire_parse(const char *name, optim_wire *out);
+const char *optim_wire_name(optim_wire w);
+size_t optim_wire_size(optim_wire w);
+void optim_vec_from_wire(optim_wire w, const void *src, optim_dtype dt, void *dst, size_t n);
+void optim_vec_to_wire(optim_dtype dt, const void *src, optim_wire w, void *dst, size_t n);
+
 /* ------------------------------------------------------------- schedules
  *
  * torch.optim.lr_scheduler's closed forms, evaluated at t = number of steps
