@@ -20,7 +20,7 @@ SANFLAGS ?=
 
 # Packages a Debian 12 machine needs to build and test optd.
 DEPS_BUILD := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
-              libcurl4-openssl-dev libcmocka-dev sqlite3 ca-certificates
+              libcurl4-openssl-dev libcmocka-dev zlib1g-dev sqlite3 ca-certificates
 DEPS_TEST  := curl python3 python3-numpy python3-torch golang-go nodejs
 DEPS_RUN   := $(DEPS_BUILD)
 DEPS_BENCH := wrk nginx-light python3-torch
@@ -37,7 +37,7 @@ CFLAGS_COMMON := -std=c11 $(WARN) -g $(OPTFLAGS) $(SANFLAGS) -fno-math-errno \
                  -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE -I. -MMD -MP
 CFLAGS   ?=
 ALL_CFLAGS = $(CFLAGS_COMMON) $(PKG_CFLAGS) $(CFLAGS)
-LDLIBS_ALL = $(PKG_LIBS) -lpthread -lm
+LDLIBS_ALL = $(PKG_LIBS) -lz -lpthread -lm
 
 OPTIM_SRC   := $(wildcard optim/*.c)
 STORAGE_SRC := $(wildcard storage/*.c)

@@ -58,6 +58,7 @@ static const flag_spec flags[] = {
     {"--port", "OPTD_PORT", F_INT, STR(port), "TCP port; 0 picks a free one and prints it (default 8080)"},
     {"--db", "OPTD_DB", F_STR, STR(db), "SQLite database file, parent created (default ./var/optd.db)"},
     {"--threads", "OPTD_THREADS", F_INT, STR(threads), "HTTP worker threads (default: 2 x cores, at least 4)"},
+    {"--kernel-threads", "OPTD_KERNEL_THREADS", F_INT, STR(kernel_threads), "threads sharing one large step's vector (default: the number of cores)"},
     {"--max-body-mb", "OPTD_MAX_BODY_MB", F_SIZE, STR(max_body_mb), "largest request body in MiB (default 256)"},
     {"--max-params", "OPTD_MAX_PARAMS", F_SIZE, STR(max_params), "largest session in parameters (default 100000000)"},
     {"--cache-mb", "OPTD_CACHE_MB", F_SIZE, STR(cache_mb), "memory for hot sessions in MiB; colder ones are evicted (default 1024)"},

@@ -68,16 +68,39 @@ static cJSON *timestamp(int64_t ms)
     return cJSON_CreateString(tmp);
 }
 
-int srv_storage_fail(api_reply *r, storage *db, int err, const char *what)
+int srv_engine_fail(api_reply *r, int err, const char *what)
 {
-    const char *msg = storage_errmsg(db);
-    srv_log(SRV_LOG_ERROR, "%s failed (%d): %s", what, err, msg);
-    return api_problem(r, 503, NULL, "storage failure during %s: %s; nothing was changed", what,
-                       msg);
+    const char *msg = storage_last_error();
+    if (!msg[0])
+        msg = eng_strerror(err);
+    switch (err) {
+    case STORAGE_EFULL:
+        srv_log(SRV_LOG_ERROR, "%s failed: disk full: %s", what, msg);
+        return api_problem(r, 503, NULL, "disk full during %s (%s); nothing was changed: free "
+                                         "space and retry", what, msg);
+    case STORAGE_EGONE:
+        srv_log(SRV_LOG_ERROR, "%s refused: THE DATABASE FILE WAS DELETED OR REPLACED: %s; no "
+                               "write is acknowledged until optd is restarted", what, msg);
+        return api_problem(r, 503, NULL, "the database file was deleted or replaced under optd; "
+                                         "nothing was changed and no write will be acknowledged "
+                                         "until the daemon is restarted (%s)", msg);
+    case STORAGE_ECORRUPT:
+    case ENG_EDAMAGED:
+        srv_log(SRV_LOG_ERROR, "%s: stored state is damaged: %s", what, msg);
+        return api_problem(r, 500, NULL, "the session's stored state is damaged (%s); it is not "
+                                         "served; other sessions are unaffected", msg);
+    case STORAGE_ENOMEM:
+        srv_log(SRV_LOG_ERROR, "%s failed: out of memory", what);
+        return api_problem(r, 503, NULL, "out of memory during %s; nothing was changed", what);
+    default:
+        srv_log(SRV_LOG_ERROR, "%s failed (%s): %s", what, eng_strerror(err), msg);
+        return api_problem(r, 503, NULL, "storage failure during %s: %s; nothing was changed",
+                           what, msg);
+    }
 }
 
 /* The session document: its config with every default, plus live state. */
-static cJSON *session_doc(const srv_session *s)
+static cJSON *session_doc(const eng_session *s)
 {
     char *cfg = api_config_to_json(&s->cfg);
     cJSON *doc = cfg ? cJSON_Parse(cfg) : NULL;
@@ -87,7 +110,7 @@ static cJSON *session_doc(const srv_session *s)
     cJSON *out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "name", s->name);
     cJSON_AddItemToObject(out, "step", raw_int((int64_t)s->st.step));
-    cJSON_AddItemToObject(out, "lr", raw_double(srv_session_next_lr(s)));
+    cJSON_AddItemToObject(out, "lr", raw_double(eng_next_lr(s)));
     cJSON *item = doc->child;
     while (item) {
         cJSON *next = item->next;
@@ -124,27 +147,27 @@ static cJSON *session_doc(const srv_session *s)
     return out;
 }
 
-static int reply_session(api_reply *r, int status, const srv_session *s)
+static int reply_session(api_reply *r, int status, const eng_session *s)
 {
     cJSON *doc = session_doc(s);
     return doc ? reply_cjson(r, status, doc) : api_problem(r, 503, NULL, "out of memory");
 }
 
-/* {"step":t,"lr":x,"params":[...]} or the raw params (binary). */
-/* The params answer; step is the step to report (a replay reports the
- * step its key applied), replayed adds "replayed":true. */
-static int reply_params_at(api_reply *r, int status, const srv_session *s, bool want_binary,
-                           uint64_t step, bool replayed, double lr, bool with_lr,
+/* {"step":t,"lr":x,"params":[...]} or the raw params (binary, in wire
+ * form `wire`).  step is the step to report (a replay reports the step its
+ * key applied); replayed adds "replayed":true. */
+static int reply_params_at(api_reply *r, int status, const eng_session *s, bool want_binary,
+                           int wire, uint64_t step, bool replayed, double lr, bool with_lr,
                            bool with_params)
 {
-    size_t bytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
     if (want_binary) {
-        char *b = with_params ? malloc(bytes ? bytes : 1) : NULL;
+        size_t len = 0;
+        char *b = with_params ? eng_params_wire(s, (optim_wire)wire, &len) : NULL;
         if (with_params && !b)
             return api_problem(r, 503, NULL, "out of memory");
-        if (b)
-            memcpy(b, s->params, bytes);
-        api_reply_body(r, status, "application/octet-stream", b, b ? bytes : 0);
+        api_reply_body(r, status, "application/octet-stream", b, b ? len : 0);
+        if (with_params)
+            api_reply_header(r, "Optd-Dtype", "%s", optim_wire_name((optim_wire)wire));
     } else {
         api_buf b = {0};
         int rc = api_buf_printf(&b, "{\"step\":%llu", (unsigned long long)step);
@@ -173,11 +196,24 @@ static int reply_params_at(api_reply *r, int status, const srv_session *s, bool 
     return status;
 }
 
-int srv_reply_params(api_reply *r, int status, const srv_session *s, bool want_binary,
+int srv_reply_params(api_reply *r, int status, const eng_session *s, bool want_binary, int wire,
                      double lr, bool with_lr, bool with_params)
 {
-    return reply_params_at(r, status, s, want_binary, s->st.step, false, lr, with_lr,
+    return reply_params_at(r, status, s, want_binary, wire, s->st.step, false, lr, with_lr,
                            with_params);
+}
+
+/* The wire form of a binary answer: Optd-Params-Dtype, else the session's
+ * dtype.  0 or the problem's status. */
+static int answer_wire(const eng_session *s, const srv_request *req, int *wire, api_reply *r)
+{
+    const char *h = req->header(req->conn, "Optd-Params-Dtype");
+    optim_wire w = s->cfg.dtype == OPTIM_F64 ? OPTIM_WIRE_F64 : OPTIM_WIRE_F32;
+    if (h && optim_wire_parse(h, &w) != OPTIM_OK)
+        return api_problem(r, 400, "Optd-Params-Dtype",
+                           "Optd-Params-Dtype must be float32, float64, bfloat16 or float16");
+    *wire = (int)w;
+    return 0;
 }
 
 /* ------------------------------------------------------------ routes */
@@ -219,7 +255,7 @@ static int h_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
     int n = storage_session_list(ctx->db, after, (int)limit, infos);
     if (n < 0) {
         free(infos);
-        return srv_storage_fail(r, ctx->db, n, "listing sessions");
+        return srv_engine_fail(r, n, "listing sessions");
     }
     cJSON *doc = cJSON_CreateObject();
     cJSON *arr = cJSON_AddArrayToObject(doc, "sessions");
@@ -251,7 +287,7 @@ static int h_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
 }
 
 /* 200 when the stored config equals cfg, 409 otherwise. */
-static int verify_existing(srv_session *s, const api_config *cfg, api_reply *r)
+static int verify_existing(eng_session *s, const api_config *cfg, api_reply *r)
 {
     char *want = api_config_to_json(cfg);
     char *have = api_config_to_json(&s->cfg);
@@ -275,7 +311,7 @@ static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
                                &params, r);
     if (st)
         return st;
-    srv_session *s = NULL;
+    eng_session *s = NULL;
     int err = srv_registry_acquire(ctx->reg, req->name, &s);
     if (err == STORAGE_OK) {
         st = verify_existing(s, &cfg, r);
@@ -283,39 +319,31 @@ static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
         goto out;
     }
     if (err != STORAGE_ENOTFOUND) {
-        st = srv_storage_fail(r, ctx->db, err, "reading the session");
+        st = srv_engine_fail(r, err, "reading the session");
         goto out;
     }
-    s = srv_session_new(req->name, &cfg, params, &init);
+    s = eng_session_new(req->name, &cfg, params, &init);
     if (!s) {
         st = api_problem(r, 503, NULL, "out of memory for a session of %llu params",
                          (unsigned long long)cfg.size);
         goto out;
     }
-    char *cfg_json = api_config_to_json(&s->cfg);
-    size_t len = 0;
-    void *blob = srv_session_checkpoint(s, &len);
-    s->created_ms = s->updated_ms = srv_now_ms();
-    err = cfg_json && blob ? storage_session_create(ctx->db, req->name, cfg_json, s->created_ms,
-                                                    blob, len, &s->id)
-                           : STORAGE_ENOMEM;
-    free(cfg_json);
-    free(blob);
+    err = eng_session_create(ctx->db, s, srv_now_ms());
     if (err == STORAGE_EEXIST) {
         /* Another request created it meanwhile: verify against that one. */
-        srv_session_free(s);
+        eng_session_free(s);
         err = srv_registry_acquire(ctx->reg, req->name, &s);
         if (err == STORAGE_OK) {
             st = verify_existing(s, &cfg, r);
             srv_registry_release(ctx->reg, s);
         } else {
-            st = srv_storage_fail(r, ctx->db, err, "reading the session");
+            st = srv_engine_fail(r, err, "reading the session");
         }
         goto out;
     }
     if (err != STORAGE_OK) {
-        srv_session_free(s);
-        st = srv_storage_fail(r, ctx->db, err, "creating the session");
+        eng_session_free(s);
+        st = srv_engine_fail(r, err, "creating the session");
         goto out;
     }
     st = reply_session(r, 201, s);
@@ -327,19 +355,19 @@ out:
     return st;
 }
 
-static int acquire_or_reply(srv_ctx *ctx, const char *name, srv_session **s, api_reply *r)
+static int acquire_or_reply(srv_ctx *ctx, const char *name, eng_session **s, api_reply *r)
 {
     int err = srv_registry_acquire(ctx->reg, name, s);
     if (err == STORAGE_ENOTFOUND)
         return api_problem(r, 404, "name", "no session named %s", name);
     if (err != STORAGE_OK)
-        return srv_storage_fail(r, ctx->db, err, "loading the session");
+        return srv_engine_fail(r, err, "loading the session");
     return 0;
 }
 
 static int h_get_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
-    srv_session *s;
+    eng_session *s;
     int st = acquire_or_reply(ctx, req->name, &s, r);
     if (st)
         return st;
@@ -348,30 +376,9 @@ static int h_get_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
     return st;
 }
 
-/* Writes a full checkpoint (and config) of s; on failure the caller must
- * drop the session. */
-static int write_checkpoint(srv_ctx *ctx, srv_session *s, bool with_config)
-{
-    char *cfg_json = with_config ? api_config_to_json(&s->cfg) : NULL;
-    size_t len = 0;
-    void *blob = srv_session_checkpoint(s, &len);
-    int64_t now = srv_now_ms();
-    int err = blob && (!with_config || cfg_json)
-                  ? storage_checkpoint(ctx->db, s->id, cfg_json, blob, len, s->seq,
-                                       (int64_t)s->st.step, now)
-                  : STORAGE_ENOMEM;
-    free(cfg_json);
-    free(blob);
-    if (err == STORAGE_OK) {
-        s->log_bytes = 0;
-        s->updated_ms = now;
-    }
-    return err;
-}
-
 static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
-    srv_session *s;
+    eng_session *s;
     int st = acquire_or_reply(ctx, req->name, &s, r);
     if (st)
         return st;
@@ -400,7 +407,7 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
     s->cfg = next;
     if (sched_changed)
         optim_plateau_init(&s->cfg.sched, s->cfg.opt.lr, &s->plateau);
-    int err = srv_session_ensure_buffers(s) ? STORAGE_ENOMEM : write_checkpoint(ctx, s, true);
+    int err = eng_ensure_buffers(s) != ENG_OK ? STORAGE_ENOMEM : eng_checkpoint(ctx->db, s, true);
     if (err != STORAGE_OK) {
         /* Memory may hold new buffers: rebuild from disk on next use. */
         s->cfg = old;
@@ -408,7 +415,7 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
         api_config_free(&next);
         srv_registry_drop(ctx->reg, s);
         srv_registry_release(ctx->reg, s);
-        return srv_storage_fail(r, ctx->db, err, "saving the new config");
+        return srv_engine_fail(r, err, "saving the new config");
     }
     api_config_free(&old);
     st = reply_session(r, 200, s);
@@ -418,14 +425,14 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
 
 static int h_delete_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
-    srv_session *s;
+    eng_session *s;
     int st = acquire_or_reply(ctx, req->name, &s, r);
     if (st)
         return st;
     int err = storage_session_delete(ctx->db, req->name);
     if (err != STORAGE_OK && err != STORAGE_ENOTFOUND) {
         srv_registry_release(ctx->reg, s);
-        return srv_storage_fail(r, ctx->db, err, "deleting the session");
+        return srv_engine_fail(r, err, "deleting the session");
     }
     srv_sync_abort(ctx, s, 404, "the session was deleted; the round was not applied");
     srv_registry_drop(ctx->reg, s);
@@ -434,113 +441,110 @@ static int h_delete_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
     return 204;
 }
 
-/* Decodes a gradient or params body into a new buffer of the session's
- * dtype. */
-static int decode_vector(const srv_session *s, const srv_request *req, bool is_step,
-                         void **out, api_step_meta *meta, api_reply *r)
+/* Decodes a gradient or params body.  A binary body in the session's
+ * dtype is used where it lies, in the request's buffer (*vec points into
+ * it, *owned is NULL); JSON and 16-bit bodies are decoded into a new
+ * buffer (*owned, the caller frees).  With must_own the result is always a
+ * new buffer (it is kept by the session). */
+static int decode_vector(const eng_session *s, const srv_request *req, bool is_step,
+                         bool must_own, const void **vec, void **owned, api_step_meta *meta,
+                         api_reply *r)
 {
-    size_t n = (size_t)s->cfg.size;
-    void *v = malloc(n * optim_dtype_size(s->cfg.dtype));
-    if (!v)
-        return api_problem(r, 503, NULL, "out of memory");
-    int st;
-    const char *dth = req->body_binary ? req->header(req->conn, "Optd-Dtype") : NULL;
-    optim_dtype said;
-    if (dth && optim_dtype_parse(dth, &said) != OPTIM_OK) {
-        free(v);
-        return api_problem(r, 400, "Optd-Dtype", "Optd-Dtype must be float32 or float64");
-    }
-    if (dth && said != s->cfg.dtype) {
-        free(v);
-        return api_problem(r, 422, "Optd-Dtype",
-                           "the body is declared %s but session %s is %s; nothing was applied",
-                           dth, s->name, optim_dtype_name(s->cfg.dtype));
-    }
-    if (req->body_binary) {
-        st = api_decode_vector_binary(req->body, req->body_len, s->cfg.dtype, n, v,
-                                      is_step ? "grad" : "params", r);
-        if (!st && is_step)
-            st = api_decode_step_headers(req->header(req->conn, "Optd-Loss"),
-                                         req->header(req->conn, "Optd-Base-Step"),
-                                         req->header(req->conn, "Optd-Worker"), meta, r);
-    } else if (is_step) {
+    size_t n = (size_t)s->cfg.size, esz = optim_dtype_size(s->cfg.dtype);
+    *vec = NULL;
+    *owned = NULL;
+    const char *what = is_step ? "grad" : "params";
+    int st = 0;
+    if (is_step) {
         /* Headers work with JSON bodies too; a body field wins over its header. */
         st = api_decode_step_headers(req->header(req->conn, "Optd-Loss"),
                                      req->header(req->conn, "Optd-Base-Step"),
                                      req->header(req->conn, "Optd-Worker"), meta, r);
-        if (!st)
-            st = api_decode_step_json(req->body, req->body_len, s->cfg.dtype, n, v, meta, r);
-    } else {
-        st = api_decode_params_json(req->body, req->body_len, s->cfg.dtype, n, v, r);
+        if (st)
+            return st;
     }
+    if (req->body_binary) {
+        const char *dth = req->header(req->conn, "Optd-Dtype");
+        optim_wire w = s->cfg.dtype == OPTIM_F64 ? OPTIM_WIRE_F64 : OPTIM_WIRE_F32;
+        if (dth && optim_wire_parse(dth, &w) != OPTIM_OK)
+            return api_problem(r, 400, "Optd-Dtype",
+                               "Optd-Dtype must be float32, float64, bfloat16 or float16");
+        bool native = (w == OPTIM_WIRE_F32 && s->cfg.dtype == OPTIM_F32) ||
+                      (w == OPTIM_WIRE_F64 && s->cfg.dtype == OPTIM_F64);
+        if (!native && (w == OPTIM_WIRE_F32 || w == OPTIM_WIRE_F64))
+            return api_problem(r, 422, "Optd-Dtype",
+                               "the body is declared %s but session %s is %s; nothing was "
+                               "applied (send %s, bfloat16 or float16)",
+                               dth, s->name, optim_dtype_name(s->cfg.dtype),
+                               optim_dtype_name(s->cfg.dtype));
+        size_t wsz = optim_wire_size(w);
+        if (req->body_len != n * wsz)
+            return api_problem(r, 422, what,
+                               "binary %s must be %zu bytes (%zu %s values), got %zu", what,
+                               n * wsz, n, optim_wire_name(w), req->body_len);
+        if (native && !must_own && ((uintptr_t)req->body % esz) == 0) {
+            *vec = req->body;
+            return 0;
+        }
+        void *v = malloc(n * esz > 0 ? n * esz : 1);
+        if (!v)
+            return api_problem(r, 503, NULL, "out of memory");
+        if (native)
+            memcpy(v, req->body, n * esz);
+        else
+            optim_vec_from_wire(w, req->body, s->cfg.dtype, v, n);
+        *vec = *owned = v;
+        return 0;
+    }
+    void *v = malloc(n * esz > 0 ? n * esz : 1);
+    if (!v)
+        return api_problem(r, 503, NULL, "out of memory");
+    if (is_step)
+        st = api_decode_step_json(req->body, req->body_len, s->cfg.dtype, n, v, meta, r);
+    else
+        st = api_decode_params_json(req->body, req->body_len, s->cfg.dtype, n, v, r);
     if (st) {
         free(v);
         return st;
     }
-    *out = v;
+    *vec = *owned = v;
     return 0;
 }
 
-/* Applies one gradient to a locked session and commits the log row (with
- * its idempotency keys), checkpointing when the log has outgrown the state.
- * On a failed commit the session is dropped (memory is ahead of disk; the
- * next request reloads) and the reply holds the 503. */
-int srv_commit_update(srv_ctx *ctx, srv_session *s, const void *grad, double loss, double factor,
-                      const char *key, const char *const *more_keys, size_t n_more_keys,
-                      const char *worker, srv_apply_result *res, api_reply *r)
+int srv_commit_update(srv_ctx *ctx, eng_session *s, const eng_step_in *in, eng_step_out *out,
+                      api_reply *r)
 {
-    srv_session_apply(s, grad, loss, factor, res);
-    size_t gbytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
-    storage_log_entry e = {
-        .seq = s->seq + 1,
-        .kind = res->kind,
-        .step = (int64_t)s->st.step,
-        .time_ms = srv_now_ms(),
-        .lr = res->lr,
-        .factor = factor,
-        .loss = loss,
-        .grad_norm = res->grad_norm,
-        .update_norm = res->update_norm,
-        .grad = res->kind == STORAGE_LOG_SKIP ? NULL : grad,
-        .grad_len = res->kind == STORAGE_LOG_SKIP ? 0 : gbytes,
-        .idem_key = key,
-        .more_keys = more_keys,
-        .n_more_keys = n_more_keys,
-        .worker = worker,
-    };
-    /* Checkpoint when the log since the last one outgrows the state. */
-    void *blob = NULL;
-    size_t blob_len = 0;
-    if (s->log_bytes + gbytes > srv_session_bytes(s))
-        blob = srv_session_checkpoint(s, &blob_len);
-    int err = storage_append(ctx->db, s->id, &e, blob, blob_len);
-    free(blob);
-    if (err != STORAGE_OK) {
-        srv_registry_drop(ctx->reg, s);
-        return srv_storage_fail(r, ctx->db, err, "committing the step");
+    int err = eng_step(ctx->db, ctx->pool, s, in, out);
+    if (err == ENG_OK) {
+        if (s->seq % IDEM_PRUNE_EVERY == 0)
+            storage_idem_prune(ctx->db, s->id, s->updated_ms - IDEM_KEEP_MS, IDEM_KEEP_KEYS);
+        return 0;
     }
-    s->seq = e.seq;
-    s->log_bytes = blob ? 0 : s->log_bytes + e.grad_len;
-    s->updated_ms = e.time_ms;
-    if (s->seq % IDEM_PRUNE_EVERY == 0)
-        storage_idem_prune(ctx->db, s->id, e.time_ms - IDEM_KEEP_MS, IDEM_KEEP_KEYS);
-    return 0;
+    if (err == ENG_ENONFINITE)
+        return api_problem(r, 422, "grad",
+                           "grad contains NaN or Inf; nothing was applied (set the session's "
+                           "nonfinite to \"skip\" to count and skip such steps)");
+    /* Memory is ahead of disk: rebuild from disk on next use. */
+    srv_registry_drop(ctx->reg, s);
+    return srv_engine_fail(r, err, "committing the step");
 }
 
 static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
-    srv_session *s;
+    eng_session *s;
     int st = acquire_or_reply(ctx, req->name, &s, r);
     if (st)
         return st;
-    void *grad = NULL;
+    const void *grad = NULL;
+    void *owned = NULL;
     api_step_meta meta = {.loss = NAN, .base_step = -1};
     const char *key = req->header(req->conn, "Idempotency-Key");
     const char *qp = req->query(req->conn, "params");
     bool with_params = !(qp && strcmp(qp, "false") == 0);
+    int wire = 0;
     if (qp && with_params && strcmp(qp, "true") != 0) {
-        srv_registry_release(ctx->reg, s);
-        return api_problem(r, 400, "params", "the query parameter params must be true or false");
+        st = api_problem(r, 400, "params", "the query parameter params must be true or false");
+        goto done;
     }
     int64_t step_now = (int64_t)s->st.step;
 
@@ -549,50 +553,50 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
                          API_IDEM_MAX);
         goto done;
     }
-    st = decode_vector(s, req, true, &grad, &meta, r);
+    if ((st = answer_wire(s, req, &wire, r)))
+        goto done;
+    st = decode_vector(s, req, true, false, &grad, &owned, &meta, r);
     if (st)
         goto done;
     if (key) {
         int64_t recorded;
         double rec_lr;
         int rec_kind;
-        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr, &rec_kind);
+        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr, &rec_kind, NULL);
         if (err == STORAGE_OK && rec_kind == STORAGE_LOG_ACCUM &&
             (int64_t)s->st.step == recorded && s->accum_count > 0) {
             /* The gradient is still waiting in the accumulation: answer
              * like the original 202. */
-            st = reply_params_at(r, 202, s, req->want_binary, (uint64_t)recorded, true, NAN,
-                                 false, with_params);
+            st = reply_params_at(r, 202, s, req->want_binary, wire, (uint64_t)recorded, true,
+                                 NAN, false, with_params);
             api_reply_header(r, "Optd-Pending", "%lld", (long long)s->accum_count);
             goto done;
         }
         if (err == STORAGE_OK) {
             /* The step and lr of the original update; the params are the
              * session's current ones. */
-            st = reply_params_at(r, 200, s, req->want_binary, (uint64_t)recorded, true, rec_lr,
-                                 !isnan(rec_lr), with_params);
+            st = reply_params_at(r, 200, s, req->want_binary, wire, (uint64_t)recorded, true,
+                                 rec_lr, !isnan(rec_lr), with_params);
             goto done;
         }
         if (err != STORAGE_ENOTFOUND) {
-            st = srv_storage_fail(r, ctx->db, err, "checking the idempotency key");
+            st = srv_engine_fail(r, err, "checking the idempotency key");
             goto done;
         }
     }
-    bool finite = api_vector_finite(s->cfg.dtype, grad, (size_t)s->cfg.size);
     if (s->cfg.mode.type == API_MODE_SYNC) {
         /* A round cannot skip one worker's gradient: refuse it whatever
          * the nonfinite policy, so that the worker can resend. */
-        if (!finite)
+        double norm;
+        bool finite;
+        optim_vec_stats(s->cfg.dtype, grad, (size_t)s->cfg.size, 2.0, &norm, &finite);
+        if (!finite) {
             st = api_problem(r, 422, "grad", "grad contains NaN or Inf; nothing was added to "
                                              "the round");
-        else
+        } else {
+            req->waiter->wire = wire;
             st = srv_sync_submit(ctx, s, req, grad, &meta, key, with_params, r);
-        goto done;
-    }
-    if (!finite && s->cfg.nonfinite == API_NONFINITE_ERROR) {
-        st = api_problem(r, 422, "grad",
-                         "grad contains NaN or Inf; nothing was applied (set the session's "
-                         "nonfinite to \"skip\" to count and skip such steps)");
+        }
         goto done;
     }
     double factor = 1.0;
@@ -616,60 +620,70 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
             factor = 1.0 / (1.0 + (double)age);
     }
 
-    srv_apply_result res;
-    st = srv_commit_update(ctx, s, grad, meta.loss, factor, key, NULL, 0,
-                           meta.worker[0] ? meta.worker : NULL, &res, r);
+    eng_step_in in = {
+        .grad = grad,
+        .loss = meta.loss,
+        .factor = factor,
+        .key = key,
+        .worker = meta.worker[0] ? meta.worker : NULL,
+    };
+    eng_step_out res;
+    st = srv_commit_update(ctx, s, &in, &res, r);
     if (st)
         goto done;
     if (res.kind == STORAGE_LOG_ACCUM) {
-        st = srv_reply_params(r, 202, s, req->want_binary, NAN, false, with_params);
+        st = srv_reply_params(r, 202, s, req->want_binary, wire, NAN, false, with_params);
         api_reply_header(r, "Optd-Pending", "%lld", (long long)s->accum_count);
     } else if (res.kind == STORAGE_LOG_SKIP) {
-        st = srv_reply_params(r, 200, s, req->want_binary, NAN, false, with_params);
+        st = srv_reply_params(r, 200, s, req->want_binary, wire, NAN, false, with_params);
         api_reply_header(r, "Optd-Skipped", "true");
     } else {
-        st = srv_reply_params(r, 200, s, req->want_binary, res.lr, true, with_params);
+        st = srv_reply_params(r, 200, s, req->want_binary, wire, res.lr, true, with_params);
     }
 done:
-    free(grad);
+    free(owned);
     srv_registry_release(ctx->reg, s);
     return st;
 }
 
 static int h_get_params(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
-    srv_session *s;
+    eng_session *s;
     int st = acquire_or_reply(ctx, req->name, &s, r);
     if (st)
         return st;
-    st = srv_reply_params(r, 200, s, req->want_binary, NAN, false, true);
+    int wire = 0;
+    if (!(st = answer_wire(s, req, &wire, r)))
+        st = srv_reply_params(r, 200, s, req->want_binary, wire, NAN, false, true);
     srv_registry_release(ctx->reg, s);
     return st;
 }
 
 static int h_put_params(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
-    srv_session *s;
+    eng_session *s;
     int st = acquire_or_reply(ctx, req->name, &s, r);
     if (st)
         return st;
-    void *v = NULL;
-    st = decode_vector(s, req, false, &v, NULL, r);
-    if (!st && !api_vector_finite(s->cfg.dtype, v, (size_t)s->cfg.size))
-        st = api_problem(r, 422, "params", "params contain NaN or Inf");
+    const void *v = NULL;
+    void *owned = NULL;
+    st = decode_vector(s, req, false, true, &v, &owned, NULL, r);
     if (!st) {
-        size_t bytes = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
-        memcpy(s->snap, s->params, bytes);
-        memcpy(s->params, v, bytes);
-        int err = write_checkpoint(ctx, s, false);
-        if (err != STORAGE_OK) {
-            memcpy(s->params, s->snap, bytes);
-            st = srv_storage_fail(r, ctx->db, err, "saving the params");
-        } else {
-            st = srv_reply_params(r, 200, s, req->want_binary, NAN, false, false);
-        }
+        double norm;
+        bool finite;
+        optim_vec_stats(s->cfg.dtype, v, (size_t)s->cfg.size, 2.0, &norm, &finite);
+        if (!finite)
+            st = api_problem(r, 422, "params", "params contain NaN or Inf");
     }
-    free(v);
+    if (!st) {
+        int err = eng_set_params(ctx->db, s, owned); /* takes the buffer */
+        owned = NULL;
+        if (err != ENG_OK)
+            st = srv_engine_fail(r, err, "saving the params");
+        else
+            st = srv_reply_params(r, 200, s, req->want_binary, 0, NAN, false, false);
+    }
+    free(owned);
     srv_registry_release(ctx->reg, s);
     return st;
 }
@@ -698,7 +712,7 @@ static int history_row(void *ud, const storage_log_entry *e)
 
 static int h_history(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
-    srv_session *s;
+    eng_session *s;
     int st = acquire_or_reply(ctx, req->name, &s, r);
     if (st)
         return st;
@@ -721,7 +735,7 @@ static int h_history(srv_ctx *ctx, const srv_request *req, api_reply *r)
     int err = storage_history(ctx->db, id, after, (int)limit, history_row, &h);
     if (err != STORAGE_OK) {
         cJSON_Delete(doc);
-        return srv_storage_fail(r, ctx->db, err, "reading the history");
+        return srv_engine_fail(r, err, "reading the history");
     }
     if (cJSON_GetArraySize(h.arr) == limit)
         cJSON_AddItemToObject(doc, "next", raw_int(h.last));

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 int srv_check_health(const char *url);
 
@@ -48,10 +49,10 @@ int main(int argc, char **argv)
         return 1;
     }
     storage *db;
-    char *err = NULL;
-    if (storage_open(cfg.db, (storage_durability)cfg.durability, &db, &err) != STORAGE_OK) {
-        srv_log(SRV_LOG_ERROR, "cannot open %s: %s", cfg.db, err ? err : "?");
-        free(err);
+    int err = storage_open(cfg.db, (storage_durability)cfg.durability, &db);
+    if (err != STORAGE_OK) {
+        srv_log(SRV_LOG_ERROR, "cannot open %s: %s (%s)", cfg.db, storage_last_error(),
+                storage_strerror(err));
         return 1;
     }
     /* SIGTERM/SIGINT reach the main thread only (sigwait in srv_http_run):
@@ -62,12 +63,16 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
-    srv_registry *reg = srv_registry_new(db, cfg.cache_mb * 1024 * 1024);
-    srv_ctx ctx = {.reg = reg, .db = db, .cfg = &cfg};
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    eng_pool *pool = eng_pool_new(cfg.kernel_threads > 0 ? cfg.kernel_threads
+                                                         : (int)(cores > 0 ? cores : 1));
+    srv_registry *reg = pool ? srv_registry_new(db, pool, cfg.cache_mb * 1024 * 1024) : NULL;
+    srv_ctx ctx = {.reg = reg, .db = db, .pool = pool, .cfg = &cfg};
     ctx.sync = reg ? srv_sync_new(&ctx) : NULL;
     rc = ctx.sync ? srv_http_run(&ctx) : -1;
     srv_sync_free(ctx.sync);
     srv_registry_free(reg); /* checkpoints every session with a log tail */
+    eng_pool_free(pool);
     storage_close(db);
     srv_log(SRV_LOG_INFO, "stopped");
     return rc == 0 ? 0 : 1;

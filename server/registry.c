@@ -16,11 +16,12 @@
 struct srv_registry {
     pthread_mutex_t mu;
     storage *db;
+    eng_pool *pool;
     size_t cache_bytes;
     size_t hot_bytes;
     size_t hot_count;
-    srv_session *buckets[N_BUCKETS];
-    srv_session *lru_head, *lru_tail; /* head = most recently used */
+    eng_session *buckets[N_BUCKETS];
+    eng_session *lru_head, *lru_tail; /* head = most recently used */
 };
 
 static unsigned hash_name(const char *s)
@@ -31,7 +32,7 @@ static unsigned hash_name(const char *s)
     return h % N_BUCKETS;
 }
 
-static void lru_unlink(srv_registry *r, srv_session *s)
+static void lru_unlink(srv_registry *r, eng_session *s)
 {
     if (s->lru_prev)
         s->lru_prev->lru_next = s->lru_next;
@@ -44,7 +45,7 @@ static void lru_unlink(srv_registry *r, srv_session *s)
     s->lru_prev = s->lru_next = NULL;
 }
 
-static void lru_push_front(srv_registry *r, srv_session *s)
+static void lru_push_front(srv_registry *r, eng_session *s)
 {
     s->lru_prev = NULL;
     s->lru_next = r->lru_head;
@@ -55,18 +56,18 @@ static void lru_push_front(srv_registry *r, srv_session *s)
         r->lru_tail = s;
 }
 
-static srv_session *find(srv_registry *r, const char *name)
+static eng_session *find(srv_registry *r, const char *name)
 {
-    for (srv_session *s = r->buckets[hash_name(name)]; s; s = s->hnext)
+    for (eng_session *s = r->buckets[hash_name(name)]; s; s = s->hnext)
         if (strcmp(s->name, name) == 0)
             return s;
     return NULL;
 }
 
 /* Removes s from the map and the LRU (registry lock held). */
-static void unmap(srv_registry *r, srv_session *s)
+static void unmap(srv_registry *r, eng_session *s)
 {
-    srv_session **pp = &r->buckets[hash_name(s->name)];
+    eng_session **pp = &r->buckets[hash_name(s->name)];
     while (*pp && *pp != s)
         pp = &(*pp)->hnext;
     if (*pp) {
@@ -78,24 +79,25 @@ static void unmap(srv_registry *r, srv_session *s)
     s->hnext = NULL;
 }
 
-static void map(srv_registry *r, srv_session *s)
+static void map(srv_registry *r, eng_session *s)
 {
     unsigned b = hash_name(s->name);
     s->hnext = r->buckets[b];
     r->buckets[b] = s;
     lru_push_front(r, s);
-    s->acct_bytes = srv_session_bytes(s);
+    s->acct_bytes = eng_session_bytes(s);
     r->hot_bytes += s->acct_bytes;
     r->hot_count++;
 }
 
-srv_registry *srv_registry_new(storage *db, size_t cache_bytes)
+srv_registry *srv_registry_new(storage *db, eng_pool *pool, size_t cache_bytes)
 {
     srv_registry *r = calloc(1, sizeof *r);
     if (!r)
         return NULL;
     pthread_mutex_init(&r->mu, NULL);
     r->db = db;
+    r->pool = pool;
     r->cache_bytes = cache_bytes;
     return r;
 }
@@ -115,18 +117,14 @@ size_t srv_registry_hot_count(srv_registry *r)
 
 /* Writes a checkpoint when log rows were written since the last one, so
  * that a later load replays nothing.  Session locked. */
-static void checkpoint_if_dirty(srv_registry *r, srv_session *s)
+static void checkpoint_if_dirty(srv_registry *r, eng_session *s)
 {
     if (s->dead || s->log_bytes == 0)
         return;
-    size_t len;
-    void *blob = srv_session_checkpoint(s, &len);
-    if (!blob)
-        return;
-    if (storage_checkpoint(r->db, s->id, NULL, blob, len, s->seq, (int64_t)s->st.step,
-                           srv_now_ms()) == STORAGE_OK)
-        s->log_bytes = 0;
-    free(blob);
+    int err = eng_checkpoint(r->db, s, false);
+    if (err != ENG_OK)
+        srv_log(SRV_LOG_WARN, "checkpoint of session %s failed (%s): %s; its log replays at the "
+                              "next load", s->name, eng_strerror(err), storage_last_error());
 }
 
 void srv_registry_free(srv_registry *r)
@@ -134,11 +132,13 @@ void srv_registry_free(srv_registry *r)
     if (!r)
         return;
     for (int b = 0; b < N_BUCKETS; b++) {
-        srv_session *s = r->buckets[b];
+        eng_session *s = r->buckets[b];
         while (s) {
-            srv_session *next = s->hnext;
+            eng_session *next = s->hnext;
+            eng_lock(s);
             checkpoint_if_dirty(r, s);
-            srv_session_free(s);
+            eng_unlock(s);
+            eng_session_free(s);
             s = next;
         }
     }
@@ -146,50 +146,67 @@ void srv_registry_free(srv_registry *r)
     free(r);
 }
 
-int srv_registry_acquire(srv_registry *r, const char *name, srv_session **out)
+int srv_registry_acquire(srv_registry *r, const char *name, eng_session **out)
 {
     for (;;) {
         pthread_mutex_lock(&r->mu);
-        srv_session *s = find(r, name);
+        eng_session *s = find(r, name);
+        bool load = false;
         if (!s) {
-            /* Cold: load while holding the registry lock so that one load
-             * happens per name. */
-            storage_session_info info;
-            int err = storage_session_get(r->db, name, &info);
-            if (err == STORAGE_OK) {
-                err = srv_session_load(r->db, &info, &s);
-                storage_session_info_free(&info);
-            }
-            if (err != STORAGE_OK) {
+            /* Cold: map an empty shell, locked by this thread, and read it
+             * after letting the registry go.  Whoever wants it meanwhile
+             * waits on its session lock, not on the registry. */
+            if (!(s = eng_session_shell(name))) {
                 pthread_mutex_unlock(&r->mu);
-                if (err != STORAGE_ENOTFOUND)
-                    srv_log(SRV_LOG_ERROR, "loading session %s failed (%d): %s", name, err,
-                            storage_errmsg(r->db));
-                return err;
+                return ENG_ENOMEM;
             }
+            eng_lock(s);
             map(r, s);
+            load = true;
         } else {
             lru_unlink(r, s);
             lru_push_front(r, s);
         }
         s->refs++;
         pthread_mutex_unlock(&r->mu);
-        pthread_mutex_lock(&s->mu);
+        if (load) {
+            int err = eng_session_load(r->db, r->pool, s);
+            if (err != ENG_OK) {
+                if (err != STORAGE_ENOTFOUND)
+                    srv_log(SRV_LOG_ERROR, "loading session %s failed (%s): %s", name,
+                            eng_strerror(err), storage_last_error());
+                srv_registry_drop(r, s);
+                srv_registry_release(r, s);
+                return err;
+            }
+            /* Its size is known now. */
+            pthread_mutex_lock(&r->mu);
+            if (!s->dead) {
+                r->hot_bytes -= s->acct_bytes;
+                s->acct_bytes = eng_session_bytes(s);
+                r->hot_bytes += s->acct_bytes;
+            }
+            pthread_mutex_unlock(&r->mu);
+            *out = s;
+            return ENG_OK;
+        }
+        eng_lock(s);
         if (!s->dead) {
             *out = s;
-            return STORAGE_OK;
+            return ENG_OK;
         }
-        /* Dropped while we waited: let go and look again. */
-        pthread_mutex_unlock(&s->mu);
+        /* Dropped (or its load failed) while we waited: let go and look
+         * again. */
+        eng_unlock(s);
         pthread_mutex_lock(&r->mu);
         bool last = --s->refs == 0;
         pthread_mutex_unlock(&r->mu);
         if (last)
-            srv_session_free(s);
+            eng_session_free(s);
     }
 }
 
-void srv_registry_drop(srv_registry *r, srv_session *s)
+void srv_registry_drop(srv_registry *r, eng_session *s)
 {
     pthread_mutex_lock(&r->mu);
     if (!s->dead) {
@@ -199,35 +216,40 @@ void srv_registry_drop(srv_registry *r, srv_session *s)
     pthread_mutex_unlock(&r->mu);
 }
 
-void srv_registry_hold(srv_registry *r, srv_session *s)
+void srv_registry_hold(srv_registry *r, eng_session *s)
 {
     pthread_mutex_lock(&r->mu);
     s->refs++;
     pthread_mutex_unlock(&r->mu);
 }
 
-void srv_registry_unhold(srv_registry *r, srv_session *s)
+void srv_registry_unhold(srv_registry *r, eng_session *s)
 {
     pthread_mutex_lock(&r->mu);
     bool free_it = --s->refs == 0 && s->dead;
     pthread_mutex_unlock(&r->mu);
     if (free_it)
-        srv_session_free(s);
+        eng_session_free(s);
 }
 
-void srv_registry_insert(srv_registry *r, srv_session *s)
+static void evict(srv_registry *r);
+
+void srv_registry_insert(srv_registry *r, eng_session *s)
 {
     pthread_mutex_lock(&r->mu);
-    srv_session *old = find(r, s->name);
+    eng_session *old = find(r, s->name);
     if (old) {
         /* A stale entry of a deleted name: it is dead already or about to
          * be; unmap it so that the new session wins. */
         unmap(r, old);
         old->dead = true;
         if (old->refs == 0)
-            srv_session_free(old);
+            eng_session_free(old);
     }
     map(r, s);
+    /* --cache-mb holds at every point a session becomes hot, creation
+     * included. */
+    evict(r);
     pthread_mutex_unlock(&r->mu);
 }
 
@@ -235,35 +257,36 @@ void srv_registry_insert(srv_registry *r, srv_session *s)
 static void evict(srv_registry *r)
 {
     while (r->hot_bytes > r->cache_bytes) {
-        srv_session *s = r->lru_tail;
+        eng_session *s = r->lru_tail;
         while (s && s->refs > 0)
             s = s->lru_prev;
         if (!s)
             return;
         if (pthread_mutex_trylock(&s->mu) != 0)
             return;
+        s->locked = true;
         checkpoint_if_dirty(r, s);
         unmap(r, s);
         s->dead = true;
-        pthread_mutex_unlock(&s->mu);
+        eng_unlock(s);
         srv_log(SRV_LOG_DEBUG, "evicted session %s", s->name);
-        srv_session_free(s);
+        eng_session_free(s);
     }
 }
 
-void srv_registry_release(srv_registry *r, srv_session *s)
+void srv_registry_release(srv_registry *r, eng_session *s)
 {
-    pthread_mutex_unlock(&s->mu);
+    eng_unlock(s);
     pthread_mutex_lock(&r->mu);
     bool free_it = --s->refs == 0 && s->dead;
     if (!s->dead) {
         /* Sizes change when buffers appear (PATCH, accumulation). */
-        size_t now = srv_session_bytes(s);
+        size_t now = eng_session_bytes(s);
         r->hot_bytes = r->hot_bytes - s->acct_bytes + now;
         s->acct_bytes = now;
         evict(r);
     }
     pthread_mutex_unlock(&r->mu);
     if (free_it)
-        srv_session_free(s);
+        eng_session_free(s);
 }

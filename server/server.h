@@ -13,6 +13,7 @@
 
 #include "api/api.h"
 #include "optim/optim.h"
+#include "server/engine.h"
 #include "storage/storage.h"
 
 /* ------------------------------------------------------------- config */
@@ -24,6 +25,7 @@ typedef struct {
     int port;
     char db[1024];
     int threads;
+    int kernel_threads;     /* 0 = the number of cores */
     size_t max_body_mb;
     size_t max_params;
     size_t cache_mb;
@@ -42,122 +44,28 @@ void srv_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3
 extern int srv_log_level;
 int64_t srv_now_ms(void);
 
-/* ------------------------------------------------------------ session */
-
-typedef struct srv_session srv_session;
-typedef struct srv_waiter srv_waiter;
-
-/* A request waiting for its synchronous round to close.  Lives in the
- * HTTP layer's per-connection context; linked into the session's round
- * while suspended, answered (reply filled, done set) before it is resumed. */
-struct srv_waiter {
-    srv_waiter *next;
-    void *conn;                 /* the suspended MHD connection              */
-    api_reply reply;
-    bool done;
-    bool want_binary;
-    bool with_params;
-    char worker[API_WORKER_MAX + 1];
-    char key[API_IDEM_MAX + 1]; /* "" when none                              */
-};
-
-struct srv_session {
-    char name[API_NAME_MAX + 1];
-    int64_t id;                 /* storage id                                  */
-    api_config cfg;
-    optim_state st;
-    optim_plateau plateau;
-    void *params;
-    void *accum;                /* pending accumulation (mode.accumulate > 1)  */
-    int64_t accum_count;
-    void *scratch;              /* gradient work copy                          */
-    void *snap;                 /* params before the update (update norm)      */
-    int64_t seq;                /* last log row                                */
-    size_t log_bytes;           /* replay bytes logged since the checkpoint    */
-    int64_t created_ms, updated_ms;
-    double last_lr;
-    double last_loss;
-    int64_t n_applied, n_stale, n_timeout, n_skipped;
-
-    /* the open synchronous round (mode sync); not persisted: nothing in it
-     * has been acknowledged */
-    void *round_sum;            /* sum of the round's gradients              */
-    int64_t round_count;        /* gradients received                        */
-    int64_t round_step;         /* the step the round is for                 */
-    int64_t round_deadline_ms;
-    double round_loss_sum;
-    int64_t round_loss_n;
-    char (*round_workers)[API_WORKER_MAX + 1];
-    char (*round_keys)[API_IDEM_MAX + 1];
-    srv_waiter *waiters;
-    bool round_listed;          /* on the reaper's list                       */
-    srv_session *round_next;
-
-    /* registry bookkeeping (registry lock) */
-    pthread_mutex_t mu;         /* serialises every operation on the session  */
-    int refs;
-    size_t acct_bytes;          /* bytes counted against --cache-mb         */
-    bool dead;                  /* removed from the registry; reload to use    */
-    srv_session *hnext;         /* hash chain                                  */
-    srv_session *lru_prev, *lru_next;
-};
-
-size_t srv_session_bytes(const srv_session *s);
-
-/* Creates an in-memory session at step 0 from cfg (deep-copied) and params
- * (copied; NULL: filled per init).  Returns NULL when out of memory. */
-srv_session *srv_session_new(const char *name, const api_config *cfg, const void *params,
-                             const api_init *init);
-void srv_session_free(srv_session *s);
-
-/* The full state as a checkpoint blob; new buffer, caller frees. */
-void *srv_session_checkpoint(const srv_session *s, size_t *len);
-/* Rebuilds a session from its stored config, checkpoint and log. */
-int srv_session_load(storage *db, const storage_session_info *info, srv_session **out);
-
-/* The lr the next update would use. */
-double srv_session_next_lr(const srv_session *s);
-
-/* Outcome of feeding one gradient. */
-typedef struct {
-    int kind;                   /* STORAGE_LOG_STEP / ACCUM / SKIP             */
-    double lr;
-    double grad_norm;
-    double update_norm;
-} srv_apply_result;
-
-/* Feeds one gradient (n elements of the session's dtype) through the
- * pipeline: non-finite policy, accumulation, clipping, schedule, kernel.
- * The live path and replay both call this, so replay is bit-identical.
- * factor scales this update's lr (stale damping).  Never fails. */
-void srv_session_apply(srv_session *s, const void *grad, double loss, double factor,
-                       srv_apply_result *res);
-
-/* Makes the buffers this config needs exist (after PATCH). 0 or -1 (OOM). */
-int srv_session_ensure_buffers(srv_session *s);
-
 /* ----------------------------------------------------------- registry */
 
 typedef struct srv_registry srv_registry;
 
-srv_registry *srv_registry_new(storage *db, size_t cache_bytes);
+srv_registry *srv_registry_new(storage *db, eng_pool *pool, size_t cache_bytes);
 /* Checkpoints every hot session that has log rows since its checkpoint,
  * then frees everything. */
 void srv_registry_free(srv_registry *r);
 
 /* Finds (loading from storage when cold) and locks the session.  Returns 0,
  * STORAGE_ENOTFOUND, or another STORAGE_E* code. */
-int srv_registry_acquire(srv_registry *r, const char *name, srv_session **out);
+int srv_registry_acquire(srv_registry *r, const char *name, eng_session **out);
 /* Unlocks and releases; may evict cold sessions. */
-void srv_registry_release(srv_registry *r, srv_session *s);
+void srv_registry_release(srv_registry *r, eng_session *s);
 /* Marks a locked, acquired session dead (deleted or failed write): the next
  * acquire reloads from storage. */
-void srv_registry_drop(srv_registry *r, srv_session *s);
+void srv_registry_drop(srv_registry *r, eng_session *s);
 /* Extra references (an open synchronous round, the reaper). */
-void srv_registry_hold(srv_registry *r, srv_session *s);
-void srv_registry_unhold(srv_registry *r, srv_session *s);
+void srv_registry_hold(srv_registry *r, eng_session *s);
+void srv_registry_unhold(srv_registry *r, eng_session *s);
 /* Inserts a freshly created session (not locked). */
-void srv_registry_insert(srv_registry *r, srv_session *s);
+void srv_registry_insert(srv_registry *r, eng_session *s);
 storage *srv_registry_storage(srv_registry *r);
 size_t srv_registry_hot_count(srv_registry *r);
 
@@ -168,6 +76,7 @@ typedef struct srv_sync srv_sync;
 typedef struct {
     srv_registry *reg;
     storage *db;
+    eng_pool *pool;
     const srv_config *cfg;
     srv_sync *sync;
     void (*suspend)(void *conn); /* parks the connection of this request    */
@@ -194,12 +103,15 @@ typedef struct {
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply);
 
 /* Shared by the step paths (handlers.c, sync.c). */
-int srv_reply_params(api_reply *r, int status, const srv_session *s, bool want_binary,
+/* The params answer: binary in wire form `wire` (an optim_wire) or JSON. */
+int srv_reply_params(api_reply *r, int status, const eng_session *s, bool want_binary, int wire,
                      double lr, bool with_lr, bool with_params);
-int srv_storage_fail(api_reply *r, storage *db, int err, const char *what);
-int srv_commit_update(srv_ctx *ctx, srv_session *s, const void *grad, double loss, double factor,
-                      const char *key, const char *const *more_keys, size_t n_more_keys,
-                      const char *worker, srv_apply_result *res, api_reply *r);
+/* Maps an engine error to its problem reply (logged); returns the status. */
+int srv_engine_fail(api_reply *r, int err, const char *what);
+/* eng_step, and on a failed commit the session is dropped (memory was
+ * ahead of disk: the next request reloads it).  0 or the problem's status. */
+int srv_commit_update(srv_ctx *ctx, eng_session *s, const eng_step_in *in, eng_step_out *out,
+                      api_reply *r);
 
 /* ------------------------------------------------------- sync rounds */
 
@@ -210,11 +122,11 @@ void srv_sync_free(srv_sync *sy);
 /* A gradient for the session's open round (session locked).  Returns an
  * HTTP status with the reply filled, or SRV_SUSPENDED when req->waiter was
  * parked until the round closes. */
-int srv_sync_submit(srv_ctx *ctx, srv_session *s, const srv_request *req, const void *grad,
+int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const void *grad,
                     const api_step_meta *meta, const char *key, bool with_params,
                     api_reply *r);
 /* Drops an open round (PATCH of the mode, DELETE): its waiters get status. */
-void srv_sync_abort(srv_ctx *ctx, srv_session *s, int status, const char *why);
+void srv_sync_abort(srv_ctx *ctx, eng_session *s, int status, const char *why);
 
 /* --------------------------------------------------------------- http */
 

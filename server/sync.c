@@ -24,7 +24,7 @@
 #define REAPER_TICK_MS 20
 
 typedef struct round_entry {
-    srv_session *s;
+    eng_session *s;
     int64_t deadline_ms;
     struct round_entry *next;
 } round_entry;
@@ -42,7 +42,7 @@ struct srv_sync {
 
 /* -------------------------------------------------------- round list */
 
-static void list_add(srv_sync *sy, srv_session *s, int64_t deadline)
+static void list_add(srv_sync *sy, eng_session *s, int64_t deadline)
 {
     round_entry *e = malloc(sizeof *e);
     if (!e)
@@ -56,7 +56,7 @@ static void list_add(srv_sync *sy, srv_session *s, int64_t deadline)
     pthread_mutex_unlock(&sy->mu);
 }
 
-static void list_remove(srv_sync *sy, srv_session *s)
+static void list_remove(srv_sync *sy, eng_session *s)
 {
     pthread_mutex_lock(&sy->mu);
     for (round_entry **pp = &sy->open; *pp; pp = &(*pp)->next) {
@@ -73,12 +73,12 @@ static void list_remove(srv_sync *sy, srv_session *s)
 
 /* ------------------------------------------------------------ rounds */
 
-static size_t vec_bytes(const srv_session *s)
+static size_t vec_bytes(const eng_session *s)
 {
     return (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
 }
 
-static int round_alloc(srv_session *s)
+static int round_alloc(eng_session *s)
 {
     size_t w = (size_t)s->cfg.mode.workers;
     if (!s->round_sum)
@@ -91,7 +91,7 @@ static int round_alloc(srv_session *s)
 }
 
 /* Clears the round (session locked) and lets go of its session ref. */
-static void round_reset(srv_ctx *ctx, srv_session *s)
+static void round_reset(srv_ctx *ctx, eng_session *s)
 {
     bool was_open = s->round_count > 0;
     if (s->round_sum)
@@ -107,7 +107,7 @@ static void round_reset(srv_ctx *ctx, srv_session *s)
 }
 
 /* Copies a problem reply into each waiter and resumes it. */
-static void answer_waiters_problem(srv_ctx *ctx, srv_session *s, const api_reply *p)
+static void answer_waiters_problem(srv_ctx *ctx, eng_session *s, const api_reply *p)
 {
     for (srv_waiter *w = s->waiters, *next; w; w = next) {
         next = w->next;
@@ -124,43 +124,41 @@ static void answer_waiters_problem(srv_ctx *ctx, srv_session *s, const api_reply
 /* Closes the round with what it has: one update with the reduced
  * gradient, committed; every waiter answered. r gets the same answer for
  * the request that closed it (want_binary, with_params). */
-static int round_close(srv_ctx *ctx, srv_session *s, bool want_binary, bool with_params,
-                       api_reply *r)
+static int round_close(srv_ctx *ctx, eng_session *s, bool want_binary, int wire,
+                       bool with_params, api_reply *r)
 {
     size_t n = (size_t)s->cfg.size;
-    void *red = malloc(vec_bytes(s));
     const char **keys = calloc((size_t)s->round_count, sizeof *keys);
     int st;
-    if (!red || !keys) {
+    if (!keys) {
         st = api_problem(r, 503, NULL, "out of memory closing the round");
     } else {
-        /* mean: divide in the dtype, like a local mean of the gradients. */
-        if (s->cfg.dtype == OPTIM_F32) {
-            const float *a = s->round_sum;
-            float *o = red, k = (float)s->round_count;
-            for (size_t i = 0; i < n; i++)
-                o[i] = s->cfg.mode.reduce == API_REDUCE_SUM ? a[i] : a[i] / k;
-        } else {
-            const double *a = s->round_sum;
-            double *o = red, k = (double)s->round_count;
-            for (size_t i = 0; i < n; i++)
-                o[i] = s->cfg.mode.reduce == API_REDUCE_SUM ? a[i] : a[i] / k;
-        }
+        /* mean: divide in the dtype, like a local mean of the gradients; in
+         * place, the round's sum is cleared after this anyway. */
+        if (s->cfg.mode.reduce != API_REDUCE_SUM)
+            optim_vec_div(s->cfg.dtype, s->round_sum, n, s->round_count);
         size_t nk = 0;
         for (int64_t i = 0; i < s->round_count; i++)
             if (s->round_keys[i][0])
                 keys[nk++] = s->round_keys[i];
         double loss = s->round_loss_n ? s->round_loss_sum / (double)s->round_loss_n : NAN;
-        srv_apply_result res;
-        st = srv_commit_update(ctx, s, red, loss, 1.0, nk ? keys[0] : NULL,
-                               nk > 1 ? keys + 1 : NULL, nk > 1 ? nk - 1 : 0, NULL, &res, r);
+        eng_step_in in = {
+            .grad = s->round_sum,
+            .loss = loss,
+            .factor = 1.0,
+            .key = nk ? keys[0] : NULL,
+            .more_keys = nk > 1 ? keys + 1 : NULL,
+            .n_more_keys = nk > 1 ? nk - 1 : 0,
+        };
+        eng_step_out res;
+        st = srv_commit_update(ctx, s, &in, &res, r);
         if (!st) {
             int status = res.kind == STORAGE_LOG_ACCUM ? 202 : 200;
             bool with_lr = res.kind == STORAGE_LOG_STEP;
             for (srv_waiter *w = s->waiters, *next; w; w = next) {
                 next = w->next;
-                srv_reply_params(&w->reply, status, s, w->want_binary, res.lr, with_lr,
-                                 w->with_params);
+                srv_reply_params(&w->reply, status, s, w->want_binary, w->wire, res.lr,
+                                 with_lr, w->with_params);
                 api_reply_header(&w->reply, "Optd-Round-Size", "%lld",
                                  (long long)s->round_count);
                 if (status == 202)
@@ -169,7 +167,8 @@ static int round_close(srv_ctx *ctx, srv_session *s, bool want_binary, bool with
                 w->done = true;
                 ctx->resume(w->conn);
             }
-            st = srv_reply_params(r, status, s, want_binary, res.lr, with_lr, with_params);
+            st = srv_reply_params(r, status, s, want_binary, wire, res.lr, with_lr,
+                                  with_params);
             api_reply_header(r, "Optd-Round-Size", "%lld", (long long)s->round_count);
             if (status == 202)
                 api_reply_header(r, "Optd-Pending", "%lld", (long long)s->accum_count);
@@ -178,29 +177,17 @@ static int round_close(srv_ctx *ctx, srv_session *s, bool want_binary, bool with
     }
     if (st >= 400)
         answer_waiters_problem(ctx, s, r);
-    free(red);
     free(keys);
     round_reset(ctx, s);
     return st;
 }
 
-static void accumulate(srv_session *s, const void *grad)
+static void accumulate(eng_session *s, const void *grad)
 {
-    size_t n = (size_t)s->cfg.size;
-    if (s->cfg.dtype == OPTIM_F32) {
-        float *a = s->round_sum;
-        const float *g = grad;
-        for (size_t i = 0; i < n; i++)
-            a[i] += g[i];
-    } else {
-        double *a = s->round_sum;
-        const double *g = grad;
-        for (size_t i = 0; i < n; i++)
-            a[i] += g[i];
-    }
+    optim_vec_add(s->cfg.dtype, s->round_sum, grad, (size_t)s->cfg.size);
 }
 
-int srv_sync_submit(srv_ctx *ctx, srv_session *s, const srv_request *req, const void *grad,
+int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const void *grad,
                     const api_step_meta *meta, const char *key, bool with_params, api_reply *r)
 {
     int64_t step = (int64_t)s->st.step;
@@ -252,12 +239,14 @@ int srv_sync_submit(srv_ctx *ctx, srv_session *s, const srv_request *req, const 
             s->round_loss_n++;
         }
         if (s->round_count >= s->cfg.mode.workers)
-            return round_close(ctx, s, req->want_binary, with_params, r);
+            return round_close(ctx, s, req->want_binary, req->waiter->wire, with_params, r);
     }
     /* Park: suspend first, under the session lock, so that whoever closes
      * the round (and needs this lock) can only resume a suspended request. */
     srv_waiter *w = req->waiter;
+    int wire = w->wire;
     memset(w, 0, sizeof *w);
+    w->wire = wire;
     w->conn = req->conn;
     w->want_binary = req->want_binary;
     w->with_params = with_params;
@@ -268,7 +257,7 @@ int srv_sync_submit(srv_ctx *ctx, srv_session *s, const srv_request *req, const 
     return SRV_SUSPENDED;
 }
 
-void srv_sync_abort(srv_ctx *ctx, srv_session *s, int status, const char *why)
+void srv_sync_abort(srv_ctx *ctx, eng_session *s, int status, const char *why)
 {
     if (s->round_count == 0)
         return;
@@ -281,13 +270,13 @@ void srv_sync_abort(srv_ctx *ctx, srv_session *s, int status, const char *why)
 
 /* ------------------------------------------------------------ reaper */
 
-static void round_timeout(srv_ctx *ctx, srv_session *s)
+static void round_timeout(srv_ctx *ctx, eng_session *s)
 {
     s->n_timeout++;
     if (s->cfg.mode.on_timeout == API_TIMEOUT_APPLY) {
         api_reply r = {0};
         /* The closing "request" is the reaper: its own answer is dropped. */
-        round_close(ctx, s, false, false, &r);
+        round_close(ctx, s, false, OPTIM_WIRE_F32, false, &r);
         api_reply_free(&r);
         return;
     }
@@ -304,7 +293,7 @@ static void *reaper_main(void *arg)
     pthread_mutex_lock(&sy->mu);
     while (!sy->stop) {
         int64_t now = srv_now_ms();
-        srv_session *due = NULL;
+        eng_session *due = NULL;
         for (round_entry *e = sy->open; e; e = e->next) {
             if (e->deadline_ms <= now) {
                 due = e->s;
@@ -326,10 +315,10 @@ static void *reaper_main(void *arg)
          * lock) lets it go: take our own before unlocking. */
         srv_registry_hold(sy->ctx->reg, due);
         pthread_mutex_unlock(&sy->mu);
-        pthread_mutex_lock(&due->mu);
+        eng_lock(due);
         if (due->round_count > 0 && due->round_deadline_ms <= srv_now_ms())
             round_timeout(sy->ctx, due);
-        pthread_mutex_unlock(&due->mu);
+        eng_unlock(due);
         srv_registry_unhold(sy->ctx->reg, due);
         pthread_mutex_lock(&sy->mu);
     }
@@ -369,17 +358,17 @@ void srv_sync_shutdown(srv_sync *sy)
     /* Answer every waiter 503.  Safe to call again: it sweeps what is left. */
     for (;;) {
         pthread_mutex_lock(&sy->mu);
-        srv_session *s = sy->open ? sy->open->s : NULL;
+        eng_session *s = sy->open ? sy->open->s : NULL;
         if (s)
             srv_registry_hold(sy->ctx->reg, s);
         pthread_mutex_unlock(&sy->mu);
         if (!s)
             break;
-        pthread_mutex_lock(&s->mu);
+        eng_lock(s);
         srv_sync_abort(sy->ctx, s, 503, "optd is shutting down; the round was not applied");
         if (s->round_listed)
             list_remove(sy, s); /* defensive: never loop on one entry */
-        pthread_mutex_unlock(&s->mu);
+        eng_unlock(s);
         srv_registry_unhold(sy->ctx->reg, s);
     }
 }

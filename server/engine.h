@@ -1,0 +1,212 @@
+/*
+ * engine.h -- the step engine: one session's state in memory and every
+ * operation that changes it -- apply a gradient (non-finite policy,
+ * accumulation, clipping, schedule, kernel), commit it to storage,
+ * checkpoint, create, load and replay.  Knows nothing of HTTP: handlers
+ * decode a request, call the engine, and map its result to a status.
+ *
+ * The house: HTTP (server/http.c) -> api (decode/encode) -> handlers ->
+ * engine -> optim (kernels, vector loops) / storage.
+ *
+ * Errors: one space.  Every function returns ENG_OK (0) or a negative
+ * code: the STORAGE_E* codes pass through unchanged (they are part of this
+ * space), the ENG_E* codes below are the engine's own.  eng_strerror()
+ * names any of them; the detail of a storage failure is
+ * storage_last_error() on the same thread.
+ *
+ * LOCKING
+ *   registry lock (srv_registry.mu) guards the name map, the LRU list,
+ *     refs, acct_bytes, hot_bytes and a session's dead flag.
+ *   session lock (eng_session.mu) guards everything else in the session:
+ *     config, state, vectors, counters, the open synchronous round.  Every
+ *     eng_* function that takes a session expects it locked by the caller
+ *     (asserted where the lock can be checked).
+ *   A cold session is mapped as an empty shell, locked by its loader, and
+ *     read from storage after the registry lock is released: others wanting
+ *     it wait on its session lock, not on the registry lock (a slow load
+ *     stalls only its own session).  A failed load marks it dead.
+ *   kernel pool lock (eng_pool.mu) is taken with trylock only: a step that
+ *     finds the pool busy runs on its own thread.
+ *   storage serialises itself (storage.h).
+ *   Order: registry -> session, never the reverse while waiting.  The sync
+ *   reaper's list lock is taken alone or after a session lock.
+ */
+#ifndef ENGINE_H
+#define ENGINE_H
+
+#include <assert.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "api/api.h"
+#include "optim/optim.h"
+#include "storage/storage.h"
+
+/* ------------------------------------------------------------- errors */
+
+#define ENG_OK 0
+/* STORAGE_E* (-1 .. -19) pass through. */
+#define ENG_ENOMEM STORAGE_ENOMEM
+#define ENG_ENONFINITE (-20)  /* a gradient with NaN/Inf under nonfinite=error */
+#define ENG_EDAMAGED (-21)    /* stored state failed its checks: not served   */
+
+const char *eng_strerror(int err);
+
+/* --------------------------------------------------------- kernel pool */
+
+/* A few threads that share one large vector's blocks with the calling
+ * thread.  threads counts the caller: 1 means no extra thread. */
+typedef struct eng_pool eng_pool;
+eng_pool *eng_pool_new(int threads);
+void eng_pool_free(eng_pool *p);
+int eng_pool_threads(const eng_pool *p);
+/* Calls fn(arg, b0, b1) on disjoint contiguous shares of [0, nblocks) and
+ * returns when all are done.  When the pool is busy with another session's
+ * step, or nblocks is small, the caller does all of it alone: the result is
+ * the same either way (blocked reductions, see optim/vec.c). */
+void eng_pool_run(eng_pool *p, void (*fn)(void *arg, size_t b0, size_t b1), void *arg,
+                  size_t nblocks);
+
+/* ------------------------------------------------------------ session */
+
+typedef struct eng_session eng_session;
+typedef struct srv_waiter srv_waiter;
+
+/* A request waiting for its synchronous round to close.  Lives in the
+ * HTTP layer's per-connection context; linked into the session's round
+ * while suspended, answered (reply filled, done set) before it is resumed. */
+struct srv_waiter {
+    srv_waiter *next;
+    void *conn;                 /* the suspended MHD connection              */
+    api_reply reply;
+    bool done;
+    bool want_binary;
+    bool with_params;
+    int wire;                   /* optim_wire of a binary answer              */
+    char worker[API_WORKER_MAX + 1];
+    char key[API_IDEM_MAX + 1]; /* "" when none                              */
+    uint64_t fp;                /* the keyed request's fingerprint           */
+};
+
+struct eng_session {
+    char name[API_NAME_MAX + 1];
+    int64_t id;                 /* storage id                                  */
+    api_config cfg;
+    optim_state st;
+    optim_plateau plateau;
+    void *params;
+    void *accum;                /* pending accumulation (mode.accumulate > 1)  */
+    int64_t accum_count;
+    optim_vec_partial *parts;   /* one per block: the blocked reductions       */
+    double *upd;                /* one per block: update norm partials         */
+    int64_t seq;                /* last log row                                */
+    size_t log_bytes;           /* replay bytes logged since the checkpoint    */
+    int64_t created_ms, updated_ms;
+    double last_lr;
+    double last_loss;
+    int64_t n_applied, n_stale, n_timeout, n_skipped;
+
+    /* the open synchronous round (mode sync); not persisted: nothing in it
+     * has been acknowledged */
+    void *round_sum;            /* sum of the round's gradients              */
+    int64_t round_count;        /* gradients received                        */
+    int64_t round_step;         /* the step the round is for                 */
+    int64_t round_deadline_ms;
+    double round_loss_sum;
+    int64_t round_loss_n;
+    char (*round_workers)[API_WORKER_MAX + 1];
+    char (*round_keys)[API_IDEM_MAX + 1];
+    uint64_t *round_fps;
+    srv_waiter *waiters;
+    bool round_listed;          /* on the reaper's list                       */
+    eng_session *round_next;
+
+    pthread_mutex_t mu;         /* the session lock (LOCKING above)           */
+    bool locked;                /* set while mu is held (for assertions)      */
+
+    /* registry bookkeeping (registry lock) */
+    int refs;
+    size_t acct_bytes;          /* bytes counted against --cache-mb         */
+    bool dead;                  /* removed from the registry; reload to use    */
+    eng_session *hnext;         /* hash chain                                  */
+    eng_session *lru_prev, *lru_next;
+};
+
+/* Locks / unlocks the session lock (and keeps the assertion flag). */
+void eng_lock(eng_session *s);
+void eng_unlock(eng_session *s);
+#define ENG_ASSERT_LOCKED(s) assert((s)->locked)
+
+/* Bytes of the session's state in memory (params, buffers, accumulation,
+ * bookkeeping): what --cache-mb counts. */
+size_t eng_session_bytes(const eng_session *s);
+/* Bytes a session of this config will hold (before creating it). */
+size_t eng_config_bytes(const api_config *cfg);
+
+/* A session at step 0 from cfg (deep-copied) and params (copied; NULL:
+ * filled per init).  Not in storage yet.  NULL when out of memory. */
+eng_session *eng_session_new(const char *name, const api_config *cfg, const void *params,
+                             const api_init *init);
+/* An empty shell for name, to be filled by eng_session_load. */
+eng_session *eng_session_shell(const char *name);
+void eng_session_free(eng_session *s);
+
+/* Writes a new session (config + step-0 checkpoint).  STORAGE_EEXIST when
+ * the name is taken. */
+int eng_session_create(storage *db, eng_session *s, int64_t now_ms);
+/* Fills a shell from storage: config, newest checkpoint, replay of the log
+ * after it (bit-identical to the live path).  ENOTFOUND, ECORRUPT
+ * (checksums, a replay that diverges), ENOMEM, EIO... */
+int eng_session_load(storage *db, eng_pool *pool, eng_session *s);
+
+/* The lr the next update would use. */
+double eng_next_lr(const eng_session *s);
+
+/* One gradient through the pipeline and into the log. */
+typedef struct {
+    const void *grad;           /* n elements of the session's dtype         */
+    double loss;                /* NAN when not reported                       */
+    double factor;              /* lr factor (stale damping), 1 otherwise      */
+    const char *key;            /* idempotency key or NULL                     */
+    uint64_t fp;                /* its request fingerprint                     */
+    const char *const *more_keys; /* a synchronous round's other keys          */
+    const uint64_t *more_fps;
+    size_t n_more_keys;
+    const char *worker;         /* NULL when none                              */
+} eng_step_in;
+
+typedef struct {
+    int kind;                   /* STORAGE_LOG_STEP / ACCUM / SKIP             */
+    double lr;
+    double grad_norm;
+    double update_norm;
+} eng_step_out;
+
+/* Applies one gradient (non-finite policy, accumulation, clipping,
+ * schedule, kernel: one fused pass for finiteness and norm, one blocked
+ * pass for the update, split over the pool) and commits its log row with
+ * its keys, with a checkpoint when the log has outgrown the state.  On a
+ * failed commit memory is ahead of disk: the caller must drop the session
+ * (the next use reloads it).  A gradient with NaN/Inf under
+ * nonfinite=error is ENG_ENONFINITE before anything changes. */
+int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
+             eng_step_out *out);
+
+/* Writes a full checkpoint (and the config when with_config).  On failure
+ * nothing in memory changed; the caller decides whether to drop. */
+int eng_checkpoint(storage *db, eng_session *s, bool with_config);
+
+/* Replaces the params (n elements of the dtype, taken over: the engine owns
+ * and frees the buffer) and checkpoints; on failure the old params stay. */
+int eng_set_params(storage *db, eng_session *s, void *params);
+
+/* Makes the buffers this config needs exist (after PATCH).  0 or ENOMEM. */
+int eng_ensure_buffers(eng_session *s);
+
+/* Answer bodies: the params as a new buffer in wire form w (binary), or
+ * appended to a JSON buffer. */
+void *eng_params_wire(const eng_session *s, optim_wire w, size_t *len);
+
+#endif /* ENGINE_H */
