@@ -201,6 +201,10 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
     st = api_route_match(method, x->path, &x->route, x->name, r);
     if (st)
         return st;
+    /* Whatever the route: a body of no use is discarded, not read for long. */
+    if (x->content_length > (long long)x->limit)
+        return api_problem(r, 413, NULL, "body of %lld bytes exceeds the limit of %zu",
+                           x->content_length, x->limit);
     if (x->route->needs_auth && ctx->cfg->api_key[0]) {
         if (!bearer_ok(hdr(c, MHD_HTTP_HEADER_AUTHORIZATION), ctx->cfg->api_key)) {
             api_problem(r, 401, NULL, "missing or wrong API key (Authorization: Bearer KEY)");
@@ -226,9 +230,6 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
                                    ? "send application/json or application/octet-stream"
                                    : "send application/json");
         x->body_binary = ct == 1;
-        if (x->content_length > (long long)x->limit)
-            return api_problem(r, 413, NULL, "body of %lld bytes exceeds the limit of %zu",
-                               x->content_length, x->limit);
         /* One allocation for a body of known length (+1 for the NUL). */
         if (x->content_length > 0) {
             x->body = body_alloc((size_t)x->content_length + 1, &x->cap);

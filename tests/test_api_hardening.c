@@ -352,6 +352,11 @@ static void test_body_limits(void **state)
                            3000);
     assert_raw_problem(&a, 413, NULL);
     free(a.text);
+    /* on a route that takes no body too */
+    a = raw_str(port_of(s),
+                "GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 1048577\r\n\r\n{", 3000);
+    assert_raw_problem(&a, 413, NULL);
+    free(a.text);
     size_t n = 1100000;
     char *body = malloc(n);
     assert_non_null(body);
@@ -532,6 +537,48 @@ static void test_flood_per_address(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* Slowloris: connections from one address (127.0.0.3) that send a header
+ * byte well within every idle timeout are never idle, but the address
+ * holds at most --max-connections-per-ip of them, and /healthz from
+ * another address answers while they dribble. */
+static void test_slow_headers_per_address(void **state)
+{
+    (void)state;
+    enum { SLOW = 40, PER_IP = 4 };
+    static const char *const args[] = {"--max-connections-per-ip", "4", "--idle-timeout", "1",
+                                       "--threads", "2", NULL};
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, args), 0);
+    int fds[SLOW];
+    for (int i = 0; i < SLOW; i++) {
+        fds[i] = raw_connect(d.port, "127.0.0.3");
+        assert_true(fds[i] >= 0);
+        send(fds[i], "GET /healthz HTTP/1.1\r\nX-Slow: ", 31, MSG_NOSIGNAL);
+    }
+    optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
+    /* 2.4 s of dribbling: longer than the idle timeout. */
+    for (int round = 0; round < 8; round++) {
+        usleep(300 * 1000);
+        for (int i = 0; i < SLOW; i++)
+            if (fds[i] >= 0)
+                send(fds[i], "a", 1, MSG_NOSIGNAL);
+        long long t0 = tapi_now_ms();
+        optd_response r = tapi_req(c, "GET", "/healthz", NULL, NULL);
+        assert_int_equal(r.status, 200);
+        if (tapi_now_ms() - t0 > 1000)
+            fail_msg("/healthz took %lld ms while headers dribbled", tapi_now_ms() - t0);
+        optd_response_free(&r);
+    }
+    int still = count_open(fds, SLOW, 300);
+    if (still > PER_IP || still < 1)
+        fail_msg("%d of %d dribbling connections open (limit %d per address)", still, SLOW, PER_IP);
+    optd_client_free(c);
+    for (int i = 0; i < SLOW; i++)
+        close(fds[i]);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+}
+
 /* Idle, half-closed and half-sent connections are closed after
  * --idle-timeout (they used to linger 300 s). */
 static void test_idle_timeout(void **state)
@@ -694,6 +741,7 @@ int main(void)
         cmocka_unit_test(test_library_errors),
         cmocka_unit_test(test_bearer_any_case),
         cmocka_unit_test(test_flood_per_address),
+        cmocka_unit_test(test_slow_headers_per_address),
         cmocka_unit_test(test_idle_timeout),
         cmocka_unit_test(test_flags),
         cmocka_unit_test(test_flag_over_env),
