@@ -82,9 +82,10 @@ typedef struct {
 extern const api_route api_routes[];
 extern const size_t api_route_count;
 
-/* Finds the route: 0 and *route (+ the {name} segment, validated) on a
- * match; otherwise fills reply with 404 / 405 / 400 (bad name) and returns
- * that status. */
+/* Finds the route for a raw (not percent-decoded) path: 0 and *route (+
+ * the {name} segment, validated) on a match; otherwise fills reply with
+ * 404 / 405 / 400 (bad name, including any %-escape in it) and returns
+ * that status.  HEAD matches the GET routes. */
 int api_route_match(const char *method, const char *path, const api_route **route,
                     char name[API_NAME_MAX + 1], api_reply *r);
 bool api_name_valid(const char *name, size_t len);

@@ -65,6 +65,8 @@ static bool match(const char *pattern, const char *path, const char **seg, size_
 int api_route_match(const char *method, const char *path, const api_route **route,
                     char name[API_NAME_MAX + 1], api_reply *r)
 {
+    /* HEAD is GET without the body (libmicrohttpd leaves the body out). */
+    const char *as = strcmp(method, "HEAD") == 0 ? "GET" : method;
     bool path_known = false;
     const char *seg = NULL;
     size_t seg_len = 0;
@@ -74,11 +76,12 @@ int api_route_match(const char *method, const char *path, const api_route **rout
         if (!match(rt->pattern, path, &seg, &seg_len))
             continue;
         path_known = true;
-        if (strcmp(rt->method, method) != 0) {
-            if (strlen(allowed) + strlen(rt->method) + 3 < sizeof allowed) {
+        if (strcmp(rt->method, as) != 0) {
+            bool get = strcmp(rt->method, "GET") == 0;
+            if (strlen(allowed) + strlen(rt->method) + (get ? 9 : 3) < sizeof allowed) {
                 if (allowed[0])
                     strcat(allowed, ", ");
-                strcat(allowed, rt->method);
+                strcat(allowed, get ? "GET, HEAD" : rt->method);
             }
             continue;
         }

@@ -1,10 +1,13 @@
 /*
  * flags.c -- command-line flags and their OPTD_* environment twins, and
- * the log.
+ * the log.  One table describes every flag (name, variable, kind, field,
+ * bound, help); getopt_long reads argv through an option array built from
+ * it, and --help prints it.
  */
 #include "server/server.h"
 
 #include <errno.h>
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,34 +52,41 @@ typedef struct {
     flag_kind kind;
     size_t offset;
     size_t size;
+    unsigned long long max; /* F_SIZE: largest value accepted */
     const char *help;
 } flag_spec;
 
 #define STR(f) offsetof(srv_config, f), sizeof(((srv_config *)0)->f)
 static const flag_spec flags[] = {
-    {"--bind", "OPTD_BIND", F_STR, STR(bind), "address to listen on (default 127.0.0.1)"},
-    {"--port", "OPTD_PORT", F_INT, STR(port), "TCP port; 0 picks a free one and prints it (default 8080)"},
-    {"--db", "OPTD_DB", F_STR, STR(db), "SQLite database file, parent created (default ./var/optd.db)"},
-    {"--threads", "OPTD_THREADS", F_INT, STR(threads), "HTTP worker threads (default: 2 x cores, at least 4)"},
-    {"--kernel-threads", "OPTD_KERNEL_THREADS", F_INT, STR(kernel_threads), "threads sharing one large step's vector (default: the number of cores)"},
-    {"--max-body-mb", "OPTD_MAX_BODY_MB", F_SIZE, STR(max_body_mb), "largest request body in MiB (default 256)"},
-    {"--max-params", "OPTD_MAX_PARAMS", F_SIZE, STR(max_params), "largest session in parameters (default 100000000)"},
-    {"--cache-mb", "OPTD_CACHE_MB", F_SIZE, STR(cache_mb), "memory for hot sessions in MiB; colder ones are evicted (default 1024)"},
-    {"--durability", "OPTD_DURABILITY", F_DUR, STR(durability), "normal: survives a process crash; full: survives power loss (default normal)"},
-    {"--api-key", "OPTD_API_KEY", F_STR, STR(api_key), "require Authorization: Bearer KEY on every route but /healthz"},
-    {"--log-level", "OPTD_LOG_LEVEL", F_LOG, STR(log_level), "error, warn, info or debug (default info)"},
-    {"--check-health", "OPTD_CHECK_HEALTH", F_STR, STR(check_health), "probe URL's /healthz, exit 0 when healthy (for container health checks)"},
+    {"--bind", "OPTD_BIND", F_STR, STR(bind), 0, "address to listen on (default 127.0.0.1)"},
+    {"--port", "OPTD_PORT", F_INT, STR(port), 0, "TCP port; 0 picks a free one and prints it (default 8080)"},
+    {"--db", "OPTD_DB", F_STR, STR(db), 0, "SQLite database file, parent created (default ./var/optd.db)"},
+    {"--threads", "OPTD_THREADS", F_INT, STR(threads), 0, "HTTP worker threads (default: 2 x cores, at least 4)"},
+    {"--kernel-threads", "OPTD_KERNEL_THREADS", F_INT, STR(kernel_threads), 0, "threads sharing one large step's vector (default: the number of cores)"},
+    {"--max-body-mb", "OPTD_MAX_BODY_MB", F_SIZE, STR(max_body_mb), SIZE_MAX / 1024 / 1024 - 1, "largest request body in MiB (default 256)"},
+    {"--max-params", "OPTD_MAX_PARAMS", F_SIZE, STR(max_params), SIZE_MAX / 8 / 4, "largest session in parameters (default 100000000)"},
+    {"--cache-mb", "OPTD_CACHE_MB", F_SIZE, STR(cache_mb), SIZE_MAX / 1024 / 1024, "memory for hot sessions in MiB; colder ones are evicted (default 1024)"},
+    {"--durability", "OPTD_DURABILITY", F_DUR, STR(durability), 0, "normal: survives a process crash; full: survives power loss (default normal)"},
+    {"--api-key", "OPTD_API_KEY", F_STR, STR(api_key), 0, "require Authorization: Bearer KEY on every route but /healthz"},
+    {"--log-level", "OPTD_LOG_LEVEL", F_LOG, STR(log_level), 0, "error, warn, info or debug (default info)"},
+    {"--check-health", "OPTD_CHECK_HEALTH", F_STR, STR(check_health), 0, "probe URL's /healthz, exit 0 when healthy (for container health checks)"},
+    {"--max-connections", "OPTD_MAX_CONNECTIONS", F_SIZE, STR(max_connections), 1000000, "open connections in all; more are closed at once (default 1000)"},
+    {"--max-connections-per-ip", "OPTD_MAX_CONNECTIONS_PER_IP", F_SIZE, STR(max_connections_per_ip), 1000000, "open connections from one client address (default 128)"},
+    {"--idle-timeout", "OPTD_IDLE_TIMEOUT", F_SIZE, STR(idle_timeout_s), 86400, "seconds after which an idle or half-closed connection is closed (default 60)"},
 };
 #define N_FLAGS (sizeof flags / sizeof flags[0])
+
+/* getopt_long's val for flags[i]; clear of every short option. */
+#define FLAG_VAL(i) (256 + (int)(i))
 
 static void usage(FILE *f)
 {
     fprintf(f, "usage: optd [flags]\n\noptd " OPTD_VERSION
                " -- optimizer-as-a-service: torch.optim updates over HTTP, durable in SQLite.\n\n");
     for (size_t i = 0; i < N_FLAGS; i++)
-        fprintf(f, "  %-16s %-20s %s\n", flags[i].flag, flags[i].env, flags[i].help);
-    fprintf(f, "  %-16s %-20s %s\n  %-16s %-20s %s\n", "--help", "", "this text", "--version",
-            "", "print the version");
+        fprintf(f, "  %-24s %-28s %s\n", flags[i].flag, flags[i].env, flags[i].help);
+    fprintf(f, "  %-24s %-28s %s\n  %-24s %-28s %s\n", "--help, -h", "", "this text",
+            "--version", "", "print the version");
 }
 
 static int set_flag(srv_config *c, const flag_spec *f, const char *v, const char *src)
@@ -108,6 +118,10 @@ static int set_flag(srv_config *c, const flag_spec *f, const char *v, const char
             fprintf(stderr, "optd: %s must be a positive integer, not \"%s\"\n", src, v);
             return -1;
         }
+        if (x > f->max) {
+            fprintf(stderr, "optd: %s is too large (at most %llu)\n", src, f->max);
+            return -1;
+        }
         *(size_t *)p = (size_t)x;
         return 0;
     }
@@ -136,6 +150,8 @@ static int set_flag(srv_config *c, const flag_spec *f, const char *v, const char
     return -1;
 }
 
+enum { VAL_HELP = 'h', VAL_VERSION = 1 };
+
 int srv_config_parse(srv_config *c, int argc, char **argv)
 {
     memset(c, 0, sizeof *c);
@@ -147,46 +163,50 @@ int srv_config_parse(srv_config *c, int argc, char **argv)
     c->cache_mb = 1024;
     c->durability = STORAGE_SYNC_NORMAL;
     c->log_level = SRV_LOG_INFO;
+    c->max_connections = 1000;
+    c->max_connections_per_ip = 128;
+    c->idle_timeout_s = 60;
     for (size_t i = 0; i < N_FLAGS; i++) {
         const char *v = getenv(flags[i].env);
         if (v && *v && set_flag(c, &flags[i], v, flags[i].env))
             return -1;
     }
-    for (int a = 1; a < argc; a++) {
-        const char *arg = argv[a];
-        if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+
+    struct option opts[N_FLAGS + 3];
+    for (size_t i = 0; i < N_FLAGS; i++)
+        opts[i] = (struct option){flags[i].flag + 2, required_argument, NULL, FLAG_VAL(i)};
+    opts[N_FLAGS] = (struct option){"help", no_argument, NULL, VAL_HELP};
+    opts[N_FLAGS + 1] = (struct option){"version", no_argument, NULL, VAL_VERSION};
+    opts[N_FLAGS + 2] = (struct option){NULL, 0, NULL, 0};
+
+    /* '+': stop at the first operand (there are none); ':': report a
+     * missing value as ':' so the message is ours, like every other. */
+    opterr = 0;
+    optind = 0; /* glibc: start over, whatever parsed argv before */
+    int ch;
+    while ((ch = getopt_long(argc, argv, "+:h", opts, NULL)) != -1) {
+        if (ch == VAL_HELP) {
             usage(stdout);
             return 1;
         }
-        if (strcmp(arg, "--version") == 0) {
+        if (ch == VAL_VERSION) {
             printf("optd " OPTD_VERSION "\n");
             return 1;
         }
-        const flag_spec *f = NULL;
-        const char *v = NULL;
-        for (size_t i = 0; i < N_FLAGS && !f; i++) {
-            size_t n = strlen(flags[i].flag);
-            if (strncmp(arg, flags[i].flag, n) == 0 && (arg[n] == '\0' || arg[n] == '=')) {
-                f = &flags[i];
-                v = arg[n] == '=' ? arg + n + 1 : NULL;
-            }
-        }
-        if (!f) {
-            fprintf(stderr, "optd: unknown flag %s (see optd --help)\n", arg);
+        if (ch == ':') {
+            fprintf(stderr, "optd: %s needs a value\n", argv[optind - 1]);
             return -1;
         }
-        if (!v) {
-            if (a + 1 >= argc) {
-                fprintf(stderr, "optd: %s needs a value\n", arg);
-                return -1;
-            }
-            v = argv[++a];
+        if (ch == '?' || ch < FLAG_VAL(0) || ch >= FLAG_VAL(N_FLAGS)) {
+            fprintf(stderr, "optd: unknown flag %s (see optd --help)\n", argv[optind - 1]);
+            return -1;
         }
-        if (set_flag(c, f, v, f->flag))
+        const flag_spec *f = &flags[ch - FLAG_VAL(0)];
+        if (set_flag(c, f, optarg, f->flag))
             return -1;
     }
-    if (c->max_params > SIZE_MAX / 8 / 4) {
-        fprintf(stderr, "optd: --max-params is too large\n");
+    if (optind < argc) {
+        fprintf(stderr, "optd: unknown flag %s (see optd --help)\n", argv[optind]);
         return -1;
     }
     srv_log_level = c->log_level;

@@ -1,26 +1,45 @@
 /*
- * http.c -- libmicrohttpd glue: body accumulation under the size limit,
- * authentication, content negotiation, dispatch to the handlers, one log
- * line per request, and the graceful stop.
+ * http.c -- libmicrohttpd glue: routing on the raw (still percent-encoded)
+ * path, refusal of ambiguous framing (request smuggling), authentication,
+ * content negotiation, body accumulation into one buffer presized from
+ * Content-Length, dispatch to the handlers, one log line per request,
+ * connection limits and timeouts, and the graceful stop.
+ *
+ * libmicrohttpd percent-decodes the path before the request callback sees
+ * it, so "/v1/sessions/a%00b" would arrive as "a" and "x%2Fstep" as a
+ * different route.  The URI log callback sees the request line as sent:
+ * it allocates the per-request context and keeps the raw path, and routing
+ * matches that exactly (a '%' is not a name character, so any escape in a
+ * name is a 400).  Query arguments stay decoded by libmicrohttpd.
  */
 #include "server/server.h"
 
 #include <arpa/inet.h>
+#include <limits.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
+/* Alignment of the body buffer: a binary vector can be read in place as
+ * float32 or float64 (and by vector loads). */
+#define BODY_ALIGN 64
+/* First capacity of a chunked body (no Content-Length); it then doubles. */
+#define BODY_CHUNKED_START (64 * 1024)
+
 typedef struct {
     const api_route *route;
     char name[API_NAME_MAX + 1];
-    char *body;
+    char *body;          /* BODY_ALIGN-aligned, NUL after len             */
     size_t len, cap, limit;
+    long long content_length; /* -1: none (chunked)                        */
+    bool started;        /* the request callback has seen this request    */
     bool body_binary, want_binary;
     bool responded;      /* a reply was queued before the body was read */
     bool too_large;      /* chunked body went past the limit            */
@@ -29,7 +48,7 @@ typedef struct {
     int status;
     struct timespec t0;
     char method[8];
-    char path[160];
+    char *path;          /* the raw path (no query), as sent; owned       */
 } conn_ctx;
 
 /* Requests parked in synchronous rounds right now (for the drain at stop). */
@@ -90,16 +109,104 @@ static bool key_equal(const char *given, const char *want)
     return d == 0;
 }
 
-/* Checks that can answer before any body byte is read. */
-static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const char *method,
-                    const char *url, api_reply *r)
+/* "Authorization: Bearer KEY" with the scheme in any case (RFC 7235) and
+ * one or more blanks before the key. */
+static bool bearer_ok(const char *a, const char *key)
 {
-    int st = api_route_match(method, url, &x->route, x->name, r);
+    if (!a || strncasecmp(a, "Bearer", 6) != 0 || (a[6] != ' ' && a[6] != '\t'))
+        return false;
+    a += 6;
+    while (*a == ' ' || *a == '\t')
+        a++;
+    return key_equal(a, key);
+}
+
+/* Returns a new buffer of at least n bytes aligned to BODY_ALIGN, its size
+ * in *cap; caller frees.  NULL when out of memory. */
+static char *body_alloc(size_t n, size_t *cap)
+{
+    size_t c = (n + BODY_ALIGN - 1) / BODY_ALIGN * BODY_ALIGN;
+    char *b = aligned_alloc(BODY_ALIGN, c);
+    if (b)
+        *cap = c;
+    return b;
+}
+
+/* The headers that frame a body, counted over every occurrence (the
+ * lookup functions only see the first). */
+typedef struct {
+    int n_length, n_encoding;
+    const char *length, *encoding;
+} framing;
+
+static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                     const char *value)
+{
+    (void)kind;
+    framing *f = cls;
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
+        f->n_length++;
+        f->length = value;
+    } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        f->n_encoding++;
+        f->encoding = value;
+    }
+    return MHD_YES;
+}
+
+/* Refuses a body whose length two parties could read differently (request
+ * smuggling, RFC 9112 section 6.3): Content-Length twice, Transfer-Encoding
+ * with Content-Length, a coding other than chunked, a length that is not
+ * plain digits.  On success x->content_length is the length or -1. */
+static int framing_or_reply(struct MHD_Connection *c, conn_ctx *x, api_reply *r)
+{
+    framing f = {0};
+    MHD_get_connection_values(c, MHD_HEADER_KIND, count_framing, &f);
+    x->content_length = -1;
+    if (f.n_length > 1)
+        return api_problem(r, 400, "Content-Length", "more than one Content-Length header");
+    if (f.n_encoding && f.n_length)
+        return api_problem(r, 400, "Transfer-Encoding",
+                           "Transfer-Encoding and Content-Length together");
+    if (f.n_encoding > 1 || (f.n_encoding && strcasecmp(f.encoding, "chunked") != 0))
+        return api_problem(r, 400, "Transfer-Encoding",
+                           "the only transfer coding accepted is chunked");
+    if (f.length) {
+        const char *p = f.length;
+        unsigned long long n = 0;
+        bool ok = *p != '\0';
+        for (; *p && ok; p++) {
+            if (*p < '0' || *p > '9' || n > (ULLONG_MAX - 9) / 10)
+                ok = false;
+            else
+                n = n * 10 + (unsigned)(*p - '0');
+        }
+        if (!ok || n > LLONG_MAX)
+            return api_problem(r, 400, "Content-Length", "Content-Length is not a byte count");
+        x->content_length = (long long)n;
+    }
+    return 0;
+}
+
+/* Checks that can answer before any body byte is read; presizes the body. */
+static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const char *method,
+                    api_reply *r)
+{
+    int st = framing_or_reply(c, x, r);
+    if (st) {
+        /* The rest of the stream cannot be trusted to start a request. */
+        api_reply_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+        return st;
+    }
+    st = api_route_match(method, x->path, &x->route, x->name, r);
     if (st)
         return st;
+    /* Whatever the route: a body of no use is discarded, not read for long. */
+    if (x->content_length > (long long)x->limit)
+        return api_problem(r, 413, NULL, "body of %lld bytes exceeds the limit of %zu",
+                           x->content_length, x->limit);
     if (x->route->needs_auth && ctx->cfg->api_key[0]) {
-        const char *a = hdr(c, MHD_HTTP_HEADER_AUTHORIZATION);
-        if (!a || strncmp(a, "Bearer ", 7) != 0 || !key_equal(a + 7, ctx->cfg->api_key)) {
+        if (!bearer_ok(hdr(c, MHD_HTTP_HEADER_AUTHORIZATION), ctx->cfg->api_key)) {
             api_problem(r, 401, NULL, "missing or wrong API key (Authorization: Bearer KEY)");
             api_reply_header(r, "WWW-Authenticate", "Bearer realm=\"optd\"");
             return 401;
@@ -123,35 +230,80 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
                                    ? "send application/json or application/octet-stream"
                                    : "send application/json");
         x->body_binary = ct == 1;
-        const char *cl = hdr(c, MHD_HTTP_HEADER_CONTENT_LENGTH);
-        if (cl) {
-            unsigned long long n = strtoull(cl, NULL, 10);
-            if (n > x->limit)
-                return api_problem(r, 413, NULL, "body of %llu bytes exceeds the limit of %zu",
-                                   n, x->limit);
+        /* One allocation for a body of known length (+1 for the NUL). */
+        if (x->content_length > 0) {
+            x->body = body_alloc((size_t)x->content_length + 1, &x->cap);
+            if (!x->body)
+                return api_problem(r, 503, NULL, "out of memory for a body of %lld bytes",
+                                   x->content_length);
         }
     }
     return 0;
+}
+
+/* Appends n body bytes.  0, or -1 when out of memory.  Only a chunked
+ * body (length unknown) ever grows: by doubling, up to the limit. */
+static int body_append(conn_ctx *x, const char *data, size_t n)
+{
+    if (x->len + n + 1 > x->cap) {
+        size_t want = x->cap ? x->cap : BODY_CHUNKED_START;
+        while (want < x->len + n + 1)
+            want *= 2;
+        if (want > x->limit + 1)
+            want = x->limit + 1; /* len + n <= limit was checked */
+        size_t cap;
+        char *b = body_alloc(want, &cap);
+        if (!b)
+            return -1;
+        if (x->len)
+            memcpy(b, x->body, x->len);
+        free(x->body);
+        x->body = b;
+        x->cap = cap;
+    }
+    memcpy(x->body + x->len, data, n);
+    x->len += n;
+    x->body[x->len] = '\0';
+    return 0;
+}
+
+/* MHD_OPTION_URI_LOG_CALLBACK: runs once per request with the request
+ * target as sent, before libmicrohttpd decodes it.  Returns the request's
+ * context (a new conn_ctx, freed in on_completed), NULL when out of
+ * memory. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c)
+{
+    (void)cls;
+    (void)c;
+    conn_ctx *x = calloc(1, sizeof *x);
+    if (!x)
+        return NULL;
+    x->path = strndup(uri, strcspn(uri, "?#"));
+    if (!x->path) {
+        free(x);
+        return NULL;
+    }
+    x->content_length = -1;
+    clock_gettime(CLOCK_MONOTONIC, &x->t0);
+    return x;
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_size, void **con_cls)
 {
+    (void)url; /* decoded: routing uses the raw x->path */
     (void)version;
     srv_ctx *ctx = cls;
     conn_ctx *x = *con_cls;
-    if (!x) {
-        x = calloc(1, sizeof *x);
-        if (!x)
-            return MHD_NO;
-        *con_cls = x;
-        clock_gettime(CLOCK_MONOTONIC, &x->t0);
+    if (!x)
+        return MHD_NO; /* on_uri ran out of memory */
+    if (!x->started) {
+        x->started = true;
         snprintf(x->method, sizeof x->method, "%s", method);
-        snprintf(x->path, sizeof x->path, "%s", url);
         x->limit = ctx->cfg->max_body_mb * 1024 * 1024;
         api_reply r = {0};
-        if (precheck(ctx, c, x, method, url, &r)) {
+        if (precheck(ctx, c, x, method, &r)) {
             x->responded = true;
             return queue(c, x, &r);
         }
@@ -160,29 +312,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     if (*upload_size) {
         size_t n = *upload_size;
         *upload_size = 0;
-        if (x->responded || x->too_large)
+        if (x->responded || x->too_large || x->route->body == API_BODY_NONE)
             return MHD_YES;
-        if (x->len + n > x->limit) {
+        if (n > x->limit - x->len) {
             x->too_large = true;
             free(x->body);
             x->body = NULL;
             x->len = x->cap = 0;
             return MHD_YES;
         }
-        if (x->len + n + 1 > x->cap) {
-            size_t cap = x->cap ? x->cap : 4096;
-            while (cap < x->len + n + 1)
-                cap *= 2;
-            char *b = realloc(x->body, cap);
-            if (!b)
-                return MHD_NO;
-            x->body = b;
-            x->cap = cap;
-        }
-        memcpy(x->body + x->len, upload_data, n);
-        x->len += n;
-        x->body[x->len] = '\0';
-        return MHD_YES;
+        return body_append(x, upload_data, n) == 0 ? MHD_YES : MHD_NO;
     }
     if (x->responded)
         return MHD_YES;
@@ -208,6 +347,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         .name = x->name,
         .body = x->body ? x->body : "",
         .body_len = x->len,
+        .content_length = x->content_length,
         .body_binary = x->body_binary,
         .want_binary = x->want_binary,
         .header = hdr,
@@ -237,11 +377,15 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double ms = (double)(t1.tv_sec - x->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - x->t0.tv_nsec) / 1e6;
-    srv_log(x->status >= 500 || toe != MHD_REQUEST_TERMINATED_COMPLETED_OK ? SRV_LOG_WARN
-                                                                           : SRV_LOG_DEBUG,
-            "%s %s %d %.3fms%s", x->method, x->path, x->status, ms,
-            toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (connection ended early)");
+    if (!x->started)
+        srv_log(SRV_LOG_WARN, "- %s refused by libmicrohttpd before routing (%.3fms)", x->path, ms);
+    else
+        srv_log(x->status >= 500 || toe != MHD_REQUEST_TERMINATED_COMPLETED_OK ? SRV_LOG_WARN
+                                                                               : SRV_LOG_DEBUG,
+                "%s %s %d %.3fms%s", x->method, x->path, x->status, ms,
+                toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (connection ended early)");
     free(x->body);
+    free(x->path);
     free(x);
     *con_cls = NULL;
 }
@@ -268,6 +412,9 @@ int srv_http_run(srv_ctx *ctx)
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     unsigned threads = cfg->threads > 0 ? (unsigned)cfg->threads
                                         : (unsigned)(cores > 2 ? 2 * cores : 4);
+    /* libmicrohttpd splits the connection limit across its threads. */
+    if (threads > cfg->max_connections)
+        threads = (unsigned)cfg->max_connections;
 
     /* Signals go to the main thread only, through sigwait. */
     sigset_t set;
@@ -282,9 +429,10 @@ int srv_http_run(srv_ctx *ctx)
     ctx->resume = resume_conn;
     struct MHD_Daemon *d = MHD_start_daemon(
         flags, (uint16_t)cfg->port, NULL, NULL, on_request, ctx, MHD_OPTION_SOCK_ADDR, &ss,
-        MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_NOTIFY_COMPLETED, on_completed, ctx,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)300, MHD_OPTION_CONNECTION_LIMIT, (unsigned)4096,
-        MHD_OPTION_END);
+        MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_URI_LOG_CALLBACK, on_uri, ctx,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, ctx, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)cfg->idle_timeout_s, MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->max_connections_per_ip, MHD_OPTION_END);
     if (!d) {
         srv_log(SRV_LOG_ERROR, "cannot listen on %s:%d", cfg->bind, cfg->port);
         return -1;
@@ -294,8 +442,11 @@ int srv_http_run(srv_ctx *ctx)
     printf("optd listening on http://%s%s%s:%d\n", v6->sin6_family == AF_INET6 ? "[" : "",
            cfg->bind, v6->sin6_family == AF_INET6 ? "]" : "", port);
     fflush(stdout);
-    srv_log(SRV_LOG_INFO, "listening on %s:%d with %u threads, db %s", cfg->bind, port, threads,
-            cfg->db);
+    srv_log(SRV_LOG_INFO,
+            "listening on %s:%d with %u threads, db %s; at most %zu connections, %zu per "
+            "address, idle ones closed after %zu s",
+            cfg->bind, port, threads, cfg->db, cfg->max_connections, cfg->max_connections_per_ip,
+            cfg->idle_timeout_s);
 
     int sig = 0;
     sigwait(&set, &sig);

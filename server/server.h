@@ -33,6 +33,9 @@ typedef struct {
     char api_key[256];      /* "" = none */
     int log_level;
     char check_health[512]; /* --check-health URL: probe and exit */
+    size_t max_connections;        /* open connections in all               */
+    size_t max_connections_per_ip; /* open connections from one address     */
+    size_t idle_timeout_s;         /* a connection idle this long is closed */
 } srv_config;
 
 /* Parses OPTD_* environment variables, then argv (flags win).  Returns 0,
@@ -90,8 +93,12 @@ typedef struct {
 typedef struct {
     const api_route *route;
     const char *name;
-    const char *body;
+    const char *body;           /* aligned to 64 bytes when body_len > 0, so a
+                                   binary vector can be read in place; NUL
+                                   after body_len                              */
     size_t body_len;
+    long long content_length;   /* announced before the body was read (equal
+                                   to body_len); -1: chunked, length unknown  */
     bool body_binary;           /* Content-Type application/octet-stream       */
     bool want_binary;           /* Accept chose application/octet-stream       */
     const char *(*header)(void *conn, const char *name);

@@ -1592,7 +1592,9 @@ static void test_other_methods_answer_405_with_allow(void **state)
                 char up[8];
                 for (size_t c = 0; c <= strlen(METHODS[mi]); c++)
                     up[c] = (char)toupper((unsigned char)METHODS[mi][c]);
-                bool doc = spec_find(up, p->key) != NULL;
+                /* HEAD is served wherever GET is (info.description). */
+                bool doc = spec_find(up, p->key) != NULL ||
+                           (strcmp(up, "HEAD") == 0 && spec_find("GET", p->key) != NULL);
                 if (doc != method_listed(allow, up))
                     fail_msg("%s: Allow \"%s\" and the spec disagree on %s", p->key, allow, up);
                 listed += doc;
