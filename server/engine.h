@@ -127,6 +127,8 @@ struct eng_session {
     bool locked;                /* set while mu is held (for assertions)      */
 
     /* registry bookkeeping (registry lock) */
+    uint64_t reg_n;             /* size and dtype for the HTTP layer's body   */
+    int reg_dtype;              /* bound (0 size: not known yet, a shell)     */
     int refs;
     size_t acct_bytes;          /* bytes counted against --cache-mb         */
     bool dead;                  /* removed from the registry; reload to use    */

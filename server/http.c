@@ -188,6 +188,41 @@ static int framing_or_reply(struct MHD_Connection *c, conn_ctx *x, api_reply *r)
     return 0;
 }
 
+/* A vector body cannot need more than the session's size allows: 8 bytes
+ * an element binary (the widest element type; a body of the wrong length
+ * within the bound is read and answered 422, naming the lengths), or
+ * JSON_BYTES_PER_ELEMENT a number (a
+ * float64's longest form is 24 characters; the rest leaves room for
+ * separators and indentation) plus JSON_SLACK for the other members.  A
+ * longer body is 413 before a byte of it is read or parsed, and the
+ * session's bound caps a chunked body too.  A session that does not exist
+ * is 404 at once. */
+#define JSON_BYTES_PER_ELEMENT 40
+#define JSON_SLACK (64 * 1024)
+
+static int session_bound(srv_ctx *ctx, conn_ctx *x, api_reply *r)
+{
+    uint64_t n;
+    optim_dtype dt;
+    int err = srv_registry_vector_shape(ctx->reg, x->name, &n, &dt);
+    if (err == STORAGE_ENOTFOUND)
+        return api_problem(r, 404, "name", "no session named %s", x->name);
+    if (err != ENG_OK)
+        return 0; /* the handler reports it */
+    (void)dt;
+    uint64_t bound = x->body_binary ? n * 8 + JSON_SLACK
+                                    : n * JSON_BYTES_PER_ELEMENT + JSON_SLACK;
+    if (x->content_length >= 0 && (uint64_t)x->content_length > bound)
+        return api_problem(r, 413, NULL,
+                           "a %s body for session %s (%llu %s params) takes at most %llu bytes; "
+                           "this one has %lld",
+                           x->body_binary ? "binary" : "JSON", x->name, (unsigned long long)n,
+                           optim_dtype_name(dt), (unsigned long long)bound, x->content_length);
+    if (bound < x->limit)
+        x->limit = (size_t)bound;
+    return 0;
+}
+
 /* Checks that can answer before any body byte is read; presizes the body. */
 static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const char *method,
                     api_reply *r)
@@ -230,6 +265,11 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
                                    ? "send application/json or application/octet-stream"
                                    : "send application/json");
         x->body_binary = ct == 1;
+        if (x->route->body == API_BODY_VECTOR) {
+            st = session_bound(ctx, x, r);
+            if (st)
+                return st;
+        }
         /* One allocation for a body of known length (+1 for the NUL). */
         if (x->content_length > 0) {
             x->body = body_alloc((size_t)x->content_length + 1, &x->cap);

@@ -85,6 +85,8 @@ static void map(srv_registry *r, eng_session *s)
     s->hnext = r->buckets[b];
     r->buckets[b] = s;
     lru_push_front(r, s);
+    s->reg_n = s->cfg.size;
+    s->reg_dtype = (int)s->cfg.dtype;
     s->acct_bytes = eng_session_bytes(s);
     r->hot_bytes += s->acct_bytes;
     r->hot_count++;
@@ -100,6 +102,34 @@ srv_registry *srv_registry_new(storage *db, eng_pool *pool, size_t cache_bytes)
     r->pool = pool;
     r->cache_bytes = cache_bytes;
     return r;
+}
+
+int srv_registry_vector_shape(srv_registry *r, const char *name, uint64_t *n, optim_dtype *dt)
+{
+    pthread_mutex_lock(&r->mu);
+    eng_session *s = find(r, name);
+    if (s && s->reg_n > 0) {
+        *n = s->reg_n;
+        *dt = (optim_dtype)s->reg_dtype;
+        pthread_mutex_unlock(&r->mu);
+        return ENG_OK;
+    }
+    pthread_mutex_unlock(&r->mu);
+    /* Cold (or being loaded): the stored config says. */
+    storage_session_info info;
+    int err = storage_session_get(r->db, name, &info);
+    if (err != STORAGE_OK)
+        return err;
+    api_config cfg;
+    if (api_config_from_json(info.config, &cfg)) {
+        storage_session_info_free(&info);
+        return STORAGE_ECORRUPT;
+    }
+    *n = cfg.size;
+    *dt = cfg.dtype;
+    api_config_free(&cfg);
+    storage_session_info_free(&info);
+    return ENG_OK;
 }
 
 storage *srv_registry_storage(srv_registry *r)
@@ -185,6 +215,8 @@ int srv_registry_acquire(srv_registry *r, const char *name, eng_session **out)
                 r->hot_bytes -= s->acct_bytes;
                 s->acct_bytes = eng_session_bytes(s);
                 r->hot_bytes += s->acct_bytes;
+                s->reg_n = s->cfg.size;
+                s->reg_dtype = (int)s->cfg.dtype;
             }
             pthread_mutex_unlock(&r->mu);
             *out = s;

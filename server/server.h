@@ -70,6 +70,9 @@ void srv_registry_unhold(srv_registry *r, eng_session *s);
 /* Inserts a freshly created session (not locked). */
 void srv_registry_insert(srv_registry *r, eng_session *s);
 storage *srv_registry_storage(srv_registry *r);
+/* A session's size and dtype without locking it (hot: from the registry;
+ * cold: from its stored config).  ENG_OK or STORAGE_ENOTFOUND, ... */
+int srv_registry_vector_shape(srv_registry *r, const char *name, uint64_t *n, optim_dtype *dt);
 size_t srv_registry_hot_count(srv_registry *r);
 
 /* ----------------------------------------------------------- handlers */
