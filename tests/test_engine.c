@@ -253,12 +253,60 @@ static void test_wire_half(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* A body longer than its session can need is 413 before it is read (JSON
+ * and binary, known length and chunked); an unknown session is 404 before
+ * its body; the session is unchanged. */
+static void test_body_bound(void **state)
+{
+    (void)state;
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
+    tapi_create(c, "small", "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.1},\"size\":10,"
+                            "\"init\":{\"type\":\"zeros\"}}", 201);
+    tapi_snap before = tapi_snapshot(c, "small");
+    /* 32 MiB of JSON for 10 params. */
+    size_t big = 32u << 20;
+    char *body = malloc(big + 1);
+    memset(body, ' ', big);
+    memcpy(body, "{\"grad\":[", 9);
+    memcpy(body + big - 2, "]}", 2);
+    body[big] = '\0';
+    optd_response r = tapi_req(c, "POST", "/v1/sessions/small/step", NULL, body);
+    tapi_assert_problem(&r, 413, NULL);
+    optd_response_free(&r);
+    const char *chunked[] = {"Transfer-Encoding: chunked", NULL};
+    r = tapi_req(c, "POST", "/v1/sessions/small/step", chunked, body);
+    tapi_assert_problem(&r, 413, NULL);
+    optd_response_free(&r);
+    const char *bin[] = {"Content-Type: application/octet-stream", NULL};
+    r = tapi_req_bin(c, "POST", "/v1/sessions/small/step", bin, body, 1u << 20);
+    tapi_assert_problem(&r, 413, NULL);
+    optd_response_free(&r);
+    r = tapi_req_bin(c, "POST", "/v1/sessions/nosuch/step", bin, body, 1u << 20);
+    tapi_assert_problem(&r, 404, "name");
+    optd_response_free(&r);
+    /* Within the bound a wrong length is still 422, naming the field. */
+    r = tapi_req_bin(c, "POST", "/v1/sessions/small/step", bin, body, 44);
+    tapi_assert_problem(&r, 422, "grad");
+    optd_response_free(&r);
+    free(body);
+    tapi_snap after = tapi_snapshot(c, "small");
+    tapi_assert_same(&before, &after);
+    tapi_snap_free(&before);
+    tapi_snap_free(&after);
+    optd_client_free(c);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_threads_adamw_clip_norm),
         cmocka_unit_test(test_threads_sgd_accumulate_clip_value),
         cmocka_unit_test(test_wire_half),
+        cmocka_unit_test(test_body_bound),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
