@@ -21,6 +21,7 @@
 #include "optim/optim.h"
 #include "tests/support/apitest.h"
 #include "tests/support/daemon.h"
+#include "tests/support/fixture.h"
 
 enum { THREADS = 8, STEPS = 200, N = 16 };
 static const double LR = 0.01;
@@ -47,7 +48,6 @@ typedef struct {
     int errors;
     char first_error[640];
     long long steps[STEPS];
-    float out32[N];
 } worker;
 
 static void worker_error(worker *w, const char *what, const optd_error *e)
@@ -158,66 +158,50 @@ static void test_one_session_many_threads(void **state)
             THREADS, ms);
 }
 
-/* Adam float32 on the client's side with optd's own kernels: the daemon
- * must give exactly the same bits. */
+/* Eight sessions stepped in parallel, each following its own reference
+ * case (tests/fixtures/optim/, from torch's rules; float32, 37 params, 120
+ * updates): after every checked update the daemon must answer exactly
+ * the reference's bits, whatever the other threads do meanwhile. */
+static const char *const par_cases[THREADS] = {
+    "adam_all_f32_n37",         "adamw_amsgrad_f32_n37", "nadam_wd_f32_n37",
+    "radam_wd_f32_n37",         "rmsprop_centered_f32_n37", "sgd_nesterov_wd_f32_n37",
+    "adadelta_wd_f32_n37",      "rprop_etas_f32_n37",
+};
+enum { FN = 37 };
+
 typedef struct {
-    optim_hparams hp;
-    optim_state st;
-} local_opt;
+    const char *url;
+    const char *session;
+    const tfix_case *fx;
+    int id;
+    int errors;
+    char first_error[640];
+    float seen[8][FN]; /* params after each checked update, in fx's order */
+} fx_worker;
 
-static void local_init(local_opt *o)
+static void *fx_main(void *arg)
 {
-    optim_hparams_default(OPTIM_ADAM, &o->hp);
-    o->hp.lr = 0.01;
-    o->hp.weight_decay = 0.01;
-    optim_state_init(&o->hp, &o->st);
-    unsigned need = optim_buffers_needed(&o->hp);
-    for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++) {
-        o->st.buf[i] = NULL;
-        if (need & (1u << i)) {
-            o->st.buf[i] = malloc(N * sizeof(float));
-            assert_non_null(o->st.buf[i]);
-            optim_buffer_init(&o->hp, i, OPTIM_F32, o->st.buf[i], N);
-        }
-    }
-}
-
-static void local_free(local_opt *o)
-{
-    for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
-        free(o->st.buf[i]);
-}
-
-static void own_grad(int id, int i, float *g)
-{
-    for (int j = 0; j < N; j++)
-        g[j] = (float)sin(id * 1000.0 + i * 0.37 + j);
-}
-
-static void *own_main(void *arg)
-{
-    worker *w = arg;
+    fx_worker *w = arg;
     optd_client *c = optd_client_new(w->url, NULL);
     if (!c) {
-        worker_error(w, "client", NULL);
+        w->errors++;
+        snprintf(w->first_error, sizeof w->first_error, "thread %d: no client", w->id);
         return NULL;
     }
-    for (int i = 0; i < STEPS; i++) {
-        float g[N];
-        own_grad(w->id, i, g);
+    for (int t = 1; t <= w->fx->steps; t++) {
+        float g[FN], out[FN];
+        tfix_grad(w->fx, t, g, FN);
         optd_error e;
         long long st = -1;
-        /* every 10th step asks for the params back */
-        float *out = i % 10 == 9 || i == STEPS - 1 ? w->out32 : NULL;
-        if (optd_step_f32(c, w->session, g, N, NULL, out, &st, &e) != 0) {
-            worker_error(w, "step", &e);
+        if (optd_step_f32(c, w->session, g, FN, NULL, out, &st, &e) != 0 || st != t) {
+            w->errors++;
+            snprintf(w->first_error, sizeof w->first_error, "thread %d: step %d: %d %s (step %lld)",
+                     w->id, t, e.status, e.detail, st);
             break;
         }
-        if (st != i + 1) {
-            worker_error(w, "unexpected step number", NULL);
-            break;
-        }
-        w->steps[i] = st;
+        for (int k = 0; k < w->fx->n_checks; k++)
+            if (w->fx->checks[k].t == t)
+                memcpy(w->seen[k], out, sizeof out);
     }
     optd_client_free(c);
     return NULL;
@@ -227,49 +211,47 @@ static void test_many_sessions_in_parallel(void **state)
 {
     suite *s = *state;
     static char names[THREADS][32];
-    static float init[THREADS][N];
+    static tfix_case fx[THREADS];
     for (int t = 0; t < THREADS; t++) {
+        assert_int_equal(tfix_load(par_cases[t], &fx[t]), 0);
+        assert_true(fx[t].dtype == OPTIM_F32 && fx[t].n == FN);
         snprintf(names[t], sizeof names[t], "par-%d", t);
-        char cfg[256];
-        snprintf(cfg, sizeof cfg,
-                 "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01,\"weight_decay\":0.01},"
-                 "\"size\":%d,\"init\":{\"type\":\"normal\",\"std\":0.3,\"seed\":%d}}",
-                 N, 100 + t);
+        char *params = tfix_params_json(&fx[t], FN);
+        assert_non_null(params);
+        char cfg[2048];
+        snprintf(cfg, sizeof cfg, "{\"optimizer\":%s,\"dtype\":\"float32\",\"params\":%s}",
+                 fx[t].optimizer, params);
+        free(params);
         tapi_create(s->c, names[t], cfg, 201);
-        optd_error e;
-        assert_int_equal(optd_get_params_f32(s->c, names[t], init[t], N, NULL, &e), 0);
     }
     pthread_t th[THREADS];
-    static worker w[THREADS];
+    static fx_worker w[THREADS];
     long long t0 = tapi_now_ms();
     for (int t = 0; t < THREADS; t++) {
-        w[t] = (worker){.url = tdaemon_url(&s->d), .session = names[t], .id = t};
-        assert_int_equal(pthread_create(&th[t], NULL, own_main, &w[t]), 0);
+        w[t] = (fx_worker){.url = tdaemon_url(&s->d), .session = names[t], .fx = &fx[t], .id = t};
+        assert_int_equal(pthread_create(&th[t], NULL, fx_main, &w[t]), 0);
     }
-    join_all(th, w, THREADS);
+    for (int t = 0; t < THREADS; t++)
+        pthread_join(th[t], NULL);
     long long ms = tapi_now_ms() - t0;
 
     for (int t = 0; t < THREADS; t++) {
-        local_opt o;
-        local_init(&o);
-        float p[N];
-        memcpy(p, init[t], sizeof p);
-        for (int i = 0; i < STEPS; i++) {
-            float g[N];
-            own_grad(t, i, g);
-            optim_step(&o.hp, &o.st, OPTIM_F32, p, g, N);
-        }
-        local_free(&o);
-        float got[N];
+        if (w[t].errors)
+            fail_msg("%s", w[t].first_error);
+        char why[256];
+        for (int k = 0; k < fx[t].n_checks; k++)
+            if (tfix_compare(&fx[t], fx[t].checks[k].t, w[t].seen[k], FN, why, sizeof why))
+                fail_msg("%s: %s", names[t], why);
+        float got[FN];
         long long step;
         optd_error e;
-        assert_int_equal(optd_get_params_f32(s->c, names[t], got, N, &step, &e), 0);
-        assert_int_equal(step, STEPS);
-        if (memcmp(got, p, sizeof p) != 0)
-            fail_msg("%s: the daemon's params differ from the kernels run locally", names[t]);
-        assert_memory_equal(w[t].out32, p, sizeof p);
+        assert_int_equal(optd_get_params_f32(s->c, names[t], got, FN, &step, &e), 0);
+        assert_int_equal(step, fx[t].steps);
+        if (tfix_compare(&fx[t], fx[t].steps, got, FN, why, sizeof why))
+            fail_msg("%s, GET params: %s", names[t], why);
+        tfix_free(&fx[t]);
     }
-    fprintf(stderr, "%d sessions x %d steps in parallel in %lld ms\n", THREADS, STEPS, ms);
+    fprintf(stderr, "%d sessions x 120 steps in parallel in %lld ms\n", THREADS, ms);
 }
 
 /* ------------------------------------------------------------ races */

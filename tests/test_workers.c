@@ -80,6 +80,127 @@ static int suite_teardown(void **state)
     return tapi_suite_close(*state);
 }
 
+/* ------------------------------------------- what a test leaves behind */
+
+/* cmocka leaves a failed test by longjmp: whatever the test had started
+ * (request threads, its own daemon, child processes) would live on, write
+ * into the test's dead stack frame and disturb, or crash, the tests after
+ * it.  So everything a test starts is registered here, its storage
+ * outlives the frame (static), and test_teardown, run after every test,
+ * kills the children, stops the daemons and joins the threads: the suite
+ * goes on and reports every remaining test. */
+typedef struct call call;
+static struct {
+    call *calls[128];
+    int ncalls;
+    tdaemon *daemons[4];
+    int ndaemons;
+    pid_t pids[8];
+    int npids;
+    pthread_t threads[16];
+    int nthreads;
+} live;
+
+static void live_call_add(call *k)
+{
+    if (live.ncalls == (int)(sizeof live.calls / sizeof live.calls[0]))
+        abort(); /* a test started more calls than it may */
+    live.calls[live.ncalls++] = k;
+}
+
+static void live_call_remove(call *k)
+{
+    for (int i = 0; i < live.ncalls; i++)
+        if (live.calls[i] == k) {
+            live.calls[i] = live.calls[--live.ncalls];
+            return;
+        }
+}
+
+static void live_pid_add(pid_t pid)
+{
+    if (live.npids == (int)(sizeof live.pids / sizeof live.pids[0]))
+        abort();
+    live.pids[live.npids++] = pid;
+}
+
+static void live_pid_remove(pid_t pid)
+{
+    for (int i = 0; i < live.npids; i++)
+        if (live.pids[i] == pid) {
+            live.pids[i] = live.pids[--live.npids];
+            return;
+        }
+}
+
+static void live_thread_add(pthread_t th)
+{
+    if (live.nthreads == (int)(sizeof live.threads / sizeof live.threads[0]))
+        abort();
+    live.threads[live.nthreads++] = th;
+}
+
+static void live_thread_remove(pthread_t th)
+{
+    for (int i = 0; i < live.nthreads; i++)
+        if (pthread_equal(live.threads[i], th)) {
+            live.threads[i] = live.threads[--live.nthreads];
+            return;
+        }
+}
+
+/* Starts a daemon of the test's own; d must be static (it outlives a
+ * failed test).  test_teardown cleans it up whatever happened. */
+static void own_daemon_start(tdaemon *d, const char *const *args)
+{
+    if (live.ndaemons == (int)(sizeof live.daemons / sizeof live.daemons[0]))
+        abort();
+    memset(d, 0, sizeof *d);
+    d->out_fd = -1;
+    assert_int_equal(tdaemon_start(d, NULL, args), 0);
+    live.daemons[live.ndaemons++] = d;
+}
+
+static void call_discard(call *k);
+
+/* OPTD_WORKERS_FAIL=test_a,test_b: those tests fail on purpose at their
+ * most delicate point (requests parked, a daemon of their own running, a
+ * child forked, threads running).  tests/test_workers_fail.sh uses it to
+ * prove that the suite still runs and reports every other test. */
+static void planted_failure(const char *test)
+{
+    const char *list = getenv("OPTD_WORKERS_FAIL");
+    size_t n = strlen(test);
+    for (const char *p = list; p && *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && strncmp(p, test, n) == 0)
+            fail_msg("%s: planted failure (OPTD_WORKERS_FAIL)", test);
+        p = end ? end + 1 : p + len;
+    }
+}
+
+static int test_teardown(void **state)
+{
+    (void)state;
+    for (int i = 0; i < live.npids; i++) {
+        kill(live.pids[i], SIGKILL);
+        waitpid(live.pids[i], NULL, 0);
+    }
+    live.npids = 0;
+    /* A stopped daemon answers its parked requests, so their threads end. */
+    for (int i = 0; i < live.ndaemons; i++)
+        tdaemon_cleanup(live.daemons[i]);
+    live.ndaemons = 0;
+    for (int i = 0; i < live.nthreads; i++)
+        pthread_join(live.threads[i], NULL);
+    live.nthreads = 0;
+    /* Requests parked on the suite's daemon end at their round's timeout. */
+    while (live.ncalls > 0)
+        call_discard(live.calls[0]);
+    return 0;
+}
+
 /* ------------------------------------------------------------ helpers */
 
 /* Appends printf output to a growing string; aborts the test on OOM. */
@@ -196,7 +317,7 @@ static void assert_params64(const char *what, const double *got, const double *w
 
 /* A step request sent from its own thread with its own client, so that
  * the test can hold many requests parked in a round at once. */
-typedef struct {
+struct call {
     char url[64];
     char path[192];
     char *body;
@@ -210,7 +331,7 @@ typedef struct {
     int finished; /* atomic */
     long long t_start, t_end;
     pthread_t th;
-} call;
+};
 
 static void *call_main(void *arg)
 {
@@ -273,6 +394,7 @@ static void call_start(call *k)
 {
     if (pthread_create(&k->th, NULL, call_main, k) != 0)
         fail_msg("pthread_create failed");
+    live_call_add(k);
 }
 
 /* The same request, started on its own thread. */
@@ -294,12 +416,19 @@ static bool call_finished(call *k)
     return __atomic_load_n(&k->finished, __ATOMIC_SEQ_CST) != 0;
 }
 
+/* Joins the thread of a started call and frees its body. */
+static void call_reap(call *k)
+{
+    pthread_join(k->th, NULL);
+    live_call_remove(k);
+    free(k->body);
+    k->body = NULL;
+}
+
 /* Joins the thread and asserts that an HTTP answer came. */
 static void call_join(call *k)
 {
-    pthread_join(k->th, NULL);
-    free(k->body);
-    k->body = NULL;
+    call_reap(k);
     if (k->rc != 0)
         fail_msg("%s: no HTTP answer", k->path);
 }
@@ -307,6 +436,13 @@ static void call_join(call *k)
 static void call_free(call *k)
 {
     optd_response_free(&k->r);
+}
+
+/* Joins a call a failed test left running and drops its answer. */
+static void call_discard(call *k)
+{
+    call_reap(k);
+    call_free(k);
 }
 
 /* The same request, synchronously on this thread with client c. */
@@ -753,7 +889,7 @@ static void test_sync_timeout_fail(void **state)
     create_session(s->c, name, SGD_HALF, "float64", init, 3, mode);
     tapi_snap before = tapi_snapshot(s->c, name);
 
-    call k[2];
+    static call k[2];
     long long t0 = tapi_now_ms();
     call_step(&k[0], tdaemon_url(&s->d), name, g, 3, "a", 0, NULL);
     call_step(&k[1], tdaemon_url(&s->d), name, g, 3, "b", -1, NULL); /* the open round */
@@ -803,7 +939,7 @@ static void test_sync_timeout_apply(void **state)
              timeout);
     create_session(s->c, name, SGD_HALF, "float64", init, 3, mode);
 
-    call k[2];
+    static call k[2];
     long long t0 = tapi_now_ms();
     call_step(&k[0], tdaemon_url(&s->d), name, g1, 3, "a", 0, NULL);
     call_step(&k[1], tdaemon_url(&s->d), name, g2, 3, "b", 0, NULL);
@@ -842,11 +978,12 @@ static void test_sync_reduce_sum_and_worker_id(void **state)
     tapi_assert_problem(&r, 400, "worker");
     optd_response_free(&r);
 
-    call k;
+    static call k;
     call_prepare(&k, tdaemon_url(&s->d), name, g1, 2, "json-worker", 0, NULL);
     call_add_loss(&k, 1.0);
     call_start(&k);
     call_wait_started(&k);
+    planted_failure(__func__);
     char path[192];
     snprintf(path, sizeof path, "/v1/sessions/%s/step", name);
     const char *bin[] = {"Content-Type: application/octet-stream",
@@ -895,7 +1032,7 @@ static void test_sync_duplicate_worker(void **state)
     double init[2] = {1, 2}, ga[2] = {2, 4}, gb[2] = {0, 2};
     create_session(s->c, name, SGD_HALF, "float64", init, 2,
                    "{\"type\":\"sync\",\"workers\":2,\"timeout_ms\":20000}");
-    call first, retry;
+    static call first, retry;
     call_step(&first, tdaemon_url(&s->d), name, ga, 2, "a", 0, "key-a-0");
     call_wait_started(&first);
     sleep_ms(settle_ms());
@@ -960,7 +1097,7 @@ static void test_sync_wrong_round(void **state)
     assert_int_equal(problem_step(&r), 0);
     optd_response_free(&r);
 
-    call k;
+    static call k;
     call_step(&k, tdaemon_url(&s->d), name, g, 2, "a", 0, NULL);
     call_wait_started(&k);
     sleep_ms(settle_ms());
@@ -1025,6 +1162,8 @@ static void test_sync_killed_waiter(void **state)
         optd_step_f64_opts(c, name, ga, 2, NULL, &o, NULL, NULL, NULL, NULL);
         _exit(3); /* never reached: killed while it waits */
     }
+    live_pid_add(pid);
+    planted_failure(__func__);
     close(pfd[1]);
     char x;
     assert_int_equal(read(pfd[0], &x, 1), 1);
@@ -1034,9 +1173,10 @@ static void test_sync_killed_waiter(void **state)
     assert_int_equal(waitpid(pid, &st, WNOHANG), 0); /* still waiting */
     assert_int_equal(kill(pid, SIGKILL), 0);
     assert_int_equal(waitpid(pid, &st, 0), pid);
+    live_pid_remove(pid);
     assert_true(WIFSIGNALED(st));
 
-    call k;
+    static call k;
     call_step(&k, tdaemon_url(&s->d), name, gb, 2, "b", 0, NULL);
     optd_response r = step_now(s->c, name, gc, 2, "c", 0, NULL);
     double want[2] = {0.5, 1.5}; /* init - 0.5 * mean(ga, gb, gc) */
@@ -1049,12 +1189,11 @@ static void test_sync_killed_waiter(void **state)
     /* The next round: a gives up waiting (its client times out and closes
      * the connection) and retries with the same key: the retry waits for
      * the round instead of counting twice or being refused. */
-    call gave_up, ks[2];
+    static call gave_up, ks[2];
     call_prepare(&gave_up, tdaemon_url(&s->d), name, ga, 2, "a", 1, "a-round-1");
     gave_up.timeout_ms = settle_ms();
     call_start(&gave_up);
-    pthread_join(gave_up.th, NULL);
-    free(gave_up.body);
+    call_reap(&gave_up);
     assert_int_not_equal(gave_up.rc, 0); /* timed out: no answer */
     call_step(&ks[0], tdaemon_url(&s->d), name, ga, 2, "a", 1, "a-round-1");
     call_wait_started(&ks[0]);
@@ -1089,7 +1228,7 @@ static void test_sync_patch_delete_drop_round(void **state)
                    "{\"type\":\"sync\",\"workers\":2,\"timeout_ms\":20000}");
     tapi_snap before = tapi_snapshot(s->c, name);
 
-    call k;
+    static call k;
     call_step(&k, tdaemon_url(&s->d), name, g, 2, "a", 0, NULL);
     call_wait_started(&k);
     sleep_ms(settle_ms());
@@ -1121,13 +1260,13 @@ static void test_sync_patch_delete_drop_round(void **state)
 static void test_sync_shutdown_answers_503(void **state)
 {
     (void)state;
-    tdaemon d;
-    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    static tdaemon d;
+    own_daemon_start(&d, NULL);
     optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
     double init[2] = {1, 2}, g[2] = {1, 1};
     create_session(c, "shut", SGD_HALF, "float64", init, 2,
                    "{\"type\":\"sync\",\"workers\":3,\"timeout_ms\":60000}");
-    call k[2];
+    static call k[2];
     for (int i = 0; i < 2; i++) {
         call_step(&k[i], tdaemon_url(&d), "shut", g, 2, i ? "b" : "a", 0, NULL);
         call_wait_started(&k[i]);
@@ -1167,9 +1306,9 @@ enum { CACHE_N = 200000 }; /* 800 KB of float32 params: one such session fills t
 static void test_sync_round_survives_cache_pressure(void **state)
 {
     (void)state;
-    tdaemon d;
+    static tdaemon d;
     const char *args[] = {"--cache-mb", "1", NULL};
-    assert_int_equal(tdaemon_start(&d, NULL, args), 0);
+    own_daemon_start(&d, args);
     optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
     char cfg[256];
     snprintf(cfg, sizeof cfg,
@@ -1192,7 +1331,7 @@ static void test_sync_round_survives_cache_pressure(void **state)
         gb[j] = 1.0f;
     }
     /* a parks with its gradient, on a thread (binary body). */
-    call k;
+    static call k;
     memset(&k, 0, sizeof k);
     snprintf(k.url, sizeof k.url, "%s", tdaemon_url(&d));
     snprintf(k.path, sizeof k.path, "/v1/sessions/round/step?params=false");
@@ -1206,6 +1345,7 @@ static void test_sync_round_survives_cache_pressure(void **state)
     k.timeout_ms = 60000;
     call_start(&k);
     call_wait_started(&k);
+    planted_failure(__func__);
     sleep_ms(settle_ms());
     /* Pressure: the other sessions are loaded and stepped in turn. */
     for (int i = 0; i < 6; i++) {
@@ -1263,8 +1403,8 @@ static void *stop_main(void *arg)
 static void test_sync_shutdown_late_arrival(void **state)
 {
     (void)state;
-    tdaemon d;
-    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    static tdaemon d;
+    own_daemon_start(&d, NULL);
     optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
     double init[2] = {1, 2}, g[2] = {1, 1};
     create_session(c, "late", SGD_HALF, "float64", init, 2,
@@ -1276,17 +1416,20 @@ static void test_sync_shutdown_late_arrival(void **state)
     assert_int_equal(r.status, 200);
     optd_response_free(&r);
 
-    call k;
+    static call k;
     call_step(&k, tdaemon_url(&d), "late", g, 2, "a", 0, NULL);
     call_wait_started(&k);
+    planted_failure(__func__);
     sleep_ms(settle_ms());
-    stopper st = {.d = &d, .rc = -2};
+    static stopper st;
+    st = (stopper){.d = &d, .rc = -2};
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, stop_main, &st), 0);
+    live_thread_add(th);
     while (!call_finished(&k))
         sleep_ms(1);
     /* Right after a's 503: b's gradient, on the open connection. */
-    call lk;
+    static call lk;
     call_prepare(&lk, "", "late", g, 2, "b", 0, NULL);
     long long t0 = tapi_now_ms();
     optd_error e;
@@ -1294,6 +1437,7 @@ static void test_sync_shutdown_late_arrival(void **state)
     long long late_ms = tapi_now_ms() - t0;
     free(lk.body);
     pthread_join(th, NULL);
+    live_thread_remove(th);
     call_join(&k);
     tapi_assert_problem(&k.r, 503, NULL);
     call_free(&k);
@@ -1397,7 +1541,7 @@ static void test_sync_accumulate(void **state)
     double init[2] = {1, 2}, ga[2] = {1, 0}, gb[2] = {3, 2}, gc[2] = {0, 2}, gd[2] = {0, 0};
     create_session(s->c, name, SGD_HALF, "float64", init, 2,
                    "{\"type\":\"sync\",\"workers\":2,\"timeout_ms\":20000,\"accumulate\":2}");
-    call k;
+    static call k;
     call_step(&k, tdaemon_url(&s->d), name, ga, 2, "a", 0, NULL);
     optd_response r = step_now(s->c, name, gb, 2, "b", 0, NULL);
     call_join(&k);
@@ -1550,14 +1694,19 @@ static void test_async_staleness_concurrent(void **state)
     create_session(s->c, name, "{\"type\":\"sgd\",\"lr\":0.1}", "float64", init, 4,
                    "{\"type\":\"async\",\"max_staleness\":1}");
     pthread_t th[ST_THREADS];
-    stale_worker w[ST_THREADS];
+    static stale_worker w[ST_THREADS];
     for (int t = 0; t < ST_THREADS; t++) {
         w[t] = (stale_worker){.url = tdaemon_url(&s->d), .session = name, .id = t};
         assert_int_equal(pthread_create(&th[t], NULL, stale_main, &w[t]), 0);
+        live_thread_add(th[t]);
+    }
+    planted_failure(__func__);
+    for (int t = 0; t < ST_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        live_thread_remove(th[t]);
     }
     int ok = 0, stale = 0;
     for (int t = 0; t < ST_THREADS; t++) {
-        pthread_join(th[t], NULL);
         if (w[t].other)
             fail_msg("thread %d: %d unexpected answers; %s", t, w[t].other, w[t].why);
         ok += w[t].ok;
@@ -1636,8 +1785,8 @@ static void expect_pending(const optd_response *r, long long pending, long long 
 static void test_async_accumulate_survives_crash(void **state)
 {
     (void)state;
-    tdaemon d;
-    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    static tdaemon d;
+    own_daemon_start(&d, NULL);
     optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
     double init[2] = {1, 2};
     const double g[6][2] = {{1, 0}, {0, 1}, {2, 2}, {4, 0}, {0, 4}, {-1, 2}};
@@ -1769,23 +1918,12 @@ static void test_sync_load(void **state)
     long long ms = run_workers(&pr, slow_env() ? 1200000 : 60000);
     assert_rounds_agree(&pr);
 
-    /* The serial run with optd's own kernels. */
-    optim_hparams hp;
-    optim_state st;
-    optim_hparams_default(OPTIM_SGD, &hp);
-    hp.lr = 0.01;
-    hp.momentum = 0.9;
-    optim_state_init(&hp, &st);
-    unsigned need = optim_buffers_needed(&hp);
-    for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++) {
-        st.buf[i] = NULL;
-        if (need & (1u << i)) {
-            st.buf[i] = malloc(LOAD_N * sizeof(float));
-            assert_non_null(st.buf[i]);
-            optim_buffer_init(&hp, i, OPTIM_F32, st.buf[i], LOAD_N);
-        }
-    }
-    float p[LOAD_N], g[LOAD_N], sum[LOAD_N];
+    /* The serial run, written from torch.optim.SGD's rule in float32 (not
+     * with optd's kernels): buf = g on the first update, then
+     * buf = buf * momentum + g; p = p + (-lr) * buf, every operation
+     * rounded to float. */
+    const float momentum = 0.9f, neg_lr = -0.01f;
+    float p[LOAD_N], g[LOAD_N], sum[LOAD_N], buf[LOAD_N] = {0};
     for (int j = 0; j < LOAD_N; j++)
         p[j] = (float)init[j];
     for (int r = 0; r < rounds; r++) {
@@ -1795,14 +1933,16 @@ static void test_sync_load(void **state)
             for (int j = 0; j < LOAD_N; j++)
                 sum[j] += g[j];
         }
-        for (int j = 0; j < LOAD_N; j++)
+        for (int j = 0; j < LOAD_N; j++) {
             sum[j] /= (float)LOAD_WORKERS;
-        optim_step(&hp, &st, OPTIM_F32, p, sum, LOAD_N);
+            float prod = buf[j] * momentum;
+            buf[j] = r == 0 ? sum[j] : prod + sum[j];
+            float step_j = neg_lr * buf[j];
+            p[j] = p[j] + step_j;
+        }
         if (pr.rec[r].sum != fnv1a(p, sizeof p))
             fail_msg("round %d: the workers' params differ from the serial run's", r);
     }
-    for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
-        free(st.buf[i]);
     float got[LOAD_N];
     long long step;
     optd_error e;
@@ -1824,26 +1964,26 @@ static void test_sync_load(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_sync_sgd_matches_serial),
-        cmocka_unit_test(test_sync_adam_matches_serial),
-        cmocka_unit_test(test_sync_timeout_fail),
-        cmocka_unit_test(test_sync_timeout_apply),
-        cmocka_unit_test(test_sync_reduce_sum_and_worker_id),
-        cmocka_unit_test(test_sync_duplicate_worker),
-        cmocka_unit_test(test_sync_wrong_round),
-        cmocka_unit_test(test_sync_killed_waiter),
-        cmocka_unit_test(test_sync_patch_delete_drop_round),
-        cmocka_unit_test(test_sync_64_waiters),
-        cmocka_unit_test(test_sync_accumulate),
-        cmocka_unit_test(test_async_max_staleness),
-        cmocka_unit_test(test_async_staleness_concurrent),
-        cmocka_unit_test(test_async_damp),
-        cmocka_unit_test(test_async_replay_of_pending),
-        cmocka_unit_test(test_sync_load),
-        cmocka_unit_test(test_sync_round_survives_cache_pressure),
-        cmocka_unit_test(test_sync_shutdown_answers_503),
-        cmocka_unit_test(test_sync_shutdown_late_arrival),
-        cmocka_unit_test(test_async_accumulate_survives_crash),
+        cmocka_unit_test_teardown(test_sync_sgd_matches_serial, test_teardown),
+        cmocka_unit_test_teardown(test_sync_adam_matches_serial, test_teardown),
+        cmocka_unit_test_teardown(test_sync_timeout_fail, test_teardown),
+        cmocka_unit_test_teardown(test_sync_timeout_apply, test_teardown),
+        cmocka_unit_test_teardown(test_sync_reduce_sum_and_worker_id, test_teardown),
+        cmocka_unit_test_teardown(test_sync_duplicate_worker, test_teardown),
+        cmocka_unit_test_teardown(test_sync_wrong_round, test_teardown),
+        cmocka_unit_test_teardown(test_sync_killed_waiter, test_teardown),
+        cmocka_unit_test_teardown(test_sync_patch_delete_drop_round, test_teardown),
+        cmocka_unit_test_teardown(test_sync_64_waiters, test_teardown),
+        cmocka_unit_test_teardown(test_sync_accumulate, test_teardown),
+        cmocka_unit_test_teardown(test_async_max_staleness, test_teardown),
+        cmocka_unit_test_teardown(test_async_staleness_concurrent, test_teardown),
+        cmocka_unit_test_teardown(test_async_damp, test_teardown),
+        cmocka_unit_test_teardown(test_async_replay_of_pending, test_teardown),
+        cmocka_unit_test_teardown(test_sync_load, test_teardown),
+        cmocka_unit_test_teardown(test_sync_round_survives_cache_pressure, test_teardown),
+        cmocka_unit_test_teardown(test_sync_shutdown_answers_503, test_teardown),
+        cmocka_unit_test_teardown(test_sync_shutdown_late_arrival, test_teardown),
+        cmocka_unit_test_teardown(test_async_accumulate_survives_crash, test_teardown),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
 }

@@ -19,4 +19,5 @@ tmp="${TMPDIR:-/tmp}/optd-go-$(id -u)"
 export GOCACHE GOPATH
 mkdir -p "$GOCACHE" "$GOPATH"
 # -count=1: the daemon binary is outside what the test cache tracks.
-exec go test -count=1 ./...
+# -v: one "--- PASS" line per test, which tests/run.sh counts.
+exec go test -count=1 -v ./...

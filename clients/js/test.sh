@@ -4,4 +4,4 @@
 set -eu
 : "${OPTD_BIN:?set OPTD_BIN to the optd binary (tests/run.sh does)}"
 cd "$(dirname "$0")"
-exec node --test test/*.test.js
+exec node --test --test-reporter=tap test/*.test.js
