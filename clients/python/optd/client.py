@@ -7,17 +7,13 @@ import re
 import urllib.parse
 
 from . import _vec
+from ._constants import BACKOFF, BINARY_THRESHOLD, HEADERS, MAX_BACKOFF, NAME_PATTERN, RETRIES
 from ._http import Transport
 from .errors import OptdError, from_problem
 
 __all__ = ["Client", "Session", "new_idempotency_key"]
 
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-# Vectors up to this many elements go as JSON (readable in logs, and the
-# text is small); longer ones as raw little-endian bytes, which skips the
-# formatting and parsing of every number on both ends.
-BINARY_THRESHOLD = 64
+_NAME = re.compile(NAME_PATTERN)
 
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
@@ -96,8 +92,8 @@ class Client:
     requests take turns), or make one client each to run in parallel.
     """
 
-    def __init__(self, url="http://127.0.0.1:8080", api_key=None, timeout=60.0, retries=5,
-                 backoff=0.05, max_backoff=2.0, numpy=None,
+    def __init__(self, url="http://127.0.0.1:8080", api_key=None, timeout=60.0, retries=RETRIES,
+                 backoff=BACKOFF, max_backoff=MAX_BACKOFF, numpy=None,
                  binary_threshold=BINARY_THRESHOLD):
         self.url = url
         self._t = Transport(url, api_key=api_key, timeout=timeout, retries=retries,
@@ -255,16 +251,16 @@ class Session:
                 raise ValueError("grad is not finite: JSON cannot carry it; use json=False")
             binary = True
         path = _path(self.name, "/step") + ("" if params else "?params=false")
-        headers = {"Idempotency-Key": key}
+        headers = {HEADERS["idempotency_key"]: key}
         if binary:
             body = self._codec.to_bytes(grad)
             headers.update({"Content-Type": _BINARY, "Accept": _BINARY})
             if loss is not None:
-                headers["Optd-Loss"] = repr(loss)
+                headers[HEADERS["loss"]] = repr(loss)
             if base_step is not None:
-                headers["Optd-Base-Step"] = str(int(base_step))
+                headers[HEADERS["base_step"]] = str(int(base_step))
             if worker is not None:
-                headers["Optd-Worker"] = str(worker)
+                headers[HEADERS["worker"]] = str(worker)
         else:
             doc = {"grad": self._codec.to_list(grad)}
             if loss is not None:
@@ -277,10 +273,10 @@ class Session:
             headers.update({"Content-Type": _JSON, "Accept": _JSON})
         resp = self.client._request("POST", path, body=body, headers=headers)
         _raise_for(resp)
-        self.last_step = _int_header(resp, "Optd-Step")
-        self.last_lr = _float_header(resp, "Optd-Lr")
-        self.last_replayed = resp.header("Optd-Replayed") == "true"
-        self.pending = _int_header(resp, "Optd-Pending") or 0
+        self.last_step = _int_header(resp, HEADERS["step"])
+        self.last_lr = _float_header(resp, HEADERS["lr"])
+        self.last_replayed = resp.header(HEADERS["replayed"]) == "true"
+        self.pending = _int_header(resp, HEADERS["pending"]) or 0
         if binary:
             return self._codec.from_bytes(resp.body) if params else None
         doc = _json_doc(resp)
@@ -295,7 +291,7 @@ class Session:
             resp = self.client._request("GET", _path(self.name, "/params"),
                                         headers={"Accept": _BINARY})
             _raise_for(resp)
-            self.last_step = _int_header(resp, "Optd-Step")
+            self.last_step = _int_header(resp, HEADERS["step"])
             return self._codec.from_bytes(resp.body)
         doc = self.client._get_json(_path(self.name, "/params"))
         self.last_step = doc["step"]

@@ -15,6 +15,7 @@ The base package never imports torch; only importing this module does.
 import torch
 
 from . import _vec
+from ._constants import RETRIES
 from .client import Client
 
 __all__ = ["RemoteOptimizer"]
@@ -43,7 +44,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, session, url="http://127.0.0.1:8080", optimizer=None,
                  schedule=None, clip=None, api_key=None, dtype=None, mode=None,
-                 metadata=None, client=None, timeout=60.0, retries=5):
+                 metadata=None, client=None, timeout=60.0, retries=RETRIES):
         super().__init__(params, {})
         for group in self.param_groups:
             extra = sorted(k for k in group if k != "params")
