@@ -21,7 +21,7 @@ SANFLAGS ?=
 # Packages a Debian 12 machine needs to build and test optd.
 DEPS_BUILD := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
               libcurl4-openssl-dev libcmocka-dev sqlite3 ca-certificates
-DEPS_TEST  := curl python3 python3-numpy python3-torch golang-go nodejs docker-compose
+DEPS_TEST  := curl python3 python3-numpy python3-torch golang-go go-staticcheck nodejs docker-compose
 DEPS_RUN   := $(DEPS_BUILD)
 DEPS_BENCH := wrk nginx-light python3-torch
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
