@@ -4,7 +4,9 @@
  * round-trip form, "optimizer": "adam" decodes as {"type": "adam"}, an
  * unknown optimizer, schedule, clip or hyperparameter lists the valid names
  * and suggests the closest one, and api_config_diff / api_config_conflict
- * name each differing field with both values.
+ * name each differing field with both values.  And api/client_constants.json,
+ * the constants every client shares, against the daemon's problem types and
+ * name rule and the C client's defaults, header names and error kinds.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -19,6 +21,7 @@
 #include <string.h>
 
 #include "api/api.h"
+#include "clients/c/optd_client.h"
 
 /* Decodes a create body; the test fails unless it is accepted. */
 static void create_ok(const char *body, api_config *cfg)
@@ -272,6 +275,95 @@ static void test_config_diff(void **state)
     api_config_free(&d);
 }
 
+/* ---------------------------------------------------- client constants */
+
+static cJSON *read_constants(void)
+{
+    FILE *f = fopen("api/client_constants.json", "rb");
+    if (!f)
+        fail_msg("api/client_constants.json: run from the repository root");
+    static char buf[16384];
+    size_t n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    assert_true(n > 0 && n < sizeof buf);
+    cJSON *doc = cJSON_ParseWithLength(buf, n);
+    assert_non_null(doc);
+    return doc;
+}
+
+static double num_of(const cJSON *doc, const char *name)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(doc, name);
+    if (!cJSON_IsNumber(v))
+        fail_msg("client_constants.json: %s is not a number", name);
+    return v->valuedouble;
+}
+
+static void test_client_constants(void **state)
+{
+    (void)state;
+    cJSON *doc = read_constants();
+    assert_int_equal((int)num_of(doc, "retries"), OPTD_DEFAULT_RETRIES);
+    assert_int_equal((int)num_of(doc, "backoff_initial_ms"), OPTD_DEFAULT_BACKOFF_MS);
+    assert_int_equal((int)num_of(doc, "backoff_max_ms"), OPTD_DEFAULT_MAX_BACKOFF_MS);
+
+    /* The name rule: the C client's pattern is the file's, and the daemon's
+     * api_name_valid agrees with it on its edges. */
+    const cJSON *pat = cJSON_GetObjectItemCaseSensitive(doc, "name_pattern");
+    assert_true(cJSON_IsString(pat));
+    assert_string_equal(pat->valuestring, OPTD_NAME_PATTERN);
+    assert_string_equal(pat->valuestring, "^[A-Za-z0-9._-]{1,128}$");
+    char longest[130];
+    memset(longest, 'x', sizeof longest);
+    assert_true(api_name_valid(longest, 128));
+    assert_false(api_name_valid(longest, 129));
+    assert_false(api_name_valid("", 0));
+    assert_true(api_name_valid("Az09._-", 7));
+    assert_false(api_name_valid("a b", 3));
+    assert_false(api_name_valid("a/b", 3));
+
+    static const struct {
+        const char *key, *value;
+    } mine[] = {
+        {"idempotency_key", OPTD_HEADER_IDEMPOTENCY_KEY}, {"loss", OPTD_HEADER_LOSS},
+        {"base_step", OPTD_HEADER_BASE_STEP},             {"worker", OPTD_HEADER_WORKER},
+        {"dtype", OPTD_HEADER_DTYPE},                     {"step", OPTD_HEADER_STEP},
+        {"lr", OPTD_HEADER_LR},                           {"pending", OPTD_HEADER_PENDING},
+        {"replayed", OPTD_HEADER_REPLAYED},               {"skipped", OPTD_HEADER_SKIPPED},
+    };
+    const cJSON *headers = cJSON_GetObjectItemCaseSensitive(doc, "headers");
+    assert_int_equal(cJSON_GetArraySize(headers), sizeof mine / sizeof mine[0]);
+    for (size_t i = 0; i < sizeof mine / sizeof mine[0]; i++) {
+        const cJSON *h = cJSON_GetObjectItemCaseSensitive(headers, mine[i].key);
+        assert_true(cJSON_IsString(h));
+        assert_string_equal(h->valuestring, mine[i].value);
+    }
+
+    const cJSON *p;
+    int n = 0;
+    cJSON_ArrayForEach(p, cJSON_GetObjectItemCaseSensitive(doc, "problems"))
+    {
+        int status = (int)num_of(p, "status");
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(p, "type");
+        const cJSON *kind = cJSON_GetObjectItemCaseSensitive(p, "kind");
+        const cJSON *field = cJSON_GetObjectItemCaseSensitive(p, "field");
+        assert_true(cJSON_IsString(type) && cJSON_IsString(kind));
+        /* the daemon's problem type for the status */
+        assert_string_equal(api_problem_type(status), type->valuestring);
+        /* the C client's kind */
+        optd_error e = {.status = status, .step = -1};
+        snprintf(e.type, sizeof e.type, "%s", type->valuestring);
+        if (cJSON_IsString(field))
+            snprintf(e.field, sizeof e.field, "%s", field->valuestring);
+        assert_string_equal(optd_error_kind(&e), kind->valuestring);
+        n++;
+    }
+    assert_true(n >= 10);
+    optd_error none = {.status = 0};
+    assert_string_equal(optd_error_kind(&none), "connection_failed");
+    cJSON_Delete(doc);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -282,6 +374,7 @@ int main(void)
         cmocka_unit_test(test_closest_name),
         cmocka_unit_test(test_unknown_names_list_the_valid_ones),
         cmocka_unit_test(test_config_diff),
+        cmocka_unit_test(test_client_constants),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
