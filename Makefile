@@ -8,7 +8,8 @@
 #   make valgrind       the test suite under valgrind
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
 #   make demo           the optimizer comparison on the digits data set
-#   make install        PREFIX=/usr/local DESTDIR=
+#   make install        PREFIX=/usr/local DESTDIR= (headers in include/optd/, pkg-config files)
+#   make uninstall      removes what make install put there
 #   make clean
 
 BUILD    ?= build
@@ -59,7 +60,7 @@ TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
-        bench-http bench-sync demo install clean test-unit test-clients
+        bench-http bench-sync demo install uninstall clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -160,16 +161,37 @@ bench-sync: build
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py
 
-install: build
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib
+# make install: the daemon, the libraries with their headers under
+# include/optd/ and pkg-config files (optd-client.pc, optim.pc), the man page
+# and the systemd unit.  make uninstall removes exactly those files.
+LIBDIR     ?= $(PREFIX)/lib
+INCDIR     ?= $(PREFIX)/include
+PCDIR      ?= $(LIBDIR)/pkgconfig
+OPTD_VERSION := 0.1.0
+INSTALLED  := $(PREFIX)/bin/optd $(INCDIR)/optd/optim.h $(INCDIR)/optd/optd_client.h \
+              $(LIBDIR)/liboptim.a $(LIBDIR)/liboptdclient.a $(PCDIR)/optim.pc $(PCDIR)/optd-client.pc \
+              $(PREFIX)/share/man/man8/optd.8 $(PREFIX)/lib/systemd/system/optd.service
+
+$(BUILD)/pkgconfig/%.pc: clients/c/%.pc.in Makefile
+	@mkdir -p $(dir $@)
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCDIR@|$(INCDIR)|' \
+	    -e 's|@VERSION@|$(OPTD_VERSION)|' $< > $@
+
+install: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(BUILD)/pkgconfig/optim.pc $(BUILD)/pkgconfig/optd-client.pc
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(INCDIR)/optd $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PCDIR)
 	install -m 755 $(OPTD) $(DESTDIR)$(PREFIX)/bin/optd
-	install -m 644 optim/optim.h clients/c/optd_client.h $(DESTDIR)$(PREFIX)/include/
-	install -m 644 $(LIBOPTIM) $(LIBCLIENT) $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 optim/optim.h clients/c/optd_client.h $(DESTDIR)$(INCDIR)/optd/
+	install -m 644 $(LIBOPTIM) $(LIBCLIENT) $(DESTDIR)$(LIBDIR)/
+	install -m 644 $(BUILD)/pkgconfig/optim.pc $(BUILD)/pkgconfig/optd-client.pc $(DESTDIR)$(PCDIR)/
 	install -d $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/lib/systemd/system
 	install -m 644 docs/optd.8 $(DESTDIR)$(PREFIX)/share/man/man8/optd.8
 	sed 's|/usr/local/bin/optd|$(PREFIX)/bin/optd|' docs/optd.service \
 	    > $(DESTDIR)$(PREFIX)/lib/systemd/system/optd.service
 	chmod 644 $(DESTDIR)$(PREFIX)/lib/systemd/system/optd.service
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	-rmdir $(DESTDIR)$(INCDIR)/optd 2>/dev/null
 
 clean:
 	rm -rf build build-asan
