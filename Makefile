@@ -8,6 +8,7 @@
 #   make valgrind       the test suite under valgrind
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
 #   make demo           the optimizer comparison on the digits data set
+#   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
 #   make install        PREFIX=/usr/local DESTDIR= (headers in include/optd/, pkg-config files)
 #   make uninstall      removes what make install put there
 #   make clean
@@ -22,7 +23,8 @@ SANFLAGS ?=
 # Packages a Debian 12 machine needs to build and test optd.
 DEPS_BUILD := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
               libcurl4-openssl-dev libcmocka-dev sqlite3 ca-certificates
-DEPS_TEST  := curl python3 python3-numpy python3-torch golang-go go-staticcheck nodejs docker-compose
+DEPS_TEST  := curl python3 python3-numpy python3-torch python3-venv python3-pip python3-setuptools \
+              python3-wheel python3-yaml python3-jsonschema golang-go go-staticcheck nodejs docker-compose
 DEPS_RUN   := $(DEPS_BUILD)
 DEPS_BENCH := wrk nginx-light python3-torch
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
@@ -60,7 +62,7 @@ TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
-        bench-http bench-sync demo install uninstall clean test-unit test-clients
+        bench-http bench-sync demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -123,6 +125,21 @@ deps-bench:
 	$(call install_missing,$(DEPS_BUILD) $(DEPS_BENCH))
 deps-demo:
 	$(call install_missing,$(DEPS_BUILD) $(DEPS_DEMO))
+
+# ------------------------------------------------------------------ python
+# The Python client's wheel, built from a copy under $(BUILD) so that the
+# source tree gets no build/ or egg-info; offline, with Debian's setuptools.
+PY_SRC := $(wildcard clients/python/optd/*.py) clients/python/optd/py.typed \
+          clients/python/pyproject.toml clients/python/README.md
+WHEEL  := $(BUILD)/python/optd-0.1.0-py3-none-any.whl
+wheel: $(WHEEL)
+$(WHEEL): $(PY_SRC)
+	rm -rf $(BUILD)/python-src && mkdir -p $(BUILD)/python-src/optd $(BUILD)/python
+	cp clients/python/pyproject.toml clients/python/README.md $(BUILD)/python-src/
+	cp clients/python/optd/*.py clients/python/optd/py.typed $(BUILD)/python-src/optd/
+	cd $(BUILD)/python-src && /usr/bin/python3 -m pip wheel --no-deps --no-build-isolation \
+	    --no-index -q -w $(abspath $(BUILD)/python) .
+	rm -rf $(BUILD)/python-src
 
 # ------------------------------------------------------------------ run
 OPTD_PORT ?= 8080
