@@ -483,6 +483,7 @@ export class Session {
     if (binary) {
       headers['Content-Type'] = BINARY_TYPE;
       headers.Accept = BINARY_TYPE;
+      headers[HEADERS.dtype] = dtype;
       if (loss !== undefined && loss !== null) headers[HEADERS.loss] = String(loss);
       if (baseStep !== undefined && baseStep !== null) headers[HEADERS.baseStep] = String(baseStep);
       if (worker !== undefined && worker !== null) headers[HEADERS.worker] = String(worker);
@@ -562,7 +563,9 @@ export class Session {
     const t = toTypedArray(v, dtype);
     const binary = this._binary(t.length, json) || !allFinite(t);
     const r = await this.client._request('PUT', `${this.path}/params`, {
-      headers: { 'Content-Type': binary ? BINARY_TYPE : JSON_TYPE, Accept: JSON_TYPE },
+      headers: binary
+        ? { 'Content-Type': BINARY_TYPE, Accept: JSON_TYPE, [HEADERS.dtype]: dtype }
+        : { 'Content-Type': JSON_TYPE, Accept: JSON_TYPE },
       body: binary ? encodeVector(t, dtype) : jsonWithVector('params', t),
       handle: (res) => this._readParams(res, dtype, false),
     });
