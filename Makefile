@@ -1,7 +1,7 @@
 # optd -- optimizer-as-a-service daemon.
 #
 #   make / make build   build/optd, build/liboptim.a, build/liboptdclient.a
-#   make run            install missing packages, build, start the daemon
+#   make run            install missing packages, build the daemon alone, start it
 #   make test           install missing packages, build, run every test
 #   make deps           install the missing Debian packages (root), or print the line
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
@@ -21,11 +21,12 @@ OPTFLAGS ?= -O2
 SANFLAGS ?=
 
 # Packages a Debian 12 machine needs to build and test optd.
-DEPS_BUILD := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
-              libcurl4-openssl-dev libcmocka-dev sqlite3 ca-certificates
+# DEPS_RUN is what `make run` needs to build the daemon alone.
+DEPS_RUN   := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
+              libcurl4-openssl-dev
+DEPS_BUILD := $(DEPS_RUN) libcmocka-dev sqlite3 ca-certificates
 DEPS_TEST  := curl python3 python3-numpy python3-torch python3-venv python3-pip python3-setuptools \
               python3-wheel python3-yaml python3-jsonschema golang-go go-staticcheck nodejs docker-compose
-DEPS_RUN   := $(DEPS_BUILD)
 DEPS_BENCH := wrk nginx-light python3-torch
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
 
@@ -61,7 +62,7 @@ OPTD       := $(BUILD)/optd
 TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
-.PHONY: all build run test deps deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
+.PHONY: all build run test deps deps-run deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
         bench-http bench-sync demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
@@ -119,6 +120,8 @@ endef
 
 deps:
 	$(call install_missing,$(DEPS_BUILD))
+deps-run:
+	$(call install_missing,$(DEPS_RUN))
 deps-test:
 	$(call install_missing,$(DEPS_BUILD) $(DEPS_TEST))
 deps-bench:
@@ -143,8 +146,14 @@ $(WHEEL): $(PY_SRC)
 
 # ------------------------------------------------------------------ run
 OPTD_PORT ?= 8080
-run: deps
-	@$(MAKE) --no-print-directory build
+# Builds only the daemon (no tests, no benchmarks), then serves in the
+# foreground; the banner says where and what to try next.
+run: deps-run
+	@$(MAKE) --no-print-directory $(OPTD)
+	@mkdir -p var
+	@echo "optd: serving http://127.0.0.1:$(OPTD_PORT) (database var/optd.db); Ctrl-C stops it."
+	@echo "optd: in a second terminal, try: curl http://127.0.0.1:$(OPTD_PORT)/healthz"
+	@echo "optd:   or the walkthrough:      sh clients/shell/walkthrough.sh http://127.0.0.1:$(OPTD_PORT)"
 	$(OPTD) --port $(OPTD_PORT) --db var/optd.db
 
 # ------------------------------------------------------------------ test
