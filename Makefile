@@ -1,14 +1,16 @@
 # optd -- optimizer-as-a-service daemon.
 #
 #   make / make build   build/optd, build/liboptim.a, build/liboptdclient.a
-#   make run            install missing packages, build, start the daemon
+#   make run            install missing packages, build the daemon alone, start it
 #   make test           install missing packages, build, run every test
 #   make deps           install the missing Debian packages (root), or print the line
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
 #   make valgrind       the test suite under valgrind
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
 #   make demo           the optimizer comparison on the digits data set
-#   make install        PREFIX=/usr/local DESTDIR=
+#   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
+#   make install        PREFIX=/usr/local DESTDIR= (headers in include/optd/, pkg-config files)
+#   make uninstall      removes what make install put there
 #   make clean
 
 BUILD    ?= build
@@ -19,10 +21,12 @@ OPTFLAGS ?= -O2
 SANFLAGS ?=
 
 # Packages a Debian 12 machine needs to build and test optd.
-DEPS_BUILD := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
-              libcurl4-openssl-dev libcmocka-dev zlib1g-dev sqlite3 ca-certificates
-DEPS_TEST  := curl python3 python3-numpy python3-torch golang-go nodejs
-DEPS_RUN   := $(DEPS_BUILD)
+# DEPS_RUN is what `make run` needs to build the daemon alone.
+DEPS_RUN   := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
+              libcurl4-openssl-dev zlib1g-dev
+DEPS_BUILD := $(DEPS_RUN) libcmocka-dev sqlite3 ca-certificates
+DEPS_TEST  := curl python3 python3-numpy python3-torch python3-venv python3-pip python3-setuptools \
+              python3-wheel python3-yaml python3-jsonschema golang-go go-staticcheck nodejs docker-compose
 DEPS_BENCH := wrk nginx-light python3-torch
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
 
@@ -58,8 +62,8 @@ OPTD       := $(BUILD)/optd
 TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
-.PHONY: all build run test deps deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
-        bench-http bench-sync demo install clean test-unit test-clients
+.PHONY: all build run test deps deps-run deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
+        bench-http bench-sync demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -116,6 +120,8 @@ endef
 
 deps:
 	$(call install_missing,$(DEPS_BUILD))
+deps-run:
+	$(call install_missing,$(DEPS_RUN))
 deps-test:
 	$(call install_missing,$(DEPS_BUILD) $(DEPS_TEST))
 deps-bench:
@@ -123,10 +129,31 @@ deps-bench:
 deps-demo:
 	$(call install_missing,$(DEPS_BUILD) $(DEPS_DEMO))
 
+# ------------------------------------------------------------------ python
+# The Python client's wheel, built from a copy under $(BUILD) so that the
+# source tree gets no build/ or egg-info; offline, with Debian's setuptools.
+PY_SRC := $(wildcard clients/python/optd/*.py) clients/python/optd/py.typed \
+          clients/python/pyproject.toml clients/python/README.md
+WHEEL  := $(BUILD)/python/optd-0.1.0-py3-none-any.whl
+wheel: $(WHEEL)
+$(WHEEL): $(PY_SRC)
+	rm -rf $(BUILD)/python-src && mkdir -p $(BUILD)/python-src/optd $(BUILD)/python
+	cp clients/python/pyproject.toml clients/python/README.md $(BUILD)/python-src/
+	cp clients/python/optd/*.py clients/python/optd/py.typed $(BUILD)/python-src/optd/
+	cd $(BUILD)/python-src && /usr/bin/python3 -m pip wheel --no-deps --no-build-isolation \
+	    --no-index -q -w $(abspath $(BUILD)/python) .
+	rm -rf $(BUILD)/python-src
+
 # ------------------------------------------------------------------ run
 OPTD_PORT ?= 8080
-run: deps
-	@$(MAKE) --no-print-directory build
+# Builds only the daemon (no tests, no benchmarks), then serves in the
+# foreground; the banner says where and what to try next.
+run: deps-run
+	@$(MAKE) --no-print-directory $(OPTD)
+	@mkdir -p var
+	@echo "optd: serving http://127.0.0.1:$(OPTD_PORT) (database var/optd.db); Ctrl-C stops it."
+	@echo "optd: in a second terminal, try: curl http://127.0.0.1:$(OPTD_PORT)/healthz"
+	@echo "optd:   or the walkthrough:      sh clients/shell/walkthrough.sh http://127.0.0.1:$(OPTD_PORT)"
 	$(OPTD) --port $(OPTD_PORT) --db var/optd.db
 
 # ------------------------------------------------------------------ test
@@ -160,16 +187,37 @@ bench-sync: build
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py
 
-install: build
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib
+# make install: the daemon, the libraries with their headers under
+# include/optd/ and pkg-config files (optd-client.pc, optim.pc), the man page
+# and the systemd unit.  make uninstall removes exactly those files.
+LIBDIR     ?= $(PREFIX)/lib
+INCDIR     ?= $(PREFIX)/include
+PCDIR      ?= $(LIBDIR)/pkgconfig
+OPTD_VERSION := 0.1.0
+INSTALLED  := $(PREFIX)/bin/optd $(INCDIR)/optd/optim.h $(INCDIR)/optd/optd_client.h \
+              $(LIBDIR)/liboptim.a $(LIBDIR)/liboptdclient.a $(PCDIR)/optim.pc $(PCDIR)/optd-client.pc \
+              $(PREFIX)/share/man/man8/optd.8 $(PREFIX)/lib/systemd/system/optd.service
+
+$(BUILD)/pkgconfig/%.pc: clients/c/%.pc.in Makefile
+	@mkdir -p $(dir $@)
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCDIR@|$(INCDIR)|' \
+	    -e 's|@VERSION@|$(OPTD_VERSION)|' $< > $@
+
+install: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(BUILD)/pkgconfig/optim.pc $(BUILD)/pkgconfig/optd-client.pc
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(INCDIR)/optd $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PCDIR)
 	install -m 755 $(OPTD) $(DESTDIR)$(PREFIX)/bin/optd
-	install -m 644 optim/optim.h clients/c/optd_client.h $(DESTDIR)$(PREFIX)/include/
-	install -m 644 $(LIBOPTIM) $(LIBCLIENT) $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 optim/optim.h clients/c/optd_client.h $(DESTDIR)$(INCDIR)/optd/
+	install -m 644 $(LIBOPTIM) $(LIBCLIENT) $(DESTDIR)$(LIBDIR)/
+	install -m 644 $(BUILD)/pkgconfig/optim.pc $(BUILD)/pkgconfig/optd-client.pc $(DESTDIR)$(PCDIR)/
 	install -d $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/lib/systemd/system
 	install -m 644 docs/optd.8 $(DESTDIR)$(PREFIX)/share/man/man8/optd.8
 	sed 's|/usr/local/bin/optd|$(PREFIX)/bin/optd|' docs/optd.service \
 	    > $(DESTDIR)$(PREFIX)/lib/systemd/system/optd.service
 	chmod 644 $(DESTDIR)$(PREFIX)/lib/systemd/system/optd.service
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	-rmdir $(DESTDIR)$(INCDIR)/optd 2>/dev/null
 
 clean:
 	rm -rf build build-asan

@@ -136,6 +136,22 @@ int api_config_copy(api_config *dst, const api_config *src);
 char *api_config_to_json(const api_config *c);
 /* Parses a canonical config (as stored); 0 or -1. */
 int api_config_from_json(const char *json, api_config *c);
+/* Names each field where want differs from have, with both values, as
+ * "optimizer.lr: 0.001 in the session, 0.01 requested; ..." into out
+ * (truncated with "..." when longer than n).  Returns the number of
+ * differing fields (0: the same config), or -1 when out of memory. */
+int api_config_diff(const api_config *have, const api_config *want, char *out, size_t n);
+/* The 409 for a create whose config differs from session name's: every
+ * differing field with both values, and PATCH as the way to change it.
+ * Returns 409. */
+int api_config_conflict(api_reply *r, const char *name, const api_config *have,
+                        const api_config *want);
+/* Prints d in the shortest of %.15g, %.16g, %.17g that reads back exactly
+ * (0.1 -> "0.1").  Returns snprintf's count. */
+int api_shortest_double(char *out, size_t n, double d);
+/* The name of names closest to given ("Adam" -> "adam", "cosin" ->
+ * "cosine"), or NULL when none is within two edits. */
+const char *api_closest_name(const char *given, const char *const *names, size_t n);
 
 /* PUT /v1/sessions/{name}.  On success *params is a new buffer of
  * cfg->size elements of cfg->dtype when the body gave "params", else NULL

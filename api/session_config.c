@@ -6,7 +6,9 @@
 #include "api/api.h"
 
 #include <cjson/cJSON.h>
+#include <ctype.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,6 +102,88 @@ static const optim_hp_spec *spec_find(const optim_hp_spec *specs, size_t n, cons
     return NULL;
 }
 
+
+/* ------------------------------------------------------ valid names */
+
+/* Edit distance (Levenshtein) between two short names, case folded, so
+ * that "Adam" is at 0 from "adam" and "cosin" at 1 from "cosine".  Names
+ * longer than NAME_CMP_MAX compare as far apart. */
+#define NAME_CMP_MAX 63
+static size_t name_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > NAME_CMP_MAX || lb > NAME_CMP_MAX)
+        return SIZE_MAX;
+    size_t row[NAME_CMP_MAX + 1];
+    for (size_t j = 0; j <= lb; j++)
+        row[j] = j;
+    for (size_t i = 1; i <= la; i++) {
+        size_t diag = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= lb; j++) {
+            size_t up = row[j];
+            int same = tolower((unsigned char)a[i - 1]) == tolower((unsigned char)b[j - 1]);
+            size_t best = diag + (same ? 0 : 1);
+            if (up + 1 < best)
+                best = up + 1;
+            if (row[j - 1] + 1 < best)
+                best = row[j - 1] + 1;
+            row[j] = best;
+            diag = up;
+        }
+    }
+    return row[lb];
+}
+
+/* The valid name closest to given, or NULL when none is near: a case-only
+ * difference, or at most two edits (and fewer than the name's length). */
+const char *api_closest_name(const char *given, const char *const *names, size_t n)
+{
+    const char *best = NULL;
+    size_t best_d = SIZE_MAX, len = strlen(given);
+    for (size_t i = 0; i < n; i++) {
+        size_t d = name_distance(given, names[i]);
+        if (d < best_d)
+            best = names[i], best_d = d;
+    }
+    if (!best || best_d > 2 || best_d >= len)
+        return NULL;
+    return best;
+}
+
+/* Writes "[; did you mean \"x\"?] (valid: a, b, c)" into out. */
+static void names_hint(char *out, size_t size, const char *given, const char *const *names,
+                       size_t n)
+{
+    size_t l = 0;
+    const char *close = api_closest_name(given, names, n);
+    if (close)
+        l += (size_t)snprintf(out, size, "; did you mean \"%s\"?", close);
+    if (l < size)
+        l += (size_t)snprintf(out + l, size - l, " (valid:");
+    for (size_t i = 0; i < n && l < size; i++)
+        l += (size_t)snprintf(out + l, size - l, "%s %s", i ? "," : "", names[i]);
+    if (l < size)
+        snprintf(out + l, size - l, ")");
+}
+
+#define MAX_NAMES 64
+
+static size_t optimizer_names(const char **names)
+{
+    size_t n = 0;
+    for (int k = 0; k < OPTIM_KIND_COUNT && n < MAX_NAMES; k++)
+        names[n++] = optim_info_of((optim_kind)k)->name;
+    return n;
+}
+
+static size_t spec_names(const optim_hp_spec *specs, size_t count, const char **names)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < count && n < MAX_NAMES; i++)
+        names[n++] = specs[i].name;
+    return n;
+}
 
 /* Decodes one hyperparameter value into base per its spec. */
 static int spec_set(const optim_hp_spec *s, const cJSON *v, void *base, const char *prefix,
@@ -198,10 +282,12 @@ static int specs_decode(const cJSON *obj, const optim_hp_spec *specs, size_t n, 
             continue;
         const optim_hp_spec *s = spec_find(specs, n, m->string);
         if (!s) {
-            char field[96];
+            char field[96], hint[400];
+            const char *names[MAX_NAMES];
             path_of(field, sizeof field, prefix, m->string);
-            return api_problem(r, 400, field, "unknown hyperparameter \"%s\" for %s", m->string,
-                               kind_name);
+            names_hint(hint, sizeof hint, m->string, names, spec_names(specs, n, names));
+            return api_problem(r, 400, field, "unknown hyperparameter \"%s\" for %s%s",
+                               m->string, kind_name, hint);
         }
         int st = spec_set(s, m, base, prefix, r);
         if (st)
@@ -234,8 +320,19 @@ static const char *type_of(const cJSON *obj, const char *prefix, api_reply *r)
 
 static int decode_optimizer(const cJSON *v, optim_hparams *hp, bool patch, api_reply *r)
 {
+    if (cJSON_IsString(v)) {
+        /* "optimizer": "adam" is {"type": "adam"} with every default. */
+        cJSON *obj = cJSON_CreateObject();
+        if (!obj || !cJSON_AddStringToObject(obj, "type", v->valuestring)) {
+            cJSON_Delete(obj);
+            return api_problem(r, 500, NULL, "out of memory");
+        }
+        int st = decode_optimizer(obj, hp, patch, r);
+        cJSON_Delete(obj);
+        return st;
+    }
     if (!cJSON_IsObject(v))
-        return bad(r, NULL, "optimizer", "must be an object with a \"type\"");
+        return bad(r, NULL, "optimizer", "must be a name or an object with a \"type\"");
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(v, "type");
     const optim_info *info;
     if (patch && !t) {
@@ -245,8 +342,13 @@ static int decode_optimizer(const cJSON *v, optim_hparams *hp, bool patch, api_r
         if (!name)
             return 400;
         info = optim_find(name);
-        if (!info)
-            return api_problem(r, 400, "optimizer.type", "unknown optimizer \"%s\"", name);
+        if (!info) {
+            char hint[400];
+            const char *names[MAX_NAMES];
+            names_hint(hint, sizeof hint, name, names, optimizer_names(names));
+            return api_problem(r, 400, "optimizer.type", "unknown optimizer \"%s\"%s", name,
+                               hint);
+        }
         if (patch && info->kind != hp->kind)
             return api_problem(r, 400, "optimizer.type",
                                "the optimizer type cannot change (session has %s)",
@@ -268,7 +370,8 @@ static int decode_optimizer(const cJSON *v, optim_hparams *hp, bool patch, api_r
  * family's validation.  One decoder, described per family. */
 typedef struct {
     const char *field;          /* "schedule", "clip"                     */
-    const char *kinds_hint;     /* for the unknown-type message           */
+    /* Fills names with the family's kinds; returns how many. */
+    size_t (*names)(const char **names);
     /* Finds name; on success fills the spec table and resets cfg to the
      * kind's defaults.  false when unknown. */
     bool (*select)(const char *name, void *cfg, const optim_hp_spec **hps, size_t *n,
@@ -287,6 +390,13 @@ static bool sched_select(const char *name, void *cfg, const optim_hp_spec **hps,
     *hps = info->hps, *n = info->n_hps, *canon = info->name;
     return true;
 }
+static size_t sched_names(const char **names)
+{
+    size_t n = 0;
+    for (int k = 0; k < OPTIM_SCHED_KIND_COUNT && n < MAX_NAMES; k++)
+        names[n++] = optim_sched_info_of((optim_sched_kind)k)->name;
+    return n;
+}
 static void sched_none(void *cfg) { optim_sched_default(OPTIM_SCHED_NONE, cfg); }
 static int sched_validate(const void *cfg, optim_error *e) { return optim_sched_validate(cfg, e); }
 
@@ -300,12 +410,21 @@ static bool clip_select(const char *name, void *cfg, const optim_hp_spec **hps, 
     *hps = info->hps, *n = info->n_hps, *canon = info->name;
     return true;
 }
+static size_t clip_names(const char **names)
+{
+    size_t n = 0;
+    const optim_clip_info *ci;
+    for (int k = OPTIM_CLIP_NONE + 1; (ci = optim_clip_info_of((optim_clip_kind)k)) && n < MAX_NAMES;
+         k++)
+        names[n++] = ci->name;
+    return n;
+}
 static void clip_none(void *cfg) { optim_clip_default(OPTIM_CLIP_NONE, cfg); }
 static int clip_validate(const void *cfg, optim_error *e) { return optim_clip_validate(cfg, e); }
 
-static const family schedule_family = {"schedule", "", sched_select, sched_none, sched_validate};
-static const family clip_family = {"clip", " (norm, value)", clip_select, clip_none,
-                                   clip_validate};
+static const family schedule_family = {"schedule", sched_names, sched_select, sched_none,
+                                       sched_validate};
+static const family clip_family = {"clip", clip_names, clip_select, clip_none, clip_validate};
 
 static int decode_family(const cJSON *v, const family *f, void *cfg, api_reply *r)
 {
@@ -322,9 +441,11 @@ static int decode_family(const cJSON *v, const family *f, void *cfg, api_reply *
     size_t n;
     const char *canon;
     if (!f->select(name, cfg, &hps, &n, &canon)) {
-        char field[32];
+        char field[32], hint[400];
+        const char *names[MAX_NAMES];
         snprintf(field, sizeof field, "%s.type", f->field);
-        return api_problem(r, 400, field, "unknown %s \"%s\"%s", f->field, name, f->kinds_hint);
+        names_hint(hint, sizeof hint, name, names, f->names(names));
+        return api_problem(r, 400, field, "unknown %s \"%s\"%s", f->field, name, hint);
     }
     int st = specs_decode(v, hps, n, cfg, f->field, canon, true, r);
     if (st)
@@ -706,13 +827,29 @@ int api_decode_patch(const char *body, size_t len, api_config *cfg, api_reply *r
 
 /* ----------------------------------------------------------- encoding */
 
-/* A number as cJSON raw text: cJSON's own printer is not bit-exact. */
+int api_shortest_double(char *out, size_t n, double d)
+{
+    /* %.17g always reads back exactly; the shorter forms are tried first so
+     * that 0.1 prints as 0.1, not 0.10000000000000001. */
+    static const char *const forms[] = {"%.15g", "%.16g", "%.17g"};
+    int len = 0;
+    for (size_t i = 0; i < sizeof forms / sizeof forms[0]; i++) {
+        len = snprintf(out, n, forms[i], d);
+        if (len > 0 && (size_t)len < n && strtod(out, NULL) == d)
+            break;
+    }
+    return len;
+}
+
+/* A configuration number as cJSON raw text in its shortest round-trip form
+ * (cJSON's own printer is not bit-exact).  Vectors are printed elsewhere
+ * (api_buf_vector), always %.9g / %.17g. */
 static cJSON *num(double d)
 {
     char tmp[40];
     if (isinf(d))
         return cJSON_CreateString(d > 0 ? "inf" : "-inf");
-    snprintf(tmp, sizeof tmp, "%.17g", d);
+    api_shortest_double(tmp, sizeof tmp, d);
     return cJSON_CreateRaw(tmp);
 }
 
@@ -813,6 +950,87 @@ char *api_config_to_json(const api_config *c)
     char *d = dup_str(s);
     cJSON_free(s);
     return d;
+}
+
+/* Appends one "path: have (the session) vs want (this request)" line. */
+static void diff_put(char *out, size_t n, size_t *l, int *count, const char *path,
+                     const cJSON *have, const cJSON *want)
+{
+    char *h = have ? cJSON_PrintUnformatted(have) : NULL;
+    char *w = want ? cJSON_PrintUnformatted(want) : NULL;
+    if (*l < n)
+        *l += (size_t)snprintf(out + *l, n - *l, "%s%s: %s in the session, %s requested",
+                               *count ? "; " : "", path, h ? h : "absent", w ? w : "absent");
+    (*count)++;
+    cJSON_free(h);
+    cJSON_free(w);
+}
+
+/* Walks two canonical config objects; nested objects (optimizer, schedule,
+ * clip, mode) are compared member by member, other values whole. */
+static void diff_walk(const cJSON *a, const cJSON *b, const char *prefix, char *out, size_t n,
+                      size_t *l, int *count)
+{
+    char path[96];
+    const cJSON *x;
+    cJSON_ArrayForEach(x, a)
+    {
+        const cJSON *y = cJSON_GetObjectItemCaseSensitive(b, x->string);
+        path_of(path, sizeof path, prefix, x->string);
+        bool both_obj = cJSON_IsObject(x) && y && cJSON_IsObject(y) && !*prefix &&
+                        strcmp(x->string, "metadata") != 0;
+        bool same_type = both_obj && cJSON_Compare(cJSON_GetObjectItemCaseSensitive(x, "type"),
+                                                   cJSON_GetObjectItemCaseSensitive(y, "type"),
+                                                   true);
+        if (same_type) {
+            diff_walk(x, y, path, out, n, l, count);
+        } else if (both_obj) { /* another kind: its type says it all */
+            size_t pl = strlen(path);
+            snprintf(path + pl, sizeof path - pl, ".type");
+            diff_put(out, n, l, count, path, cJSON_GetObjectItemCaseSensitive(x, "type"),
+                     cJSON_GetObjectItemCaseSensitive(y, "type"));
+        } else if (!y || !cJSON_Compare(x, y, true)) {
+            diff_put(out, n, l, count, path, x, y);
+        }
+    }
+    cJSON_ArrayForEach(x, b)
+    {
+        if (!cJSON_GetObjectItemCaseSensitive(a, x->string)) {
+            path_of(path, sizeof path, prefix, x->string);
+            diff_put(out, n, l, count, path, NULL, x);
+        }
+    }
+}
+
+int api_config_diff(const api_config *have, const api_config *want, char *out, size_t n)
+{
+    if (n)
+        out[0] = '\0';
+    cJSON *a = config_obj(have), *b = config_obj(want);
+    int count = -1;
+    if (a && b) {
+        size_t l = 0;
+        count = 0;
+        diff_walk(a, b, "", out, n, &l, &count);
+        if (l >= n && n > 4)
+            memcpy(out + n - 4, "...", 4);
+    }
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+    return count;
+}
+
+int api_config_conflict(api_reply *r, const char *name, const api_config *have,
+                        const api_config *want)
+{
+    char diff[400];
+    if (api_config_diff(have, want, diff, sizeof diff) < 0)
+        snprintf(diff, sizeof diff, "(could not compare: out of memory)");
+    return api_problem(r, 409, NULL,
+                       "session %s exists with a different config: %s. PATCH "
+                       "/v1/sessions/%s changes hyperparameters, schedule, clip, mode or "
+                       "metadata; DELETE it to start over",
+                       name, diff, name);
 }
 
 int api_config_from_json(const char *json, api_config *c)

@@ -69,9 +69,9 @@ optd_client *optd_client_new(const char *base_url, const char *api_key)
     size_t bl = strlen(c->base);
     while (bl > 0 && c->base[bl - 1] == '/')
         c->base[--bl] = '\0';
-    c->max_attempts = 5;
-    c->backoff0_ms = 50;
-    c->backoff_max_ms = 2000;
+    c->max_attempts = OPTD_DEFAULT_RETRIES + 1;
+    c->backoff0_ms = OPTD_DEFAULT_BACKOFF_MS;
+    c->backoff_max_ms = OPTD_DEFAULT_MAX_BACKOFF_MS;
     c->connect_ms = 5000;
     c->request_ms = 60000;
     return c;
@@ -691,7 +691,7 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
     char h_key[KEY_BUF + 32], h_loss[64], h_base[64], h_worker[200];
     const char *hdrs[MAX_EXTRA_HEADERS];
     size_t nh = 0;
-    snprintf(h_key, sizeof h_key, "Idempotency-Key: %s", key);
+    snprintf(h_key, sizeof h_key, OPTD_HEADER_IDEMPOTENCY_KEY ": %s", key);
     hdrs[nh++] = h_key;
     growbuf jb = {0};
     const void *body = grad;
@@ -722,16 +722,19 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
     } else {
         hdrs[nh++] = "Content-Type: application/octet-stream";
         hdrs[nh++] = "Accept: application/octet-stream";
+        /* The daemon refuses a body declared in the session's other dtype
+         * (422), which byte counts alone cannot always tell. */
+        hdrs[nh++] = esize == 4 ? OPTD_HEADER_DTYPE ": float32" : OPTD_HEADER_DTYPE ": float64";
         if (loss) {
-            snprintf(h_loss, sizeof h_loss, "Optd-Loss: %.17g", *loss);
+            snprintf(h_loss, sizeof h_loss, OPTD_HEADER_LOSS ": %.17g", *loss);
             hdrs[nh++] = h_loss;
         }
         if (o.base_step >= 0) {
-            snprintf(h_base, sizeof h_base, "Optd-Base-Step: %lld", o.base_step);
+            snprintf(h_base, sizeof h_base, OPTD_HEADER_BASE_STEP ": %lld", o.base_step);
             hdrs[nh++] = h_base;
         }
         if (o.worker) {
-            snprintf(h_worker, sizeof h_worker, "Optd-Worker: %s", o.worker);
+            snprintf(h_worker, sizeof h_worker, OPTD_HEADER_WORKER ": %s", o.worker);
             hdrs[nh++] = h_worker;
         }
     }
@@ -746,11 +749,11 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
     if (r.status != 200 && r.status != 202)
         return fail_with(&r, err);
 
-    const char *rep = optd_response_header(&r, "Optd-Replayed");
+    const char *rep = optd_response_header(&r, OPTD_HEADER_REPLAYED);
     if (replayed && rep && strcasecmp(rep, "true") == 0)
         *replayed = 1;
     long long step = -1;
-    bool have_step = parse_ll(optd_response_header(&r, "Optd-Step"), &step);
+    bool have_step = parse_ll(optd_response_header(&r, OPTD_HEADER_STEP), &step);
     bool is_json = strstr(r.content_type, "json") != NULL;
     cJSON *root = is_json ? cJSON_ParseWithLength(r.body, r.len) : NULL;
     if (root && !have_step) {
@@ -842,7 +845,7 @@ static int get_params(optd_client *c, const char *name, void *out, size_t n, siz
         optd_response_free(&r);
         return -1;
     }
-    if (!parse_ll(optd_response_header(&r, "Optd-Step"), &step)) {
+    if (!parse_ll(optd_response_header(&r, OPTD_HEADER_STEP), &step)) {
         err_set(err, r.status, "the params answer carries no Optd-Step");
         optd_response_free(&r);
         return -1;
@@ -865,7 +868,9 @@ static int set_params(optd_client *c, const char *name, const void *params, size
     char *path = session_path(c, name, "/params", err);
     if (!path)
         return -1;
-    const char *hdrs[] = {"Content-Type: application/octet-stream", NULL};
+    const char *hdrs[] = {"Content-Type: application/octet-stream",
+                          esize == 4 ? OPTD_HEADER_DTYPE ": float32" : OPTD_HEADER_DTYPE ": float64",
+                          NULL};
     optd_response r;
     int rc = call(c, "PUT", path, hdrs, params ? params : "", n * esize, &r, err, NULL);
     free(path);
@@ -899,4 +904,19 @@ int optd_set_params_f64(optd_client *c, const char *name, const double *params, 
                         optd_error *err)
 {
     return set_params(c, name, params, n, sizeof(double), err);
+}
+
+const char *optd_error_kind(const optd_error *err)
+{
+    int st = err ? err->status : 0;
+    switch (st) {
+    case 0: return "connection_failed";
+    case 401: return "unauthorized";
+    case 404: return "not_found";
+    case 409: return strcmp(err->field, "base_step") == 0 ? "stale_gradient" : "conflict";
+    case 422: return "unprocessable";
+    case 503: return "unavailable";
+    case 504: return "round_timeout";
+    default: return st >= 500 ? "server_error" : "invalid_request";
+    }
 }

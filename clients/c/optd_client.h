@@ -26,6 +26,24 @@ extern "C" {
 
 typedef struct optd_client optd_client;
 
+/* The constants every optd client shares (api/client_constants.json;
+ * tests/test_api_config.c checks these against it).  Retries count the
+ * attempts after the first. */
+#define OPTD_DEFAULT_RETRIES 4
+#define OPTD_DEFAULT_BACKOFF_MS 50
+#define OPTD_DEFAULT_MAX_BACKOFF_MS 2000
+#define OPTD_NAME_PATTERN "^[A-Za-z0-9._-]{1,128}$"
+#define OPTD_HEADER_IDEMPOTENCY_KEY "Idempotency-Key"
+#define OPTD_HEADER_LOSS "Optd-Loss"
+#define OPTD_HEADER_BASE_STEP "Optd-Base-Step"
+#define OPTD_HEADER_WORKER "Optd-Worker"
+#define OPTD_HEADER_DTYPE "Optd-Dtype"
+#define OPTD_HEADER_STEP "Optd-Step"
+#define OPTD_HEADER_LR "Optd-Lr"
+#define OPTD_HEADER_PENDING "Optd-Pending"
+#define OPTD_HEADER_REPLAYED "Optd-Replayed"
+#define OPTD_HEADER_SKIPPED "Optd-Skipped"
+
 typedef struct {
     int status;          /* HTTP status; 0 when no answer came             */
     char type[128];      /* problem type URN ("urn:optd:problem:...")      */
@@ -42,9 +60,9 @@ typedef struct {
 optd_client *optd_client_new(const char *base_url, const char *api_key);
 void optd_client_free(optd_client *c);
 
-/* Retry policy: at most max_attempts tries in all (>= 1; default 5), the
- * first wait initial_backoff_ms (default 50), doubled after each failure up
- * to max_backoff_ms (default 2000). */
+/* Retry policy: at most max_attempts tries in all (>= 1; default
+ * OPTD_DEFAULT_RETRIES + 1 = 5), the first wait initial_backoff_ms (default
+ * 50), doubled after each failure up to max_backoff_ms (default 2000). */
 void optd_client_set_retry(optd_client *c, int max_attempts, long initial_backoff_ms,
                            long max_backoff_ms);
 /* Per-attempt timeouts in milliseconds (defaults: connect 5000, whole
@@ -156,6 +174,13 @@ void optd_response_free(optd_response *r);
 /* Fills err from a response: status, and the problem+json members when the
  * body is one. */
 void optd_error_from_response(const optd_response *r, optd_error *err);
+
+/* The family of err's status in the words every optd client uses:
+ * "invalid_request", "unauthorized", "not_found", "conflict",
+ * "stale_gradient" (409 on base_step), "unprocessable", "unavailable",
+ * "round_timeout", "server_error", or "connection_failed" (status 0).
+ * A static string. */
+const char *optd_error_kind(const optd_error *err);
 
 #ifdef __cplusplus
 }

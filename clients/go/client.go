@@ -19,17 +19,42 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
 	"strings"
 	"syscall"
 	"time"
 )
 
-// Defaults of the retry policy and the per-attempt timeout.
+// Defaults of the retry policy and the per-attempt timeout. The retry
+// policy, the name pattern and the header names are the ones every optd
+// client shares (api/client_constants.json; constants_test.go checks them).
 const (
 	DefaultRetries        = 4
 	DefaultInitialBackoff = 50 * time.Millisecond
 	DefaultMaxBackoff     = 2 * time.Second
 	DefaultTimeout        = 60 * time.Second
+)
+
+// NamePattern is what a session name must match.
+const NamePattern = `^[A-Za-z0-9._-]{1,128}$`
+
+var nameRE = regexp.MustCompile(NamePattern)
+
+// ValidName reports whether name is a session name the daemon accepts.
+func ValidName(name string) bool { return nameRE.MatchString(name) }
+
+// Header names, by what they carry.
+const (
+	HeaderIdempotencyKey = "Idempotency-Key"
+	HeaderLoss           = "Optd-Loss"
+	HeaderBaseStep       = "Optd-Base-Step"
+	HeaderWorker         = "Optd-Worker"
+	HeaderDType          = "Optd-Dtype"
+	HeaderStep           = "Optd-Step"
+	HeaderLR             = "Optd-Lr"
+	HeaderPending        = "Optd-Pending"
+	HeaderReplayed       = "Optd-Replayed"
+	HeaderSkipped        = "Optd-Skipped"
 )
 
 // Client talks to one optd daemon.

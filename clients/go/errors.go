@@ -32,6 +32,39 @@ func (e *Error) Error() string {
 	return b.String()
 }
 
+// Kind names the family of the answer's status in the words every optd
+// client uses alike: "invalid_request", "unauthorized", "not_found",
+// "conflict", "stale_gradient" (a 409 on base_step), "unprocessable",
+// "unavailable", "round_timeout" or "server_error".
+func (e *Error) Kind() string {
+	switch {
+	case e.Status == http.StatusUnauthorized:
+		return "unauthorized"
+	case e.Status == http.StatusNotFound:
+		return "not_found"
+	case e.Status == http.StatusConflict && e.Field == "base_step":
+		return "stale_gradient"
+	case e.Status == http.StatusConflict:
+		return "conflict"
+	case e.Status == http.StatusUnprocessableEntity:
+		return "unprocessable"
+	case e.Status == http.StatusServiceUnavailable:
+		return "unavailable"
+	case e.Status == http.StatusGatewayTimeout:
+		return "round_timeout"
+	case e.Status >= 500:
+		return "server_error"
+	default:
+		return "invalid_request"
+	}
+}
+
+// Is makes errors.Is(err, ErrDType) true for the daemon's refusal of a
+// binary body declared (Optd-Dtype) in the other dtype.
+func (e *Error) Is(target error) bool {
+	return target == ErrDType && e.Status == http.StatusUnprocessableEntity && e.Field == HeaderDType
+}
+
 // Temporary reports whether the same request may succeed later (503: the
 // daemon could not reach its storage).
 func (e *Error) Temporary() bool { return e.Status == http.StatusServiceUnavailable }

@@ -963,8 +963,7 @@ func TestUpdateHistoryDelete(t *testing.T) {
 	if _, err := s.StepF64(ctx, []float64{3, 4}, &optd.StepOptions{JSON: true, Worker: "w2"}); err != nil {
 		t.Fatal(err)
 	}
-	info, err := s.Update(ctx, map[string]any{"optimizer": map[string]any{"lr": 0.05},
-		"metadata": map[string]any{"note": "halved"}})
+	info, err := s.Update(ctx, optd.SetLR(0.05), optd.SetMetadata(map[string]any{"note": "halved"}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -979,7 +978,7 @@ func TestUpdateHistoryDelete(t *testing.T) {
 		t.Fatalf("step after update %+v", in)
 	}
 	near(t, "params", p, []float64{-0.75, -1}, 1e-15)
-	_, err = s.Update(ctx, map[string]any{"optimizer": map[string]any{"lr": -1}})
+	_, err = s.Update(ctx, optd.SetLR(-1))
 	if e := asError(t, err, 400); e.Field != "optimizer.lr" {
 		t.Fatalf("negative lr: %+v", e)
 	}

@@ -12,9 +12,10 @@ import (
 	"sync"
 )
 
-// ErrDType is wrapped by the error of a typed call (StepF32, ParamsF64, ...)
-// on a session of the other dtype; nothing is sent. The daemon cannot tell
-// the two apart in a binary body when the byte counts happen to match.
+// ErrDType matches (errors.Is) the error of a typed call (StepF32,
+// ParamsF64, ...) on a session of the other dtype; nothing is applied. Binary
+// bodies carry their dtype in the Optd-Dtype header, which the daemon checks,
+// so the byte counts of the two dtypes cannot be confused.
 var ErrDType = errors.New("optd: the session has another dtype")
 
 // Page sizes of Sessions and History (the daemon's largest page).
@@ -180,11 +181,23 @@ func (s *Session) Info(ctx context.Context) (*SessionInfo, error) {
 	return s.readInfo(resp)
 }
 
-// Update changes hyperparameters, schedule, clip, mode or metadata mid-run:
-// map[string]any{"optimizer": map[string]any{"lr": 0.01}}. It returns the
-// session as changed.
-func (s *Session) Update(ctx context.Context, patch map[string]any) (*SessionInfo, error) {
-	body, err := json.Marshal(patch)
+// Update changes hyperparameters, schedule, clip, mode or metadata mid-run,
+// one typed option per change:
+//
+//	s.Update(ctx, optd.SetLR(0.01), optd.SetHyperparam("weight_decay", 0.1),
+//		optd.SetSchedule(optd.Schedule{Type: "cosine", Params: optd.Params{"T_max": 100}}))
+//
+// It returns the session as changed. Without options it sends nothing and
+// returns Info.
+func (s *Session) Update(ctx context.Context, opts ...UpdateOption) (*SessionInfo, error) {
+	if len(opts) == 0 {
+		return s.Info(ctx)
+	}
+	p := &patch{}
+	for _, o := range opts {
+		o(p)
+	}
+	body, err := p.marshal()
 	if err != nil {
 		return nil, err
 	}
@@ -360,15 +373,18 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 	if opts != nil {
 		o = *opts
 	}
-	if err := s.checkDType(ctx, dt); err != nil {
-		return nil, err
+	if o.JSON {
+		// A JSON body has no dtype of its own: ask (once) which the session has.
+		if err := s.checkDType(ctx, dt); err != nil {
+			return nil, err
+		}
 	}
 	key := o.IdempotencyKey
 	if key == "" {
 		key = NewIdempotencyKey()
 	}
 	req := &request{method: http.MethodPost, path: sessionPath(s.name) + "/step",
-		header: map[string]string{"Idempotency-Key": key}}
+		header: map[string]string{HeaderIdempotencyKey: key}}
 	if o.NoParams {
 		req.query = url.Values{"params": {"false"}}
 	}
@@ -394,14 +410,15 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 		req.body, req.contentType, req.accept = append(b, '}'), "application/json", "application/json"
 	} else {
 		req.body, req.contentType, req.accept = encode(grad), "application/octet-stream", "application/octet-stream"
+		req.header[HeaderDType] = string(dt)
 		if o.Loss != nil {
-			req.header["Optd-Loss"] = strconv.FormatFloat(*o.Loss, 'g', -1, 64)
+			req.header[HeaderLoss] = strconv.FormatFloat(*o.Loss, 'g', -1, 64)
 		}
 		if o.BaseStep != nil {
-			req.header["Optd-Base-Step"] = strconv.FormatInt(*o.BaseStep, 10)
+			req.header[HeaderBaseStep] = strconv.FormatInt(*o.BaseStep, 10)
 		}
 		if o.Worker != "" {
-			req.header["Optd-Worker"] = o.Worker
+			req.header[HeaderWorker] = o.Worker
 		}
 	}
 	resp, err := s.c.do(ctx, req)
@@ -409,17 +426,17 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 		return nil, err
 	}
 	info := StepInfo{LR: math.NaN()}
-	if v, err := strconv.ParseInt(resp.header.Get("Optd-Step"), 10, 64); err == nil {
+	if v, err := strconv.ParseInt(resp.header.Get(HeaderStep), 10, 64); err == nil {
 		info.Step = v
 	}
-	if v, err := strconv.ParseFloat(resp.header.Get("Optd-Lr"), 64); err == nil {
+	if v, err := strconv.ParseFloat(resp.header.Get(HeaderLR), 64); err == nil {
 		info.LR = v
 	}
-	if v, err := strconv.ParseInt(resp.header.Get("Optd-Pending"), 10, 64); err == nil {
+	if v, err := strconv.ParseInt(resp.header.Get(HeaderPending), 10, 64); err == nil {
 		info.Pending = v
 	}
-	info.Replayed = resp.header.Get("Optd-Replayed") == "true"
-	info.Skipped = resp.header.Get("Optd-Skipped") == "true"
+	info.Replayed = resp.header.Get(HeaderReplayed) == "true"
+	info.Skipped = resp.header.Get(HeaderSkipped) == "true"
 
 	var out []T
 	if o.JSON {
@@ -467,11 +484,8 @@ func params[T float](ctx context.Context, s *Session, dt DType) ([]T, error) {
 }
 
 func setParams(ctx context.Context, s *Session, body []byte, dt DType) error {
-	if err := s.checkDType(ctx, dt); err != nil {
-		return err
-	}
 	resp, err := s.c.do(ctx, &request{method: http.MethodPut, path: sessionPath(s.name) + "/params",
-		body: body, contentType: "application/octet-stream"})
+		body: body, contentType: "application/octet-stream", header: map[string]string{HeaderDType: string(dt)}})
 	if err != nil {
 		return err
 	}
@@ -481,7 +495,7 @@ func setParams(ctx context.Context, s *Session, body []byte, dt DType) error {
 
 // noteStep records the Optd-Step header of a params answer.
 func (s *Session) noteStep(resp *response) {
-	if v, err := strconv.ParseInt(resp.header.Get("Optd-Step"), 10, 64); err == nil {
+	if v, err := strconv.ParseInt(resp.header.Get(HeaderStep), 10, 64); err == nil {
 		s.mu.Lock()
 		s.last = StepInfo{Step: v, LR: math.NaN()}
 		s.mu.Unlock()

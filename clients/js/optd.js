@@ -6,7 +6,33 @@
 
 const JSON_TYPE = 'application/json';
 const BINARY_TYPE = 'application/octet-stream';
-const NAME_RE = /^[A-Za-z0-9._-]{1,128}$/;
+
+/**
+ * The constants every optd client shares (api/client_constants.json in the
+ * optd repository; test/constants.test.js checks them against it).
+ */
+export const DEFAULTS = Object.freeze({
+  retries: 4, // after the first attempt
+  backoffMs: 50, // first retry wait; doubles per retry
+  maxBackoffMs: 2000,
+  retryAfterMaxS: 30, // the longest Retry-After honoured
+  binaryThreshold: 256, // vectors of more elements travel as binary
+});
+export const NAME_PATTERN = '^[A-Za-z0-9._-]{1,128}$';
+/** Header names, by what they carry. */
+export const HEADERS = Object.freeze({
+  idempotencyKey: 'Idempotency-Key',
+  loss: 'Optd-Loss',
+  baseStep: 'Optd-Base-Step',
+  worker: 'Optd-Worker',
+  dtype: 'Optd-Dtype',
+  step: 'Optd-Step',
+  lr: 'Optd-Lr',
+  pending: 'Optd-Pending',
+  replayed: 'Optd-Replayed',
+  skipped: 'Optd-Skipped',
+});
+const NAME_RE = new RegExp(NAME_PATTERN);
 const LIST_PAGE_MAX = 1000;
 
 // The daemon's binary bodies are little-endian.  On a little-endian host a
@@ -136,6 +162,25 @@ export async function newIdempotencyKey() {
  * Every failure: an answer of the daemon (problem+json: status, type, title,
  * detail, field, step) or no answer at all (status 0, the cause in `cause`).
  */
+/**
+ * The family of an answer's status, in the words every optd client uses:
+ * 'invalid_request', 'unauthorized', 'not_found', 'conflict',
+ * 'stale_gradient' (409 on base_step), 'unprocessable', 'unavailable',
+ * 'round_timeout', 'server_error'; 'connection_failed' when no answer came.
+ */
+export function errorKind(status, field = null) {
+  switch (status) {
+    case 0: return 'connection_failed';
+    case 401: return 'unauthorized';
+    case 404: return 'not_found';
+    case 409: return field === 'base_step' ? 'stale_gradient' : 'conflict';
+    case 422: return 'unprocessable';
+    case 503: return 'unavailable';
+    case 504: return 'round_timeout';
+    default: return status >= 500 ? 'server_error' : 'invalid_request';
+  }
+}
+
 export class OptdError extends Error {
   constructor({ status = 0, type = null, title = null, detail = null, field = null, step = null, cause } = {}) {
     const msg = status
@@ -149,6 +194,7 @@ export class OptdError extends Error {
     this.detail = detail;
     this.field = field;
     this.step = step;
+    this.kind = errorKind(status, field);
   }
 }
 
@@ -213,11 +259,11 @@ export class Client {
     }
     this.url = url.replace(/\/+$/, '');
     this.apiKey = o.apiKey ?? null;
-    this.retries = o.retries ?? 4;
+    this.retries = o.retries ?? DEFAULTS.retries;
     this.timeoutMs = o.timeoutMs ?? 60000;
-    this.backoffMs = o.backoffMs ?? 50;
-    this.maxBackoffMs = o.maxBackoffMs ?? 2000;
-    this.binaryThreshold = o.binaryThreshold ?? 256;
+    this.backoffMs = o.backoffMs ?? DEFAULTS.backoffMs;
+    this.maxBackoffMs = o.maxBackoffMs ?? DEFAULTS.maxBackoffMs;
+    this.binaryThreshold = o.binaryThreshold ?? DEFAULTS.binaryThreshold;
     this._fetch = o.fetch ?? globalThis.fetch;
     if (typeof this._fetch !== 'function') throw new TypeError('no fetch on this platform: pass options.fetch');
   }
@@ -269,7 +315,7 @@ export class Client {
       // Exponential backoff with "equal jitter": half the cap is waited for
       // sure, the other half at random, so retrying clients spread out.
       const cap = Math.min(this.maxBackoffMs, this.backoffMs * 2 ** attempt);
-      const delay = Math.max(cap / 2 + Math.random() * (cap / 2), Math.min(retryAfterMs, this.maxBackoffMs));
+      const delay = Math.max(cap / 2 + Math.random() * (cap / 2), Math.min(retryAfterMs, DEFAULTS.retryAfterMaxS * 1000));
       await sleep(delay);
     }
   }
@@ -432,14 +478,15 @@ export class Session {
       binary = true;
     }
     const key = idempotencyKey ?? (await newIdempotencyKey());
-    const headers = { 'Idempotency-Key': key };
+    const headers = { [HEADERS.idempotencyKey]: key };
     let body;
     if (binary) {
       headers['Content-Type'] = BINARY_TYPE;
       headers.Accept = BINARY_TYPE;
-      if (loss !== undefined && loss !== null) headers['Optd-Loss'] = String(loss);
-      if (baseStep !== undefined && baseStep !== null) headers['Optd-Base-Step'] = String(baseStep);
-      if (worker !== undefined && worker !== null) headers['Optd-Worker'] = String(worker);
+      headers[HEADERS.dtype] = dtype;
+      if (loss !== undefined && loss !== null) headers[HEADERS.loss] = String(loss);
+      if (baseStep !== undefined && baseStep !== null) headers[HEADERS.baseStep] = String(baseStep);
+      if (worker !== undefined && worker !== null) headers[HEADERS.worker] = String(worker);
       body = encodeVector(g, dtype);
     } else {
       headers['Content-Type'] = JSON_TYPE;
@@ -461,11 +508,11 @@ export class Session {
     const out = {
       status: r.status,
       step: r.step,
-      lr: r.status === 200 && h.get('optd-skipped') !== 'true' ? r.lr : null,
+      lr: r.status === 200 && h.get(HEADERS.skipped) !== 'true' ? r.lr : null,
       params: r.params,
-      pending: r.status === 202 ? Number(h.get('optd-pending')) : 0,
-      replayed: h.get('optd-replayed') === 'true',
-      skipped: h.get('optd-skipped') === 'true',
+      pending: r.status === 202 ? Number(h.get(HEADERS.pending)) : 0,
+      replayed: h.get(HEADERS.replayed) === 'true',
+      skipped: h.get(HEADERS.skipped) === 'true',
     };
     this.lastStep = out.step;
     this.lastLr = out.lr;
@@ -475,8 +522,8 @@ export class Session {
   /** Reads a params answer, JSON or binary, into {status, step, lr, params, headers}. */
   async _readParams(res, dtype, wantParams = true) {
     const ct = res.headers.get('content-type') ?? '';
-    const hs = res.headers.get('optd-step');
-    const hl = res.headers.get('optd-lr');
+    const hs = res.headers.get(HEADERS.step);
+    const hl = res.headers.get(HEADERS.lr);
     let step = hs === null ? null : Number(hs);
     let lr = hl === null ? null : Number(hl);
     let params = null;
@@ -516,7 +563,9 @@ export class Session {
     const t = toTypedArray(v, dtype);
     const binary = this._binary(t.length, json) || !allFinite(t);
     const r = await this.client._request('PUT', `${this.path}/params`, {
-      headers: { 'Content-Type': binary ? BINARY_TYPE : JSON_TYPE, Accept: JSON_TYPE },
+      headers: binary
+        ? { 'Content-Type': BINARY_TYPE, Accept: JSON_TYPE, [HEADERS.dtype]: dtype }
+        : { 'Content-Type': JSON_TYPE, Accept: JSON_TYPE },
       body: binary ? encodeVector(t, dtype) : jsonWithVector('params', t),
       handle: (res) => this._readParams(res, dtype, false),
     });

@@ -6,7 +6,8 @@
 #   3. README.md carries the walkthrough's commands verbatim, and README.md
 #      and docs/optd.8 name every flag and variable of `optd --help`;
 #      docs/optd.service only sets variables optd reads;
-#   4. clients/shell/test_docker.sh: the Dockerfile against build/optd.
+#   4. clients/shell/test_docker.sh: the Dockerfile against build/optd;
+#   5. `make run` builds only the daemon and says where it listens.
 # OPTD_BIN: the daemon (default build/optd).  Exits non-zero on any failure.
 set -u
 OPTD_BIN=${OPTD_BIN:-$PWD/build/optd}
@@ -229,6 +230,18 @@ else
 fi
 
 # ---------------------------------------------------------- 4. docker
+# ------------------------------------------------------- 5. make run
+# What `make run` would do (make -n), in a build directory of its own: it
+# compiles the daemon's sources only, and prints its banner.
+make -n --no-print-directory run BUILD="$tmp/runbuild" OPTD_PORT=9123 >"$tmp/run.n" 2>&1
+check "make run -n: compiles server/*.c" grep -q 'server/main.c' "$tmp/run.n"
+check "make run -n: builds no test or benchmark" sh -c "! grep -E '^(cc|ar|rm) ' '$tmp/run.n' | grep -Eq 'tests/|bench/|cmocka'"
+check "make run -n: needs no test package (cmocka)" sh -c "! grep -q 'libcmocka-dev' '$tmp/run.n'"
+check "make run -n: ends by starting optd on the port" \
+    sh -c "tail -n 1 '$tmp/run.n' | grep -q 'optd --port 9123 --db var/optd.db'"
+check "make run -n: says where it serves and what to try next" \
+    sh -c "grep -q 'serving http://127.0.0.1:9123' '$tmp/run.n' && grep -q 'second terminal' '$tmp/run.n'"
+
 if sh clients/shell/test_docker.sh; then
     ok "test_docker.sh"
 else

@@ -12,6 +12,14 @@
 #      after the daemon stops -> non-zero.  The same daemon is also run as
 #      PID 1 of a new PID namespace (as in a container) and must stop
 #      cleanly on SIGTERM sent from outside, as `docker stop` does.
+#  (c) docker-compose.yml is parsed and interpolated by Debian's
+#      docker-compose (`docker-compose config`, no engine needed).
+#
+# hadolint is packaged neither by Debian 12 nor on npm (the npm package of
+# that name is a wrapper, not the linter), so the Dockerfile checks are the
+# ones above and below: a fixed base image, apt lists removed in the same RUN,
+# --no-install-recommends, a non-root USER, JSON-form ENTRYPOINT and
+# HEALTHCHECK, and nothing installed that optd does not load.
 #
 # Run from the repository root: sh clients/shell/test_docker.sh
 # OPTD_BIN: the daemon (default build/optd).
@@ -92,6 +100,18 @@ def apt_packages(stage):
                     pkgs += [p for p in w if not p.startswith("-")]
     return pkgs
 
+# hadolint's apt rules (DL3009, DL3015, DL3027 and update-with-install):
+# every RUN that installs with apt-get updates, installs without
+# recommends and removes the lists in the same layer.
+for st in stages:
+    for instr, rest in st["i"]:
+        if instr == "RUN" and "apt-get" in rest and " install" in rest:
+            print("apt_update", "yes" if "apt-get update" in rest else "no")
+            print("apt_norec", "yes" if "--no-install-recommends" in rest else "no")
+            print("apt_lists", "yes" if "rm -rf /var/lib/apt/lists/*" in rest else "no")
+        if instr == "RUN" and rest.split()[:1] == ["apt"]:
+            print("apt_norec", "no")
+
 build, run = stages[0], stages[-1]
 print("build_from", build["from"])
 print("run_from", run["from"])
@@ -129,6 +149,9 @@ in_list() { printf '%s\n' "$2" | grep -qx "$1"; }
 check "both stages start from debian:bookworm-slim" \
     test "$(field build_from)" = "debian:bookworm-slim" -a "$(field run_from)" = "debian:bookworm-slim"
 check "the runtime stage installs packages with apt-get" test -n "$run_pkgs"
+for k in apt_update apt_norec apt_lists; do
+    check "every apt-get install RUN passes $k" sh -c "! sed -n 's/^$k //p' '$tmp/df' | grep -qv yes"
+done
 
 # What the runtime stage's packages bring, dependencies included.
 # shellcheck disable=SC2086 # word lists
@@ -227,12 +250,46 @@ check "ENTRYPOINT is [\"optd\"]" test "$(field entry_arg)" = "optd"
 check "the binary is copied onto PATH as optd" test "$(field copy_to)" = "/usr/local/bin/optd"
 check "HEALTHCHECK runs optd --check-health" test "$(field health_arg | head -n 2 | tr '\n' ' ')" = "optd --check-health "
 
-# docker-compose.yml: a named volume on the data directory and the API key.
-vol=$(sed -n 's/^ *- *\([A-Za-z0-9_.-]*\):\/var\/lib\/optd *$/\1/p' docker-compose.yml)
-check "docker-compose.yml mounts a named volume on /var/lib/optd" test -n "$vol"
-check "docker-compose.yml declares the volume $vol" \
-    sh -c "sed -n '/^volumes:/,\$p' docker-compose.yml | grep -q '^  $vol:'"
-check "docker-compose.yml sets OPTD_API_KEY" grep -q '^ *OPTD_API_KEY:' docker-compose.yml
+# docker-compose.yml, read by Debian's docker-compose (`config` parses,
+# validates and interpolates the file; it needs no engine).
+if command -v docker-compose >/dev/null 2>&1; then
+    if (unset OPTD_API_KEY; docker-compose -f docker-compose.yml config) >"$tmp/compose.out" 2>&1; then
+        not_ok "docker-compose config without OPTD_API_KEY must fail"
+    else
+        check "docker-compose config without OPTD_API_KEY names the variable" \
+            grep -q "set OPTD_API_KEY" "$tmp/compose.out"
+    fi
+    if OPTD_API_KEY=compose-key docker-compose -f docker-compose.yml config >"$tmp/compose.yml" 2>"$tmp/compose.err"; then
+        ok "docker-compose config accepts docker-compose.yml"
+        $PY - "$tmp/compose.yml" >"$tmp/compose" <<'EOF2' || not_ok "docker-compose config output: $(cat "$tmp/compose")"
+import sys, yaml
+c = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+s = c["services"]["optd"]
+env = s.get("environment") or {}
+print("key", env.get("OPTD_API_KEY", ""))
+for p in s.get("ports", []):
+    print("port", p)
+for v in s.get("volumes", []):
+    src, _, rest = v.partition(":")
+    print("volume", src, rest.split(":")[0])
+for name in (c.get("volumes") or {}):
+    print("declared", name)
+print("build", "yes" if s.get("build") else "no")
+EOF2
+        cfield() { sed -n "s/^$1 //p" "$tmp/compose"; }
+        check "compose passes OPTD_API_KEY through" test "$(cfield key)" = compose-key
+        vol=$(cfield volume | awk '$2 == "/var/lib/optd" { print $1 }')
+        check "compose mounts a named volume on /var/lib/optd ($vol)" test -n "$vol"
+        check "compose declares the volume $vol" in_list "$vol" "$(cfield declared)"
+        check "compose publishes 8080 on the host's loopback only" \
+            sh -c "printf '%s\n' \"$(cfield port)\" | grep -Eq '^127\.0\.0\.1:8080:8080(/tcp)?$'"
+        check "compose builds the image from this Dockerfile" test "$(cfield build)" = yes
+    else
+        not_ok "docker-compose config rejects docker-compose.yml: $(cat "$tmp/compose.err")"
+    fi
+else
+    not_ok "docker-compose is not installed (make deps-test)"
+fi
 check ".dockerignore keeps the host's build/ out of the image" grep -qx build .dockerignore
 
 # ------------------------------------------------- (b) start command

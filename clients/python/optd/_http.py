@@ -14,12 +14,10 @@ import threading
 import time
 import urllib.parse
 
+from ._constants import BACKOFF, MAX_BACKOFF, MAX_RETRY_AFTER, RETRIES
 from .errors import ConnectionFailed
 
 USER_AGENT = "optd-python/0.1"
-# A Retry-After longer than this is a daemon asking for more patience than
-# a training step should wait blind.
-MAX_RETRY_AFTER = 30.0
 
 
 class Response:
@@ -46,8 +44,8 @@ def _transient(exc):
 
 
 class Transport:
-    def __init__(self, url, api_key=None, timeout=60.0, retries=5, backoff=0.05,
-                 max_backoff=2.0):
+    def __init__(self, url, api_key=None, timeout=60.0, retries=RETRIES, backoff=BACKOFF,
+                 max_backoff=MAX_BACKOFF):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must look like http://host:port, not %r" % (url,))

@@ -5,37 +5,37 @@ import math
 import os
 import re
 import urllib.parse
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from . import _vec
+from ._constants import BACKOFF, BINARY_THRESHOLD, HEADERS, MAX_BACKOFF, NAME_PATTERN, RETRIES
 from ._http import Transport
 from .errors import OptdError, from_problem
 
 __all__ = ["Client", "Session", "new_idempotency_key"]
 
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_NAME = re.compile(NAME_PATTERN)
 
-# Vectors up to this many elements go as JSON (readable in logs, and the
-# text is small); longer ones as raw little-endian bytes, which skips the
-# formatting and parsing of every number on both ends.
-BINARY_THRESHOLD = 64
+#: A vector: a sequence of floats, an array.array, or a NumPy array.
+Vector = Union[Sequence[float], Any]
 
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 
 
-def new_idempotency_key():
+def new_idempotency_key() -> str:
     """128 random bits as 32 hex digits."""
     return os.urandom(16).hex()
 
 
-def _check_name(name):
+def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError("session names are 1-128 characters of A-Z a-z 0-9 . _ -, not %r"
                          % (name,))
     return name
 
 
-def _path(name, tail=""):
+def _path(name: str, tail: str = "") -> str:
     return "/v1/sessions/" + _check_name(name) + tail
 
 
@@ -96,9 +96,10 @@ class Client:
     requests take turns), or make one client each to run in parallel.
     """
 
-    def __init__(self, url="http://127.0.0.1:8080", api_key=None, timeout=60.0, retries=5,
-                 backoff=0.05, max_backoff=2.0, numpy=None,
-                 binary_threshold=BINARY_THRESHOLD):
+    def __init__(self, url: str = "http://127.0.0.1:8080", api_key: Optional[str] = None,
+                 timeout: float = 60.0, retries: int = RETRIES, backoff: float = BACKOFF,
+                 max_backoff: float = MAX_BACKOFF, numpy: Optional[bool] = None,
+                 binary_threshold: int = BINARY_THRESHOLD) -> None:
         self.url = url
         self._t = Transport(url, api_key=api_key, timeout=timeout, retries=retries,
                             backoff=backoff, max_backoff=max_backoff)
@@ -107,17 +108,17 @@ class Client:
             raise ValueError("numpy=True but NumPy cannot be imported")
         self.binary_threshold = int(binary_threshold)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "optd.Client(%r)" % (self.url,)
 
-    def close(self):
+    def close(self) -> None:
         """Closes the connection (the next call opens a new one)."""
         self._t.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def _request(self, method, path, body=None, headers=None):
@@ -133,16 +134,16 @@ class Client:
 
     # ------------------------------------------------------------ calls
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         """GET /healthz: {"status": "ok", ...}."""
         return self._get_json("/healthz")
 
-    def optimizers(self):
+    def optimizers(self) -> Dict[str, Any]:
         """GET /v1/optimizers: every optimizer, schedule, clip kind and mode
         with its hyperparameters and defaults."""
         return self._get_json("/v1/optimizers")
 
-    def sessions(self, page_size=100):
+    def sessions(self, page_size: int = 100) -> Iterator[Dict[str, Any]]:
         """Iterates over every session (summaries: name, step, optimizer,
         dtype, size, created_at, updated_at), fetching page after page."""
         after = None
@@ -156,13 +157,17 @@ class Client:
             if after is None:
                 return
 
-    def session(self, name):
+    def session(self, name: str) -> "Session":
         """The existing session called name (NotFound when there is none)."""
         return Session(self, self._get_json(_path(name)), created=False)
 
-    def create_session(self, name, optimizer, params=None, size=None, init=None,
-                       dtype="float32", schedule=None, clip=None, mode=None, nonfinite=None,
-                       metadata=None):
+    def create_session(self, name: str, optimizer: Union[str, Dict[str, Any]],
+                       params: Optional[Vector] = None, size: Optional[int] = None,
+                       init: Optional[Dict[str, Any]] = None, dtype: str = "float32",
+                       schedule: Optional[Dict[str, Any]] = None,
+                       clip: Optional[Dict[str, Any]] = None,
+                       mode: Optional[Dict[str, Any]] = None, nonfinite: Optional[str] = None,
+                       metadata: Optional[Dict[str, Any]] = None) -> "Session":
         """Creates the session, or verifies that it exists with this config.
 
         ``optimizer``: {"type": "adam", "lr": 1e-3, ...} with torch.optim's
@@ -209,7 +214,7 @@ class Session:
     accumulation, from a 202 answer; 0 otherwise).
     """
 
-    def __init__(self, client, doc, created=False):
+    def __init__(self, client: Client, doc: Dict[str, Any], created: bool = False) -> None:
         self.client = client
         self.name = doc["name"]
         self.dtype = doc["dtype"]
@@ -221,7 +226,7 @@ class Session:
         self.pending = 0
         self._codec = _vec.Codec(self.dtype, client.use_numpy)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "optd.Session(%r, dtype=%r, size=%d)" % (self.name, self.dtype, self.size)
 
     def _binary(self, n, json):
@@ -229,8 +234,9 @@ class Session:
             return n > self.client.binary_threshold
         return not json
 
-    def step(self, grad, loss=None, base_step=None, worker=None, params=True, json=None,
-             idempotency_key=None):
+    def step(self, grad: Vector, loss: Optional[float] = None, base_step: Optional[int] = None,
+             worker: Optional[str] = None, params: bool = True, json: Optional[bool] = None,
+             idempotency_key: Optional[str] = None) -> Optional[Vector]:
         """Applies one gradient; returns the new params (None with
         params=False).
 
@@ -255,16 +261,16 @@ class Session:
                 raise ValueError("grad is not finite: JSON cannot carry it; use json=False")
             binary = True
         path = _path(self.name, "/step") + ("" if params else "?params=false")
-        headers = {"Idempotency-Key": key}
+        headers = {HEADERS["idempotency_key"]: key}
         if binary:
             body = self._codec.to_bytes(grad)
             headers.update({"Content-Type": _BINARY, "Accept": _BINARY})
             if loss is not None:
-                headers["Optd-Loss"] = repr(loss)
+                headers[HEADERS["loss"]] = repr(loss)
             if base_step is not None:
-                headers["Optd-Base-Step"] = str(int(base_step))
+                headers[HEADERS["base_step"]] = str(int(base_step))
             if worker is not None:
-                headers["Optd-Worker"] = str(worker)
+                headers[HEADERS["worker"]] = str(worker)
         else:
             doc = {"grad": self._codec.to_list(grad)}
             if loss is not None:
@@ -277,10 +283,10 @@ class Session:
             headers.update({"Content-Type": _JSON, "Accept": _JSON})
         resp = self.client._request("POST", path, body=body, headers=headers)
         _raise_for(resp)
-        self.last_step = _int_header(resp, "Optd-Step")
-        self.last_lr = _float_header(resp, "Optd-Lr")
-        self.last_replayed = resp.header("Optd-Replayed") == "true"
-        self.pending = _int_header(resp, "Optd-Pending") or 0
+        self.last_step = _int_header(resp, HEADERS["step"])
+        self.last_lr = _float_header(resp, HEADERS["lr"])
+        self.last_replayed = resp.header(HEADERS["replayed"]) == "true"
+        self.pending = _int_header(resp, HEADERS["pending"]) or 0
         if binary:
             return self._codec.from_bytes(resp.body) if params else None
         doc = _json_doc(resp)
@@ -289,19 +295,19 @@ class Session:
             self.last_lr = doc["lr"]
         return self._codec.from_list(doc["params"]) if params else None
 
-    def params(self, json=None):
+    def params(self, json: Optional[bool] = None) -> Vector:
         """The current params (and last_step)."""
         if self._binary(self.size, json):
             resp = self.client._request("GET", _path(self.name, "/params"),
                                         headers={"Accept": _BINARY})
             _raise_for(resp)
-            self.last_step = _int_header(resp, "Optd-Step")
+            self.last_step = _int_header(resp, HEADERS["step"])
             return self._codec.from_bytes(resp.body)
         doc = self.client._get_json(_path(self.name, "/params"))
         self.last_step = doc["step"]
         return self._codec.from_list(doc["params"])
 
-    def set_params(self, params, json=None):
+    def set_params(self, params: Vector, json: Optional[bool] = None) -> None:
         """Overwrites the params (optimizer state and step are kept)."""
         if self._binary(self._codec.length(params), json):
             resp = self.client._request(
@@ -312,7 +318,7 @@ class Session:
                                           {"params": self._codec.to_list(params)})
         self.last_step = _json_doc(resp)["step"]
 
-    def update(self, lr=None, **changes):
+    def update(self, lr: Optional[float] = None, **changes: Any) -> Dict[str, Any]:
         """Changes the session mid-run (PATCH): optimizer={"lr": ...},
         schedule=..., clip=..., mode=..., metadata=...; ``lr=x`` is short for
         optimizer={"lr": x}.  Returns the session document."""
@@ -322,14 +328,15 @@ class Session:
         self.last_step = doc.get("step", self.last_step)
         return doc
 
-    def info(self):
+    def info(self) -> Dict[str, Any]:
         """The session document: config with every default, step, next lr,
         state, counters, timestamps."""
         doc = self.client._get_json(_path(self.name))
         self.last_step = doc.get("step", self.last_step)
         return doc
 
-    def history(self, after=0, limit=None, page_size=100):
+    def history(self, after: int = 0, limit: Optional[int] = None,
+                page_size: int = 100) -> List[Dict[str, Any]]:
         """The step log's metrics after step ``after``, oldest first: a list
         of {step, time, lr, loss, grad_norm, update_norm, worker?}; at most
         ``limit`` entries when given."""
@@ -344,7 +351,7 @@ class Session:
                 break
         return out
 
-    def delete(self):
+    def delete(self) -> None:
         """Deletes the session and its state."""
         resp = self.client._request("DELETE", _path(self.name), headers={"Accept": _JSON})
         if resp.status == 404 and resp.attempts > 1:

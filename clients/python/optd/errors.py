@@ -28,7 +28,12 @@ class OptdError(Exception):
     (``urn:optd:problem:...``), ``title``, ``detail``, ``field`` (the request
     field at fault, or None), ``step`` (the session's step for a stale
     gradient, or None), ``body`` (the whole problem document as a dict).
+    ``kind`` names the family in words every optd client uses alike
+    ("not_found", "conflict", "stale_gradient", ...; see
+    api/client_constants.json).
     """
+
+    kind = "error"
 
     def __init__(self, status, title="", detail="", type=None, field=None, step=None,
                  body=None):
@@ -52,29 +57,43 @@ class OptdError(Exception):
 class InvalidRequest(OptdError):
     """400, 405, 406, 413, 415: the request itself is wrong."""
 
+    kind = "invalid_request"
+
 
 class Unprocessable(InvalidRequest):
     """422: well-formed but unusable, e.g. a gradient of the wrong length or NaN."""
+
+    kind = "unprocessable"
 
 
 class Unauthorized(OptdError):
     """401: missing or wrong API key."""
 
+    kind = "unauthorized"
+
 
 class NotFound(OptdError):
     """404: no such session (or route)."""
+
+    kind = "not_found"
 
 
 class Conflict(OptdError):
     """409: a session exists with a different config, or the step conflicts."""
 
+    kind = "conflict"
+
 
 class StaleGradient(Conflict):
     """409 on ``base_step``: the gradient is too stale; ``step`` is the session's step."""
 
+    kind = "stale_gradient"
+
 
 class ServerError(OptdError):
     """5xx answers."""
+
+    kind = "server_error"
 
 
 class NotImplementedByServer(ServerError):
@@ -84,13 +103,19 @@ class NotImplementedByServer(ServerError):
 class Unavailable(ServerError):
     """503: the daemon could not do it now (storage); retried before it is raised."""
 
+    kind = "unavailable"
+
 
 class RoundTimeout(ServerError):
     """504: a synchronous round timed out."""
 
+    kind = "round_timeout"
+
 
 class ConnectionFailed(Unavailable):
     """No answer came: connection refused or reset, or a timeout, after every retry."""
+
+    kind = "connection_failed"
 
 
 def error_class(status, field=None):

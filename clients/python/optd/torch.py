@@ -12,9 +12,12 @@
 The base package never imports torch; only importing this module does.
 """
 
+from typing import Any, Callable, Dict, Iterable, Optional, Union
+
 import torch
 
 from . import _vec
+from ._constants import RETRIES
 from .client import Client
 
 __all__ = ["RemoteOptimizer"]
@@ -41,9 +44,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
     session has one optimizer config (use the optimizer dict instead).
     """
 
-    def __init__(self, params, session, url="http://127.0.0.1:8080", optimizer=None,
-                 schedule=None, clip=None, api_key=None, dtype=None, mode=None,
-                 metadata=None, client=None, timeout=60.0, retries=5):
+    def __init__(self, params: Iterable[Any], session: str, url: str = "http://127.0.0.1:8080",
+                 optimizer: Union[str, Dict[str, Any], None] = None,
+                 schedule: Optional[Dict[str, Any]] = None, clip: Optional[Dict[str, Any]] = None,
+                 api_key: Optional[str] = None, dtype: Optional[str] = None,
+                 mode: Optional[Dict[str, Any]] = None, metadata: Optional[Dict[str, Any]] = None,
+                 client: Optional[Client] = None, timeout: float = 60.0,
+                 retries: int = RETRIES) -> None:
         super().__init__(params, {})
         for group in self.param_groups:
             extra = sorted(k for k in group if k != "params")
@@ -102,7 +109,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 off += n
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Sends the gradients, applies the answer; returns the closure's loss."""
         loss = None
         if closure is not None:

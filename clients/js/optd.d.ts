@@ -1,0 +1,208 @@
+// Type declarations of optd.js, the JavaScript client of the optd daemon.
+// test.sh checks them with `tsc --noEmit --strict` against test/usage.ts.
+
+export type DType = 'float32' | 'float64';
+export type Vector = Float32Array | Float64Array | ArrayLike<number>;
+export type Params = Float32Array | Float64Array;
+
+/** Hyperparameters by torch.optim's names, plus `type`. */
+export interface Typed {
+  type: string;
+  [hyperparameter: string]: unknown;
+}
+
+export interface ClientOptions {
+  /** Sent as `Authorization: Bearer KEY`. */
+  apiKey?: string | null;
+  /** Retries after the first attempt (network errors, timeouts, 503). Default 4. */
+  retries?: number;
+  /** Per attempt; default 60000. */
+  timeoutMs?: number;
+  /** First retry delay, doubling per retry; default 50. */
+  backoffMs?: number;
+  /** Largest retry delay; default 2000. */
+  maxBackoffMs?: number;
+  /** Vectors of more elements travel as binary bodies; default 256. */
+  binaryThreshold?: number;
+  /** A fetch to use instead of the global one. */
+  fetch?: typeof globalThis.fetch;
+}
+
+export interface CreateOptions {
+  /** `{type: 'adam', lr: 1e-3, ...}` or just the type name. */
+  optimizer: string | Typed;
+  params?: Vector;
+  size?: number;
+  init?: Typed;
+  dtype?: DType;
+  schedule?: Typed | null;
+  clip?: Typed | null;
+  mode?: Typed;
+  nonfinite?: 'error' | 'skip';
+  metadata?: Record<string, unknown> | null;
+}
+
+export interface UpdateChanges {
+  /** Hyperparameters to change, e.g. `{lr: 1e-4}`. */
+  optimizer?: Record<string, unknown>;
+  schedule?: Typed | null;
+  clip?: Typed | null;
+  mode?: Typed;
+  metadata?: Record<string, unknown> | null;
+}
+
+export interface StepOptions {
+  loss?: number | null;
+  baseStep?: number | null;
+  worker?: string | null;
+  /** false: the answer carries no params (the call resolves to null). */
+  params?: boolean;
+  /** true: JSON both ways; false: binary; default: by binaryThreshold. */
+  json?: boolean;
+  idempotencyKey?: string;
+}
+
+export interface StepResult {
+  /** 200 applied (or replayed, or skipped); 202 accumulated, not yet applied. */
+  status: number;
+  step: number | null;
+  lr: number | null;
+  params: Params | null;
+  pending: number;
+  replayed: boolean;
+  skipped: boolean;
+}
+
+/** The session document (GET /v1/sessions/{name}); see api/openapi.yaml. */
+export interface SessionDoc {
+  name: string;
+  step: number;
+  lr: number;
+  dtype: DType;
+  size: number;
+  optimizer: Typed;
+  schedule: Typed | null;
+  clip: Typed | null;
+  mode: Typed;
+  nonfinite: 'error' | 'skip';
+  metadata: Record<string, unknown> | null;
+  created_at: string;
+  updated_at: string;
+  [member: string]: unknown;
+}
+
+export interface SessionSummary {
+  name: string;
+  step: number;
+  optimizer: string;
+  dtype: DType;
+  size: number;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface HistoryStep {
+  step: number;
+  time: string;
+  lr: number;
+  loss: number | null;
+  grad_norm: number;
+  update_norm: number;
+  worker?: string;
+}
+
+export type ErrorKind =
+  | 'invalid_request'
+  | 'unauthorized'
+  | 'not_found'
+  | 'conflict'
+  | 'stale_gradient'
+  | 'unprocessable'
+  | 'unavailable'
+  | 'round_timeout'
+  | 'server_error'
+  | 'connection_failed';
+
+export const DEFAULTS: Readonly<{
+  retries: number;
+  backoffMs: number;
+  maxBackoffMs: number;
+  retryAfterMaxS: number;
+  binaryThreshold: number;
+}>;
+export const NAME_PATTERN: string;
+export const HEADERS: Readonly<{
+  idempotencyKey: string;
+  loss: string;
+  baseStep: string;
+  worker: string;
+  dtype: string;
+  step: string;
+  lr: string;
+  pending: string;
+  replayed: string;
+  skipped: string;
+}>;
+
+export function errorKind(status: number, field?: string | null): ErrorKind;
+export function toTypedArray(v: Vector, dtype: DType): Params;
+export function encodeVector(v: Vector, dtype: DType, hostLittleEndian?: boolean): Uint8Array;
+export function decodeVector(buf: ArrayBuffer | ArrayBufferView, dtype: DType, hostLittleEndian?: boolean): Params;
+export function newIdempotencyKey(): Promise<string>;
+
+export class OptdError extends Error {
+  constructor(o?: {
+    status?: number;
+    type?: string | null;
+    title?: string | null;
+    detail?: string | null;
+    field?: string | null;
+    step?: number | null;
+    cause?: unknown;
+  });
+  /** HTTP status; 0 when no answer came. */
+  readonly status: number;
+  readonly type: string | null;
+  readonly title: string | null;
+  readonly detail: string | null;
+  readonly field: string | null;
+  readonly step: number | null;
+  readonly kind: ErrorKind;
+}
+
+export class Client {
+  constructor(url: string, options?: ClientOptions);
+  readonly url: string;
+  retries: number;
+  timeoutMs: number;
+  backoffMs: number;
+  maxBackoffMs: number;
+  binaryThreshold: number;
+  createSession(name: string, options: CreateOptions): Promise<Session>;
+  session(name: string): Session;
+  sessions(options?: { pageSize?: number; after?: string | null }): AsyncGenerator<SessionSummary, void, undefined>;
+  optimizers(): Promise<Record<string, unknown>>;
+  health(): Promise<{ status: string; [member: string]: unknown }>;
+}
+
+export class Session {
+  constructor(client: Client, name: string, doc?: SessionDoc | null);
+  readonly client: Client;
+  readonly name: string;
+  /** true when createSession made it, false when it existed. */
+  created: boolean | undefined;
+  lastStep: number | null;
+  lastLr: number | null;
+  readonly dtype: DType | null;
+  readonly size: number | null;
+  info(): Promise<SessionDoc>;
+  step(grad: Vector, options?: StepOptions): Promise<Params | null>;
+  stepResult(grad: Vector, options?: StepOptions): Promise<StepResult>;
+  params(options?: { json?: boolean }): Promise<Params>;
+  setParams(v: Vector, options?: { json?: boolean }): Promise<number | null>;
+  update(changes: UpdateChanges): Promise<SessionDoc>;
+  history(options?: { after?: number; limit?: number; pageSize?: number }): Promise<HistoryStep[]>;
+  delete(): Promise<void>;
+}
+
+export default Client;
