@@ -20,7 +20,7 @@ SANFLAGS ?=
 
 # Packages a Debian 12 machine needs to build and test optd.
 DEPS_BUILD := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
-              libcurl4-openssl-dev libcmocka-dev sqlite3 ca-certificates
+              libcurl4-openssl-dev libcmocka-dev zlib1g-dev sqlite3 ca-certificates
 DEPS_TEST  := curl python3 python3-numpy python3-torch golang-go nodejs
 DEPS_RUN   := $(DEPS_BUILD)
 DEPS_BENCH := wrk nginx-light python3-torch
@@ -37,7 +37,7 @@ CFLAGS_COMMON := -std=c11 $(WARN) -g $(OPTFLAGS) $(SANFLAGS) -fno-math-errno \
                  -D_POSIX_C_SOURCE=200809L -D_DEFAULT_SOURCE -I. -MMD -MP
 CFLAGS   ?=
 ALL_CFLAGS = $(CFLAGS_COMMON) $(PKG_CFLAGS) $(CFLAGS)
-LDLIBS_ALL = $(PKG_LIBS) -lpthread -lm
+LDLIBS_ALL = $(PKG_LIBS) -lz -lpthread -lm
 
 OPTIM_SRC   := $(wildcard optim/*.c)
 STORAGE_SRC := $(wildcard storage/*.c)
@@ -59,7 +59,7 @@ TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
-        bench-http bench-sync demo install clean test-unit test-clients
+        bench-http bench-sync bench-storage demo install clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -156,6 +156,8 @@ bench-http: deps-bench build
 	sh bench/http.sh
 bench-sync: build
 	$(BUILD)/bench/sync
+bench-storage: build
+	$(BUILD)/bench/storage $(BUILD)/bench-storage
 
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py

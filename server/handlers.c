@@ -70,7 +70,8 @@ static cJSON *timestamp(int64_t ms)
 
 int srv_storage_fail(api_reply *r, storage *db, int err, const char *what)
 {
-    const char *msg = storage_errmsg(db);
+    (void)db;
+    const char *msg = storage_last_error();
     srv_log(SRV_LOG_ERROR, "%s failed (%d): %s", what, err, msg);
     return api_problem(r, 503, NULL, "storage failure during %s: %s; nothing was changed", what,
                        msg);
@@ -297,7 +298,7 @@ static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
     void *blob = srv_session_checkpoint(s, &len);
     s->created_ms = s->updated_ms = srv_now_ms();
     err = cfg_json && blob ? storage_session_create(ctx->db, req->name, cfg_json, s->created_ms,
-                                                    blob, len, &s->id)
+                                                    &(storage_iov){blob, len}, 1, &s->id)
                            : STORAGE_ENOMEM;
     free(cfg_json);
     free(blob);
@@ -357,7 +358,7 @@ static int write_checkpoint(srv_ctx *ctx, srv_session *s, bool with_config)
     void *blob = srv_session_checkpoint(s, &len);
     int64_t now = srv_now_ms();
     int err = blob && (!with_config || cfg_json)
-                  ? storage_checkpoint(ctx->db, s->id, cfg_json, blob, len, s->seq,
+                  ? storage_checkpoint(ctx->db, s->id, cfg_json, &(storage_iov){blob, len}, 1, s->seq,
                                        (int64_t)s->st.step, now)
                   : STORAGE_ENOMEM;
     free(cfg_json);
@@ -513,7 +514,7 @@ int srv_commit_update(srv_ctx *ctx, srv_session *s, const void *grad, double los
     size_t blob_len = 0;
     if (s->log_bytes + gbytes > srv_session_bytes(s))
         blob = srv_session_checkpoint(s, &blob_len);
-    int err = storage_append(ctx->db, s->id, &e, blob, blob_len);
+    int err = storage_append(ctx->db, s->id, &e, &(storage_iov){blob, blob_len}, blob ? 1 : 0);
     free(blob);
     if (err != STORAGE_OK) {
         srv_registry_drop(ctx->reg, s);
@@ -556,7 +557,7 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         int64_t recorded;
         double rec_lr;
         int rec_kind;
-        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr, &rec_kind);
+        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr, &rec_kind, NULL);
         if (err == STORAGE_OK && rec_kind == STORAGE_LOG_ACCUM &&
             (int64_t)s->st.step == recorded && s->accum_count > 0) {
             /* The gradient is still waiting in the accumulation: answer

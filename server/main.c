@@ -48,10 +48,8 @@ int main(int argc, char **argv)
         return 1;
     }
     storage *db;
-    char *err = NULL;
-    if (storage_open(cfg.db, (storage_durability)cfg.durability, &db, &err) != STORAGE_OK) {
-        srv_log(SRV_LOG_ERROR, "cannot open %s: %s", cfg.db, err ? err : "?");
-        free(err);
+    if (storage_open(cfg.db, (storage_durability)cfg.durability, &db) != STORAGE_OK) {
+        srv_log(SRV_LOG_ERROR, "cannot open %s: %s", cfg.db, storage_last_error());
         return 1;
     }
     /* SIGTERM/SIGINT reach the main thread only (sigwait in srv_http_run):

@@ -123,7 +123,7 @@ static void checkpoint_if_dirty(srv_registry *r, srv_session *s)
     void *blob = srv_session_checkpoint(s, &len);
     if (!blob)
         return;
-    if (storage_checkpoint(r->db, s->id, NULL, blob, len, s->seq, (int64_t)s->st.step,
+    if (storage_checkpoint(r->db, s->id, NULL, &(storage_iov){blob, len}, 1, s->seq, (int64_t)s->st.step,
                            srv_now_ms()) == STORAGE_OK)
         s->log_bytes = 0;
     free(blob);
@@ -164,7 +164,7 @@ int srv_registry_acquire(srv_registry *r, const char *name, srv_session **out)
                 pthread_mutex_unlock(&r->mu);
                 if (err != STORAGE_ENOTFOUND)
                     srv_log(SRV_LOG_ERROR, "loading session %s failed (%d): %s", name, err,
-                            storage_errmsg(r->db));
+                            storage_last_error());
                 return err;
             }
             map(r, s);

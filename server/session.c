@@ -337,9 +337,23 @@ void *srv_session_checkpoint(const srv_session *s, size_t *len)
     return blob;
 }
 
-static int install_ckpt(void *ud, const void *blob, size_t len, int64_t seq)
+static int install_blob(srv_session *s, const void *blob, size_t len, int64_t seq);
+
+/* Pulls the checkpoint into one buffer, then installs it. */
+static int install_ckpt(void *ud, storage_reader *r, size_t len, int64_t seq)
 {
-    srv_session *s = ud;
+    void *blob = malloc(len ? len : 1);
+    if (!blob)
+        return STORAGE_ENOMEM;
+    int err = storage_read(r, blob, len);
+    if (err == STORAGE_OK)
+        err = install_blob(ud, blob, len, seq);
+    free(blob);
+    return err;
+}
+
+static int install_blob(srv_session *s, const void *blob, size_t len, int64_t seq)
+{
     ckpt_header h;
     size_t v = vec_bytes(s);
     if (len < sizeof h)

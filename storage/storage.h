@@ -1,42 +1,83 @@
 /*
- * storage.h -- optd's SQLite store: sessions, state checkpoints, the step
- * log, idempotency keys.  Knows nothing of HTTP.
+ * storage.h -- optd's store: SQLite for metadata, the step log's small
+ * columns, idempotency keys and references; large vectors (logged
+ * gradients, checkpoints) in files beside the database (<db>.d/), written
+ * without copies from the caller's buffers.  Knows nothing of HTTP.
  *
  * Model (docs/storage.md): a session's full state (params, optimizer
  * buffers, counters) is written as a checkpoint now and then; every update
- * in between appends one row to the step log carrying what is needed to
- * replay it (the gradient actually applied, its lr factor, loss, ...).
- * Recovery = last checkpoint + replay of the log rows after it.  A log row
- * and its idempotency key are written in one transaction.
+ * in between appends one log row carrying what is needed to replay it (the
+ * gradient actually applied, its lr factor, loss, ...).  Recovery = the
+ * newest checkpoint + replay of the log rows after it.  A log row and its
+ * idempotency keys are committed in one SQLite transaction; a gradient's
+ * bytes reach their segment file before the row that references them
+ * (fdatasync first under STORAGE_SYNC_FULL); recovery ignores unreferenced
+ * tails.  Every stored vector carries a checksum, verified when read: a
+ * damaged one is STORAGE_ECORRUPT, never served.
  *
- * One storage handle is shared by every thread; calls are serialised by an
- * internal mutex.  Functions return 0 or a negative STORAGE_E* code.
+ * Threads: every function may be called from any thread.  Appends of
+ * different sessions arriving together share one SQLite commit (group
+ * commit) without delaying a lone append.  Calls for one session are
+ * serialised by the caller (the session lock).
+ *
+ * Errors: functions return 0 or a negative STORAGE_E* code; the text of the
+ * calling thread's last failure is storage_last_error() (thread-local, so
+ * it is valid after any lock is released).
  */
 #ifndef STORAGE_H
 #define STORAGE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #define STORAGE_OK 0
 #define STORAGE_ENOTFOUND (-1)
 #define STORAGE_EEXIST (-2)
-#define STORAGE_EIO (-3)      /* SQLite failed: disk full, I/O error, ... */
-#define STORAGE_ECORRUPT (-4) /* unexpected content                       */
+#define STORAGE_EIO (-3)      /* an I/O error (the message names it)      */
+#define STORAGE_ECORRUPT (-4) /* a checksum or format check failed        */
 #define STORAGE_ENOMEM (-5)
+#define STORAGE_EFULL (-6)    /* the disk is full (ENOSPC, SQLITE_FULL)   */
+#define STORAGE_EGONE (-7)    /* the database file was deleted or replaced
+                                 under the daemon: no write is acknowledged
+                                 any more                                 */
+#define STORAGE_ELOCKED (-8)  /* another process holds the database       */
+#define STORAGE_EFOREIGN (-9) /* not an optd database (application_id), or
+                                 a newer schema                           */
+#define STORAGE_EMISMATCH (-10) /* idempotency key reused with another body */
 
 typedef struct storage storage;
 
 typedef enum { STORAGE_SYNC_NORMAL = 0, STORAGE_SYNC_FULL = 1 } storage_durability;
 
-/* Opens (creating and migrating) the database at path.  On failure *errmsg
- * (if given) receives a new string; caller frees. */
-int storage_open(const char *path, storage_durability d, storage **out, char **errmsg);
+/* The calling thread's last error text ("" when none). */
+const char *storage_last_error(void);
+/* A short name for a code ("disk full", "I/O error", ...). */
+const char *storage_strerror(int err);
+
+/* Opens (creating and migrating) the database at path and takes an
+ * exclusive lock held until storage_close (a second daemon gets
+ * STORAGE_ELOCKED and a message naming the other process's pid when it can
+ * be known).  A 0-byte or missing file becomes a new optd database; a
+ * foreign SQLite file is STORAGE_EFOREIGN.  On failure the message is
+ * storage_last_error(). */
+int storage_open(const char *path, storage_durability d, storage **out);
 void storage_close(storage *st);
-/* The last SQLite error text of this handle (valid until the next call). */
-const char *storage_errmsg(storage *st);
-/* PRAGMA integrity_check == "ok" */
+/* PRAGMA integrity_check == "ok" (and the files it references exist). */
 int storage_integrity_ok(storage *st);
+
+/* Offline check of a whole database (optd check --db FILE): SQLite's
+ * integrity_check, every checkpoint's and logged gradient's checksum, every
+ * reference.  Prints one line per problem to out (a FILE *), returns the
+ * number of problems, or a negative STORAGE_E* when it cannot open it. */
+int storage_check(const char *path, void *out);
+
+/* A piece of a vector write: storage writes the pieces in order, without
+ * copying them into one buffer first. */
+typedef struct {
+    const void *base;
+    size_t len;
+} storage_iov;
 
 /* Log row kinds. */
 enum {
@@ -58,9 +99,14 @@ typedef struct {
     double update_norm;
     const void *grad;       /* the gradient to replay; NULL in history rows */
     size_t grad_len;        /* bytes                                        */
+    const void *extra;      /* opaque replay inputs beside the gradient
+                               (per-group lr, absent tensors, ...); NULL   */
+    size_t extra_len;
     const char *idem_key;   /* NULL when none                               */
+    uint64_t idem_fp;       /* fingerprint of the keyed request's body      */
     const char *const *more_keys; /* further keys of the same update (a
                                      synchronous round), n_more_keys of them */
+    const uint64_t *more_fps;     /* their fingerprints                      */
     size_t n_more_keys;
     const char *worker;     /* NULL when none                               */
 } storage_log_entry;
@@ -72,16 +118,16 @@ typedef struct {
     char *name;
     char *config;           /* canonical JSON config                         */
     int64_t created_ms;
-    int64_t updated_ms;
+    int64_t updated_ms;     /* time of the last change (step, PATCH, ...)    */
     int64_t step;           /* step of the newest row or checkpoint          */
 } storage_session_info;
 
 void storage_session_info_free(storage_session_info *info);
 
-/* Creates the session with its step-0 checkpoint, in one transaction.
- * STORAGE_EEXIST if the name exists (*id_out is then left alone). */
+/* Creates the session with its step-0 checkpoint (the pieces of ckpt), in
+ * one transaction.  STORAGE_EEXIST if the name exists. */
 int storage_session_create(storage *st, const char *name, const char *config,
-                           int64_t now_ms, const void *ckpt, size_t ckpt_len,
+                           int64_t now_ms, const storage_iov *ckpt, int n_ckpt,
                            int64_t *id_out);
 
 /* Fills info (new strings; free with storage_session_info_free). */
@@ -94,34 +140,44 @@ int storage_session_list(storage *st, const char *after, int limit,
 
 int storage_session_delete(storage *st, const char *name);
 
-/* In one read transaction: calls ckpt with the checkpoint (the blob is
- * valid during the call), then replay for each log row after it, in order.
- * A callback returning non-zero stops the load with that value. */
+/* Loading: the newest checkpoint, then every log row after it, in order.
+ * ckpt is called with a reader over the checkpoint's bytes (len of them);
+ * it pulls them with storage_read into its own buffers.  The checksum is
+ * verified when the callback returns (a mismatch: STORAGE_ECORRUPT).
+ * replay is called for each later row, e->grad pointing at the row's
+ * verified gradient (valid during the call).  A callback returning
+ * non-zero stops the load with that value. */
+typedef struct storage_reader storage_reader;
+int storage_read(storage_reader *r, void *dst, size_t n);
+
 typedef int (*storage_replay_fn)(void *ud, const storage_log_entry *e);
-typedef int (*storage_ckpt_fn)(void *ud, const void *blob, size_t len, int64_t seq);
+typedef int (*storage_ckpt_fn)(void *ud, storage_reader *r, size_t len, int64_t seq);
 int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
                          storage_replay_fn replay, void *ud);
 
 /* ------------------------------------------------------- step log */
 
-/* Appends one log row (and its idempotency key) in one transaction.  If
- * ckpt is given, the same transaction also replaces the checkpoint with
- * ckpt (the state *after* this row) and drops the replay data of every row
- * it covers.  e->seq must be the next sequence number. */
+/* Appends one log row (and its idempotency keys) in one transaction,
+ * possibly shared with other sessions' appends.  If ckpt is given (n_ckpt >
+ * 0), the same commit also makes it the session's newest checkpoint (the
+ * state *after* this row; the row then needs no gradient bytes) and the
+ * log's replay data behind it may be dropped.  e->seq must be the next
+ * sequence number.  On an error nothing of it is visible after a reload. */
 int storage_append(storage *st, int64_t id, const storage_log_entry *e,
-                   const void *ckpt, size_t ckpt_len);
+                   const storage_iov *ckpt, int n_ckpt);
 
-/* Replaces the checkpoint (state after log row ckpt_seq) and optionally the
- * config (NULL keeps it), dropping the replay data it covers. */
+/* Writes a checkpoint (state after log row ckpt_seq) and optionally the
+ * config (NULL keeps it), in one commit. */
 int storage_checkpoint(storage *st, int64_t id, const char *config,
-                       const void *ckpt, size_t ckpt_len, int64_t ckpt_seq,
+                       const storage_iov *ckpt, int n_ckpt, int64_t ckpt_seq,
                        int64_t step, int64_t now_ms);
 
 /* The step recorded with this idempotency key, the lr that update used
- * (NAN when the key's request applied no update, e.g. an accumulation) and
- * the log row's kind (STORAGE_LOG_*).  lr and kind may be NULL. */
+ * (NAN when the key's request applied no update, e.g. an accumulation), the
+ * log row's kind (STORAGE_LOG_*) and the request's fingerprint.  Any output
+ * may be NULL. */
 int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step, double *lr,
-                        int *kind);
+                        int *kind, uint64_t *fp);
 
 /* Drops idempotency keys older than min_ms that are not among the newest
  * keep keys of the session. */
@@ -131,5 +187,10 @@ int storage_idem_prune(storage *st, int64_t id, int64_t min_ms, int64_t keep);
  * calls fn for each. */
 int storage_history(storage *st, int64_t id, int64_t after, int limit,
                     storage_replay_fn fn, void *ud);
+
+/* zlib's CRC-32 of n bytes, continuing from crc (0 to start): the checksum
+ * of every stored vector, and the params digest on the wire (every client
+ * language has it: Python zlib.crc32, Go hash/crc32, Node zlib.crc32). */
+uint32_t storage_crc32(uint32_t crc, const void *p, size_t n);
 
 #endif /* STORAGE_H */
