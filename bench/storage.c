@@ -13,6 +13,8 @@
  *           a new file then renamed (fdatasync'd, and the directory synced,
  *           under full); SQLite holds one small row per operation with the
  *           reference (file, offset, length, crc32)
+ *   optd    storage_append() itself, as the daemon calls it (inline up to
+ *           256 KiB, files above), checkpoint with every 6th append
  *
  * Usage: bench/storage [DIR] (default ./build/bench-storage).  Each size
  * runs under synchronous NORMAL and FULL.
@@ -31,6 +33,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <zlib.h>
+
+#include "storage/storage.h"
 
 static double now_s(void)
 {
@@ -322,16 +326,55 @@ static void run_files(const char *dir, const float *g, size_t n, const float *ck
     sql_close(&s, false);
 }
 
+/* ------------------------------------------------------------ optd */
+
+static void run_optd(const char *dir, const float *g, size_t n, const float *ck, bool full,
+                     int reps, int every, double *ta, double *tc, int *nc)
+{
+    char path[512], cmd[2200];
+    snprintf(path, sizeof path, "%s/optd.db", dir);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s-wal' '%s-shm' '%s.d'", path, path, path, path);
+    if (system(cmd) != 0)
+        die("rm", cmd);
+    storage *st;
+    if (storage_open(path, full ? STORAGE_SYNC_FULL : STORAGE_SYNC_NORMAL, &st) != STORAGE_OK)
+        die("storage_open", storage_last_error());
+    storage_iov iov[3] = {{ck, n * 4}, {ck + n, n * 4}, {ck + 2 * n, n * 4}};
+    int64_t id;
+    if (storage_session_create(st, "bench", "{}", 0, iov, 3, &id) != STORAGE_OK)
+        die("create", storage_last_error());
+    *nc = 0;
+    int na = 0;
+    for (int i = 1; i <= reps; i++) {
+        storage_log_entry e = {.seq = i, .step = i, .time_ms = i, .lr = 0.1, .factor = 1,
+                               .loss = 0, .grad = g, .grad_len = n * 4};
+        bool with_ckpt = i % every == 0;
+        double t0 = now_s();
+        if (storage_append(st, id, &e, iov, with_ckpt ? 3 : 0) != STORAGE_OK)
+            die("append", storage_last_error());
+        double t = now_s() - t0;
+        if (with_ckpt)
+            tc[(*nc)++] = t;
+        else
+            ta[na++] = t;
+    }
+    storage_close(st);
+    if (system(cmd) != 0)
+        die("rm", cmd);
+    report("optd: append", ta, na);
+    report("optd: append + checkpoint", tc, *nc);
+}
+
 int main(int argc, char **argv)
 {
     const char *dir = argc > 1 ? argv[1] : "build/bench-storage";
     mkdir(dir, 0755);
-    const size_t sizes[] = {1000000, 10000000};
-    const int reps_for[] = {60, 18};
+    const size_t sizes[] = {10000, 100000, 1000000, 10000000};
+    const int reps_for[] = {300, 120, 60, 18};
     const int every = 6; /* a checkpoint every 6th append, as optd does */
     printf("bench/storage: float32 gradients, checkpoints of 3x, one every %d appends, in %s\n",
            every, dir);
-    for (int si = 0; si < 2; si++) {
+    for (int si = 0; si < 4; si++) {
         size_t n = sizes[si];
         int reps = reps_for[si];
         float *g = malloc(n * sizeof *g), *ck = malloc(3 * n * sizeof *ck);
@@ -344,7 +387,7 @@ int main(int argc, char **argv)
         double *ta = calloc((size_t)reps, sizeof *ta), *tc = calloc((size_t)reps, sizeof *tc);
         int nc;
         for (int full = 0; full <= 1; full++) {
-            printf("\n%zu params (%.0f MB gradient, %.0f MB checkpoint), synchronous %s\n", n,
+            printf("\n%zu params (%.2f MB gradient, %.2f MB checkpoint), synchronous %s\n", n,
                    n * 4 / 1e6, n * 12 / 1e6, full ? "FULL" : "NORMAL");
             run_floor(dir, g, n, full, reps, ta);
             report("floor: write() gradient", ta, reps);
@@ -359,6 +402,7 @@ int main(int argc, char **argv)
             run_files(dir, g, n, ck, full, reps, every, ta, tc, &nc);
             report("files: append", ta, reps);
             report("files: checkpoint", tc, nc);
+            run_optd(dir, g, n, ck, full, reps, every, ta, tc, &nc);
         }
         free(ta);
         free(tc);

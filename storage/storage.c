@@ -245,6 +245,7 @@ struct storage {
     dev_t dev;
     ino_t ino;
     atomic_int gone;
+    bool wal_trim; /* a write failed for space: truncate the WAL when one succeeds */
     atomic_ullong gen; /* next checkpoint file number */
     /* the group-commit queue */
     pthread_mutex_t q_mu;
@@ -1160,11 +1161,16 @@ static void run_batch(storage *st, job *batch)
         atomic_store(&st->gone, 1);
         err = gone_error(st);
     }
-    if (err == STORAGE_EFULL) {
-        /* Give the WAL back once space returns; this attempt may fail too. */
+    bool full = err == STORAGE_EFULL;
+    for (job *j = batch; j && !full; j = j->next)
+        full = j->err == STORAGE_EFULL;
+    if (full || (err == STORAGE_OK && st->wal_trim)) {
+        /* Give the WAL back: at once (it may fail while the disk is still
+         * full), and again after the next commit that succeeds. */
         char keep[sizeof last_error];
         memcpy(keep, last_error, sizeof keep);
-        sqlite3_wal_checkpoint_v2(st->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+        int rc = sqlite3_wal_checkpoint_v2(st->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+        st->wal_trim = full || rc != SQLITE_OK;
         memcpy(last_error, keep, sizeof keep);
     }
     if (err != STORAGE_OK)
@@ -1342,6 +1348,8 @@ int storage_read(storage_reader *r, void *dst, size_t n)
 {
     if (r->err)
         return r->err;
+    if (n == 0)
+        return STORAGE_OK;
     if (n > r->len - r->off) {
         set_error("a read past the end of the checkpoint (%zu + %zu > %zu bytes)", r->off, n,
                   r->len);

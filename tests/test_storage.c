@@ -395,6 +395,67 @@ static void test_optd_check(void **state)
     ckpt_free(&c);
 }
 
+/* A database written by optd before schema 4 (vectors inline, no
+ * application_id) is recognised, migrated, and reads back. */
+static void test_migrate_from_v3(void **state)
+{
+    (void)state;
+    new_db_path();
+    sqlite3 *db;
+    assert_int_equal(sqlite3_open(dbpath, &db), SQLITE_OK);
+    const char *v3 =
+        "CREATE TABLE sessions (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL"
+        " UNIQUE, config TEXT NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT"
+        " NULL);"
+        "CREATE TABLE checkpoints (session_id INTEGER PRIMARY KEY REFERENCES sessions(id) ON"
+        " DELETE CASCADE, seq INTEGER NOT NULL, step INTEGER NOT NULL, data BLOB NOT NULL,"
+        " crc INTEGER);"
+        "CREATE TABLE steps (session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE"
+        " CASCADE, seq INTEGER NOT NULL, kind INTEGER NOT NULL, step INTEGER NOT NULL,"
+        " time_ms INTEGER NOT NULL, lr REAL, factor REAL, loss REAL, grad_norm REAL,"
+        " update_norm REAL, worker TEXT, grad BLOB, crc INTEGER,"
+        " PRIMARY KEY (session_id, seq)) WITHOUT ROWID;"
+        "CREATE TABLE idem (session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE"
+        " CASCADE, key TEXT NOT NULL, step INTEGER NOT NULL, time_ms INTEGER NOT NULL,"
+        " kind INTEGER NOT NULL DEFAULT 0, fp INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (session_id, key)) WITHOUT ROWID;"
+        "INSERT INTO sessions VALUES (1, 'old', '{}', 1, 1);"
+        "INSERT INTO checkpoints VALUES (1, 0, 0, x'0102030405060708', NULL);"
+        "INSERT INTO steps VALUES (1, 1, 0, 1, 5, 0.1, 1, NULL, 1, 1, NULL,"
+        " x'0000803f00000040', NULL);"
+        "INSERT INTO idem VALUES (1, 'k', 1, 5, 0, 0);"
+        "PRAGMA user_version = 3;";
+    assert_int_equal(sqlite3_exec(db, v3, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    storage *st;
+    assert_int_equal(storage_open(dbpath, STORAGE_SYNC_NORMAL, &st), STORAGE_OK);
+    storage_session_info info;
+    assert_int_equal(storage_session_get(st, "old", &info), STORAGE_OK);
+    assert_int_equal(info.step, 1);
+    loaded l = {0};
+    assert_int_equal(storage_session_load(st, info.id, on_ckpt, on_row, &l), STORAGE_OK);
+    assert_int_equal(l.ck_len, 8);
+    assert_int_equal(l.ck[7], 8);
+    assert_int_equal(l.n_rows, 1);
+    assert_true(l.first[0] == 1.0f);
+    /* and it goes on from there */
+    float *g = vec(SMALL, 1.0f);
+    storage_log_entry e = entry(2, g, SMALL);
+    assert_int_equal(storage_append(st, info.id, &e, NULL, 0), STORAGE_OK);
+    free(g);
+    storage_session_info_free(&info);
+    free(l.ck);
+    storage_close(st);
+    assert_int_equal(sqlite3_open(dbpath, &db), SQLITE_OK);
+    sqlite3_stmt *s;
+    sqlite3_prepare_v2(db, "PRAGMA application_id", -1, &s, NULL);
+    assert_int_equal(sqlite3_step(s), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(s, 0), 0x6f707464);
+    sqlite3_finalize(s);
+    sqlite3_close(db);
+    assert_int_equal(storage_check(dbpath, stderr), 0);
+}
+
 static void test_lock(void **state)
 {
     (void)state;
@@ -518,10 +579,16 @@ static void test_disk_full(void **state)
         storage_fault_stats(&fc);
         assert_true(fc.injected > 0);
     }
-    /* space is back: writes work again, nothing of the failed ones shows */
+    /* space is back: writes work again, nothing of the failed ones shows,
+     * and the WAL was given back */
     storage_fault_config("count");
     storage_log_entry e = entry(1, g, LARGE);
     assert_int_equal(storage_append(st, id, &e, NULL, 0), STORAGE_OK);
+    char wal[320];
+    snprintf(wal, sizeof wal, "%s-wal", dbpath);
+    struct stat sb;
+    assert_int_equal(stat(wal, &sb), 0);
+    assert_int_equal(sb.st_size, 0);
     loaded l = {0};
     assert_int_equal(load(st, id, &l), STORAGE_OK);
     assert_int_equal(l.n_rows, 1);
@@ -804,6 +871,7 @@ int main(void)
         cmocka_unit_test(test_round_trip_files),
         cmocka_unit_test(test_partial_pull_verified),
         cmocka_unit_test(test_checksums),
+        cmocka_unit_test(test_migrate_from_v3),
         cmocka_unit_test(test_lock),
         cmocka_unit_test(test_optd_check),
         cmocka_unit_test(test_foreign_and_empty),
