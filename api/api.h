@@ -174,6 +174,9 @@ int api_config_from_json(const char *json, api_config *c);
  * optimizer and the group's overrides (after a PATCH of "optimizer").
  * 0, or 400 with the reply naming groups[i].field. */
 int api_config_refresh_groups(api_config *c, api_reply *r);
+/* The canonical JSON object of one set of hyperparameters ({"type": ...,
+ * every value}); new string. */
+char *api_hparams_to_json(const optim_hparams *hp);
 /* The index of a tensor by name, or -1. */
 long api_tensor_find(const api_config *c, const char *name);
 /* Names each field where want differs from have, with both values, as

@@ -1319,6 +1319,19 @@ static cJSON *config_obj(const api_config *c)
     return root;
 }
 
+char *api_hparams_to_json(const optim_hparams *hp)
+{
+    const optim_info *oi = optim_info_of(hp->kind);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "type", oi->name);
+    specs_encode(o, oi->hps, oi->n_hps, hp);
+    char *t = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    char *d = t ? dup_str(t) : NULL;
+    cJSON_free(t);
+    return d;
+}
+
 char *api_config_to_json(const api_config *c)
 {
     cJSON *root = config_obj(c);
