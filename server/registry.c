@@ -175,7 +175,9 @@ int srv_registry_acquire(srv_registry *r, const char *name, srv_session **out)
         s->refs++;
         pthread_mutex_unlock(&r->mu);
         pthread_mutex_lock(&s->mu);
-        if (!s->dead) {
+        /* dead is written under the registry lock, read here under the
+         * session's: an atomic load and stores keep that race-free. */
+        if (!__atomic_load_n(&s->dead, __ATOMIC_ACQUIRE)) {
             *out = s;
             return STORAGE_OK;
         }
@@ -194,7 +196,7 @@ void srv_registry_drop(srv_registry *r, srv_session *s)
     pthread_mutex_lock(&r->mu);
     if (!s->dead) {
         unmap(r, s);
-        s->dead = true;
+        __atomic_store_n(&s->dead, true, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&r->mu);
 }
@@ -223,7 +225,7 @@ void srv_registry_insert(srv_registry *r, srv_session *s)
         /* A stale entry of a deleted name: it is dead already or about to
          * be; unmap it so that the new session wins. */
         unmap(r, old);
-        old->dead = true;
+        __atomic_store_n(&old->dead, true, __ATOMIC_RELEASE);
         if (old->refs == 0)
             srv_session_free(old);
     }
@@ -244,7 +246,7 @@ static void evict(srv_registry *r)
             return;
         checkpoint_if_dirty(r, s);
         unmap(r, s);
-        s->dead = true;
+        __atomic_store_n(&s->dead, true, __ATOMIC_RELEASE);
         pthread_mutex_unlock(&s->mu);
         srv_log(SRV_LOG_DEBUG, "evicted session %s", s->name);
         srv_session_free(s);

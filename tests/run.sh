@@ -61,6 +61,10 @@ count() {
         p=$(num "$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test(s)\..*/\1/p' "$out" | tail -n 1)")
         f=$(num "$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test(s),.*/\1/p' "$out" | tail -n 1)")
         s=$(num "$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) test(s),.*/\1/p' "$out" | tail -n 1)")
+        # A failed group setup or teardown (e.g. the suite's daemon exited
+        # badly) is not in those counts, nor in cmocka's exit status.
+        g=$(grep -c '^\[  FAILED  \] GROUP ' "$out")
+        f=$((f + g))
         ;;
     unittest)
         # "Ran N tests", then "OK", "OK (skipped=K)" or

@@ -119,6 +119,10 @@ new_case; printf '#!/bin/sh\necho "[  PASSED  ] 3 test(s)." >&2\nkill -ABRT $$\n
     >"$tmp/case/build/tests/test_a"; run_case
 expect "a suite that crashes after printing its count fails the run" nonzero \
     'test_a: FAILED: exit [1-9]'
+new_case; printf '#!/bin/sh\necho "[  PASSED  ] 3 test(s)." >&2\necho "[  FAILED  ] GROUP TEARDOWN" >&2\nexit 0\n' \
+    >"$tmp/case/build/tests/test_a"; run_case
+expect "a failed group teardown (cmocka exits 0) fails the run" nonzero \
+    'test_a: FAILED: 1 failed'
 new_case; fake_client sh 'echo "sh: 0 passed, 1 failed"; exit 1'; run_case
 expect "a shell suite with a failed check fails the run" nonzero '^tests: 14 passed, 1 failed$'
 
