@@ -9,6 +9,7 @@
 #   make tsan           the concurrency and worker suites and the daemon under TSan (build-tsan/)
 #   make fuzz           every libFuzzer target for FUZZ_SECONDS (60) each (build-fuzz/)
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
+#   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
 #   make demo           the optimizer comparison on the digits data set
 #   make install        PREFIX=/usr/local DESTDIR=
 #   make clean
@@ -62,7 +63,7 @@ OPTD       := $(BUILD)/optd
 TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
-.PHONY: all build run test deps deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz fuzz-build tsan asan valgrind bench bench-kernels \
+.PHONY: all build run test deps deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz fuzz-build tsan soak asan valgrind bench bench-kernels \
         bench-http bench-sync demo install clean test-unit test-clients
 .DEFAULT_GOAL := all
 
@@ -198,6 +199,11 @@ bench-http: deps-bench build
 	sh bench/http.sh
 bench-sync: build
 	$(BUILD)/bench/sync
+
+# A mixed-load soak with restarts: SOAK_SECONDS (60); not part of make test.
+SOAK_SECONDS ?= 60
+soak: build
+	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/soak.py --seconds $(SOAK_SECONDS)
 
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py
