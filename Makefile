@@ -172,7 +172,7 @@ valgrind: build
 # libFuzzer targets (tests/fuzz/fuzz_*.c) over api/ and optim/, built with
 # clang, ASan and UBSan into build-fuzz/.  Seeds: tests/fuzz/corpus/TARGET/;
 # inputs that once crashed: tests/fuzz/regressions/TARGET/ (replayed first).
-# make test runs each target for a few seconds (tests/expected.txt).
+# make test runs each target for 3 seconds (tests/expected.txt).
 FUZZ_BUILD   := build-fuzz
 FUZZ_SECONDS ?= 60
 FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
