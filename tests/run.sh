@@ -96,13 +96,12 @@ fail_suite() {
     failures="$failures $1"
 }
 
-# run_one NAME EXPECTED FORMAT COMMAND...
+# run_one NAME EXPECTED FORMAT FILE COMMAND...: FILE is the suite's binary
+# or script, which must exist.
 run_one() {
-    name=$1 want=$2 fmt=$3
-    shift 3
+    name=$1 want=$2 fmt=$3 exe=$4
+    shift 4
     echo "=== $name"
-    exe=$1
-    [ "$exe" = sh ] && exe=${2:-}
     if [ ! -e "$exe" ]; then
         echo ">>> $name: MISSING ($exe does not exist); $want test(s) not run"
         tests_failed=$((tests_failed + want))
@@ -154,10 +153,12 @@ while read -r name want fmt cmd; do
     [ "$ONLY_C" = 1 ] && [ "$fmt" != cmocka ] && continue
     if [ -z "$cmd" ]; then
         # shellcheck disable=SC2086
-        run_one "$name" "$want" "$fmt" $VG "$BUILD/tests/$name"
+        run_one "$name" "$want" "$fmt" "$BUILD/tests/$name" $VG "$BUILD/tests/$name"
     else
+        exe=${cmd%% *}
+        [ "$exe" = sh ] && exe=$(echo "$cmd" | awk '{ print $2 }')
         # shellcheck disable=SC2086
-        run_one "$name" "$want" "$fmt" $cmd
+        run_one "$name" "$want" "$fmt" "$exe" $cmd
     fi
 done <"$LIST"
 

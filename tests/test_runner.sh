@@ -141,6 +141,13 @@ new_case; fake_client py 'exit 1'; run_case OPTD_ONLY_C=1
 expect "OPTD_ONLY_C=1 runs the C suites only" 0 '^tests: 5 passed, 0 failed$'
 new_case; fake_cmocka test_a 0 1; run_case OPTD_ONLY=test_b
 expect "OPTD_ONLY runs the named suites only" 0 '^tests: 2 passed, 0 failed$'
+mkdir -p "$tmp/bin"
+printf '#!/bin/sh\nfor a; do last=$a; done\necho valgrind-ran >&2\nexec "$last"\n' >"$tmp/bin/valgrind"
+chmod +x "$tmp/bin/valgrind"
+new_case; run_case OPTD_VALGRIND=1 PATH="$tmp/bin:$PATH"
+expect "OPTD_VALGRIND=1 runs the C suites under valgrind and counts them" 0 \
+    '^tests: 15 passed, 0 failed$'
+expect "... through the valgrind command" 0 '^valgrind-ran$'
 new_case; run_case OPTD_EXPECTED=nowhere.txt
 expect "no list, no success" nonzero 'no list of suites'
 
