@@ -1061,7 +1061,9 @@ int eng_checkpoint(storage *db, eng_session *s, bool with_config)
     void *recs;
     storage_iov iov[MAX_PIECES];
     int k = checkpoint_pieces(s, &h, &recs, iov);
-    int64_t now = now_ms();
+    /* updated_at is the time of the last change: a PATCH is one, a
+     * checkpoint of steps already taken (eviction, shutdown) is not. */
+    int64_t now = with_config ? now_ms() : s->updated_ms;
     int err = k < 0 ? ENG_ENOMEM
                     : storage_checkpoint(db, s->id, cfg_json, iov, k, s->seq,
                                          (int64_t)s->st.step, now);
@@ -1079,10 +1081,13 @@ int eng_set_params(storage *db, eng_session *s, void *params)
 {
     ENG_ASSERT_LOCKED(s);
     void *old = s->params;
+    int64_t prev = s->updated_ms;
     s->params = params;
+    s->updated_ms = now_ms();
     int err = eng_checkpoint(db, s, false);
     if (err != STORAGE_OK) {
         s->params = old;
+        s->updated_ms = prev;
         free(params);
         return err;
     }

@@ -1010,7 +1010,8 @@ again:;
         if ((err = eng_state_import(s, t, n, state_json, why, sizeof why)) != ENG_OK) {
             st = err == ENG_EDAMAGED ? api_problem(r, 422, NULL, "%s; nothing was changed", why)
                                      : srv_engine_fail(r, err, "importing the state");
-        } else if ((err = eng_checkpoint(ctx->db, s, false)) != ENG_OK) {
+        } else if ((s->updated_ms = srv_now_ms(),
+                    err = eng_checkpoint(ctx->db, s, false)) != ENG_OK) {
             srv_registry_drop(ctx->reg, s); /* memory is ahead of disk */
             st = srv_engine_fail(r, err, "saving the imported state");
         } else {
