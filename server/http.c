@@ -198,6 +198,7 @@ static int framing_or_reply(struct MHD_Connection *c, conn_ctx *x, api_reply *r)
  * session's bound caps a chunked body too.  A session that does not exist
  * is 404 at once. */
 #define JSON_BYTES_PER_ELEMENT 40
+#define JSON_DOC_LIMIT (64u << 20)
 #define JSON_SLACK (64 * 1024)
 
 static int session_bound(srv_ctx *ctx, conn_ctx *x, api_reply *r)
@@ -236,6 +237,12 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
     st = api_route_match(method, x->path, &x->route, x->name, r);
     if (st)
         return st;
+    /* A JSON document (create, PATCH) is parsed into a tree of about 50
+     * times its size: it is held to JSON_DOC_LIMIT (vectors go through the
+     * step and params routes, bounded by their session, or PUT params in
+     * binary). */
+    if (x->route->body == API_BODY_JSON && x->limit > JSON_DOC_LIMIT)
+        x->limit = JSON_DOC_LIMIT;
     /* Whatever the route: a body of no use is discarded, not read for long. */
     if (x->content_length > (long long)x->limit)
         return api_problem(r, 413, NULL, "body of %lld bytes exceeds the limit of %zu",
