@@ -7,6 +7,7 @@
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
 #   make valgrind       the test suite under valgrind
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
+#   make bench-storage  where large vectors should live (docs/storage.md)
 #   make demo           the optimizer comparison on the digits data set
 #   make install        PREFIX=/usr/local DESTDIR=
 #   make clean

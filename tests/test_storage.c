@@ -761,6 +761,74 @@ static void test_group_commit_threads(void **state)
     ckpt_free(&c);
 }
 
+/* Faults while several threads' appends share commits: whatever batches
+ * form, each thread's acknowledged appends are on disk and its failed
+ * ones are not (a job that makes SQLite roll the whole transaction back
+ * fails its batch as one). */
+typedef struct {
+    storage *st;
+    int64_t id;
+    int64_t acked; /* last acknowledged seq */
+    size_t n;      /* gradient size */
+} fault_appender;
+
+static void *fault_append_thread(void *arg)
+{
+    fault_appender *a = arg;
+    float *g = vec(a->n, 2.0f);
+    for (int i = 0; i < 12; i++) {
+        storage_log_entry e = entry(a->acked + 1, g, a->n);
+        if (storage_append(a->st, a->id, &e, NULL, 0) == STORAGE_OK)
+            a->acked++;
+    }
+    free(g);
+    return NULL;
+}
+
+static void test_fault_group_commit(void **state)
+{
+    (void)state;
+    enum { T = 4 };
+    static const char *const kinds[] = {"write", "sync", "read"};
+    for (int n = 1; n <= 60; n += 2) {
+        new_db_path();
+        storage_fault_config("count");
+        storage *st;
+        assert_int_equal(storage_open(dbpath, STORAGE_SYNC_FULL, &st), STORAGE_OK);
+        ckpt c;
+        ckpt_make(&c, SMALL, 1.0f);
+        fault_appender fa[T];
+        pthread_t th[T];
+        for (int t = 0; t < T; t++) {
+            char name[16];
+            snprintf(name, sizeof name, "f%d", t);
+            fa[t] = (fault_appender){.st = st, .n = t % 2 ? LARGE : SMALL};
+            assert_int_equal(storage_session_create(st, name, "{}", 5, c.iov, 2, &fa[t].id),
+                             STORAGE_OK);
+        }
+        char spec[48];
+        snprintf(spec, sizeof spec, "%s:%d:%s", kinds[n % 3], n, n % 4 == 1 ? "ENOSPC" : "EIO");
+        storage_fault_config(spec);
+        for (int t = 0; t < T; t++)
+            pthread_create(&th[t], NULL, fault_append_thread, &fa[t]);
+        for (int t = 0; t < T; t++)
+            pthread_join(th[t], NULL);
+        storage_fault_config(NULL);
+        storage_close(st);
+        assert_int_equal(storage_open(dbpath, STORAGE_SYNC_FULL, &st), STORAGE_OK);
+        assert_true(storage_integrity_ok(st));
+        for (int t = 0; t < T; t++) {
+            loaded l = {0};
+            assert_int_equal(storage_session_load(st, fa[t].id, on_ckpt, on_row, &l),
+                             STORAGE_OK);
+            assert_int_equal(l.n_rows, fa[t].acked);
+            free(l.ck);
+        }
+        storage_close(st);
+        ckpt_free(&c);
+    }
+}
+
 /* ------------------------------------------------------- fault loop */
 
 /* The scenario: create two sessions (one large), append to both, a
@@ -881,6 +949,7 @@ int main(void)
         cmocka_unit_test(test_file_size_limit),
         cmocka_unit_test(test_full_syncs_before_ack),
         cmocka_unit_test(test_group_commit_threads),
+        cmocka_unit_test(test_fault_group_commit),
         cmocka_unit_test(test_fault_loop),
     };
     return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
