@@ -815,7 +815,8 @@ static int sweep(storage *st)
     return err;
 }
 
-static int open_impl(const char *path, storage_durability d, storage **out)
+/* for_check: an offline check changes nothing it can avoid (no sweep). */
+static int open_impl(const char *path, storage_durability d, bool for_check, storage **out)
 {
     clear_error();
     fault_init_from_env();
@@ -888,7 +889,7 @@ static int open_impl(const char *path, storage_durability d, storage **out)
     }
     if (err == STORAGE_OK && mkdir(st->dir, 0755) != 0 && errno != EEXIST)
         err = io_fail(-errno, "creating the directory", st->dir);
-    if (err == STORAGE_OK)
+    if (err == STORAGE_OK && !for_check)
         err = sweep(st);
     if (err != STORAGE_OK) {
         char keep[sizeof last_error];
@@ -903,7 +904,7 @@ static int open_impl(const char *path, storage_durability d, storage **out)
 
 int storage_open(const char *path, storage_durability d, storage **out)
 {
-    return open_impl(path, d, out);
+    return open_impl(path, d, false, out);
 }
 
 void storage_close(storage *st)
@@ -1813,7 +1814,7 @@ int storage_check(const char *path, void *out_v)
         return STORAGE_ENOTFOUND;
     }
     storage *st;
-    int err = storage_open(path, STORAGE_SYNC_NORMAL, &st);
+    int err = open_impl(path, STORAGE_SYNC_NORMAL, true, &st);
     if (err != STORAGE_OK)
         return err;
     int problems = 0;

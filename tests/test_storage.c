@@ -456,6 +456,32 @@ static void test_migrate_from_v3(void **state)
     assert_int_equal(storage_check(dbpath, stderr), 0);
 }
 
+/* A second daemon on a database in use refuses to start, naming the pid. */
+static void test_second_daemon_refused(void **state)
+{
+    (void)state;
+    new_db_path();
+    storage *st;
+    assert_int_equal(storage_open(dbpath, STORAGE_SYNC_NORMAL, &st), STORAGE_OK);
+    const char *bin = getenv("OPTD_BIN");
+    char cmd[800];
+    snprintf(cmd, sizeof cmd,
+             "timeout 20 '%s' --bind 127.0.0.1 --port 0 --db '%s' </dev/null 2>&1",
+             bin ? bin : "build/optd", dbpath);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    char out[2048];
+    size_t n = fread(out, 1, sizeof out - 1, p);
+    out[n] = '\0';
+    int status = pclose(p);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 1);
+    char pid[32];
+    snprintf(pid, sizeof pid, "pid %ld", (long)getpid());
+    assert_non_null(strstr(out, pid));
+    storage_close(st);
+}
+
 static void test_lock(void **state)
 {
     (void)state;
@@ -941,6 +967,7 @@ int main(void)
         cmocka_unit_test(test_checksums),
         cmocka_unit_test(test_migrate_from_v3),
         cmocka_unit_test(test_lock),
+        cmocka_unit_test(test_second_daemon_refused),
         cmocka_unit_test(test_optd_check),
         cmocka_unit_test(test_foreign_and_empty),
         cmocka_unit_test(test_gone_deleted),
