@@ -180,8 +180,9 @@ static void sql_open(sql_side *s, const char *dir, bool full, bool with_bg)
     sqlite3_prepare_v2(s->db, "INSERT INTO grads(seq, crc, data) VALUES (?1, ?2, zeroblob(?3))",
                        -1, &s->ins_grad, NULL);
     sqlite3_prepare_v2(s->db, "DELETE FROM grads WHERE seq <= ?1", -1, &s->drop_grads, NULL);
-    sqlite3_prepare_v2(s->db, "UPDATE ckpt SET seq = ?1, crc = ?2, data = zeroblob(?3) WHERE id = 1",
-                       -1, &s->ckpt, NULL);
+    sqlite3_prepare_v2(s->db,
+                       "UPDATE ckpt SET seq = ?1, crc = ?2, data = zeroblob(?3) WHERE id = 1", -1,
+                       &s->ckpt, NULL);
     if (with_bg) {
         s->bg.path = s->path;
         s->bg.stop = 0;

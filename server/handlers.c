@@ -358,8 +358,8 @@ static int write_checkpoint(srv_ctx *ctx, srv_session *s, bool with_config)
     void *blob = srv_session_checkpoint(s, &len);
     int64_t now = srv_now_ms();
     int err = blob && (!with_config || cfg_json)
-                  ? storage_checkpoint(ctx->db, s->id, cfg_json, &(storage_iov){blob, len}, 1, s->seq,
-                                       (int64_t)s->st.step, now)
+                  ? storage_checkpoint(ctx->db, s->id, cfg_json, &(storage_iov){blob, len}, 1,
+                                       s->seq, (int64_t)s->st.step, now)
                   : STORAGE_ENOMEM;
     free(cfg_json);
     free(blob);

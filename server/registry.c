@@ -123,8 +123,8 @@ static void checkpoint_if_dirty(srv_registry *r, srv_session *s)
     void *blob = srv_session_checkpoint(s, &len);
     if (!blob)
         return;
-    if (storage_checkpoint(r->db, s->id, NULL, &(storage_iov){blob, len}, 1, s->seq, (int64_t)s->st.step,
-                           srv_now_ms()) == STORAGE_OK)
+    if (storage_checkpoint(r->db, s->id, NULL, &(storage_iov){blob, len}, 1, s->seq,
+                           (int64_t)s->st.step, srv_now_ms()) == STORAGE_OK)
         s->log_bytes = 0;
     free(blob);
 }
