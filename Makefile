@@ -10,6 +10,7 @@
 #   make fuzz           every libFuzzer target for FUZZ_SECONDS (60) each (build-fuzz/)
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
 #   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
+#   make bench-storage  where large vectors should live (docs/storage.md)
 #   make demo           the optimizer comparison on the digits data set
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
 #   make install        PREFIX=/usr/local DESTDIR= (headers in include/optd/, pkg-config files)
