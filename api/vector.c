@@ -160,6 +160,14 @@ static const double EXACT10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
                                  1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
                                  1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
 
+#if LDBL_MANT_DIG == 64
+/* ... and as long doubles (10^27 is the last one with 5^k < 2^64). */
+static const long double EXACT10L[] = {
+    1e0L,  1e1L,  1e2L,  1e3L,  1e4L,  1e5L,  1e6L,  1e7L,  1e8L,  1e9L,
+    1e10L, 1e11L, 1e12L, 1e13L, 1e14L, 1e15L, 1e16L, 1e17L, 1e18L, 1e19L,
+    1e20L, 1e21L, 1e22L, 1e23L, 1e24L, 1e25L, 1e26L, 1e27L};
+#endif
+
 static bool is_digit(char c)
 {
     return c >= '0' && c <= '9';
@@ -169,9 +177,15 @@ static bool is_digit(char c)
  * *v = the double strtod (and so cJSON) reads from it.  NULL when the
  * token is not such a number.
  *
- * A decimal with at most 19 significant digits m <= 2^53 and a scale
- * 10^s, |s| <= 22, is m * 10^s or m / 10^s: both operands exact, one
- * correctly rounded IEEE operation, the same double strtod rounds to.
+ * With at most 19 significant digits m and a scale 10^s the value is
+ * m * 10^s (s >= 0) or m / 10^s (s < 0), computed exactly once:
+ *   m <= 2^53, |s| <= 22: both operands exact doubles, one correctly
+ *     rounded IEEE operation -- the double strtod rounds to.
+ *   else |s| <= 27, x87 long double: m and 10^s exact (64-bit
+ *     significands), one rounding, |y - v| <= |y| 2^-64.  y rounded to
+ *     double is strtod's double unless y lies within that error of the
+ *     rounding boundary of the double (half an ulp from it, a quarter
+ *     below a power of two); then strtod decides (about 1 in 500).
  * Everything else goes to strtod. */
 static const char *parse_number(const char *p, const char *e, double *v)
 {
@@ -238,6 +252,24 @@ static const char *parse_number(const char *p, const char *e, double *v)
         *v = neg ? -d : d;
         return p;
     }
+#if LDBL_MANT_DIG == 64
+    if (simple && m != 0 && scale >= -27 && scale <= 27) {
+        long double y = (long double)m, t = EXACT10L[scale < 0 ? -scale : scale];
+        y = scale < 0 ? y / t : y * t;
+        double d = (double)y;
+        if (d >= DBL_MIN && d <= DBL_MAX) {
+            int ex;
+            double f = frexp(d, &ex); /* d = f 2^ex, ulp 2^(ex-53) */
+            long double r = y - (long double)d, half = ldexpl(1.0L, ex - 54);
+            if (f == 0.5 && r < 0)
+                half *= 0.5L;
+            if (fabsl(r) + y * 0x1p-63L < half) {
+                *v = neg ? -d : d;
+                return p;
+            }
+        }
+    }
+#endif
 #else
     (void)simple;
     (void)EXACT10;

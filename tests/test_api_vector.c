@@ -133,7 +133,7 @@ static void sb_number(sbuf *b)
     if (!isfinite(d))
         d = 0.5;
     float f = (float)((double)(int64_t)rnd() / 9.2e18 * pow(10, (int)(rnd() % 20) - 12));
-    switch (r % 16) {
+    switch (r % 20) {
     case 0: snprintf(t, sizeof t, "%.9g", (double)f); break;
     case 1: snprintf(t, sizeof t, "%.17g", d); break;
     case 2: snprintf(t, sizeof t, "%.17g", (double)f); break;
@@ -156,6 +156,14 @@ static void sb_number(sbuf *b)
                       (unsigned long long)(rnd() % 100000000000ull)); break;
     case 13: snprintf(t, sizeof t, "%.17g", f64_of(rnd() & 0x000fffffffffffffu)); break; /* subnormal */
     case 14: snprintf(t, sizeof t, "%.8e", (double)FLT_MAX * (1 + (double)(r % 1000) / 1e8)); break;
+    case 15: snprintf(t, sizeof t, "%.17g", (double)f * pow(10, (int)(rnd() % 40) - 20)); break;
+    case 16: snprintf(t, sizeof t, "%.19g", (double)f * pow(10, (int)(rnd() % 40) - 20)); break;
+    case 17: /* odd integers above 2^53: ties and near-ties between doubles */
+        snprintf(t, sizeof t, "%llue%d",
+                 (unsigned long long)((UINT64_C(1) << (53 + rnd() % 11)) + (rnd() % 64)),
+                 (int)(rnd() % 50) - 25);
+        break;
+    case 18: snprintf(t, sizeof t, "%.18e", (double)f); break;
     default: snprintf(t, sizeof t, "%.9g", (double)f32_of((uint32_t)rnd() & 0x7f7fffffu)); break;
     }
     if ((r >> 20) % 4 == 0 && t[0] != '-')
