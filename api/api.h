@@ -188,6 +188,10 @@ int api_buf_double(api_buf *b, double x);
  * length; no NUL is written. */
 size_t api_fmt_f32(char *out, float f);
 size_t api_fmt_f64(char *out, double x);
+/* The same without the printf fallback: 0 where the fast path cannot
+ * decide the rounding (bench/json.c counts those). */
+size_t api_fmt_f32_fast(char *out, float f);
+size_t api_fmt_f64_fast(char *out, double x);
 
 /* --------------------------------------------------------- catalogue */
 

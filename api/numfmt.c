@@ -24,7 +24,8 @@
  * else -- near-ties, values near a power of ten, float64 beyond 1e+-40,
  * NaN/Inf -- goes to snprintf.  Integers below 10^P print as integers
  * (they would sit exactly on the boundaries).  y < 2^30 (float32) and
- * y < 2^57 (float64) leave the fraction y - floor(y) exact.
+ * y < 2^57 (float64) leave the fraction y - floor(y) exact, and floor
+ * is the conversion to uint64_t.
  *
  * tests/test_api_vector.c compares against snprintf for millions of
  * values of every class; build/bench/json --exhaustive-f32 compares all
@@ -83,6 +84,40 @@ static const long double LP10[] = {
 #else
 #define HAVE_F32_FAST 0
 #endif
+
+/* A first guess at floor(log10 a) for a finite a > 0, off by at most one
+ * (the callers correct it): from the binary exponent, without libm. */
+static int guess_exp10(double a)
+{
+    uint64_t bits;
+    memcpy(&bits, &a, sizeof bits);
+    int be = (int)(bits >> 52 & 0x7ff);
+    if (be == 0) { /* float64 subnormal: rare, let frexp do it */
+        int e2;
+        (void)frexp(a, &e2);
+        be = e2 + 1022;
+    }
+    /* a in [2^(be-1023), 2^(be-1022)); 78913 / 2^18 ~ log10(2); the
+     * division truncates toward zero, so negatives come out one high. */
+    return (be - 1023) * 78913 / 262144;
+}
+
+static const char DIGIT_PAIRS[] = "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899";
+
+/* Writes exactly nd decimal digits of v (v < 10^nd), zero-padded. */
+static void put_fixed(char *out, uint64_t v, int nd)
+{
+    int i = nd;
+    while (i >= 2) {
+        unsigned r = (unsigned)(v % 100);
+        v /= 100;
+        i -= 2;
+        out[i] = DIGIT_PAIRS[2 * r];
+        out[i + 1] = DIGIT_PAIRS[2 * r + 1];
+    }
+    if (i)
+        out[0] = (char)('0' + v);
+}
 
 /* Writes the decimal digits of v (v > 0), most significant first; returns
  * their count. */
@@ -158,9 +193,7 @@ static size_t put_integer(char *out, bool neg, uint64_t a)
  * too close to a rounding decision (see the top of the file). */
 static bool digits_f32(double a, uint64_t *Dp, int *Xp)
 {
-    int e2;
-    (void)frexp(a, &e2); /* a in [2^(e2-1), 2^e2) */
-    int X = (int)floor((e2 - 1) * 0.30102999566398120); /* X or X - 1 */
+    int X = guess_exp10(a);
     for (int tries = 0; tries < 3; tries++) {
         int k = 8 - X;
         if (k < P10_MIN || k > P10_MAX)
@@ -177,11 +210,11 @@ static bool digits_f32(double a, uint64_t *Dp, int *Xp)
             X++;
             continue;
         }
-        double fl = floor(y);
-        double fr = y - fl;
+        uint64_t D = (uint64_t)y; /* floor: y > 0 */
+        double fr = y - (double)D;
         if (fabs(fr - 0.5) <= eta)
             return false;
-        uint64_t D = (uint64_t)fl + (fr > 0.5);
+        D += fr > 0.5;
         if (D == 1000000000u) {
             D = 100000000u;
             X++;
@@ -194,25 +227,34 @@ static bool digits_f32(double a, uint64_t *Dp, int *Xp)
 }
 #endif
 
-size_t api_fmt_f32(char *out, float f)
+size_t api_fmt_f32_fast(char *out, float f)
 {
-    double x = (double)f;
 #if HAVE_F32_FAST
+    double x = (double)f;
     if (isfinite(x)) {
         bool neg = signbit(x);
         double a = fabs(x);
-        if (a < 1e9 && a == floor(a))
+        if (a < 1e9 && a == (double)(uint64_t)a)
             return put_integer(out, neg, (uint64_t)a);
         uint64_t D;
         int X;
         if (digits_f32(a, &D, &X)) {
             char dig[24];
-            put_uint(dig, D);
+            put_fixed(dig, D, 9);
             return layout(out, neg, dig, 9, X);
         }
     }
+#else
+    (void)out;
+    (void)f;
 #endif
-    return (size_t)snprintf(out, 32, "%.9g", x);
+    return 0;
+}
+
+size_t api_fmt_f32(char *out, float f)
+{
+    size_t n = api_fmt_f32_fast(out, f);
+    return n ? n : (size_t)snprintf(out, 32, "%.9g", (double)f);
 }
 
 #if HAVE_LD64
@@ -220,9 +262,7 @@ size_t api_fmt_f32(char *out, float f)
  * long double; false when too close to call. */
 static bool digits_f64(double a, uint64_t *Dp, int *Xp)
 {
-    int e2;
-    (void)frexp(a, &e2);
-    int X = (int)floor((e2 - 1) * 0.30102999566398120);
+    int X = guess_exp10(a);
     const long double lo = 1e16L, hi = 1e17L;
     for (int tries = 0; tries < 3; tries++) {
         int k = 16 - X;
@@ -240,11 +280,11 @@ static bool digits_f64(double a, uint64_t *Dp, int *Xp)
             X++;
             continue;
         }
-        long double fl = floorl(y);
-        long double fr = y - fl;
+        uint64_t D = (uint64_t)y;
+        long double fr = y - (long double)D;
         if (fabsl(fr - 0.5L) <= eta)
             return false;
-        uint64_t D = (uint64_t)fl + (fr > 0.5L);
+        D += fr > 0.5L;
         if (D == 100000000000000000u) {
             D = 10000000000000000u;
             X++;
@@ -257,22 +297,31 @@ static bool digits_f64(double a, uint64_t *Dp, int *Xp)
 }
 #endif
 
-size_t api_fmt_f64(char *out, double x)
+size_t api_fmt_f64_fast(char *out, double x)
 {
 #if HAVE_LD64
     if (isfinite(x)) {
         bool neg = signbit(x);
         double a = fabs(x);
-        if (a < 1e17 && a == floor(a))
+        if (a < 1e17 && a == (double)(uint64_t)a)
             return put_integer(out, neg, (uint64_t)a);
         uint64_t D;
         int X;
         if (a > 1e-40 && a < 1e40 && digits_f64(a, &D, &X)) {
             char dig[24];
-            put_uint(dig, D);
+            put_fixed(dig, D, 17);
             return layout(out, neg, dig, 17, X);
         }
     }
+#else
+    (void)out;
+    (void)x;
 #endif
-    return (size_t)snprintf(out, 32, "%.17g", x);
+    return 0;
+}
+
+size_t api_fmt_f64(char *out, double x)
+{
+    size_t n = api_fmt_f64_fast(out, x);
+    return n ? n : (size_t)snprintf(out, 32, "%.17g", x);
 }
