@@ -257,13 +257,18 @@ static const char *parse_number(const char *p, const char *e, double *v)
         long double y = (long double)m, t = EXACT10L[scale < 0 ? -scale : scale];
         y = scale < 0 ? y / t : y * t;
         double d = (double)y;
-        if (d >= DBL_MIN && d <= DBL_MAX) {
-            int ex;
-            double f = frexp(d, &ex); /* d = f 2^ex, ulp 2^(ex-53) */
-            long double r = y - (long double)d, half = ldexpl(1.0L, ex - 54);
-            if (f == 0.5 && r < 0)
-                half *= 0.5L;
-            if (fabsl(r) + y * 0x1p-63L < half) {
+        uint64_t bits;
+        memcpy(&bits, &d, sizeof bits);
+        int be = (int)(bits >> 52 & 0x7ff); /* d in [1e-27, 2e46]: normal */
+        if (be > 54 && be < 2047) {
+            /* half an ulp of d, 2^(be-1076); a quarter below a power of two */
+            uint64_t hb = (uint64_t)(be - 53) << 52;
+            if ((bits & 0xfffffffffffffu) == 0 && y < (long double)d)
+                hb -= UINT64_C(1) << 52;
+            double half;
+            memcpy(&half, &hb, sizeof half);
+            long double r = y - (long double)d;
+            if (fabsl(r) + y * 0x1p-63L < (long double)half) {
                 *v = neg ? -d : d;
                 return p;
             }

@@ -164,6 +164,19 @@ static void sb_number(sbuf *b)
                  (int)(rnd() % 50) - 25);
         break;
     case 18: snprintf(t, sizeof t, "%.18e", (double)f); break;
+    case 19: { /* 16-19 digits of a midpoint between two doubles: where
+                * the decoder's error bound must send it to strtod */
+        long double x;
+        if (r & 0x100) { /* just below a power of two, where the ulp halves */
+            x = ldexpl(1.0L - 0x1p-54L, (int)(rnd() % 150) - 60);
+        } else {
+            double base = (double)(int64_t)rnd() / 9.2e18 * pow(10, (int)(rnd() % 40) - 15);
+            x = (long double)fabs(base) + (long double)(nextafter(fabs(base), INFINITY) -
+                                                        fabs(base)) / 2;
+        }
+        snprintf(t, sizeof t, "%.*Le", 15 + (int)(rnd() % 4), x);
+        break;
+    }
     default: snprintf(t, sizeof t, "%.9g", (double)f32_of((uint32_t)rnd() & 0x7f7fffffu)); break;
     }
     if ((r >> 20) % 4 == 0 && t[0] != '-')
