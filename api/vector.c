@@ -118,7 +118,8 @@ static const char *skip_string(const char *p, const char *e, bool *esc)
             return p + 1;
         if (*p == '\\') {
             *esc = true;
-            p++;
+            if (++p >= e)
+                return NULL;
         }
     }
     return NULL;
@@ -278,6 +279,9 @@ static const char *parse_number(const char *p, const char *e, double *v)
 #else
     (void)simple;
     (void)EXACT10;
+#if LDBL_MANT_DIG == 64
+    (void)EXACT10L;
+#endif
 #endif
     char *end;
     *v = strtod(s, &end);
