@@ -468,6 +468,63 @@ static void test_decode_truncated(void **state)
     free(copy);
 }
 
+/* Bodies with random bytes changed, inserted or removed, in buffers with
+ * nothing after them: never a read past the end (ASan), and whatever the
+ * decoder accepts cJSON reads as the same numbers. */
+static void test_decode_mutations(void **state)
+{
+    (void)state;
+    static const char alphabet[] = "{}[],:\"\\ -+.eE0123456789gradlosnutf\t\n";
+    for (int k = 0; k < 20000; k++) {
+        size_t n = 1 + rnd() % 6;
+        char *body = gen_step(n, k % 4 ? "grad" : "params");
+        size_t len = strlen(body);
+        char *m = malloc(len + 8);
+        assert_non_null(m);
+        memcpy(m, body, len + 1);
+        for (int e = 0, edits = 1 + (int)(rnd() % 3); e < edits; e++) {
+            size_t at = rnd() % (len + 1);
+            char c = alphabet[rnd() % (sizeof alphabet - 1)];
+            switch (rnd() % 3) {
+            case 0:
+                if (at < len)
+                    m[at] = c;
+                break;
+            case 1:
+                memmove(m + at + 1, m + at, len - at + 1);
+                m[at] = c;
+                len++;
+                break;
+            default:
+                if (at < len) {
+                    memmove(m + at, m + at + 1, len - at);
+                    len--;
+                }
+                break;
+            }
+        }
+        m[len] = '\0';
+        char *copy = exact_copy(m, len);
+        double got[8], want[8];
+        api_reply r = {0};
+        api_step_meta meta = {.loss = NAN, .base_step = -1};
+        int st = k % 4 ? api_decode_step_json(copy, len, OPTIM_F64, n, got, &meta, &r)
+                       : api_decode_params_json(copy, len, OPTIM_F64, n, got, &r);
+        if (st == 0) {
+            if (ref_decode(m, k % 4 ? "grad" : "params", OPTIM_F64, n, want) != 0)
+                fail_msg("accepted what cJSON refuses: %s", m);
+            assert_memory_equal(got, want, n * sizeof got[0]);
+        } else {
+            assert_true(st == 400 || st == 422);
+            assert_int_equal(r.status, st);
+        }
+        api_reply_free(&r);
+        free(copy);
+        free(m);
+        free(body);
+    }
+}
+
 /* ------------------------------------------------------------ printing */
 
 static long f32_mismatches, f64_mismatches;
@@ -723,6 +780,7 @@ int main(void)
         cmocka_unit_test(test_decode_lenient_spellings_as_before),
         cmocka_unit_test(test_decode_errors_as_before),
         cmocka_unit_test(test_decode_truncated),
+        cmocka_unit_test(test_decode_mutations),
         cmocka_unit_test(test_print_f32_like_snprintf),
         cmocka_unit_test(test_print_f64_like_snprintf),
         cmocka_unit_test(test_buf_vector),
