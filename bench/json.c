@@ -335,6 +335,7 @@ typedef struct {
     int f64;
     uint64_t seed;
     uint64_t fast, slow, bad;
+    uint64_t like_fast, like_slow; /* float64: the gradient-like half */
 } chunk;
 
 static void *run_chunk(void *p)
@@ -370,6 +371,8 @@ static void *run_chunk(void *p)
             if (!isfinite(d))
                 continue;
             n = api_fmt_f64_fast(a, d);
+            if (!(i & 1))
+                *(n ? &c->like_fast : &c->like_slow) += 1;
             if (!n) {
                 c->slow++;
                 continue;
@@ -396,12 +399,14 @@ static int check_all(uint64_t from, uint64_t to, int f64, int threads)
         c[i] = (chunk){.from = a, .to = b, .f64 = f64, .seed = 0x9e3779b97f4a7c15u * (uint64_t)(i + 1)};
         pthread_create(&th[i], NULL, run_chunk, &c[i]);
     }
-    uint64_t fast = 0, slow = 0, bad = 0;
+    uint64_t fast = 0, slow = 0, bad = 0, lf = 0, ls = 0;
     for (int i = 0; i < threads; i++) {
         pthread_join(th[i], NULL);
         fast += c[i].fast;
         slow += c[i].slow;
         bad += c[i].bad;
+        lf += c[i].like_fast;
+        ls += c[i].like_slow;
     }
     printf("%s [%llu, %llu): %llu finite values, %llu printed by the fast path and equal to "
            "snprintf: %s (%llu mismatches), %llu (%.2e of them) left to snprintf; %.0f s\n",
@@ -409,6 +414,12 @@ static int check_all(uint64_t from, uint64_t to, int f64, int threads)
            (unsigned long long)to, (unsigned long long)(fast + slow), (unsigned long long)fast,
            bad ? "NO" : "yes", (unsigned long long)bad, (unsigned long long)slow,
            (double)slow / (double)(fast + slow), now_sec() - t0);
+    if (f64)
+        printf("  of them gradient-like (|x| in 1e-12..1e4): %llu, %llu (%.2e) left to snprintf; "
+               "random bit patterns: %llu, %llu left to snprintf (|x| beyond 1e+-40 always is)\n",
+               (unsigned long long)(lf + ls), (unsigned long long)ls,
+               (double)ls / (double)(lf + ls + !(lf + ls)),
+               (unsigned long long)(fast + slow - lf - ls), (unsigned long long)(slow - ls));
     return bad ? 1 : 0;
 }
 
