@@ -1142,7 +1142,31 @@ static const handler_fn handlers[API_R_COUNT] = {
     [API_R_STATE_PUT] = h_put_state,
 };
 
+/* Under fault injection or sync counting (OPTD_FAULT, OPTD_FAULT_COUNT_SYNCS:
+ * tests only, docs/storage.md) every answer carries storage's file
+ * operation counters as they were when the answer was made, so that a test
+ * can prove a write was synced before it was acknowledged. */
+static bool fault_counting(void)
+{
+    static int on = -1;
+    if (__atomic_load_n(&on, __ATOMIC_RELAXED) < 0) {
+        const char *f = getenv("OPTD_FAULT"), *c = getenv("OPTD_FAULT_COUNT_SYNCS");
+        __atomic_store_n(&on, (f && *f) || (c && strcmp(c, "1") == 0), __ATOMIC_RELAXED);
+    }
+    return __atomic_load_n(&on, __ATOMIC_RELAXED) > 0;
+}
+
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)
 {
-    return handlers[req->route->id](ctx, req, reply);
+    int st = handlers[req->route->id](ctx, req, reply);
+    if (st != SRV_SUSPENDED && fault_counting()) {
+        storage_fault_counts c;
+        storage_fault_stats(&c);
+        api_reply_header(reply, "Optd-Fault-Counts",
+                         "reads=%llu writes=%llu syncs=%llu truncates=%llu injected=%llu",
+                         (unsigned long long)c.reads, (unsigned long long)c.writes,
+                         (unsigned long long)c.syncs, (unsigned long long)c.truncates,
+                         (unsigned long long)c.injected);
+    }
+    return st;
 }
