@@ -7,6 +7,7 @@
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
 #   make valgrind       the test suite under valgrind
 #   make tsan           the concurrency and worker suites and the daemon under TSan (build-tsan/)
+#   make faults         the daemon-level fault loops at every N (make test samples them)
 #   make fuzz           every libFuzzer target for FUZZ_SECONDS (60) each (build-fuzz/)
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
 #   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
@@ -201,6 +202,12 @@ tsan: deps-tsan
 	    build-tsan/optd $(patsubst %,build-tsan/tests/%,$(TSAN_SUITES))
 	@TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1 history_size=4" \
 	    OPTD_BUILD=build-tsan OPTD_ONLY="$(TSAN_SUITES)" sh tests/run.sh
+
+# The daemon under injected I/O faults at every N of its scenario
+# (tests/test_faults.c; make test runs every 7th N).
+.PHONY: faults
+faults: build
+	OPTD_BIN=$(BUILD)/optd OPTD_FAULT_STRIDE=1 $(BUILD)/tests/test_faults
 
 valgrind: build
 	@OPTD_BUILD=$(BUILD) OPTD_ONLY_C=1 OPTD_VALGRIND=1 sh tests/run.sh

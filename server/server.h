@@ -131,10 +131,10 @@ void srv_sync_shutdown(srv_sync *sy);
 void srv_sync_free(srv_sync *sy);
 /* A gradient for the session's open round (session locked).  Returns an
  * HTTP status with the reply filled, or SRV_SUSPENDED when req->waiter was
- * parked until the round closes. */
+ * parked until the round closes.  fp: the keyed request's fingerprint. */
 int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const void *grad,
-                    const api_step_meta *meta, const char *key, bool with_params,
-                    api_reply *r);
+                    const api_step_meta *meta, const char *key, uint64_t fp,
+                    bool with_params, api_reply *r);
 /* Drops an open round (PATCH of the mode, DELETE): its waiters get status. */
 void srv_sync_abort(srv_ctx *ctx, eng_session *s, int status, const char *why);
 
