@@ -85,8 +85,21 @@ $(LIBCLIENT): $(call obj,$(CLIENT_SRC))
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
+# The dashboard's files (web/), embedded into the daemon by tools/embed.c.
+WEB_FILES := web/index.html web/app.js web/app.css web/vendor/uPlot.iife.min.js \
+             web/vendor/uPlot.min.css web/vendor/uPlot.LICENSE
+$(BUILD)/tools/embed: tools/embed.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 $(WARN) -O2 -o $@ $<
+$(BUILD)/gen/web_assets.c: $(WEB_FILES) $(BUILD)/tools/embed
+	@mkdir -p $(dir $@)
+	$(BUILD)/tools/embed $@ $(WEB_FILES)
+$(BUILD)/obj/gen/web_assets.o: $(BUILD)/gen/web_assets.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
 # Dependencies point one way: server -> api -> storage, optim.
-$(OPTD): $(call obj,$(SERVER_SRC)) $(LIBAPI) $(LIBSTORAGE) $(LIBOPTIM)
+$(OPTD): $(call obj,$(SERVER_SRC)) $(BUILD)/obj/gen/web_assets.o $(LIBAPI) $(LIBSTORAGE) $(LIBOPTIM)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS_ALL)
 
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(call obj,$(TSUP_SRC)) $(LIBCLIENT) $(LIBAPI) $(LIBSTORAGE) $(LIBOPTIM)

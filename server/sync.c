@@ -12,6 +12,7 @@
  * Lock order: a session's lock, then sy->mu (to list the round); the reaper
  * takes sy->mu, lets it go, then takes the session's lock.
  */
+#include "server/observe.h"
 #include "server/server.h"
 
 #include <errno.h>
@@ -54,6 +55,7 @@ static void list_add(srv_sync *sy, eng_session *s, int64_t deadline)
     sy->open = e;
     s->round_listed = true;
     pthread_mutex_unlock(&sy->mu);
+    obs_rounds_open(1);
 }
 
 static void list_remove(srv_sync *sy, eng_session *s)
@@ -64,6 +66,7 @@ static void list_remove(srv_sync *sy, eng_session *s)
             round_entry *e = *pp;
             *pp = e->next;
             free(e);
+            obs_rounds_open(-1);
             break;
         }
     }
