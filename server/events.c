@@ -368,6 +368,9 @@ int obs_events_open(srv_ctx *ctx, void *conn, const char *name, const char *last
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
     MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+    /* An ended stream (dropped, stopped) closes its connection: the
+     * client's EventSource or loop reconnects. */
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (request_id)
         MHD_add_response_header(resp, "X-Request-Id", request_id);
     *ok = MHD_queue_response(conn, 200, resp) == MHD_YES;
