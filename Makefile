@@ -120,11 +120,12 @@ $(BUILD)/bench/storage: $(BUILD)/obj/bench/storage.o $(LIBSTORAGE) $(LIBOPTIM)
 
 # ------------------------------------------------------------------ deps
 # Installs what is missing with apt-get when root; otherwise prints the line.
-# (node is only installed from Debian when no node is on PATH at all.)
+# (node and npm are only installed from Debian when not on PATH at all.)
 define install_missing
 	@missing=""; \
 	for p in $(1); do \
-	  case $$p in nodejs) command -v node >/dev/null 2>&1 && continue;; esac; \
+	  case $$p in nodejs) command -v node >/dev/null 2>&1 && continue;; \
+	             npm) command -v npm >/dev/null 2>&1 && continue;; esac; \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
