@@ -131,7 +131,7 @@
       const data = [[], []];
       const u = new uPlot({
         title: label,
-        width: Math.max(420, el.clientWidth - 10),
+        width: Math.max(400, el.clientWidth - 20),
         height: 220,
         scales: { x: { time: false } },
         axes: [{ label: 'step' }, {}],
