@@ -7,7 +7,8 @@
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
 #   make valgrind       the test suite under valgrind
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
-#   make demo           the optimizer comparison on the digits data set
+#   make demo           the optimizer comparison on the digits data set, and the
+#                       optimizers' trajectories on Rosenbrock and Beale
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
 #   make install        PREFIX=/usr/local DESTDIR= (headers in include/optd/, pkg-config files)
 #   make uninstall      removes what make install put there
@@ -208,6 +209,7 @@ bench-storage: build
 
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py
+	/usr/bin/python3 demo/trajectories.py
 
 # make install: the daemon, the libraries with their headers under
 # include/optd/ and pkg-config files (optd-client.pc, optim.pc), the man page
