@@ -7,6 +7,7 @@
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
 #   make valgrind       the test suite under valgrind
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
+#   make bench-observe  step throughput with /metrics scraped and 10 event watchers
 #   make demo           the optimizer comparison on the digits data set, and the
 #                       optimizers' trajectories on Rosenbrock and Beale
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
@@ -65,7 +66,7 @@ TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
-        bench-http bench-sync bench-storage demo install uninstall wheel clean test-unit test-clients
+        bench-http bench-sync bench-storage bench-observe demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -204,6 +205,8 @@ bench-http: deps-bench build
 	sh bench/http.sh
 bench-sync: build
 	$(BUILD)/bench/sync
+bench-observe: deps-bench build
+	sh bench/observe.sh
 bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
 

@@ -8,8 +8,9 @@
  * from a callback: the callback hands out what the watcher's buffer holds,
  * and when it is empty it suspends the connection and returns 0 bytes.
  * The step path appends the event's text to each watcher's buffer under
- * the watcher's own lock and resumes a suspended one: a bounded memcpy per
- * watcher, never a wait on the network.  A watcher whose buffer
+ * the watcher's own lock: a bounded memcpy per watcher, never a wait on
+ * the network.  A pump thread resumes the suspended readers that have
+ * events every PUMP_MS, so a busy session's events leave in batches.  A watcher whose buffer
  * (WATCH_BUF) is full is dropped: its stream ends after what it holds,
  * and the client resumes with Last-Event-ID, which the stream serves from
  * the step history (storage_history) a page at a time before going live.
@@ -36,6 +37,7 @@
 #define KEEPALIVE_S 15         /* a comment line this often keeps proxies,
                                   and the idle timeout, from closing        */
 #define EVENT_MAX 1024         /* one step event's text                    */
+#define PUMP_MS 50             /* how often waiting events are sent         */
 
 typedef struct watcher {
     struct watcher *next;
@@ -62,6 +64,7 @@ static storage *events_db;
 static pthread_t keepalive_thread;
 static bool keepalive_started, stopping;
 static pthread_cond_t keepalive_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t keepalive_mu = PTHREAD_MUTEX_INITIALIZER;
 
 size_t obs_events_watchers(void)
 {
@@ -93,7 +96,10 @@ static void push_locked(watcher *w, const char *text, size_t n)
         memcpy(w->buf + w->len, text, n);
         w->len += n;
     }
-    if (w->suspended) {
+    /* The pump thread wakes readers every PUMP_MS: events of a busy
+     * session go out in batches, not one wakeup (and one write) each.
+     * A buffer past half full, or an ended stream, wakes at once. */
+    if (w->suspended && (w->ended || w->len - w->off > WATCH_BUF / 2)) {
         w->suspended = false;
         MHD_resume_connection(w->conn);
     }
@@ -387,22 +393,50 @@ int obs_h_events(srv_ctx *ctx, const srv_request *req, api_reply *r)
 
 /* ---------------------------------------------------------- keepalive */
 
-static pthread_mutex_t keepalive_mu = PTHREAD_MUTEX_INITIALIZER;
+/* Wakes every reader with unsent events (PUMP_MS), and every reader with a
+ * keepalive comment (KEEPALIVE_S). */
+static void pump(bool keepalive)
+{
+    static const char ping[] = ": keepalive\n\n";
+    pthread_mutex_lock(&watchers_mu);
+    for (watcher *w = watchers; w; w = w->next) {
+        pthread_mutex_lock(&w->mu);
+        if (keepalive)
+            push_locked(w, ping, sizeof ping - 1);
+        if (w->suspended && (w->off < w->len || w->ended)) {
+            w->suspended = false;
+            MHD_resume_connection(w->conn);
+        }
+        pthread_mutex_unlock(&w->mu);
+    }
+    pthread_mutex_unlock(&watchers_mu);
+}
 
 static void *keepalive_main(void *arg)
 {
     (void)arg;
+    struct timespec last;
+    clock_gettime(CLOCK_MONOTONIC, &last);
     pthread_mutex_lock(&keepalive_mu);
-    while (!stopping) {
+    while (!__atomic_load_n(&stopping, __ATOMIC_RELAXED)) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += KEEPALIVE_S;
+        ts.tv_nsec += PUMP_MS * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
         pthread_cond_timedwait(&keepalive_cv, &keepalive_mu, &ts);
-        if (stopping)
+        if (__atomic_load_n(&stopping, __ATOMIC_RELAXED))
             break;
         pthread_mutex_unlock(&keepalive_mu);
-        static const char ping[] = ": keepalive\n\n";
-        broadcast(NULL, ping, sizeof ping - 1);
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        bool ka = now.tv_sec - last.tv_sec >= KEEPALIVE_S;
+        if (ka)
+            last = now;
+        if (obs_events_watchers() > 0)
+            pump(ka);
         pthread_mutex_lock(&keepalive_mu);
     }
     pthread_mutex_unlock(&keepalive_mu);
