@@ -145,6 +145,23 @@ static int put_time(api_buf *b, int64_t ms)
                           (int)(ms % 1000));
 }
 
+/* A JSON string (worker names are any 1-128 characters): quotes,
+ * backslashes and control characters escaped, so the event stays one
+ * line of JSON. */
+static int put_string(api_buf *b, const char *v)
+{
+    int rc = api_buf_put(b, "\"", 1);
+    for (const unsigned char *p = (const unsigned char *)v; *p; p++) {
+        if (*p == '"' || *p == '\\')
+            rc |= api_buf_printf(b, "\\%c", *p);
+        else if (*p < 0x20 || *p == 0x7f)
+            rc |= api_buf_printf(b, "\\u%04x", *p);
+        else
+            rc |= api_buf_put(b, (const char *)p, 1);
+    }
+    return rc | api_buf_put(b, "\"", 1);
+}
+
 /* One event in SSE form: "id: STEP\nevent: KIND\ndata: {...}\n\n".  An
  * applied step carries its step as the id; the other kinds carry none (a
  * resume restarts after the last applied step). */
@@ -166,8 +183,10 @@ static int format_step(api_buf *b, int kind, int64_t step, int64_t time_ms, doub
     rc |= api_buf_double(b, grad_norm);
     rc |= api_buf_put(b, ",\"update_norm\":", 15);
     rc |= api_buf_double(b, update_norm);
-    if (worker && worker[0]) /* worker names are [A-Za-z0-9._-] (api) */
-        rc |= api_buf_printf(b, ",\"worker\":\"%s\"", worker);
+    if (worker && worker[0]) {
+        rc |= api_buf_put(b, ",\"worker\":", 10);
+        rc |= put_string(b, worker);
+    }
     rc |= api_buf_put(b, "}\n\n", 3);
     return rc;
 }
@@ -198,6 +217,27 @@ void obs_config_changed(const eng_session *s)
         broadcast(s->name, b.data, b.len);
     free(b.data);
     free(cfg);
+}
+
+void obs_events_round(const eng_session *s, const char *state)
+{
+    if (!session_watched(s->name))
+        return;
+    api_buf b = {0};
+    int rc = api_buf_printf(&b,
+                            "event: round\ndata: {\"step\":%lld,\"state\":\"%s\",\"received\":%lld,"
+                            "\"awaiting\":%lld,\"workers\":[",
+                            (long long)s->round_step, state, (long long)s->round_count,
+                            (long long)(s->cfg.mode.workers - s->round_count));
+    for (int64_t i = 0; i < s->round_count; i++) {
+        if (i)
+            rc |= api_buf_put(&b, ",", 1);
+        rc |= put_string(&b, s->round_workers[i]);
+    }
+    rc |= api_buf_put(&b, "]}\n\n", 4);
+    if (rc == 0)
+        broadcast(s->name, b.data, b.len);
+    free(b.data);
 }
 
 /* ------------------------------------------------------------ stream */

@@ -75,6 +75,10 @@ void obs_config_changed(const eng_session *s);
 int obs_events_open(srv_ctx *ctx, void *conn, const char *name, const char *last_event_id,
                     const char *after, const char *live, const char *request_id, int *ok,
                     api_reply *r);
+/* A synchronous round for the session's watchers (session locked):
+ * state "open" after a gradient joined it, "aborted" or "timed_out" when
+ * it ends without an update (its closing update is a step event). */
+void obs_events_round(const eng_session *s, const char *state);
 /* Starts / stops the keepalive thread; the stop ends every stream. */
 int obs_events_init(srv_ctx *ctx);
 void obs_events_shutdown(void);

@@ -237,6 +237,7 @@ int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const 
         snprintf(s->round_workers[s->round_count], API_WORKER_MAX + 1, "%s", meta->worker);
         snprintf(s->round_keys[s->round_count], API_IDEM_MAX + 1, "%s", key ? key : "");
         s->round_count++;
+        obs_events_round(s, "open");
         if (!isnan(meta->loss)) {
             s->round_loss_sum += meta->loss;
             s->round_loss_n++;
@@ -266,6 +267,7 @@ void srv_sync_abort(srv_ctx *ctx, eng_session *s, int status, const char *why)
         return;
     api_reply p = {0};
     api_problem_with(&p, status, NULL, "step", (int64_t)s->st.step, "%s", why);
+    obs_events_round(s, status == 504 ? "timed_out" : "aborted");
     answer_waiters_problem(ctx, s, &p);
     api_reply_free(&p);
     round_reset(ctx, s);

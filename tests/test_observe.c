@@ -381,6 +381,53 @@ static void test_events_live_and_resume(void **state)
     assert_int_equal(tapi_suite_close(s), 0);
 }
 
+/* A synchronous round's progress and its timeout are events; worker
+ * names of any characters stay valid JSON in them. */
+static void test_events_round_and_worker_names(void **state)
+{
+    (void)state;
+    tapi_suite *s = tapi_suite_open(NULL);
+    assert_non_null(s);
+    tapi_create(s->c, "rd",
+                "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.1},\"params\":[1,2],"
+                "\"mode\":{\"type\":\"sync\",\"workers\":2,\"timeout_ms\":400}}",
+                201);
+    int fd = raw_send(port_of(&s->d), events_request("rd", NULL), 0);
+    rbuf b = {0};
+    assert_true(read_until(fd, &b, 0, "retry:", 5000));
+    const char *body = "{\"grad\":[1,1],\"worker\":\"we\\\"ird\\\\\"}";
+    char req[512];
+    snprintf(req, sizeof req,
+             "POST /v1/sessions/rd/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             "Content-Length: %zu\r\n\r\n%s",
+             strlen(body), body);
+    int wfd = raw_send(port_of(&s->d), req, 0);
+    assert_true(read_until(fd, &b, 0,
+                           "event: round\ndata: {\"step\":0,\"state\":\"open\",\"received\":1,"
+                           "\"awaiting\":1,\"workers\":[\"we\\\"ird\\\\\"]}\n\n",
+                           5000));
+    /* Nobody else comes: the round times out (504 to the waiting worker). */
+    assert_true(read_until(fd, &b, 0, "\"state\":\"timed_out\"", 5000));
+    rbuf w = {0};
+    assert_true(read_until(wfd, &w, 0, "HTTP/1.1 504", 5000));
+    close(wfd);
+    free(w.data);
+    /* Each event's data is one line of valid JSON. */
+    for (const char *p = strstr(b.data, "data: "); p; p = strstr(p + 1, "data: ")) {
+        const char *e = strchr(p, '\n');
+        assert_non_null(e);
+        char *one = strndup(p + 6, (size_t)(e - p - 6));
+        cJSON *o = cJSON_Parse(one);
+        if (!o)
+            fail_msg("event data is not JSON: %s", one);
+        cJSON_Delete(o);
+        free(one);
+    }
+    close(fd);
+    free(b.data);
+    assert_int_equal(tapi_suite_close(s), 0);
+}
+
 /* A watcher that does not read: its buffer fills, it is dropped (counted
  * on /metrics) and its stream ends after what it held, while steps keep
  * their pace; it resumes from where it stopped with Last-Event-ID. */
@@ -584,6 +631,7 @@ int main(void)
         cmocka_unit_test(test_metrics_token),
         cmocka_unit_test(test_metrics_sync_round),
         cmocka_unit_test(test_events_live_and_resume),
+        cmocka_unit_test(test_events_round_and_worker_names),
         cmocka_unit_test(test_events_slow_watcher_dropped),
         cmocka_unit_test(test_request_id_and_access_log),
         cmocka_unit_test(test_dashboard_files),

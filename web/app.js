@@ -195,12 +195,15 @@
       if (doc[k] !== undefined) cfg[k] = doc[k];
     }
     $('config').textContent = JSON.stringify(cfg, null, 2);
-    if (doc.round) {
-      $('round').textContent = 'step ' + doc.round.step + ': ' + doc.round.received + ' received, ' +
-        doc.round.awaiting + ' awaited' + (doc.round.workers.length ? ' (from ' + doc.round.workers.join(', ') + ')' : '');
-    } else {
-      $('round').textContent = doc.mode ? 'none (mode ' + doc.mode.type + ')' : '–';
-    }
+    if (doc.round) showRound(doc.round);
+    else $('round').textContent = doc.mode ? 'none (mode ' + doc.mode.type + ')' : '–';
+  }
+
+  // A round from the session document or from a "round" event.
+  function showRound(r) {
+    const who = r.workers && r.workers.length ? ' (from ' + r.workers.join(', ') + ')' : '';
+    const state = r.state && r.state !== 'open' ? ' — ' + r.state.replace('_', ' ') : '';
+    $('round').textContent = 'step ' + r.step + ': ' + r.received + ' received, ' + r.awaiting + ' awaited' + who + state;
   }
 
   function parseEvent(block) {
@@ -243,6 +246,7 @@
             const d = JSON.parse(ev.data);
             if (ev.event === 'step') addPoint(d);
             else if (ev.event === 'config') showDoc(Object.assign({}, d.config, { step: d.step }));
+            else if (ev.event === 'round') showRound(d);
           }
         }
         $('live').textContent = 'reconnecting…';
