@@ -3,6 +3,7 @@
  * filling the reply; errors go through api_problem (problem+json) and leave
  * the session exactly as it was.
  */
+#include "server/observe.h"
 #include "server/server.h"
 
 #include <cjson/cJSON.h>
@@ -529,6 +530,7 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
         return srv_engine_fail(r, err, "saving the new config");
     }
     api_config_free(&old);
+    obs_config_changed(s);
     st = reply_session(r, 200, s);
     srv_registry_release(ctx->reg, s);
     return st;
@@ -794,6 +796,7 @@ int srv_commit_update(srv_ctx *ctx, eng_session *s, const eng_step_in *in, eng_s
 {
     int err = eng_step(ctx->db, ctx->pool, s, in, out);
     if (err == ENG_OK) {
+        obs_step_committed(s, in, out);
         if (s->seq % IDEM_PRUNE_EVERY == 0)
             storage_idem_prune(ctx->db, s->id, s->updated_ms - IDEM_KEEP_MS, IDEM_KEEP_KEYS);
         return 0;
@@ -920,6 +923,7 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         int64_t age = step_now - meta.base_step;
         if (s->cfg.mode.max_staleness >= 0 && age > s->cfg.mode.max_staleness) {
             s->n_stale++;
+            obs_step_stale();
             st = api_problem_with(r, 409, "base_step", "step", step_now,
                                   "gradient is %lld steps stale (max_staleness %lld); pull the "
                                   "params and retry",
@@ -1196,6 +1200,10 @@ static const handler_fn handlers[API_R_COUNT] = {
     [API_R_HISTORY] = h_history,
     [API_R_STATE_GET] = h_get_state,
     [API_R_STATE_PUT] = h_put_state,
+    [API_R_EVENTS] = obs_h_events,
+    [API_R_METRICS] = obs_h_metrics,
+    [API_R_DASHBOARD] = obs_h_dashboard,
+    [API_R_ASSET] = obs_h_asset,
 };
 
 /* Under fault injection or sync counting (OPTD_FAULT, OPTD_FAULT_COUNT_SYNCS:

@@ -36,6 +36,9 @@ typedef struct {
     size_t max_connections;        /* open connections in all               */
     size_t max_connections_per_ip; /* open connections from one address     */
     size_t idle_timeout_s;         /* a connection idle this long is closed */
+    char access_log[1024];         /* --access-log FILE: JSON lines; "" none */
+    char metrics_token[256];       /* /metrics token ("": --api-key's rule)  */
+    size_t metrics_sessions;       /* sessions with their own series (0: none) */
 } srv_config;
 
 /* Parses OPTD_* environment variables, then argv (flags win).  Returns 0,

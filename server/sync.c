@@ -12,6 +12,7 @@
  * Lock order: a session's lock, then sy->mu (to list the round); the reaper
  * takes sy->mu, lets it go, then takes the session's lock.
  */
+#include "server/observe.h"
 #include "server/server.h"
 
 #include <errno.h>
@@ -54,6 +55,7 @@ static void list_add(srv_sync *sy, eng_session *s, int64_t deadline)
     sy->open = e;
     s->round_listed = true;
     pthread_mutex_unlock(&sy->mu);
+    obs_rounds_open(1);
 }
 
 static void list_remove(srv_sync *sy, eng_session *s)
@@ -64,6 +66,7 @@ static void list_remove(srv_sync *sy, eng_session *s)
             round_entry *e = *pp;
             *pp = e->next;
             free(e);
+            obs_rounds_open(-1);
             break;
         }
     }
@@ -250,6 +253,7 @@ int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const 
         snprintf(s->round_keys[s->round_count], API_IDEM_MAX + 1, "%s", key ? key : "");
         s->round_fps[s->round_count] = key ? fp : 0;
         s->round_count++;
+        obs_events_round(s, "open");
         if (!isnan(meta->loss)) {
             s->round_loss_sum += meta->loss;
             s->round_loss_n++;
@@ -279,6 +283,7 @@ void srv_sync_abort(srv_ctx *ctx, eng_session *s, int status, const char *why)
         return;
     api_reply p = {0};
     api_problem_with(&p, status, NULL, "step", (int64_t)s->st.step, "%s", why);
+    obs_events_round(s, status == 504 ? "timed_out" : "aborted");
     answer_waiters_problem(ctx, s, &p);
     api_reply_free(&p);
     round_reset(ctx, s);
