@@ -11,6 +11,9 @@ import array
 import math
 import sys
 
+from typing import Any, Optional
+
+_np: Optional[Any]
 try:
     import numpy as _np
 except ImportError:  # the client works without NumPy, on array.array

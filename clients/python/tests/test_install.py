@@ -102,6 +102,11 @@ class Install(unittest.TestCase):
         self.assertNotIn("missing library stubs or py.typed", out)
         self.assertIn('Argument 1 to "create_session" of "Client" has incompatible type "int"', out)
         self.assertIn('Argument "loss" to "step" of "Session" has incompatible type "str"', out)
+        # and the package's own hints agree with its code
+        r = subprocess.run(["/usr/bin/python3", "-m", "mypy", "--cache-dir", cache, "optd"],
+                           cwd=os.path.join(REPO, "clients", "python"), env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        self.assertEqual(r.returncode, 0, r.stdout.decode(errors="replace"))
 
 
 TYPED_USE = """\
