@@ -93,8 +93,10 @@ class Install(unittest.TestCase):
         # One run for both files; mypy's cache outlives the test (as npm's
         # does for the JS suite), so later runs skip re-reading typeshed.
         cache = os.path.join(tempfile.gettempdir(), "optd-mypy-%d" % os.getuid())
+        config = os.path.join(REPO, "clients", "python", "pyproject.toml")
         r = subprocess.run(["/usr/bin/python3", "-m", "mypy", "--python-executable", py,
-                            "--cache-dir", cache, good, bad], cwd=self.home, env=env,
+                            "--config-file", config, "--cache-dir", cache, good, bad],
+                           cwd=self.home, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
         out = r.stdout.decode(errors="replace")
         self.assertNotEqual(r.returncode, 0, out)
