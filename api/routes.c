@@ -22,6 +22,9 @@ const api_route api_routes[] = {
     {"GET", "/v1/sessions/{name}/history", API_R_HISTORY, API_BODY_NONE, true},
     {"GET", "/v1/sessions/{name}/state", API_R_STATE_GET, API_BODY_NONE, true},
     {"PUT", "/v1/sessions/{name}/state", API_R_STATE_PUT, API_BODY_BINARY, true},
+    {"GET", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_GET, API_BODY_NONE, true},
+    {"POST", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_POST, API_BODY_JSON, true},
+    {"POST", "/v1/sessions/{name}/rollback", API_R_ROLLBACK, API_BODY_JSON, true},
 };
 const size_t api_route_count = sizeof api_routes / sizeof api_routes[0];
 

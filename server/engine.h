@@ -192,6 +192,20 @@ int eng_session_create(storage *db, eng_session *s, int64_t now_ms);
  * (checksums, a replay that diverges), ENOMEM, EIO... */
 int eng_session_load(storage *db, eng_pool *pool, eng_session *s);
 
+/* Fills a shell with session id's state after step (the nearest kept
+ * checkpoint at or before it, then replay), under the config that
+ * checkpoint was taken with (config, the session's current one, when the
+ * checkpoint predates that record).  *seq gets the log row of that step.
+ * STORAGE_ERANGE when step is outside the kept history. */
+int eng_session_load_at(storage *db, eng_pool *pool, eng_session *s, int64_t id, int64_t step,
+                        const char *config, int64_t *seq);
+
+/* Feeds the rows after < seq <= upto of session src_id's log through
+ * eng_step of s (under s's config; each one logged in s), counting them
+ * in *rows.  A counterfactual replay. */
+int eng_relog(storage *db, eng_pool *pool, eng_session *s, int64_t src_id, int64_t after,
+              int64_t upto, int64_t *rows);
+
 /* The lr the next update would use. */
 double eng_next_lr(const eng_session *s);
 
@@ -233,6 +247,11 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
 /* Writes a full checkpoint (and the config when with_config).  On failure
  * nothing in memory changed; the caller decides whether to drop. */
 int eng_checkpoint(storage *db, eng_session *s, bool with_config);
+
+/* The same with the checkpoint's kind (STORAGE_CKPT_*) and label (NULL:
+ * none; one already used is STORAGE_EEXIST). */
+int eng_checkpoint_kind(storage *db, eng_session *s, bool with_config, int kind,
+                        const char *label);
 
 /* Replaces the params (n elements of the dtype, taken over: the engine owns
  * and frees the buffer) and checkpoints; on failure the old params stay. */

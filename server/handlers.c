@@ -194,6 +194,11 @@ static int reply_session(api_reply *r, int status, const eng_session *s)
     return doc ? reply_cjson(r, status, doc) : api_problem(r, 503, NULL, "out of memory");
 }
 
+int srv_reply_session(api_reply *r, int status, const eng_session *s)
+{
+    return reply_session(r, status, s);
+}
+
 /* {"step":t,"lr":x,"params":[...]} or the raw params (binary, in wire
  * form `wire`).  step is the step to report (a replay reports the step its
  * key applied); replayed adds "replayed":true. */
@@ -345,7 +350,10 @@ static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
     api_config cfg;
     api_init init;
     void *params = NULL;
-    int st = api_decode_create(req->body, req->body_len, ctx->cfg->max_params, &cfg, &init,
+    int st = srv_fork(ctx, req, r); /* travel.c; 0 when the body has no fork */
+    if (st)
+        return st;
+    st = api_decode_create(req->body, req->body_len, ctx->cfg->max_params, &cfg, &init,
                                &params, r);
     if (st)
         return st;
@@ -1011,7 +1019,8 @@ again:;
             st = err == ENG_EDAMAGED ? api_problem(r, 422, NULL, "%s; nothing was changed", why)
                                      : srv_engine_fail(r, err, "importing the state");
         } else if ((s->updated_ms = srv_now_ms(),
-                    err = eng_checkpoint(ctx->db, s, false)) != ENG_OK) {
+                    err = eng_checkpoint_kind(ctx->db, s, false, STORAGE_CKPT_ANCHOR, NULL)) !=
+                   ENG_OK) {
             srv_registry_drop(ctx->reg, s); /* memory is ahead of disk */
             st = srv_engine_fail(r, err, "saving the imported state");
         } else {
@@ -1090,6 +1099,9 @@ static const handler_fn handlers[API_R_COUNT] = {
     [API_R_HISTORY] = h_history,
     [API_R_STATE_GET] = h_get_state,
     [API_R_STATE_PUT] = h_put_state,
+    [API_R_CHECKPOINTS_GET] = srv_h_checkpoints_get,
+    [API_R_CHECKPOINTS_POST] = srv_h_checkpoints_post,
+    [API_R_ROLLBACK] = srv_h_rollback,
 };
 
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)

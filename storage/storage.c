@@ -79,6 +79,7 @@ enum {
     Q_IDEM_DELETE_AFTER,
     Q_SESSION_RENAME,
     Q_CKPT_AT,
+    Q_CKPT_LABEL_STEP,
     Q_LOG_AFTER,
     Q_LOG_INSERT,
     Q_LOG_DROP_GRAD,
@@ -159,6 +160,7 @@ static const char *const sql_text[Q_COUNT] = {
     [Q_IDEM_DELETE_AFTER] =
         "DELETE FROM idem WHERE session_id = ?1 AND (step > ?2 OR (step = ?2 AND kind <> 0))",
     [Q_SESSION_RENAME] = "UPDATE sessions SET name = ?2 WHERE id = ?1",
+    [Q_CKPT_LABEL_STEP] = "SELECT step FROM checkpoints WHERE session_id = ?1 AND label = ?2",
     [Q_CKPT_AT] = "SELECT file, label FROM checkpoints WHERE session_id = ?1 AND seq = ?2",
     [Q_LOG_AFTER] =
         "SELECT seq, kind, step, time_ms, lr, factor, loss, grad_norm, update_norm, worker,"
@@ -1205,6 +1207,8 @@ static int put_ckpt(storage *st, job *j, int64_t id, const ckpt_ref *ck)
     return err;
 }
 
+static int step_seq(storage *st, int64_t id, int64_t step, int64_t *seq);
+
 /* Inside a job: the session returns to the state after step j->step:
  * every log row, checkpoint and idempotency key after that step's row
  * goes; the nearest checkpoint at or before it stays, and its config
@@ -1212,14 +1216,7 @@ static int put_ckpt(storage *st, job *j, int64_t id, const ckpt_ref *ck)
 static int run_rollback(storage *st, job *j)
 {
     int64_t target = -1, c_seq = 0;
-    bool null = true;
-    int err = query_i64(st, Q_LOG_STEP_SEQ, j->id, j->step, &target, &null);
-    if (err == STORAGE_OK && null)
-        err = query_i64(st, Q_CKPT_STEP_SEQ, j->id, j->step, &target, &null);
-    if (err == STORAGE_OK && null) {
-        set_error("step %" PRId64 " is not in the session's log", j->step);
-        return STORAGE_ERANGE;
-    }
+    int err = step_seq(st, j->id, j->step, &target);
     char *config = NULL;
     if (err == STORAGE_OK) {
         sqlite3_stmt *s = stmt(st, Q_CKPT_NEWEST);
@@ -2029,6 +2026,71 @@ int storage_ckpt_list(storage *st, int64_t id, storage_ckpt_list_fn fn, void *ud
     if (err == STORAGE_OK && rc != SQLITE_DONE)
         err = sql_fail(st->db, rc);
     sqlite3_reset(s);
+    pthread_mutex_unlock(&st->db_mu);
+    return err;
+}
+
+/* Under db_mu: the log row a step ends at (the update's row; for the
+ * first state of a session, its first checkpoint). */
+static int step_seq(storage *st, int64_t id, int64_t step, int64_t *seq)
+{
+    bool null = true;
+    int err = query_i64(st, Q_LOG_STEP_SEQ, id, step, seq, &null);
+    if (err == STORAGE_OK && null)
+        err = query_i64(st, Q_CKPT_STEP_SEQ, id, step, seq, &null);
+    if (err == STORAGE_OK && null) {
+        set_error("step %" PRId64 " is not in the session's log", step);
+        err = STORAGE_ERANGE;
+    }
+    return err;
+}
+
+int64_t storage_ckpt_step(storage *st, int64_t id, const char *label)
+{
+    clear_error();
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = stmt(st, Q_CKPT_LABEL_STEP);
+    sqlite3_bind_int64(s, 1, id);
+    sqlite3_bind_text(s, 2, label, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(s);
+    int64_t out = rc == SQLITE_ROW    ? sqlite3_column_int64(s, 0)
+                  : rc == SQLITE_DONE ? STORAGE_ENOTFOUND
+                                      : sql_fail(st->db, rc);
+    sqlite3_reset(s);
+    pthread_mutex_unlock(&st->db_mu);
+    return out;
+}
+
+int storage_locate(storage *st, int64_t id, int64_t step, int64_t *seq, char **config)
+{
+    clear_error();
+    *config = NULL;
+    pthread_mutex_lock(&st->db_mu);
+    int err = exec_q(st, Q_BEGIN_READ);
+    if (err == STORAGE_OK)
+        err = step_seq(st, id, step, seq);
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_CKPT_NEWEST);
+        sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_int64(s, 2, *seq);
+        int rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW) {
+            if (sqlite3_column_type(s, 5) != SQLITE_NULL &&
+                !(*config = dup_str((const char *)sqlite3_column_text(s, 5)))) {
+                set_error("out of memory");
+                err = STORAGE_ENOMEM;
+            }
+        } else if (rc == SQLITE_DONE) {
+            set_error("no checkpoint at or before step %" PRId64 " is kept (the log behind the "
+                      "oldest kept checkpoint is compacted)",
+                      step);
+            err = STORAGE_ERANGE;
+        } else {
+            err = sql_fail(st->db, rc);
+        }
+        sqlite3_reset(s);
+    }
+    rollback(st);
     pthread_mutex_unlock(&st->db_mu);
     return err;
 }

@@ -175,6 +175,11 @@ int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
 int storage_session_load_at(storage *st, int64_t id, int64_t upto, storage_ckpt_fn ckpt,
                             storage_replay_fn replay, void *ud, char **config);
 
+/* The log row (seq) after which the session was at step, and the config
+ * of the nearest kept checkpoint at or before it (a new string, or NULL
+ * when it predates that record).  STORAGE_ERANGE when either is missing. */
+int storage_locate(storage *st, int64_t id, int64_t step, int64_t *seq, char **config);
+
 /* Calls fn for each log row with after < seq <= upto, in order, with its
  * verified gradient; reads in batches (bounded memory).  A row whose
  * replay data is gone (compacted) is STORAGE_ERANGE. */
@@ -209,6 +214,10 @@ typedef struct {
     const char *label;         /* NULL when none; valid during the call      */
 } storage_ckpt_info;
 typedef int (*storage_ckpt_list_fn)(void *ud, const storage_ckpt_info *c);
+
+/* The step of the checkpoint labelled label, or STORAGE_ENOTFOUND (or
+ * another negative code). */
+int64_t storage_ckpt_step(storage *st, int64_t id, const char *label);
 
 /* Calls fn for each of the session's checkpoints, oldest first. */
 int storage_ckpt_list(storage *st, int64_t id, storage_ckpt_list_fn fn, void *ud);
