@@ -422,16 +422,16 @@ int srv_fork(srv_ctx *ctx, const srv_request *req, api_reply *r)
     }
     int64_t rows = 0;
     if (replay && (err = eng_relog(ctx->db, ctx->pool, s, parent->id, seq, parent->seq, &rows))) {
-        storage_session_delete(ctx->db, tmp);
         st = travel_fail(r, err, "replay", "replaying the parent's log");
+        storage_session_delete(ctx->db, tmp);
         goto out;
     }
     if ((err = storage_session_rename(ctx->db, s->id, req->name)) != STORAGE_OK) {
-        storage_session_delete(ctx->db, tmp);
         st = err == STORAGE_EEXIST
                  ? api_problem(r, 409, "name", "a session named %s was created meanwhile",
                                req->name)
                  : srv_engine_fail(r, err, "naming the fork");
+        storage_session_delete(ctx->db, tmp);
         goto out;
     }
     snprintf(s->name, sizeof s->name, "%s", req->name);

@@ -83,6 +83,7 @@ enum {
     Q_LOG_AFTER,
     Q_LOG_INSERT,
     Q_LOG_DROP_GRAD,
+    Q_LOG_DROP_ROWS,
     Q_IDEM_INSERT,
     Q_IDEM_GET,
     Q_IDEM_PRUNE,
@@ -174,6 +175,9 @@ static const char *const sql_text[Q_COUNT] = {
         "UPDATE steps SET grad = NULL, file = NULL, off = NULL, extra = NULL, crc = NULL"
         " WHERE session_id = ?1 AND seq > ?2 AND seq <= " OLDEST
         " AND (grad IS NOT NULL OR file IS NOT NULL OR extra IS NOT NULL)",
+    /* With a retention policy the rows behind the oldest checkpoint go
+     * (history included): the file stays bounded. */
+    [Q_LOG_DROP_ROWS] = "DELETE FROM steps WHERE session_id = ?1 AND seq < " OLDEST,
     [Q_IDEM_INSERT] = "INSERT OR IGNORE INTO idem(session_id, key, step, time_ms, kind, fp)"
                       " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     [Q_IDEM_GET] =
@@ -1201,6 +1205,11 @@ static int put_ckpt(storage *st, job *j, int64_t id, const ckpt_ref *ck)
         sqlite3_bind_int64(s, 2, prev_oldest);
         err = exec_stmt(st, s);
     }
+    if (err == STORAGE_OK && j->keep > 0) {
+        sqlite3_stmt *s = stmt(st, Q_LOG_DROP_ROWS);
+        sqlite3_bind_int64(s, 1, id);
+        err = exec_stmt(st, s);
+    }
     if (err == STORAGE_OK)
         err = keep_unused_segments(st, j, id, first);
     j->seg_reset = true;
@@ -1307,8 +1316,10 @@ static int run_append(storage *st, job *j)
     bind_double_or_null(s, 10, e->update_norm);
     if (e->worker)
         sqlite3_bind_text(s, 11, e->worker, -1, SQLITE_STATIC);
-    /* The replay data is not needed when this row is checkpointed at once. */
-    if (e->grad && !j->ck.present) {
+    /* A row checkpointed at once keeps its replay data too: a rollback or
+     * fork from an older kept checkpoint replays it (put_ckpt drops it when
+     * nothing older is kept). */
+    if (e->grad) {
         if (!j->grad_in_file)
             sqlite3_bind_blob64(s, 12, e->grad, e->grad_len, SQLITE_STATIC);
         sqlite3_bind_int64(s, 13, j->grad_crc);
@@ -1318,7 +1329,7 @@ static int run_append(storage *st, job *j)
             sqlite3_bind_int64(s, 16, j->grad_off);
         }
     }
-    if (e->extra && !j->ck.present)
+    if (e->extra)
         sqlite3_bind_blob64(s, 17, e->extra, e->extra_len, SQLITE_STATIC);
     int err = exec_stmt(st, s);
     if (err == STORAGE_EEXIST)
@@ -2149,7 +2160,8 @@ int storage_append_kept(storage *st, int64_t id, const storage_log_entry *e,
         ckpt_meta(&j, m);
         j.ck.seq = e->seq;
         j.ck.step = e->step;
-    } else if (e->grad) {
+    }
+    if (err == STORAGE_OK && e->grad) {
         j.grad_crc = storage_crc32(0, e->grad, e->grad_len);
         if (e->grad_len > INLINE_MAX) {
             /* The bytes reach the segment before the row exists; a failed
