@@ -380,10 +380,11 @@ int srv_fork(srv_ctx *ctx, const srv_request *req, api_reply *r)
     eng_session *parent = NULL, *s = NULL;
     err = srv_registry_acquire(ctx->reg, from->valuestring, &parent);
     if (err != STORAGE_OK) {
+        st = err == STORAGE_ENOTFOUND
+                 ? api_problem(r, 404, "fork.from", "no session named %s", from->valuestring)
+                 : srv_engine_fail(r, err, "loading the parent");
         cJSON_Delete(root);
-        return err == STORAGE_ENOTFOUND
-                   ? api_problem(r, 404, "fork.from", "no session named %s", from->valuestring)
-                   : srv_engine_fail(r, err, "loading the parent");
+        return st;
     }
     int64_t head = (int64_t)parent->st.step;
     if (t < 0)
