@@ -73,6 +73,8 @@ typedef enum {
     API_R_CHECKPOINTS_GET,
     API_R_CHECKPOINTS_POST,
     API_R_ROLLBACK,
+    API_R_EXPORT_GET,
+    API_R_EXPORT_PUT,
     API_R_COUNT
 } api_route_id;
 

@@ -25,6 +25,8 @@ const api_route api_routes[] = {
     {"GET", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_GET, API_BODY_NONE, true},
     {"POST", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_POST, API_BODY_JSON, true},
     {"POST", "/v1/sessions/{name}/rollback", API_R_ROLLBACK, API_BODY_JSON, true},
+    {"GET", "/v1/sessions/{name}/export", API_R_EXPORT_GET, API_BODY_NONE, true},
+    {"PUT", "/v1/sessions/{name}/export", API_R_EXPORT_PUT, API_BODY_BINARY, true},
 };
 const size_t api_route_count = sizeof api_routes / sizeof api_routes[0];
 

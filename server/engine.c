@@ -1037,7 +1037,7 @@ int eng_session_load(storage *db, eng_pool *pool, eng_session *s)
 int eng_session_load_at(storage *db, eng_pool *pool, eng_session *s, int64_t id, int64_t step,
                         const char *config, int64_t *seq_out)
 {
-    int64_t seq;
+    int64_t seq = seq_out && step < 0 ? *seq_out : 0;
     char *at_cfg = NULL;
     int err = storage_locate(db, id, step, &seq, &at_cfg);
     if (err != STORAGE_OK)
@@ -1057,7 +1057,7 @@ int eng_session_load_at(storage *db, eng_pool *pool, eng_session *s, int64_t id,
     err = storage_session_load_at(db, id, seq, install_ckpt, replay_row, &rc, NULL);
     if (err == STORAGE_OK && eng_ensure_buffers(s) != ENG_OK)
         err = STORAGE_ENOMEM;
-    if (err == STORAGE_OK && (int64_t)s->st.step != step)
+    if (err == STORAGE_OK && step >= 0 && (int64_t)s->st.step != step)
         err = STORAGE_ECORRUPT;
     if (err == STORAGE_OK && seq_out)
         *seq_out = seq;
@@ -1071,12 +1071,16 @@ typedef struct {
     int64_t rows;
 } relog_ctx;
 
-/* One row of another session's log through eng_step (apply + log). */
 static int relog_row(void *ud, const storage_log_entry *e)
 {
     relog_ctx *rc = ud;
-    eng_session *s = rc->s;
     rc->rows++;
+    return eng_apply_logged(rc->db, rc->pool, rc->s, e);
+}
+
+int eng_apply_logged(storage *db, eng_pool *pool, eng_session *s, const storage_log_entry *e)
+{
+    ENG_ASSERT_LOCKED(s);
     if (e->kind == STORAGE_LOG_SKIP) {
         /* its gradient was not kept: counted, as the original was */
         s->n_skipped++;
@@ -1094,7 +1098,7 @@ static int relog_row(void *ud, const storage_log_entry *e)
         err = STORAGE_ECORRUPT;
     if (!err) {
         eng_step_out out;
-        err = eng_step(rc->db, rc->pool, s, &in, &out);
+        err = eng_step(db, pool, s, &in, &out);
     }
     free(absent);
     free(ghp);

@@ -196,7 +196,8 @@ int eng_session_load(storage *db, eng_pool *pool, eng_session *s);
  * checkpoint at or before it, then replay), under the config that
  * checkpoint was taken with (config, the session's current one, when the
  * checkpoint predates that record).  *seq gets the log row of that step.
- * STORAGE_ERANGE when step is outside the kept history. */
+ * STORAGE_ERANGE when step is outside the kept history.  With step < 0
+ * the state after log row *seq. */
 int eng_session_load_at(storage *db, eng_pool *pool, eng_session *s, int64_t id, int64_t step,
                         const char *config, int64_t *seq);
 
@@ -272,6 +273,17 @@ void eng_config_changed(eng_session *s);
 /* The whole optimizer state as a safetensors file (engine_state.c): a new
  * buffer of *len bytes. */
 int eng_state_export(const eng_session *s, char **body, size_t *len);
+/* The same with more tensors after the state's (their data copied in
+ * order) and more metadata pairs (key, value, ...). */
+int eng_state_export_with(const eng_session *s, const api_st_tensor *more, size_t n_more,
+                          const char *const *more_meta, size_t n_more_meta, char **body,
+                          size_t *len);
+
+/* One logged row (as storage_log_read gives it) through eng_step of s:
+ * its gradient, absent tensors and client-set group values, loss and
+ * factor; a skipped row only counts.  Logged in s. */
+int eng_apply_logged(storage *db, eng_pool *pool, eng_session *s, const storage_log_entry *e);
+
 /* Installs a parsed state file into s (same tensors, shapes and dtype;
  * state_json the file's "optd.state").  Checks everything first: on an
  * error (ENG_EDAMAGED with err filled, or ENOMEM) s is unchanged but for

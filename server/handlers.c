@@ -1102,6 +1102,8 @@ static const handler_fn handlers[API_R_COUNT] = {
     [API_R_CHECKPOINTS_GET] = srv_h_checkpoints_get,
     [API_R_CHECKPOINTS_POST] = srv_h_checkpoints_post,
     [API_R_ROLLBACK] = srv_h_rollback,
+    [API_R_EXPORT_GET] = srv_h_export_get,
+    [API_R_EXPORT_PUT] = srv_h_export_put,
 };
 
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)

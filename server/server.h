@@ -127,6 +127,17 @@ int srv_h_checkpoints_get(srv_ctx *ctx, const srv_request *req, api_reply *r);
 int srv_h_checkpoints_post(srv_ctx *ctx, const srv_request *req, api_reply *r);
 int srv_h_rollback(srv_ctx *ctx, const srv_request *req, api_reply *r);
 int srv_fork(srv_ctx *ctx, const srv_request *req, api_reply *r);
+int srv_h_export_get(srv_ctx *ctx, const srv_request *req, api_reply *r);
+int srv_h_export_put(srv_ctx *ctx, const srv_request *req, api_reply *r);
+/* The export file of a session (locked), with its log when with_log; a new
+ * buffer.  Used by the route and by `optd export`. */
+int srv_export_session(storage *db, eng_pool *pool, eng_session *s, bool with_log, char **body,
+                       size_t *len);
+/* Creates session name from an export file (its log replayed and checked
+ * against the exported head), visible only when complete.  0 and *out (a
+ * new session, unlocked, not in a registry) or the problem's status. */
+int srv_import_session(storage *db, eng_pool *pool, const char *name, const char *body,
+                       size_t len, size_t max_params, eng_session **out, api_reply *r);
 /* eng_step, and on a failed commit the session is dropped (memory was
  * ahead of disk: the next request reloads it).  0 or the problem's status. */
 int srv_commit_update(srv_ctx *ctx, eng_session *s, const eng_step_in *in, eng_step_out *out,

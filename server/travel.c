@@ -452,3 +452,412 @@ out:
     cJSON_Delete(root);
     return st;
 }
+
+/* ------------------------------------------------------ export/import
+ *
+ * The file is the state file (GET /state) with more: "optd.export" "1"
+ * in the metadata, and with the log, the state is the one of the log's
+ * base (the oldest kept checkpoint, or the newest anchor after it: from
+ * there every row replays under one config), each row's gradient a tensor
+ * "optd.log.<seq>", the rows in "optd.log" (JSON) and the head to reach in
+ * "optd.head" ({"step", "params_crc"}).  An import replays the rows through
+ * the engine and checks the head before the session becomes visible.
+ */
+
+typedef struct {
+    cJSON *rows;
+    api_st_tensor *t;
+    char **names;
+    void **data;
+    size_t n, cap;
+    optim_dtype dtype;
+    int64_t first_seq;
+} log_acc;
+
+static void log_acc_free(log_acc *a)
+{
+    for (size_t i = 0; i < a->n; i++) {
+        free(a->names[i]);
+        free(a->data[i]);
+    }
+    free(a->names);
+    free(a->data);
+    free(a->t);
+    cJSON_Delete(a->rows);
+}
+
+static cJSON *num_or_null(double x)
+{
+    char tmp[40];
+    if (!isfinite(x))
+        return cJSON_CreateNull();
+    snprintf(tmp, sizeof tmp, "%.17g", x);
+    return cJSON_CreateRaw(tmp);
+}
+
+static int log_row(void *ud, const storage_log_entry *e)
+{
+    log_acc *a = ud;
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        return STORAGE_ENOMEM;
+    cJSON_AddItemToArray(a->rows, o);
+    add_int(o, "seq", e->seq);
+    add_int(o, "kind", e->kind);
+    add_int(o, "step", e->step);
+    add_int(o, "time_ms", e->time_ms);
+    cJSON_AddItemToObject(o, "lr", num_or_null(e->lr));
+    cJSON_AddItemToObject(o, "factor", num_or_null(e->factor));
+    cJSON_AddItemToObject(o, "loss", num_or_null(e->loss));
+    cJSON_AddItemToObject(o, "grad_norm", num_or_null(e->grad_norm));
+    cJSON_AddItemToObject(o, "update_norm", num_or_null(e->update_norm));
+    if (e->worker)
+        cJSON_AddStringToObject(o, "worker", e->worker);
+    if (e->extra && e->extra_len) {
+        char *hex = malloc(2 * e->extra_len + 1);
+        if (!hex)
+            return STORAGE_ENOMEM;
+        for (size_t i = 0; i < e->extra_len; i++)
+            snprintf(hex + 2 * i, 3, "%02x", ((const unsigned char *)e->extra)[i]);
+        cJSON_AddStringToObject(o, "extra", hex);
+        free(hex);
+    }
+    if (!e->grad)
+        return 0;
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? 2 * a->cap : 64;
+        api_st_tensor *t = realloc(a->t, cap * sizeof *t);
+        if (t)
+            a->t = t;
+        char **nm = realloc(a->names, cap * sizeof *nm);
+        if (nm)
+            a->names = nm;
+        void **d = realloc(a->data, cap * sizeof *d);
+        if (d)
+            a->data = d;
+        if (!t || !nm || !d)
+            return STORAGE_ENOMEM;
+        a->cap = cap;
+    }
+    char name[48];
+    snprintf(name, sizeof name, "optd.log.%" PRId64, e->seq);
+    void *copy = malloc(e->grad_len ? e->grad_len : 1);
+    char *nm = malloc(strlen(name) + 1);
+    if (!copy || !nm) {
+        free(copy);
+        free(nm);
+        return STORAGE_ENOMEM;
+    }
+    memcpy(copy, e->grad, e->grad_len);
+    strcpy(nm, name);
+    size_t es = optim_dtype_size(a->dtype);
+    a->names[a->n] = nm;
+    a->data[a->n] = copy;
+    a->t[a->n] = (api_st_tensor){.name = nm, .dtype = a->dtype, .ndim = 1,
+                                 .shape = {(int64_t)(e->grad_len / es)}, .data = copy,
+                                 .bytes = e->grad_len};
+    a->n++;
+    return 0;
+}
+
+typedef struct {
+    int64_t oldest_seq, base_seq;
+    bool any;
+} base_acc;
+
+static int base_row(void *ud, const storage_ckpt_info *c)
+{
+    base_acc *b = ud;
+    if (!b->any) {
+        b->any = true;
+        b->oldest_seq = b->base_seq = c->seq;
+    }
+    if (c->kind == STORAGE_CKPT_ANCHOR && c->seq > b->base_seq)
+        b->base_seq = c->seq;
+    return 0;
+}
+
+int srv_export_session(storage *db, eng_pool *pool, eng_session *s, bool with_log, char **body,
+                       size_t *len)
+{
+    ENG_ASSERT_LOCKED(s);
+    if (!with_log) {
+        const char *meta[] = {"optd.export", "1"};
+        return eng_state_export_with(s, NULL, 0, meta, 1, body, len);
+    }
+    base_acc b = {0};
+    int err = storage_ckpt_list(db, s->id, base_row, &b);
+    if (err != STORAGE_OK)
+        return err;
+    if (!b.any)
+        return STORAGE_ECORRUPT;
+    eng_session *base = eng_session_shell("~export");
+    if (!base)
+        return ENG_ENOMEM;
+    eng_lock(base);
+    char *cfg = api_config_to_json(&s->cfg);
+    int64_t seq = b.base_seq;
+    err = cfg ? eng_session_load_at(db, pool, base, s->id, -1, cfg, &seq) : ENG_ENOMEM;
+    free(cfg);
+    log_acc a = {.rows = cJSON_CreateArray(), .dtype = s->cfg.dtype};
+    if (err == ENG_OK && !a.rows)
+        err = ENG_ENOMEM;
+    if (err == ENG_OK)
+        err = storage_log_read(db, s->id, b.base_seq, s->seq, log_row, &a);
+    char *rows = NULL, head[160];
+    if (err == ENG_OK && !(rows = cJSON_PrintUnformatted(a.rows)))
+        err = ENG_ENOMEM;
+    if (err == ENG_OK) {
+        size_t vb = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
+        snprintf(head, sizeof head, "{\"step\":%llu,\"params_crc\":%u}",
+                 (unsigned long long)s->st.step, storage_crc32(0, s->params, vb));
+        const char *meta[] = {"optd.export", "1", "optd.log", rows, "optd.head", head};
+        err = eng_state_export_with(base, a.t, a.n, meta, 3, body, len);
+    }
+    cJSON_free(rows);
+    log_acc_free(&a);
+    eng_unlock(base);
+    eng_session_free(base);
+    return err;
+}
+
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+static const char *meta_str(const cJSON *doc, const char *key)
+{
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(doc, "__metadata__");
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(m, key);
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+static double num_of(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
+}
+
+/* Replays the file's log rows into s; 0, or ENG_EDAMAGED with why. */
+static int import_log(storage *db, eng_pool *pool, eng_session *s, const cJSON *rows,
+                      const api_st_tensor *t, size_t n, char *why, size_t whyn)
+{
+    const cJSON *o;
+    cJSON_ArrayForEach(o, rows)
+    {
+        storage_log_entry e;
+        memset(&e, 0, sizeof e);
+        e.seq = (int64_t)num_of(o, "seq");
+        e.kind = (int)num_of(o, "kind");
+        e.loss = num_of(o, "loss");
+        e.factor = num_of(o, "factor");
+        const cJSON *w = cJSON_GetObjectItemCaseSensitive(o, "worker");
+        e.worker = cJSON_IsString(w) ? w->valuestring : NULL;
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, "extra");
+        unsigned char *extra = NULL;
+        if (cJSON_IsString(x)) {
+            size_t l = strlen(x->valuestring);
+            extra = malloc(l / 2 + 1);
+            if (!extra)
+                return ENG_ENOMEM;
+            for (size_t i = 0; i + 1 < l + 1 && 2 * i < l; i++) {
+                int hi = hexval(x->valuestring[2 * i]), lo = hexval(x->valuestring[2 * i + 1]);
+                if (hi < 0 || lo < 0 || l % 2) {
+                    free(extra);
+                    snprintf(why, whyn, "log row %lld: extra is not hex", (long long)e.seq);
+                    return ENG_EDAMAGED;
+                }
+                extra[i] = (unsigned char)(hi * 16 + lo);
+            }
+            e.extra = extra;
+            e.extra_len = l / 2;
+        }
+        if (e.kind != STORAGE_LOG_SKIP) {
+            char name[48];
+            snprintf(name, sizeof name, "optd.log.%lld", (long long)e.seq);
+            const api_st_tensor *g = api_st_find(t, n, name);
+            if (!g || g->dtype != s->cfg.dtype) {
+                free(extra);
+                snprintf(why, whyn, "log row %lld has no gradient %s of the session's dtype",
+                         (long long)e.seq, name);
+                return ENG_EDAMAGED;
+            }
+            e.grad = g->data;
+            e.grad_len = g->bytes;
+        }
+        int err = eng_apply_logged(db, pool, s, &e);
+        free(extra);
+        if (err == STORAGE_ECORRUPT) {
+            snprintf(why, whyn, "log row %lld does not fit the session (absent tensors, groups "
+                                "or length)", (long long)e.seq);
+            return ENG_EDAMAGED;
+        }
+        if (err != ENG_OK)
+            return err;
+    }
+    return ENG_OK;
+}
+
+static atomic_ullong import_counter;
+
+int srv_import_session(storage *db, eng_pool *pool, const char *name, const char *body,
+                       size_t len, size_t max_params, eng_session **out, api_reply *r)
+{
+    *out = NULL;
+    api_st_tensor *t = NULL;
+    size_t n = 0;
+    cJSON *doc = NULL;
+    int st = api_st_parse(body, len, &t, &n, &doc, r);
+    if (st)
+        return st;
+    const char *fmt = meta_str(doc, "optd.format"), *cfg_json = meta_str(doc, "optd.config");
+    const char *state_json = meta_str(doc, "optd.state"), *log = meta_str(doc, "optd.log");
+    const char *head = meta_str(doc, "optd.head");
+    eng_session *s = NULL;
+    cJSON *rows = NULL, *hd = NULL;
+    api_config cfg;
+    bool have_cfg = false;
+    char why[300] = "", tmp[64];
+    int64_t id = -1;
+    if (!fmt || strcmp(fmt, "1") != 0 || !state_json || !cfg_json) {
+        st = api_problem(r, 422, NULL, "not an optd export: the metadata needs optd.format "
+                                       "\"1\", optd.config and optd.state");
+        goto out;
+    }
+    if (log && (!(rows = cJSON_Parse(log)) || !cJSON_IsArray(rows) || !head ||
+                !(hd = cJSON_Parse(head)) || !isfinite(num_of(hd, "step")))) {
+        st = api_problem(r, 422, NULL, "the export's optd.log or optd.head is not valid");
+        goto out;
+    }
+    if (api_config_from_json(cfg_json, &cfg)) {
+        st = api_problem(r, 422, NULL, "the export's optd.config is not a valid session config");
+        goto out;
+    }
+    have_cfg = true;
+    if (cfg.size > max_params) {
+        st = api_problem(r, 413, NULL, "the export's session has %llu params; the limit is %zu",
+                         (unsigned long long)cfg.size, max_params);
+        goto out;
+    }
+    storage_session_info info;
+    int err = storage_session_get(db, name, &info);
+    if (err == STORAGE_OK) {
+        storage_session_info_free(&info);
+        st = api_problem(r, 409, "name", "a session named %s exists; an import creates a new one",
+                         name);
+        goto out;
+    }
+    /* the state's own tensors (the log's are not the state's) */
+    size_t ns = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(t[i].name, "optd.log.", 9) != 0)
+            t[ns++] = t[i];
+    api_init zeros = {.type = API_INIT_ZEROS};
+    snprintf(tmp, sizeof tmp, "~import-%llx",
+             (unsigned long long)atomic_fetch_add(&import_counter, 1));
+    if (!(s = eng_session_new(tmp, &cfg, NULL, &zeros))) {
+        st = api_problem(r, 503, NULL, "out of memory for the session");
+        goto out;
+    }
+    eng_lock(s);
+    err = eng_state_import(s, t, ns, state_json, why, sizeof why);
+    if (err == ENG_OK)
+        err = eng_session_create(db, s, srv_now_ms());
+    if (err == ENG_OK)
+        id = s->id;
+    if (err == ENG_OK && rows) {
+        /* the log tensors again, for the replay */
+        api_st_tensor *all = NULL;
+        size_t na = 0;
+        cJSON *d2 = NULL;
+        api_reply scratch = {0};
+        if (api_st_parse(body, len, &all, &na, &d2, &scratch) != 0) {
+            err = ENG_ENOMEM;
+        } else {
+            err = import_log(db, pool, s, rows, all, na, why, sizeof why);
+        }
+        api_reply_free(&scratch);
+        free(all);
+        cJSON_Delete(d2);
+        if (err == ENG_OK) {
+            size_t vb = (size_t)s->cfg.size * optim_dtype_size(s->cfg.dtype);
+            if ((int64_t)s->st.step != (int64_t)num_of(hd, "step") ||
+                (double)storage_crc32(0, s->params, vb) != num_of(hd, "params_crc")) {
+                snprintf(why, sizeof why, "the replayed log does not reach the exported head "
+                                          "(step %lld, params_crc)", (long long)num_of(hd, "step"));
+                err = ENG_EDAMAGED;
+            }
+        }
+    }
+    if (err == ENG_OK) {
+        err = storage_session_rename(db, s->id, name);
+        if (err == STORAGE_EEXIST) {
+            st = api_problem(r, 409, "name", "a session named %s was created meanwhile", name);
+            goto out;
+        }
+    }
+    if (err == ENG_EDAMAGED)
+        st = api_problem(r, 422, NULL, "%s; nothing was created", why);
+    else if (err != ENG_OK)
+        st = srv_engine_fail(r, err, "importing the session");
+    if (err == ENG_OK) {
+        snprintf(s->name, sizeof s->name, "%s", name);
+        eng_unlock(s);
+        *out = s;
+        s = NULL;
+    }
+out:
+    if (s) {
+        if (id >= 0)
+            storage_session_delete(db, tmp);
+        eng_unlock(s);
+        eng_session_free(s);
+    }
+    if (have_cfg)
+        api_config_free(&cfg);
+    cJSON_Delete(rows);
+    cJSON_Delete(hd);
+    cJSON_Delete(doc);
+    free(t);
+    return st;
+}
+
+int srv_h_export_get(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    const char *ql = req->query(req->conn, "log");
+    if (ql && strcmp(ql, "true") != 0 && strcmp(ql, "false") != 0)
+        return api_problem(r, 400, "log", "the query parameter log must be true or false");
+    eng_session *s;
+    int err = srv_registry_acquire(ctx->reg, req->name, &s);
+    if (err == STORAGE_ENOTFOUND)
+        return api_problem(r, 404, "name", "no session named %s", req->name);
+    if (err != STORAGE_OK)
+        return srv_engine_fail(r, err, "loading the session");
+    char *body = NULL;
+    size_t len = 0;
+    int st;
+    err = srv_export_session(ctx->db, ctx->pool, s, ql && strcmp(ql, "true") == 0, &body, &len);
+    if (err == ENG_OK) {
+        api_reply_body(r, 200, "application/octet-stream", body, len);
+        api_reply_header(r, "Optd-Step", "%llu", (unsigned long long)s->st.step);
+        st = 200;
+    } else {
+        st = srv_engine_fail(r, err, "exporting the session");
+    }
+    srv_registry_release(ctx->reg, s);
+    return st;
+}
+
+int srv_h_export_put(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    eng_session *s = NULL;
+    int st = srv_import_session(ctx->db, ctx->pool, req->name, req->body, req->body_len,
+                                ctx->cfg->max_params, &s, r);
+    if (st)
+        return st;
+    st = srv_reply_session(r, 201, s);
+    api_reply_header(r, "Location", "/v1/sessions/%s", req->name);
+    srv_registry_insert(ctx->reg, s);
+    return st;
+}

@@ -2078,7 +2078,7 @@ int storage_locate(storage *st, int64_t id, int64_t step, int64_t *seq, char **c
     *config = NULL;
     pthread_mutex_lock(&st->db_mu);
     int err = exec_q(st, Q_BEGIN_READ);
-    if (err == STORAGE_OK)
+    if (err == STORAGE_OK && step >= 0)
         err = step_seq(st, id, step, seq);
     if (err == STORAGE_OK) {
         sqlite3_stmt *s = stmt(st, Q_CKPT_NEWEST);

@@ -177,7 +177,8 @@ int storage_session_load_at(storage *st, int64_t id, int64_t upto, storage_ckpt_
 
 /* The log row (seq) after which the session was at step, and the config
  * of the nearest kept checkpoint at or before it (a new string, or NULL
- * when it predates that record).  STORAGE_ERANGE when either is missing. */
+ * when it predates that record).  STORAGE_ERANGE when either is missing.
+ * With step < 0, *seq is the given row. */
 int storage_locate(storage *st, int64_t id, int64_t step, int64_t *seq, char **config);
 
 /* Calls fn for each log row with after < seq <= upto, in order, with its
