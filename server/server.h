@@ -127,6 +127,8 @@ int srv_h_checkpoints_get(srv_ctx *ctx, const srv_request *req, api_reply *r);
 int srv_h_checkpoints_post(srv_ctx *ctx, const srv_request *req, api_reply *r);
 int srv_h_rollback(srv_ctx *ctx, const srv_request *req, api_reply *r);
 int srv_fork(srv_ctx *ctx, const srv_request *req, api_reply *r);
+/* travel_cli.c: optd export / import / backup (argv[1] is the command). */
+int srv_travel_main(int argc, char **argv);
 int srv_h_export_get(srv_ctx *ctx, const srv_request *req, api_reply *r);
 int srv_h_export_put(srv_ctx *ctx, const srv_request *req, api_reply *r);
 /* The export file of a session (locked), with its log when with_log; a new

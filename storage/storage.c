@@ -2405,3 +2405,222 @@ int storage_check(const char *path, void *out_v)
     storage_close(st);
     return problems;
 }
+
+/* ------------------------------------------------------------ backup */
+
+typedef struct {
+    char *name;
+    int fd;
+} backup_file;
+
+static void backup_files_close(backup_file *f, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (f[i].fd >= 0)
+            close(f[i].fd);
+        free(f[i].name);
+    }
+    free(f);
+}
+
+/* Under a read transaction of src: opens every file the snapshot
+ * references.  STORAGE_ENOTFOUND when one was removed meanwhile (a newer
+ * commit superseded it: the caller starts again). */
+static int backup_open_files(sqlite3 *src, const char *dir, backup_file **out, size_t *n_out)
+{
+    sqlite3_stmt *s;
+    int rc = sqlite3_prepare_v2(src,
+                                "SELECT file FROM checkpoints WHERE file IS NOT NULL"
+                                " UNION SELECT file FROM steps WHERE file IS NOT NULL",
+                                -1, &s, NULL);
+    if (rc != SQLITE_OK)
+        return sql_fail(src, rc);
+    backup_file *f = NULL;
+    size_t n = 0, cap = 0;
+    int err = STORAGE_OK;
+    while (err == STORAGE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            backup_file *nf = realloc(f, cap * sizeof *f);
+            if (!nf) {
+                set_error("out of memory");
+                err = STORAGE_ENOMEM;
+                break;
+            }
+            f = nf;
+        }
+        f[n].name = dup_str((const char *)sqlite3_column_text(s, 0));
+        char *p = f[n].name ? path_join(dir, f[n].name) : NULL;
+        f[n].fd = p ? open(p, O_RDONLY | O_CLOEXEC) : -1;
+        n++;
+        if (!p) {
+            set_error("out of memory");
+            err = STORAGE_ENOMEM;
+        } else if (f[n - 1].fd < 0) {
+            err = errno == ENOENT ? STORAGE_ENOTFOUND : io_fail(-errno, "opening", p);
+        }
+        free(p);
+    }
+    if (err == STORAGE_OK && rc != SQLITE_DONE)
+        err = sql_fail(src, rc);
+    sqlite3_finalize(s);
+    if (err != STORAGE_OK) {
+        backup_files_close(f, n);
+        return err;
+    }
+    *out = f;
+    *n_out = n;
+    return STORAGE_OK;
+}
+
+static int copy_fd(int in, const char *to)
+{
+    int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (out < 0)
+        return io_fail(-errno, "creating", to);
+    static _Thread_local char buf[1 << 16];
+    off_t off = 0;
+    int err = STORAGE_OK;
+    for (;;) {
+        ssize_t k = pread(in, buf, sizeof buf, off);
+        if (k < 0) {
+            err = io_fail(-errno, "reading a file for", to);
+            break;
+        }
+        if (k == 0)
+            break;
+        int r = fault_pwrite(out, buf, (size_t)k, off);
+        if (r) {
+            err = io_fail(r, "writing", to);
+            break;
+        }
+        off += k;
+    }
+    if (err == STORAGE_OK && fault_fsync(out) != 0)
+        err = io_fail(-errno, "syncing", to);
+    close(out);
+    return err;
+}
+
+int storage_backup(const char *path, const char *out, int64_t *bytes)
+{
+    clear_error();
+    struct stat sb;
+    size_t ol = strlen(out);
+    char *tmp = malloc(ol + 8), *odir = malloc(ol + 8), *dir = malloc(strlen(path) + 3);
+    if (!tmp || !odir || !dir) {
+        free(tmp);
+        free(odir);
+        free(dir);
+        set_error("out of memory");
+        return STORAGE_ENOMEM;
+    }
+    snprintf(tmp, ol + 8, "%s.tmp", out);
+    snprintf(odir, ol + 8, "%s.d", out);
+    snprintf(dir, strlen(path) + 3, "%s.d", path);
+    int err = STORAGE_OK;
+    if (stat(out, &sb) == 0 || stat(odir, &sb) == 0) {
+        set_error("%s (or %s) exists; a backup writes a new file", out, odir);
+        err = STORAGE_EEXIST;
+    }
+    sqlite3 *src = NULL, *dst = NULL;
+    backup_file *files = NULL;
+    size_t n_files = 0;
+    int64_t total = 0;
+    /* A file the snapshot references may be superseded and removed before
+     * it is opened: then start again with a newer snapshot. */
+    for (int attempt = 0; err == STORAGE_OK; attempt++) {
+        int rc = sqlite3_open_v2(path, &src, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+        if (rc != SQLITE_OK) {
+            err = sql_fail(src, rc);
+            break;
+        }
+        sqlite3_busy_timeout(src, 10000);
+        int64_t app = 0;
+        if ((err = query_int(src, "PRAGMA application_id", &app)) != STORAGE_OK)
+            break;
+        if (app != OPTD_APPLICATION_ID) {
+            set_error("%s is not an optd database", path);
+            err = STORAGE_EFOREIGN;
+            break;
+        }
+        rc = sqlite3_exec(src, "BEGIN; SELECT count(*) FROM sessions;", NULL, NULL, NULL);
+        if (rc != SQLITE_OK) {
+            err = sql_fail(src, rc);
+            break;
+        }
+        err = backup_open_files(src, dir, &files, &n_files);
+        if (err == STORAGE_ENOTFOUND && attempt < 20) {
+            sqlite3_exec(src, "ROLLBACK", NULL, NULL, NULL);
+            sqlite3_close(src);
+            src = NULL;
+            err = STORAGE_OK;
+            continue;
+        }
+        if (err != STORAGE_OK)
+            break;
+        unlink(tmp);
+        rc = sqlite3_open_v2(tmp, &dst, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
+        if (rc != SQLITE_OK) {
+            err = sql_fail(dst, rc);
+            break;
+        }
+        /* The copy is of the read transaction's snapshot: the same one
+         * whose files are open. */
+        sqlite3_backup *b = sqlite3_backup_init(dst, "main", src, "main");
+        if (!b) {
+            err = sql_fail(dst, sqlite3_errcode(dst));
+            break;
+        }
+        rc = sqlite3_backup_step(b, -1);
+        sqlite3_backup_finish(b);
+        if (rc != SQLITE_DONE) {
+            err = sql_fail(dst, rc);
+            break;
+        }
+        break;
+    }
+    if (src) {
+        sqlite3_exec(src, "ROLLBACK", NULL, NULL, NULL);
+        sqlite3_close(src);
+    }
+    if (dst) {
+        if (err == STORAGE_OK && sqlite3_exec(dst, "PRAGMA journal_mode=DELETE", NULL, NULL,
+                                              NULL) != SQLITE_OK)
+            err = sql_fail(dst, sqlite3_errcode(dst));
+        sqlite3_close(dst);
+    }
+    if (err == STORAGE_OK && mkdir(odir, 0755) != 0)
+        err = io_fail(-errno, "creating the directory", odir);
+    for (size_t i = 0; err == STORAGE_OK && i < n_files; i++) {
+        char *to = path_join(odir, files[i].name);
+        err = to ? copy_fd(files[i].fd, to) : STORAGE_ENOMEM;
+        if (to && stat(to, &sb) == 0)
+            total += sb.st_size;
+        free(to);
+    }
+    if (err == STORAGE_OK)
+        err = sync_dir(odir);
+    if (err == STORAGE_OK) {
+        int fd = open(tmp, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fault_fsync(fd) != 0)
+            err = io_fail(-errno, "syncing", tmp);
+        if (fd >= 0)
+            close(fd);
+        if (stat(tmp, &sb) == 0)
+            total += sb.st_size;
+    }
+    /* The database file appears last: a backup interrupted before this
+     * has no OUT, only OUT.tmp and a partial OUT.d. */
+    if (err == STORAGE_OK && rename(tmp, out) != 0)
+        err = io_fail(-errno, "renaming", tmp);
+    if (err != STORAGE_OK && err != STORAGE_EEXIST)
+        unlink(tmp);
+    backup_files_close(files, n_files);
+    if (err == STORAGE_OK && bytes)
+        *bytes = total;
+    free(tmp);
+    free(odir);
+    free(dir);
+    return err;
+}

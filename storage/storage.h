@@ -271,6 +271,16 @@ int storage_idem_prune(storage *st, int64_t id, int64_t min_ms, int64_t keep);
 int storage_history(storage *st, int64_t id, int64_t after, int limit,
                     storage_replay_fn fn, void *ud);
 
+/* Online backup (optd backup): copies the database at path, while a
+ * daemon may be serving it, to out (a new file) and the vector files its
+ * rows reference to out.d/ -- one consistent snapshot: SQLite's backup API
+ * inside one read transaction, whose referenced files are all opened
+ * before the copy (a file superseded and removed meanwhile stays readable
+ * through its descriptor; one removed before it could be opened restarts
+ * with a newer snapshot).  out appears last (renamed from out.tmp).
+ * *bytes (may be NULL) gets the bytes written. */
+int storage_backup(const char *path, const char *out, int64_t *bytes);
+
 /* zlib's CRC-32 of n bytes, continuing from crc (0 to start): the checksum
  * of every stored vector, and the params digest on the wire (every client
  * language has it: Python zlib.crc32, Go hash/crc32, Node zlib.crc32). */
