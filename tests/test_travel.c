@@ -620,6 +620,154 @@ static void test_kill9_travel(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* --------------------------------------------------------- export */
+
+static optd_response get_raw(optd_client *c, const char *path)
+{
+    const char *acc[] = {"Accept: application/octet-stream", NULL};
+    return tapi_req(c, "GET", path, acc, NULL);
+}
+
+static int put_file(optd_client *c, const char *path, const void *b, size_t n)
+{
+    const char *ct[] = {"Content-Type: application/octet-stream", NULL};
+    optd_response r = tapi_req_bin(c, "PUT", path, ct, b, n);
+    int st = r.status;
+    if (st != 201 && st != 409 && st != 422 && st != 400)
+        fail_msg("PUT %s: %d %.*s", path, st, (int)r.len, r.body);
+    optd_response_free(&r);
+    return st;
+}
+
+/* An export with its log, imported, is the session bit for bit, and can
+ * be rolled back like it; without the log, the state alone.  A damaged or
+ * foreign file creates nothing. */
+static void test_export_import(void **state)
+{
+    (void)state;
+    optd_client *c = S->c;
+    tapi_create(c, "ex", "{\"optimizer\":{\"type\":\"adamw\",\"lr\":0.01},\"size\":16,"
+                         "\"init\":{\"type\":\"uniform\",\"seed\":5},"
+                         "\"schedule\":{\"type\":\"cosine\",\"T_max\":30},"
+                         "\"retain\":{\"every_steps\":6,\"keep\":3}}",
+                201);
+    send_range(c, "ex", 0, 23);
+    optd_response full = get_raw(c, "/v1/sessions/ex/export?log=true");
+    assert_int_equal(full.status, 200);
+    optd_response bare = get_raw(c, "/v1/sessions/ex/export");
+    assert_int_equal(bare.status, 200);
+    assert_true(full.len > bare.len);
+    assert_int_equal(put_file(c, "/v1/sessions/ex2/export", full.body, full.len), 201);
+    assert_int_equal(put_file(c, "/v1/sessions/ex3/export", bare.body, bare.len), 201);
+    assert_same_as(c, "ex", "ex2");
+    assert_same_as(c, "ex", "ex3");
+    /* the imported log is a history: both roll back to 20 alike */
+    assert_int_equal(rollback(c, "ex", 20), 200);
+    assert_int_equal(rollback(c, "ex2", 20), 200);
+    assert_same_as(c, "ex", "ex2");
+    /* and continue alike */
+    send_range(c, "ex", 20, 26);
+    send_range(c, "ex2", 20, 26);
+    assert_same_as(c, "ex", "ex2");
+    /* refusals: the name taken, a damaged log, not an export */
+    assert_int_equal(put_file(c, "/v1/sessions/ex2/export", full.body, full.len), 409);
+    char *bad = malloc(full.len);
+    memcpy(bad, full.body, full.len);
+    bad[full.len - 3] ^= 0x40; /* the last logged gradient */
+    assert_int_equal(put_file(c, "/v1/sessions/ex4/export", bad, full.len), 422);
+    assert_int_equal(put_file(c, "/v1/sessions/ex4/export", "garbage!", 8), 400);
+    free(bad);
+    optd_response r = tapi_req(c, "GET", "/v1/sessions/ex4", NULL, NULL);
+    assert_int_equal(r.status, 404);
+    optd_response_free(&r);
+    r = tapi_req(c, "GET", "/v1/sessions", NULL, NULL);
+    assert_null(memmem(r.body, r.len, "~", 1));
+    optd_response_free(&r);
+    optd_response_free(&full);
+    optd_response_free(&bare);
+    del(c, "ex");
+    del(c, "ex2");
+    del(c, "ex3");
+}
+
+/* --------------------------------------------------------- backup */
+
+typedef struct {
+    char url[64];
+    volatile int stop;
+    int steps;
+} stepper;
+
+static void *step_loop(void *p)
+{
+    stepper *a = p;
+    optd_client *c = optd_client_new(a->url, NULL);
+    float *g = malloc(70000 * sizeof *g);
+    while (!a->stop) {
+        for (int k = 0; k < 70000; k++)
+            g[k] = (float)cos(a->steps * 0.3 + k * 0.01);
+        long long step;
+        optd_error e;
+        if (optd_step_f32(c, "bk", g, 70000, NULL, NULL, &step, &e) != 0)
+            break;
+        a->steps++;
+    }
+    free(g);
+    optd_client_free(c);
+    return NULL;
+}
+
+/* `optd backup` while steps are served: the copy opens in a daemon of its
+ * own, passes optd check, and holds the session exactly as it was at the
+ * step it has (compared with a fork of the live session at that step). */
+static void test_backup_online(void **state)
+{
+    (void)state;
+    optd_client *c = S->c;
+    tapi_create(c, "bk", "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"size\":70000,"
+                         "\"retain\":{\"every_steps\":5,\"keep\":50}}",
+                201);
+    stepper a = {.stop = 0, .steps = 0};
+    snprintf(a.url, sizeof a.url, "%s", tdaemon_url(&S->d));
+    pthread_t th;
+    pthread_create(&th, NULL, step_loop, &a);
+    while (a.steps < 12)
+        usleep(2000);
+    char out[700], cmd[2000];
+    snprintf(out, sizeof out, "%s/backup.db", S->d.dir);
+    const char *bin = getenv("OPTD_BIN");
+    snprintf(cmd, sizeof cmd, "%s backup --db %s %s", bin ? bin : "build/optd",
+             tdaemon_db(&S->d), out);
+    int rc = system(cmd);
+    int during = a.steps;
+    while (a.steps < during + 3)
+        usleep(2000);
+    a.stop = 1;
+    pthread_join(th, NULL);
+    assert_int_equal(rc, 0);
+    snprintf(cmd, sizeof cmd, "%s check --db %s", bin ? bin : "build/optd", out);
+    assert_int_equal(system(cmd), 0);
+    tdaemon b;
+    assert_int_equal(tdaemon_start(&b, out, NULL), 0);
+    optd_client *cb = tapi_client(tdaemon_url(&b), NULL, false);
+    tapi_snap x = tapi_snapshot(cb, "bk");
+    fprintf(stderr, "[ backup   ] copied at step %lld while %d steps were served\n",
+            x.session_step, a.steps);
+    assert_true(x.session_step >= 12);
+    char body[128];
+    snprintf(body, sizeof body, "{\"fork\":{\"from\":\"bk\",\"step\":%lld}}", x.session_step);
+    tapi_create(c, "bk-at", body, 201);
+    tapi_snap y = tapi_snapshot(c, "bk-at");
+    tapi_assert_same(&x, &y);
+    tapi_snap_free(&x);
+    tapi_snap_free(&y);
+    optd_client_free(cb);
+    assert_int_equal(tdaemon_stop(&b), 0);
+    tdaemon_cleanup(&b);
+    del(c, "bk");
+    del(c, "bk-at");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -628,6 +776,8 @@ int main(void)
         cmocka_unit_test(test_labels),
         cmocka_unit_test(test_fork),
         cmocka_unit_test(test_replay_other_lr),
+        cmocka_unit_test(test_export_import),
+        cmocka_unit_test(test_backup_online),
         cmocka_unit_test(test_retention_10k),
         cmocka_unit_test(test_kill9_travel),
     };
