@@ -11,6 +11,7 @@
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
 #   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
 #   make bench-storage  where large vectors should live (docs/storage.md)
+#   make bench-travel   rollback/fork vs live steps, backup under load (bench/TRAVEL.md)
 #   make demo           the optimizer comparison on the digits data set
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
 #   make install        PREFIX=/usr/local DESTDIR= (headers in include/optd/, pkg-config files)
@@ -69,7 +70,7 @@ TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
-        fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
+        fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage bench-travel \
         demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
@@ -235,6 +236,8 @@ bench-sync: build
 	$(BUILD)/bench/sync
 bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
+bench-travel: build
+	$(BUILD)/bench/travel --optd $(BUILD)/optd
 
 # A mixed-load soak with restarts: SOAK_SECONDS (60); not part of make test.
 SOAK_SECONDS ?= 60

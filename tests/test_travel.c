@@ -725,7 +725,7 @@ static void test_backup_online(void **state)
     (void)state;
     optd_client *c = S->c;
     tapi_create(c, "bk", "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"size\":70000,"
-                         "\"retain\":{\"every_steps\":5,\"keep\":50}}",
+                         "\"retain\":{\"every_steps\":5,\"keep\":2000}}",
                 201);
     stepper a = {.stop = 0, .steps = 0};
     snprintf(a.url, sizeof a.url, "%s", tdaemon_url(&S->d));
