@@ -13,6 +13,7 @@
 #   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
 #   make bench-storage  where large vectors should live (docs/storage.md)
 #   make bench-observe  step throughput with /metrics scraped and 10 event watchers
+#   make bench-travel   rollback/fork vs live steps, backup under load (bench/TRAVEL.md)
 #   make demo           the optimizer comparison on the digits data set, and the
 #                       optimizers' trajectories on Rosenbrock and Beale
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
@@ -74,7 +75,8 @@ BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
         fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
-        bench-json bench-observe demo install uninstall wheel clean test-unit test-clients
+        bench-json bench-observe bench-travel demo install uninstall wheel clean test-unit \
+        test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -264,6 +266,8 @@ bench-observe: deps-bench build
 	sh bench/observe.sh
 bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
+bench-travel: build
+	$(BUILD)/bench/travel --optd $(BUILD)/optd
 
 # A mixed-load soak with restarts: SOAK_SECONDS (60); not part of make test.
 SOAK_SECONDS ?= 60

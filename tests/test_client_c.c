@@ -280,6 +280,58 @@ static void test_update_and_delete(void **state)
     assert_int_equal(e.status, 404);
 }
 
+/* Checkpoints, rollback, fork (and replay), export and import. */
+static void test_time_travel(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "tv",
+                                         "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.1},"
+                                         "\"params\":[1,2,3,4],\"dtype\":\"float64\","
+                                         "\"retain\":{\"every_steps\":3,\"keep\":3}}",
+                                         &e),
+                     1);
+    double at[11][4];
+    for (int i = 0; i < 10; i++) {
+        double g[4] = {sin(i), cos(i), 0.5 - i * 0.1, 1};
+        long long st;
+        assert_int_equal(optd_step_f64(s->c, "tv", g, 4, NULL, at[i + 1], &st, &e), 0);
+        if (i == 4)
+            assert_int_equal(optd_checkpoint(s->c, "tv", "five", &e), 0);
+    }
+    assert_int_equal(optd_checkpoint(s->c, "tv", "bad label", &e), -1);
+    char *list = optd_checkpoints(s->c, "tv", &e);
+    assert_non_null(list);
+    assert_non_null(strstr(list, "\"five\""));
+    free(list);
+    double p[4];
+    assert_int_equal(optd_fork(s->c, "tv-f", "tv", 6, 1, NULL, &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "tv-f", p, 4, NULL, &e), 0);
+    assert_memory_equal(p, at[10], sizeof p);
+    assert_int_equal(optd_fork(s->c, "tv-g", "tv", 6, 1, "{\"optimizer\":{\"lr\":0.01}}", &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "tv-g", p, 4, NULL, &e), 0);
+    assert_memory_not_equal(p, at[10], sizeof p);
+    void *file;
+    size_t len;
+    assert_int_equal(optd_export(s->c, "tv", 1, &file, &len, &e), 0);
+    assert_int_equal(optd_import(s->c, "tv-i", file, len, &e), 0);
+    assert_int_equal(optd_import(s->c, "tv-i", file, len, &e), -1);
+    assert_int_equal(e.status, 409);
+    free(file);
+    assert_int_equal(optd_get_params_f64(s->c, "tv-i", p, 4, NULL, &e), 0);
+    assert_memory_equal(p, at[10], sizeof p);
+    assert_int_equal(optd_rollback(s->c, "tv", 7, &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "tv", p, 4, NULL, &e), 0);
+    assert_memory_equal(p, at[7], sizeof p);
+    assert_int_equal(optd_rollback_to(s->c, "tv", "five", &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "tv", p, 4, NULL, &e), 0);
+    assert_memory_equal(p, at[5], sizeof p);
+    assert_int_equal(optd_rollback(s->c, "tv", 0, &e), -1);
+    assert_int_equal(e.status, 409);
+    assert_int_equal(optd_fork(s->c, "tv-x", "nope", -1, 0, NULL, &e), -1);
+    assert_int_equal(e.status, 404);
+}
+
 /* A gradient that only joins a pending accumulation answers 202: the
  * client returns 1 and leaves params_out alone. */
 static void test_accumulate_accepted(void **state)
@@ -484,6 +536,7 @@ int main(void)
         cmocka_unit_test(test_idempotency_key_reuse),
         cmocka_unit_test(test_params_get_set),
         cmocka_unit_test(test_update_and_delete),
+        cmocka_unit_test(test_time_travel),
         cmocka_unit_test(test_accumulate_accepted),
         cmocka_unit_test(test_stale_error_carries_step),
         cmocka_unit_test(test_raw_request_headers),

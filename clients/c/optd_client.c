@@ -7,6 +7,7 @@
 
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -555,6 +556,169 @@ int optd_delete(optd_client *c, const char *name, optd_error *err)
         return -1;
     /* A 404 after a lost answer means our first attempt deleted it. */
     if ((r.status < 200 || r.status > 299) && !(r.status == 404 && retried))
+        return fail_with(&r, err);
+    optd_response_free(&r);
+    return 0;
+}
+
+/* --------------------------------------------------------- time travel */
+
+/* POST or PUT a JSON body to the session's path + suffix; the answer's
+ * body (a new string) on a 2xx when want_body, else NULL with 0. */
+static int post_json(optd_client *c, const char *method, const char *name, const char *suffix,
+                     const char *json, char **body_out, optd_error *err)
+{
+    err_clear(err);
+    if (body_out)
+        *body_out = NULL;
+    char *path = session_path(c, name, suffix, err);
+    if (!path)
+        return -1;
+    optd_response r;
+    int rc = call(c, method, path, NULL, json, json ? strlen(json) : 0, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status < 200 || r.status > 299)
+        return fail_with(&r, err);
+    if (body_out) {
+        *body_out = r.body;
+        r.body = NULL;
+    }
+    optd_response_free(&r);
+    return 0;
+}
+
+int optd_rollback(optd_client *c, const char *name, long long step, optd_error *err)
+{
+    char body[48];
+    snprintf(body, sizeof body, "{\"step\":%lld}", step);
+    return post_json(c, "POST", name, "/rollback", body, NULL, err);
+}
+
+static int label_ok(const char *label, optd_error *err)
+{
+    size_t n = label ? strlen(label) : 0;
+    for (size_t i = 0; i < n; i++)
+        if (!(isalnum((unsigned char)label[i]) || label[i] == '.' || label[i] == '_' ||
+              label[i] == '-'))
+            n = 0;
+    if (n < 1 || n > 128) {
+        err_set(err, 0, "a label is 1-128 characters of A-Z a-z 0-9 . _ -");
+        return -1;
+    }
+    return 0;
+}
+
+int optd_rollback_to(optd_client *c, const char *name, const char *label, optd_error *err)
+{
+    err_clear(err);
+    if (label_ok(label, err))
+        return -1;
+    char body[200];
+    snprintf(body, sizeof body, "{\"label\":\"%s\"}", label);
+    return post_json(c, "POST", name, "/rollback", body, NULL, err);
+}
+
+int optd_checkpoint(optd_client *c, const char *name, const char *label, optd_error *err)
+{
+    err_clear(err);
+    if (label_ok(label, err))
+        return -1;
+    char body[200];
+    snprintf(body, sizeof body, "{\"label\":\"%s\"}", label);
+    return post_json(c, "POST", name, "/checkpoints", body, NULL, err);
+}
+
+char *optd_checkpoints(optd_client *c, const char *name, optd_error *err)
+{
+    char *out = NULL;
+    post_json(c, "GET", name, "/checkpoints", NULL, &out, err);
+    return out;
+}
+
+int optd_fork(optd_client *c, const char *name, const char *from, long long step, int replay,
+              const char *changes_json, optd_error *err)
+{
+    err_clear(err);
+    if (!from || !*from || strchr(from, '"') || strchr(from, '\\')) {
+        err_set(err, 0, "no parent session name");
+        return -1;
+    }
+    /* changes_json is an object: its members go beside "fork". */
+    const char *rest = "";
+    if (changes_json) {
+        const char *p = changes_json;
+        while (*p == ' ' || *p == '\n' || *p == '\t')
+            p++;
+        if (*p != '{') {
+            err_set(err, 0, "changes_json must be a JSON object");
+            return -1;
+        }
+        rest = p + 1;
+        while (*rest == ' ' || *rest == '\n' || *rest == '\t')
+            rest++;
+        if (*rest == '}')
+            rest = "";
+        else
+            rest = p + 1;
+    }
+    size_t n = strlen(from) + strlen(changes_json ? changes_json : "") + 96;
+    char *body = malloc(n);
+    if (!body) {
+        err_set(err, 0, "out of memory");
+        return -1;
+    }
+    int k = snprintf(body, n, "{\"fork\":{\"from\":\"%s\"", from);
+    if (step >= 0)
+        k += snprintf(body + k, n - (size_t)k, ",\"step\":%lld", step);
+    k += snprintf(body + k, n - (size_t)k, "}%s", replay ? ",\"replay\":true" : "");
+    if (*rest)
+        snprintf(body + k, n - (size_t)k, ",%s", rest);
+    else
+        snprintf(body + k, n - (size_t)k, "}");
+    int rc = post_json(c, "PUT", name, "", body, NULL, err);
+    free(body);
+    return rc;
+}
+
+int optd_export(optd_client *c, const char *name, int with_log, void **out, size_t *len,
+                optd_error *err)
+{
+    err_clear(err);
+    *out = NULL;
+    *len = 0;
+    char *path = session_path(c, name, with_log ? "/export?log=true" : "/export", err);
+    if (!path)
+        return -1;
+    const char *h[] = {"Accept: application/octet-stream", NULL};
+    optd_response r;
+    int rc = call(c, "GET", path, h, NULL, 0, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status != 200)
+        return fail_with(&r, err);
+    *out = r.body;
+    *len = r.len;
+    r.body = NULL;
+    optd_response_free(&r);
+    return 0;
+}
+
+int optd_import(optd_client *c, const char *name, const void *file, size_t len, optd_error *err)
+{
+    err_clear(err);
+    char *path = session_path(c, name, "/export", err);
+    if (!path)
+        return -1;
+    const char *h[] = {"Content-Type: application/octet-stream", NULL};
+    optd_response r;
+    int rc = call(c, "PUT", path, h, file, len, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status != 201)
         return fail_with(&r, err);
     optd_response_free(&r);
     return 0;

@@ -137,6 +137,30 @@ int optd_set_params_f32(optd_client *c, const char *name, const float *params, s
 int optd_set_params_f64(optd_client *c, const char *name, const double *params, size_t n,
                         optd_error *err);
 
+/* --------------------------------------------------------- time travel */
+
+/* POST /v1/sessions/{name}/rollback: the session returns to what it was
+ * after step (or at its checkpoint labelled label).  0 or -1. */
+int optd_rollback(optd_client *c, const char *name, long long step, optd_error *err);
+int optd_rollback_to(optd_client *c, const char *name, const char *label, optd_error *err);
+/* Keeps the current state as a checkpoint labelled label.  0 or -1. */
+int optd_checkpoint(optd_client *c, const char *name, const char *label, optd_error *err);
+/* GET /v1/sessions/{name}/checkpoints: the JSON document (caller frees),
+ * or NULL. */
+char *optd_checkpoints(optd_client *c, const char *name, optd_error *err);
+/* Creates session name from session from as it was after step (< 0: its
+ * current step), with the members of changes_json (a JSON object of what
+ * PATCH takes, or NULL) and, when replay is non-zero, a replay of from's
+ * logged gradients after step under the new config.  0 or -1. */
+int optd_fork(optd_client *c, const char *name, const char *from, long long step, int replay,
+              const char *changes_json, optd_error *err);
+/* The whole session as one file (with its log when with_log): *out is a
+ * new buffer of *len bytes (caller frees).  0 or -1. */
+int optd_export(optd_client *c, const char *name, int with_log, void **out, size_t *len,
+                optd_error *err);
+/* Creates session name from an export file.  0 or -1. */
+int optd_import(optd_client *c, const char *name, const void *file, size_t len, optd_error *err);
+
 /* ------------------------------------------------------------ raw calls */
 
 typedef struct {

@@ -43,8 +43,26 @@ type SessionConfig struct {
 	Schedule  map[string]any
 	Clip      map[string]any
 	Mode      map[string]any
-	Nonfinite string // "error" (default) or "skip"
-	Metadata  any    // any JSON object, kept with the session
+	Nonfinite string  // "error" (default) or "skip"
+	Metadata  any     // any JSON object, kept with the session
+	Retain    *Retain // kept checkpoints; nil: none
+}
+
+// Retain is a retention policy: a checkpoint after every EverySteps-th
+// update, the Keep newest of them kept (rollback and fork reach back to the
+// oldest).
+type Retain struct {
+	EverySteps int64 `json:"every_steps"`
+	Keep       int64 `json:"keep"`
+}
+
+// Checkpoint is one kept checkpoint of a session.
+type Checkpoint struct {
+	Step  int64   `json:"step"`
+	Time  string  `json:"time"`
+	Label *string `json:"label"`
+	Kind  string  `json:"kind"` // "periodic", "label", "anchor" or "auto"
+	Bytes int64   `json:"bytes"`
 }
 
 // MarshalJSON writes the create body. float32 parameters are written as the
@@ -61,10 +79,11 @@ func (c SessionConfig) MarshalJSON() ([]byte, error) {
 		Mode      map[string]any  `json:"mode,omitempty"`
 		Nonfinite string          `json:"nonfinite,omitempty"`
 		Metadata  any             `json:"metadata,omitempty"`
+		Retain    *Retain         `json:"retain,omitempty"`
 	}
 	b := body{Optimizer: c.Optimizer, DType: c.DType, Size: c.Size, Init: c.Init,
 		Schedule: c.Schedule, Clip: c.Clip, Mode: c.Mode, Nonfinite: c.Nonfinite,
-		Metadata: c.Metadata}
+		Metadata: c.Metadata, Retain: c.Retain}
 	var err error
 	switch {
 	case c.Params != nil && c.ParamsF32 != nil:

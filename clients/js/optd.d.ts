@@ -40,6 +40,7 @@ export interface CreateOptions {
   mode?: Typed;
   nonfinite?: 'error' | 'skip';
   metadata?: Record<string, unknown> | null;
+  retain?: { every_steps: number; keep: number } | null;
 }
 
 export interface UpdateChanges {
@@ -170,6 +171,14 @@ export class OptdError extends Error {
   readonly kind: ErrorKind;
 }
 
+export interface Checkpoint {
+  step: number;
+  time: string;
+  label: string | null;
+  kind: 'auto' | 'anchor' | 'periodic' | 'label';
+  bytes?: number;
+}
+
 export class Client {
   constructor(url: string, options?: ClientOptions);
   readonly url: string;
@@ -179,6 +188,8 @@ export class Client {
   maxBackoffMs: number;
   binaryThreshold: number;
   createSession(name: string, options: CreateOptions): Promise<Session>;
+  fork(name: string, from: string, options?: { step?: number; replay?: boolean } & UpdateChanges): Promise<Session>;
+  importSession(name: string, data: Uint8Array | ArrayBuffer): Promise<Session>;
   session(name: string): Session;
   sessions(options?: { pageSize?: number; after?: string | null }): AsyncGenerator<SessionSummary, void, undefined>;
   optimizers(): Promise<Record<string, unknown>>;
@@ -202,6 +213,10 @@ export class Session {
   setParams(v: Vector, options?: { json?: boolean }): Promise<number | null>;
   update(changes: UpdateChanges): Promise<SessionDoc>;
   history(options?: { after?: number; limit?: number; pageSize?: number }): Promise<HistoryStep[]>;
+  checkpoint(label: string): Promise<Checkpoint>;
+  checkpoints(): Promise<{ checkpoints: Checkpoint[]; oldest_step?: number; step: number }>;
+  rollback(target: { step?: number; label?: string }): Promise<SessionDoc>;
+  export(options?: { log?: boolean }): Promise<Uint8Array>;
   delete(): Promise<void>;
 }
 

@@ -340,7 +340,7 @@ export class Client {
    */
   async createSession(name, opts = {}) {
     checkName(name);
-    const { optimizer, params, size, init, dtype, schedule, clip, mode, nonfinite, metadata } = opts;
+    const { optimizer, params, size, init, dtype, schedule, clip, mode, nonfinite, metadata, retain } = opts;
     const body = {};
     let vec = null;
     if (optimizer !== undefined) body.optimizer = typeof optimizer === 'string' ? { type: optimizer } : optimizer;
@@ -357,11 +357,44 @@ export class Client {
     if (mode !== undefined) body.mode = mode;
     if (nonfinite !== undefined) body.nonfinite = nonfinite;
     if (metadata !== undefined) body.metadata = metadata;
+    if (retain !== undefined) body.retain = retain;
     const { status, doc } = await this._json('PUT', `/v1/sessions/${name}`, vec ? jsonWithVector('params', vec, body) : body, [
       200, 201,
     ]);
     const s = new Session(this, name, doc);
     s.created = status === 201;
+    return s;
+  }
+
+  /**
+   * Creates session `name` from session `from` as it was after `step`
+   * (default: its current step), sharing nothing with it.  `changes` are
+   * what PATCH takes ({optimizer: {lr}}, schedule, retain, ...); `replay:
+   * true` re-applies `from`'s logged gradients after `step` under the new
+   * config (a counterfactual run).  Resolves to the new Session.
+   */
+  async fork(name, from, { step, replay = false, ...changes } = {}) {
+    checkName(name);
+    const body = { ...changes, fork: { from: checkName(from) } };
+    if (step !== undefined) body.fork.step = step;
+    if (replay) body.replay = true;
+    const { doc } = await this._json('PUT', `/v1/sessions/${name}`, body, [201]);
+    const s = new Session(this, name, doc);
+    s.created = true;
+    return s;
+  }
+
+  /** Creates session `name` from an export file (Session.export). */
+  async importSession(name, data) {
+    checkName(name);
+    const doc = await this._request('PUT', `/v1/sessions/${name}/export`, {
+      headers: { Accept: JSON_TYPE, 'Content-Type': BINARY_TYPE },
+      body: data,
+      ok: [201],
+      handle: async (res) => res.json(),
+    });
+    const s = new Session(this, name, doc);
+    s.created = true;
     return s;
   }
 
@@ -600,6 +633,38 @@ export class Session {
       cursor = doc.next;
     }
     return out;
+  }
+
+  /** Keeps the current state as a checkpoint labelled `label`. */
+  async checkpoint(label) {
+    const { doc } = await this.client._json('POST', `${this.path}/checkpoints`, { label }, [201]);
+    return doc;
+  }
+
+  /** {checkpoints: [{step, time, label, kind, bytes}], oldest_step, step}. */
+  async checkpoints() {
+    const { doc } = await this.client._json('GET', `${this.path}/checkpoints`);
+    return doc;
+  }
+
+  /**
+   * Returns the session to what it was after `step` (or at the checkpoint
+   * `label`): later steps, checkpoints and idempotency keys are gone.
+   * Resolves to the session document.
+   */
+  async rollback({ step, label } = {}) {
+    if ((step === undefined) === (label === undefined)) throw new TypeError('give step or label');
+    const { doc } = await this.client._json('POST', `${this.path}/rollback`, step !== undefined ? { step } : { label });
+    this.lastStep = doc.step;
+    return doc;
+  }
+
+  /** The whole session as one file (with `log: true`, its log too). */
+  async export({ log = false } = {}) {
+    return this.client._request('GET', `${this.path}/export?log=${log ? 'true' : 'false'}`, {
+      headers: { Accept: BINARY_TYPE },
+      handle: async (res) => new Uint8Array(await res.arrayBuffer()),
+    });
   }
 
   /** Deletes the session and its state. */

@@ -167,7 +167,8 @@ class Client:
                        schedule: Optional[Dict[str, Any]] = None,
                        clip: Optional[Dict[str, Any]] = None,
                        mode: Optional[Dict[str, Any]] = None, nonfinite: Optional[str] = None,
-                       metadata: Optional[Dict[str, Any]] = None) -> "Session":
+                       metadata: Optional[Dict[str, Any]] = None,
+                       retain: Optional[Dict[str, int]] = None) -> "Session":
         """Creates the session, or verifies that it exists with this config.
 
         ``optimizer``: {"type": "adam", "lr": 1e-3, ...} with torch.optim's
@@ -196,11 +197,35 @@ class Client:
             doc["size"] = int(size)
             doc["init"] = init if init is not None else {"type": "zeros"}
         for key, value in (("schedule", schedule), ("clip", clip), ("mode", mode),
-                           ("nonfinite", nonfinite), ("metadata", metadata)):
+                           ("nonfinite", nonfinite), ("metadata", metadata),
+                           ("retain", retain)):
             if value is not None:
                 doc[key] = value
         resp = self._send_json("PUT", _path(name), doc)
         return Session(self, _json_doc(resp), created=resp.status == 201)
+
+    def fork(self, name: str, source: str, step: Optional[int] = None, replay: bool = False,
+             **changes: Any) -> "Session":
+        """Creates session ``name`` from session ``source`` as it was after
+        ``step`` (default: its current step), sharing nothing with it.
+        ``changes`` are what PATCH takes (optimizer={"lr": ...}, schedule=...,
+        retain=...).  ``replay=True`` re-applies the source's logged
+        gradients after ``step`` under the new config (a counterfactual
+        run), answering when done."""
+        fork = {"from": _check_name(source)}
+        if step is not None:
+            fork["step"] = int(step)
+        doc = dict(changes, fork=fork)
+        if replay:
+            doc["replay"] = True
+        resp = self._send_json("PUT", _path(name), doc)
+        return Session(self, _json_doc(resp), created=True)
+
+    def import_session(self, name: str, data: bytes) -> "Session":
+        """Creates session ``name`` from an export file (Session.export)."""
+        resp = self._request("PUT", _path(name, "/export"), body=bytes(data),
+                             headers={"Content-Type": _BINARY, "Accept": _JSON})
+        return Session(self, _json_doc(resp), created=True)
 
 
 class Session:
@@ -350,6 +375,37 @@ class Session:
             if after is None:
                 break
         return out
+
+    def checkpoint(self, label: str) -> Dict[str, Any]:
+        """Keeps the current state as a checkpoint labelled ``label``
+        (unique in the session); returns {step, time, label, kind}."""
+        return _json_doc(self.client._send_json("POST", _path(self.name, "/checkpoints"),
+                                                {"label": label}))
+
+    def checkpoints(self) -> Dict[str, Any]:
+        """{"checkpoints": [{step, time, label, kind, bytes}...], "oldest_step",
+        "step"}: the kept checkpoints, oldest first."""
+        return self.client._get_json(_path(self.name, "/checkpoints"))
+
+    def rollback(self, step: Optional[int] = None, label: Optional[str] = None) -> Dict[str, Any]:
+        """Returns the session to what it was after ``step`` (or at the
+        checkpoint ``label``); later steps, checkpoints and idempotency keys
+        are gone.  Returns the session document."""
+        if (step is None) == (label is None):
+            raise ValueError("give step or label")
+        body = {"step": int(step)} if step is not None else {"label": label}
+        doc = _json_doc(self.client._send_json("POST", _path(self.name, "/rollback"), body))
+        self.last_step = doc.get("step")
+        return doc
+
+    def export(self, log: bool = False) -> bytes:
+        """The whole session as one file (safetensors: state, config, layout;
+        with ``log=True`` the log too), for Client.import_session."""
+        resp = self.client._request("GET", _path(self.name, "/export?log=%s" %
+                                                 ("true" if log else "false")),
+                                    headers={"Accept": _BINARY})
+        _raise_for(resp)
+        return resp.body
 
     def delete(self) -> None:
         """Deletes the session and its state."""
