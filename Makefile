@@ -25,7 +25,7 @@ SANFLAGS ?=
 DEPS_RUN   := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
               libcurl4-openssl-dev zlib1g-dev
 DEPS_BUILD := $(DEPS_RUN) libcmocka-dev sqlite3 ca-certificates
-DEPS_TEST  := curl python3 python3-numpy python3-torch python3-venv python3-pip python3-setuptools \
+DEPS_TEST  := curl python3 python3-numpy python3-torch python3-sklearn python3-venv python3-pip python3-setuptools \
               python3-wheel python3-yaml python3-jsonschema golang-go go-staticcheck nodejs docker-compose
 DEPS_BENCH := wrk nginx-light python3-torch
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
