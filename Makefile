@@ -7,6 +7,7 @@
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
 #   make valgrind       the test suite under valgrind
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
+#   make bench-remote   optd.torch.RemoteOptimizer's opt.step() against local torch.optim
 #   make demo           the optimizer comparison on the digits data set
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
 #   make install        PREFIX=/usr/local DESTDIR= (headers in include/optd/, pkg-config files)
@@ -63,7 +64,7 @@ TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
-        bench-http bench-sync demo install uninstall wheel clean test-unit test-clients
+        bench-http bench-sync bench-remote demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -183,6 +184,8 @@ bench-http: deps-bench build
 	sh bench/http.sh
 bench-sync: build
 	$(BUILD)/bench/sync
+bench-remote: build
+	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/remote_torch.py
 
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py

@@ -340,7 +340,7 @@ export class Client {
    */
   async createSession(name, opts = {}) {
     checkName(name);
-    const { optimizer, params, size, init, dtype, schedule, clip, mode, nonfinite, metadata } = opts;
+    const { optimizer, params, size, init, dtype, schedule, clip, mode, nonfinite, metadata, tensors, groups } = opts;
     const body = {};
     let vec = null;
     if (optimizer !== undefined) body.optimizer = typeof optimizer === 'string' ? { type: optimizer } : optimizer;
@@ -357,6 +357,11 @@ export class Client {
     if (mode !== undefined) body.mode = mode;
     if (nonfinite !== undefined) body.nonfinite = nonfinite;
     if (metadata !== undefined) body.metadata = metadata;
+    // The layout: ordered {name, shape} (the vector is their concatenation;
+    // size may then be left out) and torch's param groups, each listing its
+    // tensors by name and overriding any hyperparameter.
+    if (tensors !== undefined) body.tensors = tensors.map((t) => ({ name: t.name, shape: [...t.shape] }));
+    if (groups !== undefined) body.groups = groups;
     const { status, doc } = await this._json('PUT', `/v1/sessions/${name}`, vec ? jsonWithVector('params', vec, body) : body, [
       200, 201,
     ]);
@@ -399,6 +404,68 @@ export class Client {
   }
 }
 
+/** Headers of a binary step: the absent tensors, and per group (in group
+ * order, comma-separated) the client-driven hyperparameters. */
+const STEP_HEADERS = {
+  absent: 'Optd-Absent',
+  lr: 'Optd-Group-Lr',
+  momentum: 'Optd-Group-Momentum',
+  beta1: 'Optd-Group-Beta1',
+};
+const GROUP_STEP_KEYS = ['lr', 'momentum', 'betas'];
+
+function checkAbsent(absent) {
+  if (!Array.isArray(absent)) throw new TypeError('absent must be an array of tensor indices or names');
+  for (const a of absent) {
+    const ok = typeof a === 'string' ? a.length > 0 : Number.isInteger(a) && a >= 0;
+    if (!ok) throw new TypeError(`absent lists tensor indices or names, not ${JSON.stringify(a)}`);
+  }
+  return absent;
+}
+
+/** "0-57,60" from tensor indices. */
+export function indexRanges(indices) {
+  const v = [...new Set(indices)].sort((a, b) => a - b);
+  const out = [];
+  for (const i of v) {
+    const last = out[out.length - 1];
+    if (last && last[1] === i - 1) last[1] = i;
+    else out.push([i, i]);
+  }
+  return out.map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(',');
+}
+
+/** One object per group, each with the same keys among lr, momentum, betas. */
+function checkStepGroups(groups) {
+  if (!Array.isArray(groups)) throw new TypeError('groups must be an array with one object per group');
+  const keys = Object.keys(groups[0] || {}).sort().join();
+  groups.forEach((g, i) => {
+    for (const [k, v] of Object.entries(g)) {
+      if (!GROUP_STEP_KEYS.includes(k)) throw new TypeError(`groups[${i}]: a step carries only lr, momentum, betas, not ${k}`);
+      const vals = k === 'betas' ? v : [v];
+      if (k === 'betas' && (!Array.isArray(v) || v.length !== 2)) throw new TypeError(`groups[${i}].betas must be a pair`);
+      if (!vals.every((x) => typeof x === 'number' && Number.isFinite(x))) throw new TypeError(`groups[${i}].${k} must be finite`);
+    }
+    if (Object.keys(g).sort().join() !== keys) throw new TypeError('every group of a step must carry the same hyperparameters');
+  });
+  return groups;
+}
+
+/** 17 significant digits: every double reads back exactly. */
+function exact(x) {
+  return x.toPrecision(17);
+}
+
+function groupHeaders(groups) {
+  checkStepGroups(groups);
+  const h = {};
+  for (const k of Object.keys(groups[0])) {
+    if (k === 'betas') h[STEP_HEADERS.beta1] = groups.map((g) => exact(g.betas[0])).join(',');
+    else h[STEP_HEADERS[k]] = groups.map((g) => exact(g[k])).join(',');
+  }
+  return h;
+}
+
 export class Session {
   constructor(client, name, doc = null) {
     this.client = client;
@@ -427,6 +494,22 @@ export class Session {
   _remember(doc) {
     this._dtype = doc.dtype;
     this._size = doc.size;
+    /** The layout [{name, shape, offset, size}] and the param groups, from
+     * the last session document seen. */
+    if (doc.tensors) this.tensors = doc.tensors;
+    if (doc.groups) this.groups = doc.groups;
+  }
+
+  /** Absent tensors as indices (the binary form carries indices only). */
+  async _indices(absent) {
+    checkAbsent(absent);
+    if (absent.some((a) => typeof a === 'string') && !this.tensors) await this.info();
+    return absent.map((a) => {
+      if (typeof a === 'number') return a;
+      const i = (this.tensors || []).findIndex((t) => t.name === a);
+      if (i < 0) throw new RangeError(`session ${this.name} has no tensor named ${JSON.stringify(a)}`);
+      return i;
+    });
   }
 
   /** dtype and size are needed to encode and decode binary vectors. */
@@ -466,7 +549,7 @@ export class Session {
    * skipped}: status 200 (applied, replayed or skipped) or 202 (accumulated,
    * `pending` gradients waiting for the update).
    */
-  async stepResult(grad, { loss, baseStep, worker, params = true, json, idempotencyKey } = {}) {
+  async stepResult(grad, { loss, baseStep, worker, params = true, json, idempotencyKey, absent, groups } = {}) {
     const { dtype } = await this._meta();
     const g = toTypedArray(grad, dtype);
     const finite = allFinite(g);
@@ -487,6 +570,8 @@ export class Session {
       if (loss !== undefined && loss !== null) headers[HEADERS.loss] = String(loss);
       if (baseStep !== undefined && baseStep !== null) headers[HEADERS.baseStep] = String(baseStep);
       if (worker !== undefined && worker !== null) headers[HEADERS.worker] = String(worker);
+      if (absent && absent.length) headers[STEP_HEADERS.absent] = indexRanges(await this._indices(absent));
+      if (groups && groups.length) Object.assign(headers, groupHeaders(groups));
       body = encodeVector(g, dtype);
     } else {
       headers['Content-Type'] = JSON_TYPE;
@@ -495,6 +580,8 @@ export class Session {
       if (loss !== undefined && loss !== null) b.loss = loss;
       if (baseStep !== undefined && baseStep !== null) b.base_step = baseStep;
       if (worker !== undefined && worker !== null) b.worker = worker;
+      if (absent && absent.length) b.absent = checkAbsent(absent);
+      if (groups && groups.length) b.groups = checkStepGroups(groups);
       body = jsonWithVector('grad', g, b);
     }
     const q = params ? '' : '?params=false';
