@@ -37,6 +37,7 @@ from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
+from torch.optim.optimizer import required as _REQUIRED
 
 from . import _safetensors, _vec
 from ._constants import RETRIES
@@ -286,7 +287,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for k in self._hp_names:
             if k in self.defaults:
                 v = self.defaults[k]
-                config[k] = first[k] if v is torch.optim.optimizer.required else _plain(v)
+                config[k] = first[k] if v is _REQUIRED else _plain(v)
         config.update(self._optd_only)
         docs = []
         offset = 0
@@ -536,6 +537,12 @@ class RemoteOptimizer(torch.optim.Optimizer):
                         tensors[tname] = (bdt, bshape, self._st_bytes(value, bdt))
                     else:
                         tensors[tname] = (bdt, bshape, bytes(len(tensors[tname][2])))
+                for key, value in (entry or {}).items():
+                    # a buffer torch has and the export lacks (not created yet)
+                    tname = "%s.%s" % (name, key)
+                    if (key != "step" and tname not in tensors and isinstance(value, torch.Tensor)
+                            and value.dim() > 0 and value.numel() == p.numel()):
+                        tensors[tname] = (dt, shape, self._st_bytes(value, dt))
                 if not entry:
                     steps[name] = 0
                     if name in minit:
