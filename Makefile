@@ -64,7 +64,7 @@ TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
-        bench-http bench-sync bench-remote demo install uninstall wheel clean test-unit test-clients
+        bench-http bench-sync bench-storage bench-remote demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -95,6 +95,11 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(call obj,$(TSUP_SRC)) $(LIBCLIENT) $(
 	$(CC) $(ALL_CFLAGS) -o $@ $^ -lcmocka $(LDLIBS_ALL)
 
 $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIBCLIENT) $(LIBOPTIM)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS_ALL)
+
+# bench/storage measures storage itself too.
+$(BUILD)/bench/storage: $(BUILD)/obj/bench/storage.o $(LIBSTORAGE) $(LIBOPTIM)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS_ALL)
 
@@ -184,6 +189,8 @@ bench-http: deps-bench build
 	sh bench/http.sh
 bench-sync: build
 	$(BUILD)/bench/sync
+bench-storage: build
+	$(BUILD)/bench/storage $(BUILD)/bench-storage
 bench-remote: build
 	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/remote_torch.py
 

@@ -109,15 +109,49 @@ typedef struct {
     int64_t accumulate;     /* K >= 1 (1: apply every gradient)            */
 } api_mode;
 
+/* The layout of a session's vector: named tensors (the vector is their
+ * concatenation, in order) and torch's param groups (each holds some
+ * tensors and may override any hyperparameter of the session's
+ * optimizer).  A session created without one has one tensor "params" and
+ * one group holding it. */
+#define API_TENSOR_NAME_MAX 200
+#define API_MAX_DIMS 8
+#define API_MAX_TENSORS 100000
+#define API_MAX_GROUPS 1024
+
+typedef struct {
+    char *name;
+    int ndim;
+    int64_t shape[API_MAX_DIMS];
+    uint64_t offset;        /* first element in the flat vector             */
+    uint64_t size;          /* elements (product of the shape)              */
+    uint32_t group;         /* the group that holds it                      */
+} api_tensor;
+
+typedef struct {
+    uint32_t *tensors;      /* indices into api_config.tensors, in order    */
+    size_t n_tensors;
+    char *overrides;        /* canonical JSON object of the hyperparameters
+                               this group sets itself ("{}": none)        */
+    optim_hparams opt;      /* effective: the session's optimizer with the
+                               overrides applied                           */
+} api_group;
+
 typedef struct {
     optim_dtype dtype;
     uint64_t size;
-    optim_hparams opt;
+    optim_hparams opt;      /* the session's optimizer (torch's defaults)   */
     optim_schedule sched;
     optim_clip clip;
     api_mode mode;
     int nonfinite;          /* API_NONFINITE_*                               */
     char *metadata;         /* canonical JSON object text or NULL; owned    */
+    bool layout;            /* tensors/groups were given (kept in the
+                               canonical config)                           */
+    size_t n_tensors;
+    api_tensor *tensors;    /* owned                                        */
+    size_t n_groups;
+    api_group *groups;      /* owned                                        */
 } api_config;
 
 enum { API_INIT_PARAMS = 0, API_INIT_ZEROS, API_INIT_NORMAL, API_INIT_UNIFORM };
@@ -136,6 +170,15 @@ int api_config_copy(api_config *dst, const api_config *src);
 char *api_config_to_json(const api_config *c);
 /* Parses a canonical config (as stored); 0 or -1. */
 int api_config_from_json(const char *json, api_config *c);
+/* Recomputes every group's effective hyperparameters from the session's
+ * optimizer and the group's overrides (after a PATCH of "optimizer").
+ * 0, or 400 with the reply naming groups[i].field. */
+int api_config_refresh_groups(api_config *c, api_reply *r);
+/* The canonical JSON object of one set of hyperparameters ({"type": ...,
+ * every value}); new string. */
+char *api_hparams_to_json(const optim_hparams *hp);
+/* The index of a tensor by name, or -1. */
+long api_tensor_find(const api_config *c, const char *name);
 /* Names each field where want differs from have, with both values, as
  * "optimizer.lr: 0.001 in the session, 0.01 requested; ..." into out
  * (truncated with "..." when longer than n).  Returns the number of

@@ -15,10 +15,26 @@
 
 #define MODE_DEFAULT_TIMEOUT_MS 30000
 
+static void layout_free(api_config *c)
+{
+    for (size_t i = 0; i < c->n_tensors; i++)
+        free(c->tensors[i].name);
+    free(c->tensors);
+    for (size_t i = 0; i < c->n_groups; i++) {
+        free(c->groups[i].tensors);
+        free(c->groups[i].overrides);
+    }
+    free(c->groups);
+    c->tensors = NULL;
+    c->groups = NULL;
+    c->n_tensors = c->n_groups = 0;
+}
+
 void api_config_free(api_config *c)
 {
     free(c->metadata);
     c->metadata = NULL;
+    layout_free(c);
 }
 
 static char *dup_str(const char *s)
@@ -34,9 +50,49 @@ int api_config_copy(api_config *dst, const api_config *src)
 {
     *dst = *src;
     dst->metadata = NULL;
+    dst->tensors = NULL;
+    dst->groups = NULL;
+    dst->n_tensors = dst->n_groups = 0;
     if (src->metadata && !(dst->metadata = dup_str(src->metadata)))
         return -1;
+    if (src->n_tensors) {
+        if (!(dst->tensors = calloc(src->n_tensors, sizeof *dst->tensors)))
+            goto oom;
+        dst->n_tensors = src->n_tensors;
+        for (size_t i = 0; i < src->n_tensors; i++) {
+            dst->tensors[i] = src->tensors[i];
+            if (!(dst->tensors[i].name = dup_str(src->tensors[i].name)))
+                goto oom;
+        }
+    }
+    if (src->n_groups) {
+        if (!(dst->groups = calloc(src->n_groups, sizeof *dst->groups)))
+            goto oom;
+        dst->n_groups = src->n_groups;
+        for (size_t g = 0; g < src->n_groups; g++) {
+            const api_group *a = &src->groups[g];
+            api_group *b = &dst->groups[g];
+            b->opt = a->opt;
+            b->n_tensors = a->n_tensors;
+            b->tensors = malloc((a->n_tensors ? a->n_tensors : 1) * sizeof *b->tensors);
+            b->overrides = dup_str(a->overrides);
+            if (!b->tensors || !b->overrides)
+                goto oom;
+            memcpy(b->tensors, a->tensors, a->n_tensors * sizeof *b->tensors);
+        }
+    }
     return 0;
+oom:
+    api_config_free(dst);
+    return -1;
+}
+
+long api_tensor_find(const api_config *c, const char *name)
+{
+    for (size_t i = 0; i < c->n_tensors; i++)
+        if (strcmp(c->tensors[i].name, name) == 0)
+            return (long)i;
+    return -1;
 }
 
 /* ------------------------------------------------------------ parsing */
@@ -595,7 +651,7 @@ static void config_default(api_config *c)
 
 static const char *const create_keys[] = {"optimizer", "params", "size", "init", "dtype",
                                           "schedule", "clip", "mode", "nonfinite",
-                                          "metadata", NULL};
+                                          "metadata", "tensors", "groups", NULL};
 
 static bool key_known(const char *k, const char *const *keys)
 {
@@ -691,6 +747,289 @@ static int decode_array(const cJSON *arr, optim_dtype dt, size_t n, void *out,
 }
 
 /* The shared part of create and of reading a stored config. */
+
+/* ------------------------------------------------------------- layout */
+
+static void specs_encode(cJSON *obj, const optim_hp_spec *specs, size_t n, const void *base);
+
+static bool tensor_name_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n < 1 || n > API_TENSOR_NAME_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '_' || ch == '.' || ch == ':' || ch == '/' || ch == '-'))
+            return false;
+    }
+    return true;
+}
+
+/* One tensor "params" of the whole size, in one group without overrides. */
+static int layout_default(api_config *c)
+{
+    layout_free(c);
+    c->layout = false;
+    c->tensors = calloc(1, sizeof *c->tensors);
+    c->groups = calloc(1, sizeof *c->groups);
+    if (!c->tensors || !c->groups)
+        return -1;
+    c->n_tensors = c->n_groups = 1;
+    c->tensors[0].name = dup_str("params");
+    c->tensors[0].ndim = 1;
+    c->tensors[0].shape[0] = (int64_t)c->size;
+    c->tensors[0].size = c->size;
+    c->groups[0].tensors = calloc(1, sizeof *c->groups[0].tensors);
+    c->groups[0].n_tensors = 1;
+    c->groups[0].overrides = dup_str("{}");
+    c->groups[0].opt = c->opt;
+    return c->tensors[0].name && c->groups[0].tensors && c->groups[0].overrides ? 0 : -1;
+}
+
+/* The group's overrides (a JSON object of hyperparameters, no "type") on
+ * top of base: *eff gets the result, *canon the canonical text of the
+ * members given (every value in its canonical form, in table order). */
+static int overrides_apply(const cJSON *obj, const optim_hparams *base, optim_hparams *eff,
+                           char **canon, const char *prefix, api_reply *r)
+{
+    const optim_info *info = optim_info_of(base->kind);
+    if (!cJSON_IsObject(obj))
+        return api_problem(r, 400, prefix, "%s must be an object", prefix);
+    if (cJSON_GetObjectItemCaseSensitive(obj, "type"))
+        return bad(r, prefix, "type", "cannot be set per group (every group uses the session's "
+                                      "optimizer)");
+    *eff = *base;
+    int st = specs_decode(obj, info->hps, info->n_hps, eff, prefix, info->name, false, r);
+    if (st)
+        return st;
+    optim_error e;
+    if (optim_hparams_validate(eff, &e) != OPTIM_OK)
+        return optim_err_reply(r, prefix, &e);
+    if (canon) {
+        cJSON *all = cJSON_CreateObject(), *out = cJSON_CreateObject();
+        specs_encode(all, info->hps, info->n_hps, eff);
+        for (size_t i = 0; i < info->n_hps; i++)
+            if (cJSON_GetObjectItemCaseSensitive(obj, info->hps[i].name))
+                cJSON_AddItemToObject(out, info->hps[i].name,
+                                      cJSON_Duplicate(cJSON_GetObjectItem(all, info->hps[i].name),
+                                                      1));
+        char *t = cJSON_PrintUnformatted(out);
+        cJSON_Delete(all);
+        cJSON_Delete(out);
+        *canon = t ? dup_str(t) : NULL;
+        cJSON_free(t);
+        if (!*canon)
+            return api_problem(r, 503, NULL, "out of memory");
+    }
+    return 0;
+}
+
+int api_config_refresh_groups(api_config *c, api_reply *r)
+{
+    for (size_t g = 0; g < c->n_groups; g++) {
+        char prefix[48];
+        snprintf(prefix, sizeof prefix, "groups[%zu]", g);
+        cJSON *o = cJSON_Parse(c->groups[g].overrides);
+        int st = o ? overrides_apply(o, &c->opt, &c->groups[g].opt, NULL, prefix, r)
+                   : api_problem(r, 500, NULL, "a stored group is unreadable");
+        cJSON_Delete(o);
+        if (st)
+            return st;
+    }
+    return 0;
+}
+
+/* "tensors" and "groups" of a create body or a stored config; c->size is
+ * 0 when the body gave neither size nor params (the tensors then say). */
+static int decode_layout(const cJSON *root, api_config *c, api_reply *r)
+{
+    const cJSON *jt = cJSON_GetObjectItemCaseSensitive(root, "tensors");
+    const cJSON *jg = cJSON_GetObjectItemCaseSensitive(root, "groups");
+    if (!jt && !jg)
+        return layout_default(c) ? api_problem(r, 503, NULL, "out of memory") : 0;
+    if (!jt) {
+        /* Groups over the default tensor: only one group makes sense. */
+        if (layout_default(c))
+            return api_problem(r, 503, NULL, "out of memory");
+    } else {
+        layout_free(c);
+        int nt = cJSON_IsArray(jt) ? cJSON_GetArraySize(jt) : -1;
+        if (nt < 1 || nt > API_MAX_TENSORS)
+            return api_problem(r, 400, "tensors", "tensors must be an array of 1 to %d "
+                                                  "{\"name\", \"shape\"} objects", API_MAX_TENSORS);
+        c->tensors = calloc((size_t)nt, sizeof *c->tensors);
+        if (!c->tensors)
+            return api_problem(r, 503, NULL, "out of memory");
+        c->n_tensors = (size_t)nt;
+        uint64_t off = 0;
+        for (int i = 0; i < nt; i++) {
+            const cJSON *t = cJSON_GetArrayItem(jt, i);
+            const cJSON *nm = cJSON_GetObjectItemCaseSensitive(t, "name");
+            const cJSON *sh = cJSON_GetObjectItemCaseSensitive(t, "shape");
+            char field[48];
+            snprintf(field, sizeof field, "tensors[%d]", i);
+            const cJSON *m;
+            cJSON_ArrayForEach(m, t)
+            {
+                if (strcmp(m->string, "name") != 0 && strcmp(m->string, "shape") != 0)
+                    return api_problem(r, 400, field, "%s: unknown field \"%s\" (name, shape)",
+                                       field, m->string);
+            }
+            if (!cJSON_IsString(nm) || !tensor_name_ok(nm->valuestring))
+                return api_problem(r, 400, field, "%s.name must be 1-%d characters of A-Z a-z "
+                                                  "0-9 _ . : / -", field, API_TENSOR_NAME_MAX);
+            for (int k = 0; k < i; k++)
+                if (strcmp(c->tensors[k].name, nm->valuestring) == 0)
+                    return api_problem(r, 400, field, "tensor name \"%s\" appears twice",
+                                       nm->valuestring);
+            int nd = cJSON_IsArray(sh) ? cJSON_GetArraySize(sh) : -1;
+            if (nd < 0 || nd > API_MAX_DIMS)
+                return api_problem(r, 400, field, "%s.shape must be an array of at most %d "
+                                                  "non-negative integers", field, API_MAX_DIMS);
+            api_tensor *T = &c->tensors[i];
+            if (!(T->name = dup_str(nm->valuestring)))
+                return api_problem(r, 503, NULL, "out of memory");
+            T->ndim = nd;
+            uint64_t numel = 1;
+            for (int d = 0; d < nd; d++) {
+                int64_t v;
+                if (!json_int(cJSON_GetArrayItem(sh, d), &v) || v < 0)
+                    return api_problem(r, 400, field, "%s.shape must hold non-negative integers",
+                                       field);
+                T->shape[d] = v;
+                if (v && numel > UINT64_MAX / (uint64_t)v)
+                    return api_problem(r, 413, field, "%s is too large", field);
+                numel *= (uint64_t)v;
+            }
+            T->offset = off;
+            T->size = numel;
+            if (numel > UINT64_MAX - off)
+                return api_problem(r, 413, "tensors", "the tensors are too large");
+            off += numel;
+        }
+        if (c->size == 0)
+            c->size = off;
+        if (off != c->size || off == 0)
+            return api_problem(r, 422, "tensors",
+                               "the tensors hold %llu elements; the session has %llu",
+                               (unsigned long long)off, (unsigned long long)c->size);
+    }
+    c->layout = true;
+    /* Groups: by default one holding every tensor. */
+    int ng = jg ? (cJSON_IsArray(jg) ? cJSON_GetArraySize(jg) : -1) : 0;
+    if (jg && (ng < 1 || ng > API_MAX_GROUPS))
+        return api_problem(r, 400, "groups", "groups must be an array of 1 to %d objects",
+                           API_MAX_GROUPS);
+    for (size_t g = 0; g < c->n_groups; g++) {
+        free(c->groups[g].tensors);
+        free(c->groups[g].overrides);
+    }
+    free(c->groups);
+    c->n_groups = jg ? (size_t)ng : 1;
+    c->groups = calloc(c->n_groups, sizeof *c->groups);
+    if (!c->groups) {
+        c->n_groups = 0;
+        return api_problem(r, 503, NULL, "out of memory");
+    }
+    for (size_t i = 0; i < c->n_tensors; i++)
+        c->tensors[i].group = UINT32_MAX;
+    if (!jg) {
+        api_group *G = &c->groups[0];
+        G->tensors = malloc(c->n_tensors * sizeof *G->tensors);
+        G->overrides = dup_str("{}");
+        if (!G->tensors || !G->overrides)
+            return api_problem(r, 503, NULL, "out of memory");
+        for (size_t i = 0; i < c->n_tensors; i++) {
+            G->tensors[i] = (uint32_t)i;
+            c->tensors[i].group = 0;
+        }
+        G->n_tensors = c->n_tensors;
+        G->opt = c->opt;
+        return 0;
+    }
+    for (int g = 0; g < ng; g++) {
+        const cJSON *jo = cJSON_GetArrayItem(jg, g);
+        char field[48];
+        snprintf(field, sizeof field, "groups[%d]", g);
+        if (!cJSON_IsObject(jo))
+            return api_problem(r, 400, field, "%s must be an object", field);
+        const cJSON *names = cJSON_GetObjectItemCaseSensitive(jo, "tensors");
+        int nn = cJSON_IsArray(names) ? cJSON_GetArraySize(names) : -1;
+        if (nn < 1)
+            return api_problem(r, 400, field, "%s.tensors must list the group's tensors by name",
+                               field);
+        api_group *G = &c->groups[g];
+        if (!(G->tensors = malloc((size_t)nn * sizeof *G->tensors)))
+            return api_problem(r, 503, NULL, "out of memory");
+        G->n_tensors = (size_t)nn;
+        for (int k = 0; k < nn; k++) {
+            const cJSON *nm = cJSON_GetArrayItem(names, k);
+            long ti = cJSON_IsString(nm) ? api_tensor_find(c, nm->valuestring) : -1;
+            if (ti < 0)
+                return api_problem(r, 400, field, "%s.tensors[%d] is not one of the session's "
+                                                  "tensors", field, k);
+            if (c->tensors[ti].group != UINT32_MAX)
+                return api_problem(r, 400, field, "tensor \"%s\" is in more than one group",
+                                   nm->valuestring);
+            c->tensors[ti].group = (uint32_t)g;
+            G->tensors[k] = (uint32_t)ti;
+        }
+        cJSON *ov = cJSON_Duplicate(jo, 1);
+        cJSON_DeleteItemFromObjectCaseSensitive(ov, "tensors");
+        int st = overrides_apply(ov, &c->opt, &G->opt, &G->overrides, field, r);
+        cJSON_Delete(ov);
+        if (st)
+            return st;
+    }
+    for (size_t i = 0; i < c->n_tensors; i++)
+        if (c->tensors[i].group == UINT32_MAX)
+            return api_problem(r, 400, "groups", "tensor \"%s\" is in no group (torch: every "
+                                                 "parameter belongs to one param group)",
+                               c->tensors[i].name);
+    return 0;
+}
+
+/* PATCH "groups": one object per group, each the hyperparameters to
+ * change in it ({} leaves a group alone). */
+static int patch_groups(const cJSON *v, api_config *c, api_reply *r)
+{
+    int ng = cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
+    if (ng != (int)c->n_groups)
+        return api_problem(r, 400, "groups",
+                           "groups must be an array of %zu objects (one per group; {} changes "
+                           "nothing)", c->n_groups);
+    for (int g = 0; g < ng; g++) {
+        const cJSON *jo = cJSON_GetArrayItem(v, g);
+        char field[48];
+        snprintf(field, sizeof field, "groups[%d]", g);
+        if (!cJSON_IsObject(jo))
+            return api_problem(r, 400, field, "%s must be an object", field);
+        if (cJSON_GetObjectItemCaseSensitive(jo, "tensors"))
+            return bad(r, field, "tensors", "cannot change after create");
+        if (!jo->child)
+            continue;
+        cJSON *merged = cJSON_Parse(c->groups[g].overrides);
+        if (!merged)
+            return api_problem(r, 500, NULL, "a stored group is unreadable");
+        const cJSON *m;
+        cJSON_ArrayForEach(m, jo)
+        {
+            cJSON_DeleteItemFromObjectCaseSensitive(merged, m->string);
+            cJSON_AddItemToObject(merged, m->string, cJSON_Duplicate(m, 1));
+        }
+        char *canon = NULL;
+        int st = overrides_apply(merged, &c->opt, &c->groups[g].opt, &canon, field, r);
+        cJSON_Delete(merged);
+        if (st)
+            return st;
+        free(c->groups[g].overrides);
+        c->groups[g].overrides = canon;
+    }
+    c->layout = true;
+    return 0;
+}
+
 static int decode_config_obj(const cJSON *root, api_config *c, api_reply *r)
 {
     const cJSON *v;
@@ -742,8 +1081,9 @@ int api_decode_create(const char *body, size_t len, size_t max_params, api_confi
     const cJSON *ji = cJSON_GetObjectItemCaseSensitive(root, "init");
     if (!st && jp && (js || ji))
         st = api_problem(r, 400, "params", "give either params or size + init, not both");
-    if (!st && !jp && !js)
-        st = api_problem(r, 400, "params", "params (an array) or size is required");
+    const cJSON *jt = cJSON_GetObjectItemCaseSensitive(root, "tensors");
+    if (!st && !jp && !js && !jt)
+        st = api_problem(r, 400, "params", "params (an array), size or tensors is required");
     if (!st && jp) {
         if (!cJSON_IsArray(jp) || cJSON_GetArraySize(jp) < 1)
             st = bad(r, NULL, "params", "must be a non-empty array of numbers");
@@ -760,6 +1100,12 @@ int api_decode_create(const char *body, size_t len, size_t max_params, api_confi
                 st = decode_array(jp, cfg->dtype, cfg->size, *params, "params", r);
         }
         init->type = API_INIT_PARAMS;
+    } else if (!st && !js) {
+        /* The tensors give the size. */
+        if (ji)
+            st = decode_init(ji, init, r);
+        else
+            init->type = API_INIT_ZEROS;
     } else if (!st) {
         int64_t n;
         if (!json_int(js, &n) || n < 1)
@@ -776,6 +1122,11 @@ int api_decode_create(const char *body, size_t len, size_t max_params, api_confi
                 init->type = API_INIT_ZEROS;
         }
     }
+    if (!st)
+        st = decode_layout(root, cfg, r);
+    if (!st && cfg->size > max_params)
+        st = api_problem(r, 413, "tensors", "the tensors hold %llu elements; the limit is %zu",
+                         (unsigned long long)cfg->size, max_params);
     cJSON_Delete(root);
     if (st) {
         free(*params);
@@ -786,7 +1137,7 @@ int api_decode_create(const char *body, size_t len, size_t max_params, api_confi
 }
 
 static const char *const patch_keys[] = {"optimizer", "schedule", "clip", "mode", "nonfinite",
-                                         "metadata", NULL};
+                                         "metadata", "groups", NULL};
 
 int api_decode_patch(const char *body, size_t len, api_config *cfg, api_reply *r)
 {
@@ -807,8 +1158,13 @@ int api_decode_patch(const char *body, size_t len, api_config *cfg, api_reply *r
         }
     }
     const cJSON *v;
-    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "optimizer")))
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "optimizer"))) {
         st = decode_optimizer(v, &cfg->opt, true, r);
+        if (!st)
+            st = api_config_refresh_groups(cfg, r);
+    }
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "groups")))
+        st = patch_groups(v, cfg, r);
     if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "schedule")))
         st = decode_schedule(v, &cfg->sched, r);
     if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "clip")))
@@ -932,11 +1288,48 @@ static cJSON *config_obj(const api_config *c)
         specs_encode(m, async_specs, N_ASYNC, &c->mode);
     }
     cJSON_AddStringToObject(root, "nonfinite", c->nonfinite == API_NONFINITE_SKIP ? "skip" : "error");
+    if (c->layout) {
+        cJSON *ts = cJSON_AddArrayToObject(root, "tensors");
+        for (size_t i = 0; i < c->n_tensors; i++) {
+            cJSON *t = cJSON_CreateObject();
+            cJSON_AddStringToObject(t, "name", c->tensors[i].name);
+            cJSON *sh = cJSON_AddArrayToObject(t, "shape");
+            for (int d = 0; d < c->tensors[i].ndim; d++)
+                cJSON_AddItemToArray(sh, int_num(c->tensors[i].shape[d]));
+            cJSON_AddItemToArray(ts, t);
+        }
+        cJSON *gs = cJSON_AddArrayToObject(root, "groups");
+        for (size_t g = 0; g < c->n_groups; g++) {
+            cJSON *o = cJSON_CreateObject();
+            cJSON *names = cJSON_AddArrayToObject(o, "tensors");
+            for (size_t k = 0; k < c->groups[g].n_tensors; k++)
+                cJSON_AddItemToArray(names,
+                                     cJSON_CreateString(c->tensors[c->groups[g].tensors[k]].name));
+            cJSON *ov = cJSON_Parse(c->groups[g].overrides);
+            for (cJSON *m = ov ? ov->child : NULL; m; m = m->next)
+                cJSON_AddItemToObject(o, m->string, cJSON_Duplicate(m, 1));
+            cJSON_Delete(ov);
+            cJSON_AddItemToArray(gs, o);
+        }
+    }
     if (c->metadata)
         cJSON_AddItemToObject(root, "metadata", cJSON_Parse(c->metadata));
     else
         cJSON_AddNullToObject(root, "metadata");
     return root;
+}
+
+char *api_hparams_to_json(const optim_hparams *hp)
+{
+    const optim_info *oi = optim_info_of(hp->kind);
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "type", oi->name);
+    specs_encode(o, oi->hps, oi->n_hps, hp);
+    char *t = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    char *d = t ? dup_str(t) : NULL;
+    cJSON_free(t);
+    return d;
 }
 
 char *api_config_to_json(const api_config *c)
@@ -1047,6 +1440,8 @@ int api_config_from_json(const char *json, api_config *c)
         else
             st = 400;
     }
+    if (!st)
+        st = decode_layout(root, c, &r);
     cJSON_Delete(root);
     api_reply_free(&r);
     if (st)

@@ -236,10 +236,21 @@ static unsigned buffer_mask(const eng_session *s)
     return m;
 }
 
-static size_t bookkeeping_bytes(uint64_t n)
+static size_t n_items_of(const api_config *cfg)
 {
-    size_t nb = optim_vec_blocks((size_t)n);
-    return sizeof(eng_session) + nb * (sizeof(optim_vec_partial) + sizeof(double));
+    size_t k = 0;
+    for (size_t i = 0; i < cfg->n_tensors; i++)
+        k += optim_vec_blocks((size_t)cfg->tensors[i].size);
+    return k;
+}
+
+static size_t bookkeeping_bytes(const api_config *cfg)
+{
+    size_t ni = n_items_of(cfg), nt = cfg->n_tensors;
+    return sizeof(eng_session) +
+           ni * (sizeof(eng_item) + sizeof(optim_vec_partial) + sizeof(double)) +
+           nt * (sizeof(optim_state) + sizeof(optim_plan) + sizeof(uint64_t) + sizeof(bool)) +
+           cfg->n_groups * sizeof(eng_group_hp);
 }
 
 size_t eng_session_bytes(const eng_session *s)
@@ -250,20 +261,22 @@ size_t eng_session_bytes(const eng_session *s)
             total += v;
     if (s->accum)
         total += v;
-    return total + bookkeeping_bytes(s->cfg.size);
+    return total + bookkeeping_bytes(&s->cfg);
 }
 
 size_t eng_config_bytes(const api_config *cfg)
 {
     size_t v = (size_t)cfg->size * optim_dtype_size(cfg->dtype);
-    unsigned need = optim_buffers_needed(&cfg->opt);
+    unsigned need = 0;
+    for (size_t g = 0; g < cfg->n_groups; g++)
+        need |= optim_buffers_needed(&cfg->groups[g].opt);
     size_t total = v;
     for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
         if (need & (1u << i))
             total += v;
     if (cfg->mode.accumulate > 1)
         total += v;
-    return total + bookkeeping_bytes(cfg->size);
+    return total + bookkeeping_bytes(cfg);
 }
 
 void eng_session_free(eng_session *s)
@@ -276,6 +289,12 @@ void eng_session_free(eng_session *s)
     free(s->accum);
     free(s->parts);
     free(s->upd);
+    free(s->tst);
+    free(s->items);
+    free(s->gcur);
+    free(s->plans);
+    free(s->goff);
+    free(s->present);
     free(s->round_sum);
     free(s->round_workers);
     free(s->round_keys);
@@ -285,13 +304,22 @@ void eng_session_free(eng_session *s)
     free(s);
 }
 
-/* The hyperparameters of the next update: lr from the schedule, cycled
- * momentum from one-cycle. */
-static void effective_hparams(const eng_session *s, double factor, optim_hparams *hp)
+/* Group g's hyperparameters for the update after s->st.step updates:
+ * the group's own values (the client's current ones first), the lr from
+ * the schedule (each group from its own lr, as torch's schedulers scale
+ * each group from its initial_lr), cycled momentum from one-cycle. */
+static void group_hparams(const eng_session *s, size_t g, double factor, optim_hparams *hp)
 {
-    *hp = s->cfg.opt;
+    *hp = s->cfg.groups[g].opt;
+    const eng_group_hp *c = &s->gcur[g];
+    if (c->has[ENG_HP_LR])
+        hp->lr = c->v[ENG_HP_LR];
+    if (c->has[ENG_HP_MOMENTUM])
+        hp->momentum = c->v[ENG_HP_MOMENTUM];
+    if (c->has[ENG_HP_BETA1])
+        hp->betas[0] = c->v[ENG_HP_BETA1];
     optim_sched_value v;
-    optim_sched_eval(&s->cfg.sched, &s->plateau, s->cfg.opt.lr, s->st.step, &v);
+    optim_sched_eval(&s->cfg.sched, &s->plateau, hp->lr, s->st.step, &v);
     hp->lr = v.lr * factor;
     if (v.has_momentum) {
         if (hp->kind == OPTIM_SGD || hp->kind == OPTIM_RMSPROP)
@@ -301,38 +329,72 @@ static void effective_hparams(const eng_session *s, double factor, optim_hparams
     }
 }
 
+void eng_group_hparams(const eng_session *s, size_t g, optim_hparams *hp)
+{
+    group_hparams(s, g, 1.0, hp);
+}
+
 double eng_next_lr(const eng_session *s)
 {
     optim_hparams hp;
-    effective_hparams(s, 1.0, &hp);
+    group_hparams(s, 0, 1.0, &hp);
     return hp.lr;
 }
 
-static int ensure_buffers_for(eng_session *s, const optim_hparams *hp)
+void eng_config_changed(eng_session *s)
 {
-    unsigned need = optim_buffers_needed(hp);
-    size_t n = (size_t)s->cfg.size;
+    for (size_t g = 0; g < s->cfg.n_groups; g++)
+        memset(&s->gcur[g], 0, sizeof s->gcur[g]);
+}
+
+uint64_t eng_present_size(const eng_session *s, const uint32_t *absent, size_t n_absent)
+{
+    uint64_t n = s->cfg.size;
+    for (size_t k = 0; k < n_absent; k++)
+        n -= s->cfg.tensors[absent[k]].size;
+    return n;
+}
+
+static int ensure_buffers_for(eng_session *s, unsigned need)
+{
     for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++) {
         if (!(need & (1u << i)) || s->st.buf[i])
             continue;
         s->st.buf[i] = malloc(vec_bytes(s) ? vec_bytes(s) : 1);
         if (!s->st.buf[i])
             return ENG_ENOMEM;
-        optim_buffer_init(hp, i, s->cfg.dtype, s->st.buf[i], n);
+        /* Each tensor's slice from its own group's hyperparameters. */
+        for (size_t t = 0; t < s->cfg.n_tensors; t++) {
+            const api_tensor *T = &s->cfg.tensors[t];
+            optim_hparams hp;
+            group_hparams(s, T->group, 1.0, &hp);
+            optim_buffer_init(&hp, i, s->cfg.dtype,
+                              (char *)s->st.buf[i] + T->offset * optim_dtype_size(s->cfg.dtype),
+                              (size_t)T->size);
+        }
     }
     return ENG_OK;
 }
 
+static unsigned buffers_needed(const eng_session *s)
+{
+    unsigned need = 0;
+    for (size_t g = 0; g < s->cfg.n_groups; g++) {
+        optim_hparams hp;
+        group_hparams(s, g, 1.0, &hp);
+        need |= optim_buffers_needed(&hp);
+    }
+    return need;
+}
+
 int eng_ensure_buffers(eng_session *s)
 {
-    optim_hparams hp;
-    effective_hparams(s, 1.0, &hp);
     if (s->cfg.mode.accumulate > 1 && !s->accum) {
         s->accum = calloc(1, vec_bytes(s) ? vec_bytes(s) : 1);
         if (!s->accum)
             return ENG_ENOMEM;
     }
-    return ensure_buffers_for(s, &hp);
+    return ensure_buffers_for(s, buffers_needed(s));
 }
 
 eng_session *eng_session_shell(const char *name)
@@ -347,16 +409,49 @@ eng_session *eng_session_shell(const char *name)
     return s;
 }
 
-/* Config and the vectors every session has (params, block partials). */
+/* Config, layout and the vectors every session has (params, per-tensor
+ * state, the blocks and their partials). */
 static int shell_fill(eng_session *s, const api_config *cfg)
 {
     if (api_config_copy(&s->cfg, cfg))
         return ENG_ENOMEM;
-    size_t nb = optim_vec_blocks((size_t)cfg->size);
+    size_t ni = n_items_of(cfg), nt = cfg->n_tensors, ng = cfg->n_groups;
     s->params = malloc(vec_bytes(s) ? vec_bytes(s) : 1);
-    s->parts = malloc((nb ? nb : 1) * sizeof *s->parts);
-    s->upd = malloc((nb ? nb : 1) * sizeof *s->upd);
-    return s->params && s->parts && s->upd ? ENG_OK : ENG_ENOMEM;
+    s->parts = malloc((ni ? ni : 1) * sizeof *s->parts);
+    s->upd = malloc((ni ? ni : 1) * sizeof *s->upd);
+    s->items = malloc((ni ? ni : 1) * sizeof *s->items);
+    s->tst = calloc(nt ? nt : 1, sizeof *s->tst);
+    s->plans = calloc(nt ? nt : 1, sizeof *s->plans);
+    s->goff = calloc(nt ? nt : 1, sizeof *s->goff);
+    s->present = calloc(nt ? nt : 1, sizeof *s->present);
+    s->gcur = calloc(ng ? ng : 1, sizeof *s->gcur);
+    if (!s->params || !s->parts || !s->upd || !s->items || !s->tst || !s->plans || !s->goff ||
+        !s->present || !s->gcur)
+        return ENG_ENOMEM;
+    size_t k = 0;
+    for (size_t t = 0; t < nt; t++) {
+        const api_tensor *T = &cfg->tensors[t];
+        for (uint64_t o = 0; o < T->size; o += OPTIM_VEC_BLOCK) {
+            uint64_t len = T->size - o < OPTIM_VEC_BLOCK ? T->size - o : OPTIM_VEC_BLOCK;
+            s->items[k++] = (eng_item){(uint32_t)t, (uint32_t)len, T->offset + o};
+        }
+    }
+    s->n_items = k;
+    return ENG_OK;
+}
+
+/* torch creates a tensor's state inside its first step(): rprop's
+ * step_size and asgd's eta start from that update's lr. */
+static void tensor_state_init(eng_session *s, size_t t, const optim_hparams *hp)
+{
+    const api_tensor *T = &s->cfg.tensors[t];
+    optim_state_init(hp, &s->tst[t]);
+    unsigned need = optim_buffers_needed(hp);
+    size_t sz = optim_dtype_size(s->cfg.dtype);
+    for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
+        if ((need & (1u << i)) && s->st.buf[i])
+            optim_buffer_init(hp, i, s->cfg.dtype, (char *)s->st.buf[i] + T->offset * sz,
+                              (size_t)T->size);
 }
 
 eng_session *eng_session_new(const char *name, const api_config *cfg, const void *params,
@@ -374,14 +469,14 @@ eng_session *eng_session_new(const char *name, const api_config *cfg, const void
     else
         api_init_fill(init, cfg->dtype, s->params, (size_t)cfg->size);
     optim_plateau_init(&s->cfg.sched, s->cfg.opt.lr, &s->plateau);
-    /* torch creates state inside the first step(): rprop's step_size and
-     * asgd's eta start from update 1's lr, schedule included. */
-    optim_hparams hp;
-    effective_hparams(s, 1.0, &hp);
-    optim_state_init(&hp, &s->st);
     if (eng_ensure_buffers(s) != ENG_OK) {
         eng_session_free(s);
         return NULL;
+    }
+    for (size_t t = 0; t < s->cfg.n_tensors; t++) {
+        optim_hparams hp;
+        group_hparams(s, s->cfg.tensors[t].group, 1.0, &hp);
+        tensor_state_init(s, t, &hp);
     }
     return s;
 }
@@ -393,8 +488,7 @@ enum { G_DIRECT = 0, G_SCALE, G_CLAMP };
 
 typedef struct {
     eng_session *s;
-    const void *g;              /* the effective gradient (n elements)      */
-    const optim_plan *plan;
+    const void *g;              /* the effective gradient (present tensors)  */
     int gmode;
     double c;                   /* scale coefficient or clamp bound          */
     bool zero_after;            /* zero g's block after use (accumulation)   */
@@ -412,32 +506,40 @@ typedef struct {
     int64_t k;
 } accum_job;
 
-static size_t block_len(size_t n, size_t b)
+/* The gradient of item it: where its block lies in the request's vector
+ * (present tensors only, in order). */
+static size_t grad_offset(const eng_session *s, const eng_item *it)
 {
-    size_t off = b * OPTIM_VEC_BLOCK;
-    return n - off < OPTIM_VEC_BLOCK ? n - off : OPTIM_VEC_BLOCK;
+    const api_tensor *T = &s->cfg.tensors[it->tensor];
+    return (size_t)(s->goff[it->tensor] + (it->off - T->offset));
 }
 
 static void stats_blocks(void *arg, size_t b0, size_t b1)
 {
     stats_job *j = arg;
-    size_t n = (size_t)j->s->cfg.size, sz = optim_dtype_size(j->s->cfg.dtype);
-    for (size_t b = b0; b < b1; b++)
-        optim_vec_block_stats(j->s->cfg.dtype, (const char *)j->g + b * OPTIM_VEC_BLOCK * sz,
-                              block_len(n, b), j->norm_type, &j->s->parts[b]);
+    eng_session *s = j->s;
+    size_t sz = optim_dtype_size(s->cfg.dtype);
+    for (size_t b = b0; b < b1; b++) {
+        const eng_item *it = &s->items[b];
+        if (!s->present[it->tensor])
+            continue;
+        optim_vec_block_stats(s->cfg.dtype, (const char *)j->g + grad_offset(s, it) * sz, it->len,
+                              j->norm_type, &s->parts[b]);
+    }
 }
 
 static void accum_blocks(void *arg, size_t b0, size_t b1)
 {
     accum_job *j = arg;
-    size_t n = (size_t)j->s->cfg.size, sz = optim_dtype_size(j->s->cfg.dtype);
+    eng_session *s = j->s;
+    size_t sz = optim_dtype_size(s->cfg.dtype);
     for (size_t b = b0; b < b1; b++) {
-        char *a = (char *)j->s->accum + b * OPTIM_VEC_BLOCK * sz;
+        const eng_item *it = &s->items[b];
+        char *a = (char *)s->accum + it->off * sz;
         if (j->g)
-            optim_vec_add(j->s->cfg.dtype, a, (const char *)j->g + b * OPTIM_VEC_BLOCK * sz,
-                          block_len(n, b));
+            optim_vec_add(s->cfg.dtype, a, (const char *)j->g + it->off * sz, it->len);
         else
-            optim_vec_div(j->s->cfg.dtype, a, block_len(n, b), j->k);
+            optim_vec_div(s->cfg.dtype, a, it->len, j->k);
     }
 }
 
@@ -446,14 +548,17 @@ static void update_blocks(void *arg, size_t b0, size_t b1)
     update_job *j = arg;
     eng_session *s = j->s;
     optim_dtype dt = s->cfg.dtype;
-    size_t n = (size_t)s->cfg.size, sz = optim_dtype_size(dt);
+    size_t sz = optim_dtype_size(dt);
     /* Block-sized work space, in cache: the clipped gradient and the params
      * before the update (for the update norm). */
     double gtmp[OPTIM_VEC_BLOCK], ptmp[OPTIM_VEC_BLOCK];
     for (size_t b = b0; b < b1; b++) {
-        size_t off = b * OPTIM_VEC_BLOCK * sz, len = block_len(n, b);
-        char *p = (char *)s->params + off;
-        const char *g = (const char *)j->g + off;
+        const eng_item *it = &s->items[b];
+        if (!s->present[it->tensor])
+            continue;
+        size_t len = it->len;
+        char *p = (char *)s->params + it->off * sz;
+        const char *g = (const char *)j->g + grad_offset(s, it) * sz;
         if (j->gmode == G_SCALE) {
             optim_vec_scale(dt, gtmp, g, len, j->c);
             g = (const char *)gtmp;
@@ -462,28 +567,68 @@ static void update_blocks(void *arg, size_t b0, size_t b1)
             g = (const char *)gtmp;
         }
         memcpy(ptmp, p, len * sz);
-        optim_state sub = s->st;
+        optim_state sub = s->tst[it->tensor];
         for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
-            if (sub.buf[i])
-                sub.buf[i] = (char *)sub.buf[i] + off;
-        optim_plan_run(j->plan, &sub, dt, p, g, 0, len);
+            sub.buf[i] = s->st.buf[i] ? (char *)s->st.buf[i] + it->off * sz : NULL;
+        optim_plan_run(&s->plans[it->tensor], &sub, dt, p, g, 0, len);
         s->upd[b] = optim_vec_diffsq(dt, p, ptmp, len);
         if (j->zero_after)
-            memset((char *)j->g + off, 0, len * sz);
+            memset((char *)j->g + it->off * sz, 0, len * sz);
+    }
+}
+
+/* The partials of the present tensors' items, combined in order. */
+static void combine_present(const eng_session *s, double norm_type, double *norm, bool *finite)
+{
+    bool inf = isinf(norm_type) && norm_type > 0;
+    double acc = 0.0;
+    bool fin = true;
+    for (size_t b = 0; b < s->n_items; b++) {
+        if (!s->present[s->items[b].tensor])
+            continue;
+        double x = s->parts[b].norm;
+        if (inf)
+            acc = (x != x || x > acc) ? x : acc;
+        else
+            acc = acc + x;
+        fin = fin && s->parts[b].finite;
+    }
+    if (norm_type == 2.0)
+        acc = sqrt(acc);
+    else if (!inf && norm_type != 1.0)
+        acc = NAN;
+    *norm = acc;
+    *finite = fin;
+}
+
+/* Marks the present tensors and where each one's gradient starts. */
+static void set_present(eng_session *s, const uint32_t *absent, size_t n_absent)
+{
+    for (size_t t = 0; t < s->cfg.n_tensors; t++)
+        s->present[t] = true;
+    for (size_t k = 0; k < n_absent; k++)
+        s->present[absent[k]] = false;
+    uint64_t off = 0;
+    for (size_t t = 0; t < s->cfg.n_tensors; t++) {
+        s->goff[t] = off;
+        if (s->present[t])
+            off += s->cfg.tensors[t].size;
     }
 }
 
 /* Feeds one gradient through the pipeline.  The live path and replay both
  * call this, so replay is bit-identical.  Fails only with ENG_ENONFINITE,
  * when refuse_nonfinite is set and the gradient has NaN or Inf: nothing has
- * changed then (the first pass only reads). */
-static int apply(eng_pool *pool, eng_session *s, const void *grad, double loss, double factor,
-                 bool refuse_nonfinite, eng_step_out *res)
+ * changed then (the first pass only reads; the client's hyperparameters
+ * are taken only after it). */
+static int apply(eng_pool *pool, eng_session *s, const eng_step_in *in, bool refuse_nonfinite,
+                 eng_step_out *res)
 {
-    size_t n = (size_t)s->cfg.size, nb = optim_vec_blocks(n);
+    size_t ni = s->n_items;
     memset(res, 0, sizeof *res);
     res->lr = NAN;
     res->update_norm = NAN;
+    set_present(s, in->absent, in->n_absent);
     double norm_type = s->cfg.clip.kind == OPTIM_CLIP_NORM ? s->cfg.clip.norm_type : 2.0;
     bool finite;
     double norm;
@@ -491,38 +636,48 @@ static int apply(eng_pool *pool, eng_session *s, const void *grad, double loss, 
     /* Pass 1: finiteness and the norm, in one read of the gradient.  With
      * accumulation the norm that clipping needs is the mean's, taken after
      * the mean is formed. */
-    stats_job sj = {s, grad, s->cfg.mode.accumulate > 1 ? 2.0 : norm_type};
-    eng_pool_run(pool, stats_blocks, &sj, nb);
-    optim_vec_stats_combine(sj.norm_type, s->parts, nb, &norm, &finite);
+    stats_job sj = {s, in->grad, s->cfg.mode.accumulate > 1 ? 2.0 : norm_type};
+    eng_pool_run(pool, stats_blocks, &sj, ni);
+    combine_present(s, sj.norm_type, &norm, &finite);
     res->grad_norm = norm;
     if (!finite && refuse_nonfinite)
         return ENG_ENONFINITE;
-    if (!isnan(loss))
-        s->last_loss = loss;
+    if (!isnan(in->loss))
+        s->last_loss = in->loss;
+    if (in->ghp) {
+        for (size_t g = 0; g < s->cfg.n_groups; g++)
+            for (int k = 0; k < ENG_HP_COUNT; k++)
+                if (in->ghp[g].has[k]) {
+                    s->gcur[g].has[k] = true;
+                    s->gcur[g].v[k] = in->ghp[g].v[k];
+                    s->client_hp = true;
+                }
+    }
     if (!finite) {
         res->kind = STORAGE_LOG_SKIP;
         s->n_skipped++;
         return ENG_OK;
     }
 
-    const void *g = grad;
+    const void *g = in->grad;
     bool zero_after = false;
     if (s->cfg.mode.accumulate > 1) {
-        accum_job aj = {s, grad, 0};
-        eng_pool_run(pool, accum_blocks, &aj, nb);
+        /* (no absent tensors here: the handler refuses them) */
+        accum_job aj = {s, in->grad, 0};
+        eng_pool_run(pool, accum_blocks, &aj, ni);
         s->accum_count++;
         if (s->accum_count < s->cfg.mode.accumulate) {
             res->kind = STORAGE_LOG_ACCUM;
             return ENG_OK;
         }
         accum_job dj = {s, NULL, s->accum_count};
-        eng_pool_run(pool, accum_blocks, &dj, nb);
+        eng_pool_run(pool, accum_blocks, &dj, ni);
         s->accum_count = 0;
         g = s->accum;
         zero_after = true;
         stats_job mj = {s, g, norm_type};
-        eng_pool_run(pool, stats_blocks, &mj, nb);
-        optim_vec_stats_combine(norm_type, s->parts, nb, &norm, &finite);
+        eng_pool_run(pool, stats_blocks, &mj, ni);
+        combine_present(s, norm_type, &norm, &finite);
         res->grad_norm = norm;
     }
 
@@ -541,43 +696,75 @@ static int apply(eng_pool *pool, eng_session *s, const void *grad, double loss, 
         uj.c = s->cfg.clip.max_value;
     }
 
-    optim_hparams hp;
-    effective_hparams(s, factor, &hp);
-    /* One-cycle may switch momentum on: its buffer must exist. */
-    ensure_buffers_for(s, &hp);
-    optim_plan plan;
-    optim_plan_make(&hp, &s->st, &plan);
-    uj.plan = &plan;
-    eng_pool_run(pool, update_blocks, &uj, nb);
-    optim_plan_commit(&plan, &s->st);
+    /* One-cycle may switch momentum on, a client may too: buffers first. */
+    ensure_buffers_for(s, buffers_needed(s));
+    double lr0 = NAN;
+    for (size_t gi = 0; gi < s->cfg.n_groups; gi++) {
+        optim_hparams hp;
+        group_hparams(s, gi, in->factor, &hp);
+        if (gi == 0)
+            lr0 = hp.lr;
+        const api_group *G = &s->cfg.groups[gi];
+        for (size_t k = 0; k < G->n_tensors; k++) {
+            uint32_t t = G->tensors[k];
+            if (!s->present[t])
+                continue;
+            if (s->tst[t].step == 0)
+                tensor_state_init(s, t, &hp);
+            optim_plan_make(&hp, &s->tst[t], &s->plans[t]);
+        }
+    }
+    eng_pool_run(pool, update_blocks, &uj, ni);
+    for (size_t t = 0; t < s->cfg.n_tensors; t++)
+        if (s->present[t])
+            optim_plan_commit(&s->plans[t], &s->tst[t]);
+    s->st.step++;
     double sq = 0.0;
-    for (size_t b = 0; b < nb; b++)
-        sq = sq + s->upd[b];
-    res->lr = hp.lr;
+    for (size_t b = 0; b < ni; b++)
+        if (s->present[s->items[b].tensor])
+            sq = sq + s->upd[b];
+    res->lr = lr0;
     res->update_norm = sqrt(sq);
-    s->last_lr = hp.lr;
+    s->last_lr = lr0;
     s->n_applied++;
-    if (s->cfg.sched.kind == OPTIM_SCHED_REDUCE_ON_PLATEAU && !isnan(loss))
-        optim_plateau_observe(&s->cfg.sched, &s->plateau, loss);
+    if (s->cfg.sched.kind == OPTIM_SCHED_REDUCE_ON_PLATEAU && !isnan(in->loss))
+        optim_plateau_observe(&s->cfg.sched, &s->plateau, in->loss);
     return ENG_OK;
 }
 
-/* ---------------------------------------------------------- checkpoint */
+/* ---------------------------------------------------------- checkpoint
+ *
+ * Version 2: the header, then per tensor its step and scalars, then per
+ * group the client's current values, then params, buffers, accumulation.
+ * Version 1 (one tensor, its state in the header) is still read.
+ */
+typedef struct {
+    uint64_t step;
+    double scalars[OPTIM_MAX_SCALARS];
+} ckpt_tensor;
 
-/* The checkpoint as pieces: the header (in *h) and the session's own
- * vectors.  Returns the number of pieces (<= 2 + OPTIM_MAX_BUFFERS + 1). */
-static int checkpoint_pieces(const eng_session *s, ckpt_header *h, storage_iov *iov)
+typedef struct {
+    uint8_t has[ENG_HP_COUNT];
+    uint8_t pad[8 - ENG_HP_COUNT];
+    double v[ENG_HP_COUNT];
+} ckpt_group;
+
+/* The checkpoint as pieces: the header and records (in the caller's
+ * buffers) and the session's own vectors.  Returns the number of pieces.
+ * *recs is a new buffer the caller frees after the write. */
+static int checkpoint_pieces(const eng_session *s, ckpt_header *h, void **recs,
+                             storage_iov *iov)
 {
     size_t v = vec_bytes(s);
     unsigned mask = buffer_mask(s);
     memset(h, 0, sizeof *h);
     memcpy(h->magic, CKPT_MAGIC, 8);
-    h->version = 1;
+    h->version = 2;
     h->dtype = (uint32_t)s->cfg.dtype;
     h->n = s->cfg.size;
     h->step = s->st.step;
     h->mask = mask;
-    memcpy(h->scalars, s->st.scalars, sizeof h->scalars);
+    h->reserved = s->client_hp ? 1u : 0u;
     h->plateau_lr = s->plateau.lr;
     h->plateau_best = s->plateau.best;
     h->plateau_bad = s->plateau.num_bad_epochs;
@@ -590,8 +777,29 @@ static int checkpoint_pieces(const eng_session *s, ckpt_header *h, storage_iov *
     h->n_skipped = s->n_skipped;
     h->last_lr = s->last_lr;
     h->last_loss = s->last_loss;
+    size_t nt = s->cfg.n_tensors, ng = s->cfg.n_groups;
+    size_t rl = nt * sizeof(ckpt_tensor) + ng * sizeof(ckpt_group);
+    char *r = calloc(1, rl ? rl : 1);
+    *recs = r;
+    if (!r)
+        return -1;
+    for (size_t t = 0; t < nt; t++) {
+        ckpt_tensor ct = {s->tst[t].step, {0}};
+        memcpy(ct.scalars, s->tst[t].scalars, sizeof ct.scalars);
+        memcpy(r + t * sizeof ct, &ct, sizeof ct);
+    }
+    for (size_t g = 0; g < ng; g++) {
+        ckpt_group cg;
+        memset(&cg, 0, sizeof cg);
+        for (int k = 0; k < ENG_HP_COUNT; k++) {
+            cg.has[k] = s->gcur[g].has[k];
+            cg.v[k] = s->gcur[g].v[k];
+        }
+        memcpy(r + nt * sizeof(ckpt_tensor) + g * sizeof cg, &cg, sizeof cg);
+    }
     int k = 0;
     iov[k++] = (storage_iov){h, sizeof *h};
+    iov[k++] = (storage_iov){r, rl};
     iov[k++] = (storage_iov){s->params, v};
     for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
         if (mask & (1u << i))
@@ -601,7 +809,7 @@ static int checkpoint_pieces(const eng_session *s, ckpt_header *h, storage_iov *
     return k;
 }
 
-#define MAX_PIECES (3 + OPTIM_MAX_BUFFERS)
+#define MAX_PIECES (4 + OPTIM_MAX_BUFFERS)
 
 typedef struct {
     eng_session *s;
@@ -612,17 +820,18 @@ static int install_ckpt(void *ud, storage_reader *rd, size_t len, int64_t seq)
 {
     eng_session *s = ((replay_ctx *)ud)->s;
     ckpt_header h;
-    size_t v = vec_bytes(s);
+    size_t v = vec_bytes(s), nt = s->cfg.n_tensors, ng = s->cfg.n_groups;
     if (len < sizeof h)
         return STORAGE_ECORRUPT;
     int err = storage_read(rd, &h, sizeof h);
     if (err)
         return err;
-    if (memcmp(h.magic, CKPT_MAGIC, 8) != 0 || h.version != 1 ||
+    if (memcmp(h.magic, CKPT_MAGIC, 8) != 0 || (h.version != 1 && h.version != 2) ||
         h.dtype != (uint32_t)s->cfg.dtype || h.n != s->cfg.size ||
-        (h.mask & ~((1u << OPTIM_MAX_BUFFERS) - 1)))
+        (h.mask & ~((1u << OPTIM_MAX_BUFFERS) - 1)) || (h.version == 1 && nt != 1))
         return STORAGE_ECORRUPT;
-    size_t need = sizeof h + v;
+    size_t rl = h.version == 2 ? nt * sizeof(ckpt_tensor) + ng * sizeof(ckpt_group) : 0;
+    size_t need = sizeof h + rl + v;
     for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
         if (h.mask & (1u << i))
             need += v;
@@ -630,6 +839,29 @@ static int install_ckpt(void *ud, storage_reader *rd, size_t len, int64_t seq)
         need += v;
     if (len != need)
         return STORAGE_ECORRUPT;
+    if (h.version == 2) {
+        for (size_t t = 0; t < nt; t++) {
+            ckpt_tensor ct;
+            if ((err = storage_read(rd, &ct, sizeof ct)))
+                return err;
+            s->tst[t].step = ct.step;
+            memcpy(s->tst[t].scalars, ct.scalars, sizeof ct.scalars);
+        }
+        for (size_t g = 0; g < ng; g++) {
+            ckpt_group cg;
+            if ((err = storage_read(rd, &cg, sizeof cg)))
+                return err;
+            for (int k = 0; k < ENG_HP_COUNT; k++) {
+                s->gcur[g].has[k] = cg.has[k] != 0;
+                s->gcur[g].v[k] = cg.v[k];
+            }
+        }
+        s->client_hp = h.reserved & 1u;
+    } else {
+        /* Version 1: one tensor, its state in the header. */
+        s->tst[0].step = h.step;
+        memcpy(s->tst[0].scalars, h.scalars, sizeof h.scalars);
+    }
     if ((err = storage_read(rd, s->params, v)))
         return err;
     for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++) {
@@ -641,7 +873,6 @@ static int install_ckpt(void *ud, storage_reader *rd, size_t len, int64_t seq)
             return err;
     }
     s->st.step = h.step;
-    memcpy(s->st.scalars, h.scalars, sizeof h.scalars);
     s->plateau.lr = h.plateau_lr;
     s->plateau.best = h.plateau_best;
     s->plateau.num_bad_epochs = h.plateau_bad;
@@ -664,6 +895,88 @@ static int install_ckpt(void *ud, storage_reader *rd, size_t len, int64_t seq)
     return 0;
 }
 
+/* ------------------------------------------------------- replay inputs
+ *
+ * What a log row needs besides its gradient, as its `extra` bytes:
+ * "OPX1", u32 absent count, the absent tensor indices (u32 each), u32
+ * group count (0 when the step set no group values), then per group one
+ * byte of flags (bit k: value k given) and ENG_HP_COUNT doubles.
+ */
+#define EXTRA_MAGIC "OPX1"
+
+static void *extra_encode(const eng_step_in *in, size_t n_groups, size_t *len)
+{
+    size_t ng = in->ghp ? n_groups : 0;
+    size_t l = 4 + 4 + 4 * in->n_absent + 4 + ng * (1 + 8 * ENG_HP_COUNT);
+    if (!in->n_absent && !ng) {
+        *len = 0;
+        return NULL;
+    }
+    unsigned char *b = malloc(l), *p = b;
+    if (!b) {
+        *len = SIZE_MAX;
+        return NULL;
+    }
+    uint32_t u;
+    memcpy(p, EXTRA_MAGIC, 4), p += 4;
+    u = (uint32_t)in->n_absent;
+    memcpy(p, &u, 4), p += 4;
+    for (size_t k = 0; k < in->n_absent; k++)
+        memcpy(p, &in->absent[k], 4), p += 4;
+    u = (uint32_t)ng;
+    memcpy(p, &u, 4), p += 4;
+    for (size_t g = 0; g < ng; g++) {
+        unsigned char f = 0;
+        for (int k = 0; k < ENG_HP_COUNT; k++)
+            f |= (unsigned char)(in->ghp[g].has[k] ? 1u << k : 0u);
+        *p++ = f;
+        for (int k = 0; k < ENG_HP_COUNT; k++)
+            memcpy(p, &in->ghp[g].v[k], 8), p += 8;
+    }
+    *len = l;
+    return b;
+}
+
+/* Fills in->absent / in->ghp from a row's extra bytes (buffers owned by the
+ * caller: absent has room for every tensor, ghp for every group). */
+static int extra_decode(const eng_session *s, const void *extra, size_t len, uint32_t *absent,
+                        eng_group_hp *ghp, eng_step_in *in)
+{
+    in->absent = NULL;
+    in->n_absent = 0;
+    in->ghp = NULL;
+    if (!extra || len == 0)
+        return 0;
+    const unsigned char *p = extra, *end = p + len;
+    uint32_t na, ng;
+    if (len < 12 || memcmp(p, EXTRA_MAGIC, 4) != 0)
+        return STORAGE_ECORRUPT;
+    memcpy(&na, p + 4, 4);
+    p += 8;
+    if (na > s->cfg.n_tensors || (size_t)(end - p) < 4 * (size_t)na + 4)
+        return STORAGE_ECORRUPT;
+    for (uint32_t k = 0; k < na; k++) {
+        memcpy(&absent[k], p, 4), p += 4;
+        if (absent[k] >= s->cfg.n_tensors || (k && absent[k] <= absent[k - 1]))
+            return STORAGE_ECORRUPT;
+    }
+    memcpy(&ng, p, 4), p += 4;
+    if ((ng != 0 && ng != s->cfg.n_groups) ||
+        (size_t)(end - p) != (size_t)ng * (1 + 8 * ENG_HP_COUNT))
+        return STORAGE_ECORRUPT;
+    for (uint32_t g = 0; g < ng; g++) {
+        unsigned char f = *p++;
+        for (int k = 0; k < ENG_HP_COUNT; k++) {
+            ghp[g].has[k] = (f >> k) & 1u;
+            memcpy(&ghp[g].v[k], p, 8), p += 8;
+        }
+    }
+    in->absent = na ? absent : NULL;
+    in->n_absent = na;
+    in->ghp = ng ? ghp : NULL;
+    return 0;
+}
+
 static int replay_row(void *ud, const storage_log_entry *e)
 {
     replay_ctx *rc = ud;
@@ -673,14 +986,26 @@ static int replay_row(void *ud, const storage_log_entry *e)
         s->n_skipped++;
         return 0;
     }
-    if (!e->grad || e->grad_len != vec_bytes(s))
-        return STORAGE_ECORRUPT;
-    eng_step_out res;
-    apply(rc->pool, s, e->grad, e->loss, isnan(e->factor) ? 1.0 : e->factor, false, &res);
-    s->log_bytes += e->grad_len;
-    if (e->kind != res.kind || (int64_t)s->st.step != e->step)
-        return STORAGE_ECORRUPT; /* replay diverged from the log */
-    return 0;
+    eng_step_in in = {.grad = e->grad, .loss = e->loss,
+                      .factor = isnan(e->factor) ? 1.0 : e->factor};
+    uint32_t *absent = malloc((s->cfg.n_tensors ? s->cfg.n_tensors : 1) * sizeof *absent);
+    eng_group_hp *ghp = calloc(s->cfg.n_groups ? s->cfg.n_groups : 1, sizeof *ghp);
+    int err = absent && ghp ? extra_decode(s, e->extra, e->extra_len, absent, ghp, &in)
+                            : STORAGE_ENOMEM;
+    if (!err && (!e->grad ||
+                 e->grad_len != eng_present_size(s, in.absent, in.n_absent) *
+                                    optim_dtype_size(s->cfg.dtype)))
+        err = STORAGE_ECORRUPT;
+    if (!err) {
+        eng_step_out res;
+        apply(rc->pool, s, &in, false, &res);
+        s->log_bytes += e->grad_len;
+        if (e->kind != res.kind || (int64_t)s->st.step != e->step)
+            err = STORAGE_ECORRUPT; /* replay diverged from the log */
+    }
+    free(absent);
+    free(ghp);
+    return err;
 }
 
 int eng_session_load(storage *db, eng_pool *pool, eng_session *s)
@@ -715,10 +1040,13 @@ int eng_session_create(storage *db, eng_session *s, int64_t now)
     if (!cfg_json)
         return ENG_ENOMEM;
     ckpt_header h;
+    void *recs;
     storage_iov iov[MAX_PIECES];
-    int k = checkpoint_pieces(s, &h, iov);
+    int k = checkpoint_pieces(s, &h, &recs, iov);
     s->created_ms = s->updated_ms = now;
-    int err = storage_session_create(db, s->name, cfg_json, now, iov, k, &s->id);
+    int err = k < 0 ? ENG_ENOMEM
+                    : storage_session_create(db, s->name, cfg_json, now, iov, k, &s->id);
+    free(recs);
     free(cfg_json);
     return err;
 }
@@ -730,10 +1058,14 @@ int eng_checkpoint(storage *db, eng_session *s, bool with_config)
     if (with_config && !cfg_json)
         return ENG_ENOMEM;
     ckpt_header h;
+    void *recs;
     storage_iov iov[MAX_PIECES];
-    int k = checkpoint_pieces(s, &h, iov);
+    int k = checkpoint_pieces(s, &h, &recs, iov);
     int64_t now = now_ms();
-    int err = storage_checkpoint(db, s->id, cfg_json, iov, k, s->seq, (int64_t)s->st.step, now);
+    int err = k < 0 ? ENG_ENOMEM
+                    : storage_checkpoint(db, s->id, cfg_json, iov, k, s->seq,
+                                         (int64_t)s->st.step, now);
+    free(recs);
     free(cfg_json);
     if (err == STORAGE_OK) {
         s->log_bytes = 0;
@@ -763,11 +1095,16 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
 {
     ENG_ASSERT_LOCKED(s);
     assert(in->grad != NULL);
-    int err = apply(pool, s, in->grad, in->loss, in->factor,
-                    s->cfg.nonfinite == API_NONFINITE_ERROR, out);
-    if (err != ENG_OK)
+    size_t extra_len;
+    void *extra = extra_encode(in, s->cfg.n_groups, &extra_len);
+    if (extra_len == SIZE_MAX)
+        return ENG_ENOMEM;
+    int err = apply(pool, s, in, s->cfg.nonfinite == API_NONFINITE_ERROR, out);
+    if (err != ENG_OK) {
+        free(extra);
         return err;
-    size_t gbytes = vec_bytes(s);
+    }
+    size_t gbytes = eng_present_size(s, in->absent, in->n_absent) * optim_dtype_size(s->cfg.dtype);
     storage_log_entry e = {
         .seq = s->seq + 1,
         .kind = out->kind,
@@ -780,6 +1117,8 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
         .update_norm = out->update_norm,
         .grad = out->kind == STORAGE_LOG_SKIP ? NULL : in->grad,
         .grad_len = out->kind == STORAGE_LOG_SKIP ? 0 : gbytes,
+        .extra = extra,
+        .extra_len = extra_len,
         .idem_key = in->key,
         .idem_fp = in->fp,
         .more_keys = in->more_keys,
@@ -789,11 +1128,14 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
     };
     /* Checkpoint when the log since the last one outgrows the state. */
     ckpt_header h;
+    void *recs = NULL;
     storage_iov iov[MAX_PIECES];
     int k = 0;
     if (s->log_bytes + e.grad_len > CKPT_LOG_RATIO * eng_session_bytes(s))
-        k = checkpoint_pieces(s, &h, iov);
-    err = storage_append(db, s->id, &e, iov, k);
+        k = checkpoint_pieces(s, &h, &recs, iov);
+    err = k < 0 ? ENG_ENOMEM : storage_append(db, s->id, &e, iov, k);
+    free(recs);
+    free(extra);
     if (err != STORAGE_OK)
         return err;
     s->seq = e.seq;

@@ -90,11 +90,40 @@ struct srv_waiter {
     uint64_t fp;                /* the keyed request's fingerprint           */
 };
 
+/* A block of one tensor: the unit of the blocked passes. */
+typedef struct {
+    uint32_t tensor;
+    uint32_t len;
+    uint64_t off;               /* in the flat vector                         */
+} eng_item;
+
+/* Hyperparameters a client set for a group at a step (torch: a scheduler
+ * or user code changed param_groups[i]); they stay the group's current
+ * values until changed again or the group is PATCHed. */
+enum { ENG_HP_LR = 0, ENG_HP_MOMENTUM, ENG_HP_BETA1, ENG_HP_COUNT };
+typedef struct {
+    bool has[ENG_HP_COUNT];
+    double v[ENG_HP_COUNT];
+} eng_group_hp;
+
 struct eng_session {
     char name[API_NAME_MAX + 1];
     int64_t id;                 /* storage id                                  */
     api_config cfg;
-    optim_state st;
+    optim_state st;             /* st.step: the session's step (updates
+                                   applied); st.buf: the buffers of the whole
+                                   vector; st.scalars unused                  */
+    optim_state *tst;           /* per tensor: its own step and scalars
+                                   (torch's state[p]["step"], ...)             */
+    eng_item *items;            /* the layout's blocks, in vector order        */
+    size_t n_items;
+    eng_group_hp *gcur;         /* per group: the client's current values     */
+    bool client_hp;             /* a client has set group hyperparameters    */
+    /* work space of one step, per tensor */
+    optim_plan *plans;
+    uint64_t *goff;             /* offset of the tensor's gradient in the
+                                   request's (present tensors only) vector    */
+    bool *present;
     optim_plateau plateau;
     void *params;
     void *accum;                /* pending accumulation (mode.accumulate > 1)  */
@@ -168,7 +197,12 @@ double eng_next_lr(const eng_session *s);
 
 /* One gradient through the pipeline and into the log. */
 typedef struct {
-    const void *grad;           /* n elements of the session's dtype         */
+    const void *grad;           /* the present tensors' elements, in order,
+                                   in the session's dtype                    */
+    const uint32_t *absent;     /* tensors without a gradient (sorted, no
+                                   duplicates); NULL: none                   */
+    size_t n_absent;
+    const eng_group_hp *ghp;    /* per group, or NULL                         */
     double loss;                /* NAN when not reported                       */
     double factor;              /* lr factor (stale damping), 1 otherwise      */
     const char *key;            /* idempotency key or NULL                     */
@@ -206,6 +240,15 @@ int eng_set_params(storage *db, eng_session *s, void *params);
 
 /* Makes the buffers this config needs exist (after PATCH).  0 or ENOMEM. */
 int eng_ensure_buffers(eng_session *s);
+
+/* Elements a step's gradient holds when these tensors are absent. */
+uint64_t eng_present_size(const eng_session *s, const uint32_t *absent, size_t n_absent);
+/* The hyperparameters group g's next update would use (schedule and the
+ * client's current values applied). */
+void eng_group_hparams(const eng_session *s, size_t g, optim_hparams *hp);
+/* After a PATCH of the optimizer or the groups: the config's values win
+ * over the client's current ones. */
+void eng_config_changed(eng_session *s);
 
 /* Answer bodies: the params as a new buffer in wire form w (binary), or
  * appended to a JSON buffer. */

@@ -6,6 +6,7 @@
 #include "server/server.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,6 +120,46 @@ static cJSON *session_doc(const eng_session *s)
         item = next;
     }
     cJSON_Delete(doc);
+    /* The layout, always: each tensor's place, each group's effective
+     * hyperparameters and current lr. */
+    cJSON_DeleteItemFromObjectCaseSensitive(out, "tensors");
+    cJSON_DeleteItemFromObjectCaseSensitive(out, "groups");
+    cJSON *ts = cJSON_AddArrayToObject(out, "tensors");
+    for (size_t i = 0; i < s->cfg.n_tensors; i++) {
+        const api_tensor *T = &s->cfg.tensors[i];
+        cJSON *t = cJSON_CreateObject();
+        cJSON_AddStringToObject(t, "name", T->name);
+        cJSON *sh = cJSON_AddArrayToObject(t, "shape");
+        for (int d = 0; d < T->ndim; d++)
+            cJSON_AddItemToArray(sh, raw_int(T->shape[d]));
+        cJSON_AddItemToObject(t, "offset", raw_int((int64_t)T->offset));
+        cJSON_AddItemToObject(t, "size", raw_int((int64_t)T->size));
+        cJSON_AddItemToObject(t, "step", raw_int((int64_t)s->tst[i].step));
+        cJSON_AddItemToArray(ts, t);
+    }
+    cJSON *gs = cJSON_AddArrayToObject(out, "groups");
+    for (size_t g = 0; g < s->cfg.n_groups; g++) {
+        const api_group *G = &s->cfg.groups[g];
+        cJSON *o = cJSON_CreateObject();
+        cJSON *names = cJSON_AddArrayToObject(o, "tensors");
+        for (size_t k = 0; k < G->n_tensors; k++)
+            cJSON_AddItemToArray(names, cJSON_CreateString(s->cfg.tensors[G->tensors[k]].name));
+        api_config one;
+        memset(&one, 0, sizeof one);
+        one.opt = G->opt;
+        optim_hparams cur;
+        eng_group_hparams(s, g, &cur);
+        /* The group's hyperparameters as its next update uses them. */
+        one.opt = cur;
+        one.opt.lr = s->gcur[g].has[ENG_HP_LR] ? s->gcur[g].v[ENG_HP_LR] : G->opt.lr;
+        char *cj = api_hparams_to_json(&one.opt);
+        cJSON *oj = cj ? cJSON_Parse(cj) : NULL;
+        free(cj);
+        if (oj)
+            cJSON_AddItemToObject(o, "optimizer", oj);
+        cJSON_AddItemToObject(o, "lr", raw_double(cur.lr));
+        cJSON_AddItemToArray(gs, o);
+    }
     cJSON *state = cJSON_AddObjectToObject(out, "state");
     cJSON *bufs = cJSON_AddArrayToObject(state, "buffers");
     for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
@@ -398,6 +439,14 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
         srv_registry_release(ctx->reg, s);
         return st;
     }
+    if (s->client_hp && (next.sched.kind != OPTIM_SCHED_NONE || next.sched.warmup_steps > 0)) {
+        api_config_free(&next);
+        srv_registry_release(ctx->reg, s);
+        return api_problem(r, 409, "schedule",
+                           "session %s takes its groups' lr and momentum from the client (a "
+                           "step carried Optd-Group-* values); it cannot also have a "
+                           "server-side schedule", s->name);
+    }
     if (s->round_count > 0 && memcmp(&next.mode, &s->cfg.mode, sizeof next.mode) != 0)
         srv_sync_abort(ctx, s, 409, "the session's mode changed; the open round was dropped");
     bool sched_changed = memcmp(&next.sched, &s->cfg.sched, sizeof next.sched) != 0 ||
@@ -407,6 +456,8 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
     s->cfg = next;
     if (sched_changed)
         optim_plateau_init(&s->cfg.sched, s->cfg.opt.lr, &s->plateau);
+    /* The config's values now win over the client's current ones. */
+    eng_config_changed(s);
     int err = eng_ensure_buffers(s) != ENG_OK ? STORAGE_ENOMEM : eng_checkpoint(ctx->db, s, true);
     if (err != STORAGE_OK) {
         /* Memory may hold new buffers: rebuild from disk on next use. */
@@ -446,11 +497,11 @@ static int h_delete_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
  * it, *owned is NULL); JSON and 16-bit bodies are decoded into a new
  * buffer (*owned, the caller frees).  With must_own the result is always a
  * new buffer (it is kept by the session). */
-static int decode_vector(const eng_session *s, const srv_request *req, bool is_step,
+static int decode_vector(const eng_session *s, const srv_request *req, bool is_step, size_t n,
                          bool must_own, const void **vec, void **owned, api_step_meta *meta,
                          api_reply *r)
 {
-    size_t n = (size_t)s->cfg.size, esz = optim_dtype_size(s->cfg.dtype);
+    size_t esz = optim_dtype_size(s->cfg.dtype);
     *vec = NULL;
     *owned = NULL;
     const char *what = is_step ? "grad" : "params";
@@ -511,6 +562,142 @@ static int decode_vector(const eng_session *s, const srv_request *req, bool is_s
     return 0;
 }
 
+/* Optd-Absent: the tensors without a gradient in this step, as indices
+ * and ranges ("0-57,60").  *out: sorted, without duplicates (a new buffer,
+ * NULL when none). */
+static int parse_absent(const eng_session *s, const char *h, uint32_t **out, size_t *n,
+                        api_reply *r)
+{
+    *out = NULL;
+    *n = 0;
+    if (!h)
+        return 0;
+    size_t nt = s->cfg.n_tensors;
+    bool *mark = calloc(nt, sizeof *mark);
+    if (!mark)
+        return api_problem(r, 503, NULL, "out of memory");
+    const char *p = h;
+    int st = 0;
+    while (*p && !st) {
+        char *end;
+        while (*p == ' ')
+            p++;
+        if (*p < '0' || *p > '9') {
+            st = 400;
+            break;
+        }
+        unsigned long long a = strtoull(p, &end, 10), b = a;
+        p = end;
+        if (*p == '-') {
+            p++;
+            if (*p < '0' || *p > '9') {
+                st = 400;
+                break;
+            }
+            b = strtoull(p, &end, 10);
+            p = end;
+        }
+        while (*p == ' ')
+            p++;
+        if (a > b || b >= nt) {
+            st = 400;
+            break;
+        }
+        for (unsigned long long k = a; k <= b; k++)
+            mark[k] = true;
+        if (*p == ',')
+            p++;
+        else if (*p)
+            st = 400;
+    }
+    if (st) {
+        free(mark);
+        return api_problem(r, 400, "Optd-Absent",
+                           "Optd-Absent must list tensor indices 0-%zu and ranges such as "
+                           "\"0-3,7\"", nt - 1);
+    }
+    size_t k = 0;
+    for (size_t t = 0; t < nt; t++)
+        k += mark[t];
+    if (k) {
+        *out = malloc(k * sizeof **out);
+        if (!*out) {
+            free(mark);
+            return api_problem(r, 503, NULL, "out of memory");
+        }
+        k = 0;
+        for (size_t t = 0; t < nt; t++)
+            if (mark[t])
+                (*out)[k++] = (uint32_t)t;
+    }
+    *n = k;
+    free(mark);
+    return 0;
+}
+
+/* Optd-Group-Lr / -Momentum / -Beta1: one value per group, the group's
+ * hyperparameter from this step on (torch: a scheduler changed
+ * param_groups[i]).  *out: a new array of n_groups, NULL when none given. */
+static int parse_group_values(const eng_session *s, const srv_request *req, eng_group_hp **out,
+                              api_reply *r)
+{
+    static const char *const names[ENG_HP_COUNT] = {"Optd-Group-Lr", "Optd-Group-Momentum",
+                                                    "Optd-Group-Beta1"};
+    *out = NULL;
+    size_t ng = s->cfg.n_groups;
+    eng_group_hp *g = NULL;
+    for (int k = 0; k < ENG_HP_COUNT; k++) {
+        const char *h = req->header(req->conn, names[k]);
+        if (!h)
+            continue;
+        if (s->cfg.sched.kind != OPTIM_SCHED_NONE || s->cfg.sched.warmup_steps > 0) {
+            free(g);
+            return api_problem(r, 409, names[k],
+                               "session %s has a server-side schedule; it sets the lr and "
+                               "momentum itself (PATCH the schedule to null to drive them from "
+                               "the client)", s->name);
+        }
+        if (!g && !(g = calloc(ng, sizeof *g)))
+            return api_problem(r, 503, NULL, "out of memory");
+        const char *p = h;
+        for (size_t i = 0; i < ng; i++) {
+            char *end;
+            errno = 0;
+            double v = strtod(p, &end);
+            if (end == p || errno || !isfinite(v) || (*end && *end != ',') ||
+                (i + 1 < ng && *end != ',') || (i + 1 == ng && *end)) {
+                free(g);
+                return api_problem(r, 400, names[k],
+                                   "%s must hold %zu finite numbers, one per group, "
+                                   "comma-separated", names[k], ng);
+            }
+            g[i].has[k] = true;
+            g[i].v[k] = v;
+            p = *end ? end + 1 : end;
+        }
+    }
+    if (!g)
+        return 0;
+    /* The values must make valid hyperparameters for each group. */
+    for (size_t i = 0; i < ng; i++) {
+        optim_hparams hp;
+        eng_group_hparams(s, i, &hp);
+        if (g[i].has[ENG_HP_LR])
+            hp.lr = g[i].v[ENG_HP_LR];
+        if (g[i].has[ENG_HP_MOMENTUM])
+            hp.momentum = g[i].v[ENG_HP_MOMENTUM];
+        if (g[i].has[ENG_HP_BETA1])
+            hp.betas[0] = g[i].v[ENG_HP_BETA1];
+        optim_error e;
+        if (optim_hparams_validate(&hp, &e) != OPTIM_OK) {
+            free(g);
+            return api_problem(r, 400, e.field, "groups[%zu]: %s %s", i, e.field, e.msg);
+        }
+    }
+    *out = g;
+    return 0;
+}
+
 int srv_commit_update(srv_ctx *ctx, eng_session *s, const eng_step_in *in, eng_step_out *out,
                       api_reply *r)
 {
@@ -537,6 +724,9 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         return st;
     const void *grad = NULL;
     void *owned = NULL;
+    uint32_t *absent = NULL;
+    size_t n_absent = 0;
+    eng_group_hp *ghp = NULL;
     api_step_meta meta = {.loss = NAN, .base_step = -1};
     const char *key = req->header(req->conn, "Idempotency-Key");
     const char *qp = req->query(req->conn, "params");
@@ -555,7 +745,19 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
     }
     if ((st = answer_wire(s, req, &wire, r)))
         goto done;
-    st = decode_vector(s, req, true, false, &grad, &owned, &meta, r);
+    if ((st = parse_absent(s, req->header(req->conn, "Optd-Absent"), &absent, &n_absent, r)))
+        goto done;
+    if (n_absent && (s->cfg.mode.type == API_MODE_SYNC || s->cfg.mode.accumulate > 1)) {
+        st = api_problem(r, 422, "Optd-Absent",
+                         "absent tensors work with plain async sessions only (this one %s)",
+                         s->cfg.mode.type == API_MODE_SYNC ? "is in sync mode"
+                                                           : "accumulates gradients");
+        goto done;
+    }
+    if ((st = parse_group_values(s, req, &ghp, r)))
+        goto done;
+    st = decode_vector(s, req, true, (size_t)eng_present_size(s, absent, n_absent), false, &grad,
+                       &owned, &meta, r);
     if (st)
         goto done;
     if (key) {
@@ -585,6 +787,12 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         }
     }
     if (s->cfg.mode.type == API_MODE_SYNC) {
+        if (ghp) {
+            st = api_problem(r, 422, "Optd-Group-Lr",
+                             "group hyperparameters from the client work with async sessions "
+                             "only; PATCH the groups of a sync session");
+            goto done;
+        }
         /* A round cannot skip one worker's gradient: refuse it whatever
          * the nonfinite policy, so that the worker can resend. */
         double norm;
@@ -622,6 +830,9 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
 
     eng_step_in in = {
         .grad = grad,
+        .absent = absent,
+        .n_absent = n_absent,
+        .ghp = ghp,
         .loss = meta.loss,
         .factor = factor,
         .key = key,
@@ -642,6 +853,8 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
     }
 done:
     free(owned);
+    free(absent);
+    free(ghp);
     srv_registry_release(ctx->reg, s);
     return st;
 }
@@ -667,7 +880,7 @@ static int h_put_params(srv_ctx *ctx, const srv_request *req, api_reply *r)
         return st;
     const void *v = NULL;
     void *owned = NULL;
-    st = decode_vector(s, req, false, true, &v, &owned, NULL, r);
+    st = decode_vector(s, req, false, (size_t)s->cfg.size, true, &v, &owned, NULL, r);
     if (!st) {
         double norm;
         bool finite;

@@ -1,43 +1,74 @@
 /*
- * storage.c -- the SQLite side of optd (see storage.h and docs/storage.md).
+ * storage.c -- optd's store (see storage.h and docs/storage.md).
  *
- * One connection, serialised by a mutex: SQLite has a single writer anyway,
- * and every optd write is a short transaction.  WAL mode; synchronous
- * NORMAL survives a process crash, FULL survives power loss.  Every
- * statement is prepared once at open.
+ * SQLite (WAL) holds sessions, log rows, idempotency keys, checkpoint rows
+ * and small vectors inline; a vector larger than INLINE_MAX lives in a file
+ * in <db>.d/: logged gradients are appended to the session's segment
+ * (s<id>.seg), a checkpoint is written to a new file (k<gen>.ckpt) under a
+ * temporary name, synced (FULL), renamed, the directory synced (FULL).
+ * The bytes reach their file before the SQLite row that references them is
+ * committed; a file no committed row references is garbage that
+ * storage_open sweeps.  Every vector carries a CRC-32, verified on read.
+ *
+ * Writes go through one queue (group commit): the first thread to arrive
+ * becomes the leader, takes everything queued, runs each job inside its own
+ * savepoint of one transaction, commits once (one fsync under FULL), checks
+ * that the database file is still the one it opened, and wakes the others
+ * with their own results.  A lone write is never delayed.  Large vector I/O
+ * happens in the caller's thread before it queues, outside every lock.
+ *
+ * Locks, in order: q_mu (the queue) is never held while taking db_mu;
+ * db_mu guards the connection (the leader holds it for a group, readers
+ * for one query or a load's read transaction).
  */
-#include "storage/storage.h"
+#define _GNU_SOURCE
+#include "storage/internal.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
 #include <math.h>
 #include <pthread.h>
-#include <sqlite3.h>
-#include <stdbool.h>
-#include <stdio.h>
 #include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
-#define SCHEMA_VERSION 3
+#define SCHEMA_VERSION 4
+#define OPTD_APPLICATION_ID 0x6f707464 /* "optd" */
+/* Vectors up to this size stay inline in SQLite: a small step costs one
+ * commit (bench/storage.c; docs/storage.md has the figures). */
+#define INLINE_MAX ((size_t)256 * 1024)
 
 enum {
     Q_BEGIN,
+    Q_BEGIN_READ,
     Q_COMMIT,
     Q_ROLLBACK,
+    Q_SAVEPOINT,
+    Q_RELEASE,
+    Q_ROLLBACK_TO,
     Q_SESSION_INSERT,
-    Q_CKPT_INSERT,
     Q_SESSION_GET,
     Q_SESSION_LIST,
     Q_SESSION_LIST_AFTER,
+    Q_SESSION_ID,
     Q_SESSION_DELETE,
     Q_SESSION_TOUCH,
     Q_SESSION_SET_CONFIG,
-    Q_CKPT_GET,
-    Q_CKPT_REPLACE,
+    Q_CKPT_NEWEST,
+    Q_CKPT_FILES,
+    Q_CKPT_DELETE,
+    Q_CKPT_INSERT,
     Q_LOG_AFTER,
     Q_LOG_INSERT,
     Q_LOG_DROP_GRAD,
+    Q_LOG_FILE_AFTER,
     Q_IDEM_INSERT,
     Q_IDEM_GET,
     Q_IDEM_PRUNE,
@@ -45,54 +76,57 @@ enum {
     Q_COUNT
 };
 
+#define INFO_COLS                                                                         \
+    "SELECT s.id, s.name, s.config, s.created_ms,"                                        \
+    " MAX(s.updated_ms, COALESCE((SELECT time_ms FROM steps WHERE session_id = s.id"      \
+    "                             ORDER BY seq DESC LIMIT 1), 0)),"                       \
+    " COALESCE((SELECT step FROM steps WHERE session_id = s.id ORDER BY seq DESC LIMIT 1)," \
+    "          (SELECT step FROM checkpoints WHERE session_id = s.id"                     \
+    "           ORDER BY seq DESC LIMIT 1), 0)"                                          \
+    " FROM sessions s"
+
 static const char *const sql_text[Q_COUNT] = {
     [Q_BEGIN] = "BEGIN IMMEDIATE",
+    [Q_BEGIN_READ] = "BEGIN",
     [Q_COMMIT] = "COMMIT",
     [Q_ROLLBACK] = "ROLLBACK",
+    [Q_SAVEPOINT] = "SAVEPOINT job",
+    [Q_RELEASE] = "RELEASE job",
+    [Q_ROLLBACK_TO] = "ROLLBACK TO job",
     [Q_SESSION_INSERT] =
         "INSERT INTO sessions(name, config, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?3)",
-    [Q_CKPT_INSERT] =
-        "INSERT INTO checkpoints(session_id, seq, step, data, crc) VALUES (?1, 0, 0, zeroblob(?2), ?3)",
-    [Q_SESSION_GET] =
-        "SELECT s.id, s.name, s.config, s.created_ms,"
-        " MAX(s.updated_ms, COALESCE((SELECT time_ms FROM steps WHERE session_id = s.id"
-        "                             ORDER BY seq DESC LIMIT 1), 0)),"
-        " COALESCE((SELECT step FROM steps WHERE session_id = s.id ORDER BY seq DESC LIMIT 1),"
-        "          c.step)"
-        " FROM sessions s JOIN checkpoints c ON c.session_id = s.id WHERE s.name = ?1",
-    [Q_SESSION_LIST] =
-        "SELECT s.id, s.name, s.config, s.created_ms,"
-        " MAX(s.updated_ms, COALESCE((SELECT time_ms FROM steps WHERE session_id = s.id"
-        "                             ORDER BY seq DESC LIMIT 1), 0)),"
-        " COALESCE((SELECT step FROM steps WHERE session_id = s.id ORDER BY seq DESC LIMIT 1),"
-        "          c.step)"
-        " FROM sessions s JOIN checkpoints c ON c.session_id = s.id ORDER BY s.name LIMIT ?1",
-    [Q_SESSION_LIST_AFTER] =
-        "SELECT s.id, s.name, s.config, s.created_ms,"
-        " MAX(s.updated_ms, COALESCE((SELECT time_ms FROM steps WHERE session_id = s.id"
-        "                             ORDER BY seq DESC LIMIT 1), 0)),"
-        " COALESCE((SELECT step FROM steps WHERE session_id = s.id ORDER BY seq DESC LIMIT 1),"
-        "          c.step)"
-        " FROM sessions s JOIN checkpoints c ON c.session_id = s.id WHERE s.name > ?2"
-        " ORDER BY s.name LIMIT ?1",
-    [Q_SESSION_DELETE] = "DELETE FROM sessions WHERE name = ?1",
+    [Q_SESSION_GET] = INFO_COLS " WHERE s.name = ?1",
+    [Q_SESSION_LIST] = INFO_COLS " ORDER BY s.name LIMIT ?1",
+    [Q_SESSION_LIST_AFTER] = INFO_COLS " WHERE s.name > ?2 ORDER BY s.name LIMIT ?1",
+    [Q_SESSION_ID] = "SELECT id FROM sessions WHERE name = ?1",
+    [Q_SESSION_DELETE] = "DELETE FROM sessions WHERE id = ?1",
     [Q_SESSION_TOUCH] = "UPDATE sessions SET updated_ms = ?2 WHERE id = ?1",
     [Q_SESSION_SET_CONFIG] = "UPDATE sessions SET config = ?2, updated_ms = ?3 WHERE id = ?1",
-    [Q_CKPT_GET] = "SELECT seq, length(data), crc FROM checkpoints WHERE session_id = ?1",
-    [Q_CKPT_REPLACE] = "UPDATE checkpoints SET seq = ?2, step = ?3, data = zeroblob(?4), crc = ?5"
-                       " WHERE session_id = ?1",
+    [Q_CKPT_NEWEST] = "SELECT seq, len, crc, file, data FROM checkpoints WHERE session_id = ?1"
+                      " ORDER BY seq DESC LIMIT 1",
+    [Q_CKPT_FILES] = "SELECT file FROM checkpoints WHERE session_id = ?1 AND file IS NOT NULL",
+    [Q_CKPT_DELETE] = "DELETE FROM checkpoints WHERE session_id = ?1",
+    [Q_CKPT_INSERT] = "INSERT INTO checkpoints(session_id, seq, step, len, crc, file, data)"
+                      " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     [Q_LOG_AFTER] =
-        "SELECT seq, kind, step, time_ms, lr, factor, loss, grad_norm, update_norm, worker, grad,"
-        " crc FROM steps WHERE session_id = ?1 AND seq > ?2 ORDER BY seq",
+        "SELECT seq, kind, step, time_ms, lr, factor, loss, grad_norm, update_norm, worker,"
+        " grad, crc, len, file, off, extra FROM steps WHERE session_id = ?1 AND seq > ?2"
+        " ORDER BY seq",
     [Q_LOG_INSERT] =
         "INSERT INTO steps(session_id, seq, kind, step, time_ms, lr, factor, loss, grad_norm,"
-        " update_norm, worker, grad, crc)"
-        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        " update_norm, worker, grad, crc, len, file, off, extra)"
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+    /* Only the rows after the newest checkpoint still hold replay data, so
+     * the scan stays bounded (run it before the checkpoint row changes). */
     [Q_LOG_DROP_GRAD] =
-        "UPDATE steps SET grad = NULL WHERE session_id = ?1 AND seq <= ?2 AND grad IS NOT NULL"
-        " AND seq > (SELECT seq FROM checkpoints WHERE session_id = ?1)",
+        "UPDATE steps SET grad = NULL, file = NULL, off = NULL, extra = NULL, crc = NULL"
+        " WHERE session_id = ?1 AND seq <= ?2"
+        " AND seq > COALESCE((SELECT MAX(seq) FROM checkpoints WHERE session_id = ?1), -1)"
+        " AND (grad IS NOT NULL OR file IS NOT NULL OR extra IS NOT NULL)",
+    [Q_LOG_FILE_AFTER] = "SELECT 1 FROM steps WHERE session_id = ?1 AND seq > ?2"
+                         " AND file IS NOT NULL LIMIT 1",
     [Q_IDEM_INSERT] = "INSERT OR IGNORE INTO idem(session_id, key, step, time_ms, kind, fp)"
-        " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                      " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     [Q_IDEM_GET] =
         "SELECT i.step, (SELECT lr FROM steps WHERE session_id = i.session_id AND step = i.step"
         "                AND kind = 0), i.kind, i.fp"
@@ -143,16 +177,87 @@ static const char *const migrations[] = {
     "ALTER TABLE idem ADD COLUMN fp INTEGER NOT NULL DEFAULT 0;"
     "ALTER TABLE checkpoints ADD COLUMN crc INTEGER;"
     "ALTER TABLE steps ADD COLUMN crc INTEGER;",
+    /* 3 -> 4: large vectors in files beside the database; several
+     * checkpoints per session possible (keyed by seq, the newest used). */
+    "CREATE TABLE checkpoints4 ("
+    "  session_id INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,"
+    "  seq INTEGER NOT NULL,"
+    "  step INTEGER NOT NULL,"
+    "  len INTEGER NOT NULL,"
+    "  crc INTEGER,"
+    "  file TEXT,"
+    "  data BLOB,"
+    "  PRIMARY KEY (session_id, seq)) WITHOUT ROWID;"
+    "INSERT INTO checkpoints4 SELECT session_id, seq, step, length(data), crc, NULL, data"
+    "  FROM checkpoints;"
+    "DROP TABLE checkpoints;"
+    "ALTER TABLE checkpoints4 RENAME TO checkpoints;"
+    "ALTER TABLE steps ADD COLUMN len INTEGER;"
+    "ALTER TABLE steps ADD COLUMN file TEXT;"
+    "ALTER TABLE steps ADD COLUMN off INTEGER;"
+    "ALTER TABLE steps ADD COLUMN extra BLOB;",
 };
+
+/* ------------------------------------------------------- write jobs */
+
+enum { J_CREATE, J_APPEND, J_CHECKPOINT, J_DELETE, J_PRUNE };
+
+/* A new checkpoint, already in its file (or inline). */
+typedef struct {
+    bool present;
+    int64_t seq, step;
+    size_t len;
+    uint32_t crc;
+    char file[32];     /* "" when inline */
+    void *inline_data; /* owned */
+} ckpt_ref;
+
+typedef struct job {
+    int kind;
+    int64_t id;
+    /* inputs */
+    const char *name, *config;
+    int64_t now_ms;
+    const storage_log_entry *e;
+    ckpt_ref ck;
+    bool grad_in_file;
+    int64_t grad_off;
+    uint32_t grad_crc;
+    int64_t min_ms, keep;
+    /* outputs */
+    int err;
+    char msg[300];
+    char **old_files; /* files to unlink after the commit (owned) */
+    int n_old;
+    bool drop_segment;
+    struct job *next;
+    bool done;
+} job;
 
 struct storage {
     sqlite3 *db;
-    pthread_mutex_t mu;
+    pthread_mutex_t db_mu;
     sqlite3_stmt *q[Q_COUNT];
+    storage_durability dur;
+    char *path, *dir; /* the database, and <db>.d */
+    int lock_fd;
+    int db_fd;        /* the database file as opened, to notice a replacement */
+    dev_t dev;
+    ino_t ino;
+    atomic_int gone;
+    bool wal_trim; /* a write failed for space: truncate the WAL when one succeeds */
+    atomic_ullong gen; /* next checkpoint file number */
+    /* the group-commit queue */
+    pthread_mutex_t q_mu;
+    pthread_cond_t q_cv;
+    job *queue, **queue_tail;
+    bool leading;
 };
 
 struct storage_reader {
-    sqlite3_blob *blob;
+    int fd;                    /* -1 when in memory */
+    const unsigned char *mem;
+    int64_t base;
     size_t off, len;
     uint32_t crc;
     int err;
@@ -224,8 +329,8 @@ static int rc_to_err(int rc)
     }
 }
 
-/* Records the connection's error for a failed SQLite call (the message is
- * read at once, while the lock is still held) and returns its code. */
+/* Records the connection's error for a failed SQLite call (read at once,
+ * under the connection's lock) and returns its code. */
 static int sql_fail(sqlite3 *db, int rc)
 {
     int err = rc_to_err(rc);
@@ -233,10 +338,31 @@ static int sql_fail(sqlite3 *db, int rc)
         return err;
     const char *m = db ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
     if (err == STORAGE_EFULL)
-        set_error("disk full (%s)", m);
+        set_error("disk full (SQLite: %s)", m);
     else
-        set_error("%s (%s)", m, storage_strerror(err));
+        set_error("SQLite: %s (%s)", m, storage_strerror(err));
     return err;
+}
+
+/* Records a failed file operation (-errno) on path and returns its code. */
+static int io_fail(int neg_errno, const char *what, const char *path)
+{
+    int e = -neg_errno;
+    if (e == ENOSPC || e == EDQUOT || e == EFBIG) {
+        set_error("disk full (%s %s: %s)", what, path, strerror(e));
+        return STORAGE_EFULL;
+    }
+    if (e == ENOMEM) {
+        set_error("out of memory (%s %s)", what, path);
+        return STORAGE_ENOMEM;
+    }
+    if (e == ENODATA || e == ENOENT) {
+        set_error("%s %s: %s (a referenced vector file is missing or short)", what, path,
+                  e == ENODATA ? "file too short" : strerror(e));
+        return STORAGE_ECORRUPT;
+    }
+    set_error("I/O error (%s %s: %s)", what, path, strerror(e));
+    return STORAGE_EIO;
 }
 
 uint32_t storage_crc32(uint32_t crc, const void *p, size_t n)
@@ -262,6 +388,17 @@ static char *dup_str(const char *s)
     return d;
 }
 
+static char *path_join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = malloc(n);
+    if (p)
+        snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+/* ---------------------------------------------------------- SQL glue */
+
 /* Resets a statement for reuse; clears bindings so that large blobs are not
  * kept alive between calls. */
 static sqlite3_stmt *stmt(storage *st, int which)
@@ -281,9 +418,9 @@ static int exec_stmt(storage *st, sqlite3_stmt *s)
     return err;
 }
 
-static int begin(storage *st)
+static int exec_q(storage *st, int which)
 {
-    return exec_stmt(st, stmt(st, Q_BEGIN));
+    return exec_stmt(st, stmt(st, which));
 }
 
 static void rollback(storage *st)
@@ -295,13 +432,242 @@ static void rollback(storage *st)
     }
 }
 
-static int commit(storage *st)
+static void bind_double_or_null(sqlite3_stmt *s, int i, double v)
 {
-    int err = exec_stmt(st, stmt(st, Q_COMMIT));
-    if (err != STORAGE_OK)
-        rollback(st);
+    if (isfinite(v))
+        sqlite3_bind_double(s, i, v);
+    else
+        sqlite3_bind_null(s, i);
+}
+
+static double column_double_or_nan(sqlite3_stmt *s, int col)
+{
+    return sqlite3_column_type(s, col) == SQLITE_NULL ? NAN : sqlite3_column_double(s, col);
+}
+
+/* -------------------------------------------------------- file side */
+
+static int sync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return io_fail(-errno, "opening the directory", dir);
+    int r = fault_fsync(fd);
+    close(fd);
+    return r ? io_fail(r, "syncing the directory", dir) : STORAGE_OK;
+}
+
+static size_t iov_total(const storage_iov *v, int n)
+{
+    size_t t = 0;
+    for (int i = 0; i < n; i++)
+        t += v[i].len;
+    return t;
+}
+
+/* Fills ck with the checkpoint's pieces: inline (one copy, small) or a new
+ * file written under a temporary name, synced (FULL), renamed, the
+ * directory synced (FULL).  Outside every lock. */
+static int write_ckpt(storage *st, const storage_iov *v, int n, ckpt_ref *ck)
+{
+    size_t total = iov_total(v, n);
+    uint32_t crc = 0;
+    for (int i = 0; i < n; i++)
+        crc = storage_crc32(crc, v[i].base, v[i].len);
+    ck->present = true;
+    ck->len = total;
+    ck->crc = crc;
+    ck->file[0] = '\0';
+    if (total <= INLINE_MAX) {
+        unsigned char *d = malloc(total ? total : 1);
+        if (!d) {
+            set_error("out of memory for a checkpoint of %zu bytes", total);
+            return STORAGE_ENOMEM;
+        }
+        size_t off = 0;
+        for (int i = 0; i < n; i++) {
+            if (v[i].len)
+                memcpy(d + off, v[i].base, v[i].len);
+            off += v[i].len;
+        }
+        ck->inline_data = d;
+        return STORAGE_OK;
+    }
+    unsigned long long g = atomic_fetch_add(&st->gen, 1);
+    snprintf(ck->file, sizeof ck->file, "k%016llx.ckpt", g);
+    char tmpname[48];
+    snprintf(tmpname, sizeof tmpname, "%s.tmp", ck->file);
+    char *tmp = path_join(st->dir, tmpname), *fin = path_join(st->dir, ck->file);
+    int err = STORAGE_OK;
+    int fd = -1;
+    if (!tmp || !fin) {
+        set_error("out of memory");
+        err = STORAGE_ENOMEM;
+        goto out;
+    }
+    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        err = io_fail(-errno, "creating", tmp);
+        goto out;
+    }
+    off_t off = 0;
+    for (int i = 0; i < n && err == STORAGE_OK; i++) {
+        int r = fault_pwrite(fd, v[i].base, v[i].len, off);
+        if (r)
+            err = io_fail(r, "writing", tmp);
+        off += (off_t)v[i].len;
+    }
+    if (err == STORAGE_OK && st->dur == STORAGE_SYNC_FULL) {
+        int r = fault_fdatasync(fd);
+        if (r)
+            err = io_fail(r, "syncing", tmp);
+    }
+    close(fd);
+    fd = -1;
+    if (err == STORAGE_OK && rename(tmp, fin) != 0)
+        err = io_fail(-errno, "renaming", tmp);
+    if (err == STORAGE_OK && st->dur == STORAGE_SYNC_FULL)
+        err = sync_dir(st->dir);
+    if (err != STORAGE_OK) {
+        unlink(tmp);
+        unlink(fin);
+    }
+out:
+    free(tmp);
+    free(fin);
     return err;
 }
+
+static void ckpt_ref_free(ckpt_ref *ck)
+{
+    free(ck->inline_data);
+    ck->inline_data = NULL;
+}
+
+static void segment_name(int64_t id, char *buf, size_t n)
+{
+    snprintf(buf, n, "s%" PRId64 ".seg", id);
+}
+
+/* Appends a gradient to the session's segment (creating it: the directory
+ * is then synced under FULL), fdatasync'd under FULL.  The caller holds the
+ * session, so nobody else appends to this segment. */
+static int append_segment(storage *st, int64_t id, const void *p, size_t n, int64_t *off_out)
+{
+    char name[32];
+    segment_name(id, name, sizeof name);
+    char *path = path_join(st->dir, name);
+    if (!path) {
+        set_error("out of memory");
+        return STORAGE_ENOMEM;
+    }
+    int err = STORAGE_OK;
+    bool created = false;
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0)
+        created = true;
+    else if (errno == EEXIST)
+        fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) {
+        err = io_fail(-errno, "opening", path);
+        free(path);
+        return err;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        err = io_fail(-errno, "reading the size of", path);
+    } else {
+        int r = fault_pwrite(fd, p, n, sb.st_size);
+        if (r == 0 && st->dur == STORAGE_SYNC_FULL)
+            r = fault_fdatasync(fd);
+        if (r)
+            err = io_fail(r, "appending to", path);
+        *off_out = (int64_t)sb.st_size;
+    }
+    close(fd);
+    if (err == STORAGE_OK && created && st->dur == STORAGE_SYNC_FULL)
+        err = sync_dir(st->dir);
+    free(path);
+    return err;
+}
+
+static void unlink_in_dir(storage *st, const char *name)
+{
+    char *p = path_join(st->dir, name);
+    if (p) {
+        unlink(p);
+        free(p);
+    }
+}
+
+/* ------------------------------------------------- the lock, the file */
+
+static int take_lock(storage *st)
+{
+    size_t n = strlen(st->path) + 6;
+    char *lp = malloc(n);
+    if (!lp) {
+        set_error("out of memory");
+        return STORAGE_ENOMEM;
+    }
+    snprintf(lp, n, "%s.lock", st->path);
+    st->lock_fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (st->lock_fd < 0) {
+        int err = io_fail(-errno, "opening the lock file", lp);
+        free(lp);
+        return err;
+    }
+    /* An open-file-description lock: it conflicts within one process too,
+     * and no close() of another descriptor releases it. */
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    if (fcntl(st->lock_fd, F_OFD_SETLK, &fl) != 0) {
+        int e = errno;
+        char pid[32] = "";
+        ssize_t r = pread(st->lock_fd, pid, sizeof pid - 1, 0);
+        pid[r > 0 ? r : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        if (e == EAGAIN || e == EACCES) {
+            if (pid[0])
+                set_error("the database %s is in use by another optd (pid %s)", st->path, pid);
+            else
+                set_error("the database %s is in use by another process", st->path);
+            free(lp);
+            return STORAGE_ELOCKED;
+        }
+        int err = io_fail(-e, "locking", lp);
+        free(lp);
+        return err;
+    }
+    free(lp);
+    char pid[32];
+    int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(st->lock_fd, 0) == 0 && pwrite(st->lock_fd, pid, (size_t)len, 0) < 0) {
+        /* the pid is only a courtesy for the next one's message */
+    }
+    return STORAGE_OK;
+}
+
+/* True when the file at st->path is no longer the database this handle
+ * opened (deleted, or replaced by another file). */
+static bool db_file_gone(storage *st)
+{
+    struct stat now, mine;
+    if (stat(st->path, &now) != 0)
+        return true;
+    if (now.st_dev != st->dev || now.st_ino != st->ino)
+        return true;
+    return fstat(st->db_fd, &mine) == 0 && mine.st_nlink == 0;
+}
+
+static int gone_error(storage *st)
+{
+    set_error("the database file %s was deleted or replaced while optd ran; no write is "
+              "acknowledged any more (restart optd)",
+              st->path);
+    return STORAGE_EGONE;
+}
+
+/* ------------------------------------------------------- open / close */
 
 static int migrate(sqlite3 *db)
 {
@@ -319,8 +685,9 @@ static int migrate(sqlite3 *db)
         return STORAGE_EFOREIGN;
     }
     for (int v = version; v < SCHEMA_VERSION; v++) {
-        char pragma[64];
-        snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d", v + 1);
+        char pragma[96];
+        snprintf(pragma, sizeof pragma, "PRAGMA user_version = %d; PRAGMA application_id = %d",
+                 v + 1, OPTD_APPLICATION_ID);
         if ((rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL)) != SQLITE_OK)
             return sql_fail(db, rc);
         if ((rc = sqlite3_exec(db, migrations[v], NULL, NULL, NULL)) != SQLITE_OK ||
@@ -334,43 +701,208 @@ static int migrate(sqlite3 *db)
     return STORAGE_OK;
 }
 
-int storage_open(const char *path, storage_durability d, storage **out)
+static int query_int(sqlite3 *db, const char *sql, int64_t *out)
+{
+    sqlite3_stmt *s;
+    int rc = sqlite3_prepare_v2(db, sql, -1, &s, NULL);
+    if (rc != SQLITE_OK)
+        return rc;
+    rc = sqlite3_step(s);
+    *out = rc == SQLITE_ROW ? sqlite3_column_int64(s, 0) : 0;
+    sqlite3_finalize(s);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
+/* Refuses a file that is not optd's: another application's id, or tables
+ * of someone else's.  An empty database (no tables) is optd's to take. */
+static int check_foreign(storage *st)
+{
+    int64_t app, version, tables, ours;
+    int rc = query_int(st->db, "PRAGMA application_id", &app);
+    if (rc == SQLITE_OK)
+        rc = query_int(st->db, "PRAGMA user_version", &version);
+    if (rc == SQLITE_OK)
+        rc = query_int(st->db, "SELECT count(*) FROM sqlite_schema", &tables);
+    if (rc == SQLITE_OK)
+        rc = query_int(st->db,
+                       "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name IN"
+                       " ('sessions', 'checkpoints', 'steps', 'idem')",
+                       &ours);
+    if (rc != SQLITE_OK) {
+        int err = sql_fail(st->db, rc);
+        if (err == STORAGE_EFOREIGN)
+            set_error("%s is not an SQLite database (refusing to touch it)", st->path);
+        return err;
+    }
+    if (app == OPTD_APPLICATION_ID || tables == 0)
+        return STORAGE_OK;
+    /* optd before schema 4 did not mark its files */
+    if (app == 0 && version >= 1 && version <= 3 && ours == 4)
+        return STORAGE_OK;
+    set_error("%s is an SQLite database of another application (application_id %" PRId64
+              ", %" PRId64 " tables); refusing to touch it",
+              st->path, app, tables);
+    return STORAGE_EFOREIGN;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Removes the files of <db>.d that no committed row references (a crash
+ * between a file's write and its row's commit, or between a commit and the
+ * deletion of what it superseded), and sets the next checkpoint number
+ * past every existing one. */
+static int sweep(storage *st)
+{
+    char **refs = NULL;
+    size_t n = 0, cap = 0;
+    sqlite3_stmt *s;
+    int rc = sqlite3_prepare_v2(st->db,
+                                "SELECT file FROM checkpoints WHERE file IS NOT NULL"
+                                " UNION SELECT file FROM steps WHERE file IS NOT NULL",
+                                -1, &s, NULL);
+    if (rc != SQLITE_OK)
+        return sql_fail(st->db, rc);
+    int err = STORAGE_OK;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            char **nr = realloc(refs, cap * sizeof *refs);
+            if (!nr) {
+                err = STORAGE_ENOMEM;
+                break;
+            }
+            refs = nr;
+        }
+        if (!(refs[n] = dup_str((const char *)sqlite3_column_text(s, 0)))) {
+            err = STORAGE_ENOMEM;
+            break;
+        }
+        n++;
+    }
+    if (err == STORAGE_OK && rc != SQLITE_DONE)
+        err = sql_fail(st->db, rc);
+    sqlite3_finalize(s);
+    if (err == STORAGE_ENOMEM)
+        set_error("out of memory sweeping %s", st->dir);
+    DIR *d = err == STORAGE_OK ? opendir(st->dir) : NULL;
+    if (err == STORAGE_OK && !d)
+        err = io_fail(-errno, "listing", st->dir);
+    if (d) {
+        qsort(refs, n, sizeof *refs, cmp_str);
+        unsigned long long next = 1;
+        struct dirent *de;
+        while ((de = readdir(d))) {
+            if (de->d_name[0] == '.')
+                continue;
+            unsigned long long g;
+            if (sscanf(de->d_name, "k%16llx", &g) == 1 && g + 1 > next)
+                next = g + 1;
+            const char *key = de->d_name;
+            if (!bsearch(&key, refs, n, sizeof *refs, cmp_str))
+                unlink_in_dir(st, de->d_name);
+        }
+        closedir(d);
+        if (atomic_load(&st->gen) < next)
+            atomic_store(&st->gen, next);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(refs[i]);
+    free(refs);
+    return err;
+}
+
+static int open_impl(const char *path, storage_durability d, storage **out)
 {
     clear_error();
+    fault_init_from_env();
     *out = NULL;
     storage *st = calloc(1, sizeof *st);
     if (!st) {
         set_error("out of memory");
         return STORAGE_ENOMEM;
     }
-    int rc = sqlite3_open_v2(path, &st->db,
-                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
-                             NULL);
-    const char *pragmas = d == STORAGE_SYNC_FULL
-                              ? "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
-                                " PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=16384;"
-                                " PRAGMA cache_size=-65536;"
-                              : "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
-                                " PRAGMA foreign_keys=ON; PRAGMA wal_autocheckpoint=16384;"
-                                " PRAGMA cache_size=-65536;";
-    if (rc == SQLITE_OK) {
-        sqlite3_busy_timeout(st->db, 5000);
-        rc = sqlite3_exec(st->db, pragmas, NULL, NULL, NULL);
+    st->lock_fd = st->db_fd = -1;
+    st->dur = d;
+    atomic_init(&st->gen, 1);
+    pthread_mutex_init(&st->db_mu, NULL);
+    pthread_mutex_init(&st->q_mu, NULL);
+    pthread_cond_init(&st->q_cv, NULL);
+    st->queue_tail = &st->queue;
+    st->path = dup_str(path);
+    size_t dn = strlen(path) + 3;
+    st->dir = malloc(dn);
+    if (!st->path || !st->dir) {
+        storage_close(st);
+        set_error("out of memory");
+        return STORAGE_ENOMEM;
     }
-    int err = rc == SQLITE_OK ? migrate(st->db) : sql_fail(st->db, rc);
+    snprintf(st->dir, dn, "%s.d", path);
+    int err = take_lock(st);
+    int rc = SQLITE_OK;
+    if (err == STORAGE_OK) {
+        rc = sqlite3_open_v2(path, &st->db,
+                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                             fault_vfs_name());
+        err = rc == SQLITE_OK ? STORAGE_OK : sql_fail(st->db, rc);
+    }
+    if (err == STORAGE_OK) {
+        sqlite3_busy_timeout(st->db, 5000);
+        err = check_foreign(st);
+    }
+    if (err == STORAGE_OK) {
+        /* secure_delete: Debian builds SQLite zero-filling freed pages;
+         * optd's deleted rows hold nothing secret, and it costs a write of
+         * every freed page.  The WAL stays small (vectors live in files),
+         * so SQLite's own auto-checkpoint (1000 pages) is cheap. */
+        const char *pragmas = d == STORAGE_SYNC_FULL
+                                  ? "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
+                                    " PRAGMA foreign_keys=ON; PRAGMA secure_delete=OFF;"
+                                    " PRAGMA cache_size=-16384;"
+                                  : "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+                                    " PRAGMA foreign_keys=ON; PRAGMA secure_delete=OFF;"
+                                    " PRAGMA cache_size=-16384;";
+        rc = sqlite3_exec(st->db, pragmas, NULL, NULL, NULL);
+        err = rc == SQLITE_OK ? migrate(st->db) : sql_fail(st->db, rc);
+    }
     for (int i = 0; err == STORAGE_OK && i < Q_COUNT; i++) {
         rc = sqlite3_prepare_v3(st->db, sql_text[i], -1, SQLITE_PREPARE_PERSISTENT, &st->q[i],
                                 NULL);
         if (rc != SQLITE_OK)
             err = sql_fail(st->db, rc);
     }
+    if (err == STORAGE_OK) {
+        /* Kept open until after sqlite3_close: closing a descriptor of the
+         * database would drop SQLite's own POSIX locks on it. */
+        struct stat sb;
+        st->db_fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (st->db_fd < 0 || fstat(st->db_fd, &sb) != 0) {
+            err = io_fail(-errno, "opening", path);
+        } else {
+            st->dev = sb.st_dev;
+            st->ino = sb.st_ino;
+        }
+    }
+    if (err == STORAGE_OK && mkdir(st->dir, 0755) != 0 && errno != EEXIST)
+        err = io_fail(-errno, "creating the directory", st->dir);
+    if (err == STORAGE_OK)
+        err = sweep(st);
     if (err != STORAGE_OK) {
+        char keep[sizeof last_error];
+        memcpy(keep, last_error, sizeof keep);
         storage_close(st);
+        memcpy(last_error, keep, sizeof keep);
         return err;
     }
-    pthread_mutex_init(&st->mu, NULL);
     *out = st;
     return STORAGE_OK;
+}
+
+int storage_open(const char *path, storage_durability d, storage **out)
+{
+    return open_impl(path, d, out);
 }
 
 void storage_close(storage *st)
@@ -379,42 +911,341 @@ void storage_close(storage *st)
         return;
     for (int i = 0; i < Q_COUNT; i++)
         sqlite3_finalize(st->q[i]);
-    if (st->db) {
-        /* A clean close checkpoints the WAL into the main file. */
-        sqlite3_close(st->db);
-        pthread_mutex_destroy(&st->mu);
-    }
+    /* A clean close checkpoints the WAL into the main file. */
+    sqlite3_close(st->db);
+    if (st->db_fd >= 0)
+        close(st->db_fd);
+    if (st->lock_fd >= 0)
+        close(st->lock_fd); /* releases the lock */
+    pthread_mutex_destroy(&st->db_mu);
+    pthread_mutex_destroy(&st->q_mu);
+    pthread_cond_destroy(&st->q_cv);
+    free(st->path);
+    free(st->dir);
     free(st);
 }
 
-int storage_integrity_ok(storage *st)
+/* ------------------------------------------------------ group commit */
+
+static int add_old_file(job *j, const char *name)
 {
-    pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s;
-    int ok = 0;
-    if (sqlite3_prepare_v2(st->db, "PRAGMA integrity_check", -1, &s, NULL) == SQLITE_OK) {
-        if (sqlite3_step(s) == SQLITE_ROW) {
-            const unsigned char *t = sqlite3_column_text(s, 0);
-            ok = t && strcmp((const char *)t, "ok") == 0;
-        }
-        sqlite3_finalize(s);
-    }
-    pthread_mutex_unlock(&st->mu);
-    return ok;
+    char **n = realloc(j->old_files, (size_t)(j->n_old + 1) * sizeof *n);
+    if (!n)
+        return STORAGE_ENOMEM;
+    j->old_files = n;
+    if (!(n[j->n_old] = dup_str(name)))
+        return STORAGE_ENOMEM;
+    j->n_old++;
+    return STORAGE_OK;
 }
 
-int storage_check(const char *path, void *out)
+/* Inside a job: makes ck the session's only checkpoint, dropping the
+ * replay data it covers and remembering the files it supersedes. */
+static int put_ckpt(storage *st, job *j, int64_t id, const ckpt_ref *ck)
 {
-    storage *st;
-    int err = storage_open(path, STORAGE_SYNC_NORMAL, &st);
-    if (err != STORAGE_OK)
-        return err;
-    int bad = storage_integrity_ok(st) ? 0 : 1;
-    if (bad)
-        fprintf(out, "%s: PRAGMA integrity_check failed\n", path);
-    storage_close(st);
-    return bad;
+    sqlite3_stmt *s = stmt(st, Q_LOG_DROP_GRAD);
+    sqlite3_bind_int64(s, 1, id);
+    sqlite3_bind_int64(s, 2, ck->seq);
+    int err = exec_stmt(st, s);
+    if (err == STORAGE_OK) {
+        s = stmt(st, Q_CKPT_FILES);
+        sqlite3_bind_int64(s, 1, id);
+        int rc;
+        while (err == STORAGE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW)
+            if (add_old_file(j, (const char *)sqlite3_column_text(s, 0)) != STORAGE_OK) {
+                set_error("out of memory");
+                err = STORAGE_ENOMEM;
+            }
+        if (err == STORAGE_OK && rc != SQLITE_DONE)
+            err = sql_fail(st->db, rc);
+        sqlite3_reset(s);
+    }
+    if (err == STORAGE_OK) {
+        s = stmt(st, Q_CKPT_DELETE);
+        sqlite3_bind_int64(s, 1, id);
+        err = exec_stmt(st, s);
+    }
+    if (err == STORAGE_OK) {
+        s = stmt(st, Q_CKPT_INSERT);
+        sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_int64(s, 2, ck->seq);
+        sqlite3_bind_int64(s, 3, ck->step);
+        sqlite3_bind_int64(s, 4, (sqlite3_int64)ck->len);
+        sqlite3_bind_int64(s, 5, ck->crc);
+        if (ck->file[0])
+            sqlite3_bind_text(s, 6, ck->file, -1, SQLITE_STATIC);
+        else
+            sqlite3_bind_blob64(s, 7, ck->inline_data, ck->len, SQLITE_STATIC);
+        err = exec_stmt(st, s);
+        if (err == STORAGE_EEXIST) {
+            set_error("session %" PRId64 " does not exist", id);
+            err = STORAGE_ENOTFOUND;
+        }
+    }
+    if (err == STORAGE_OK) {
+        /* The segment goes once no row after this checkpoint uses it. */
+        s = stmt(st, Q_LOG_FILE_AFTER);
+        sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_int64(s, 2, ck->seq);
+        int rc = sqlite3_step(s);
+        if (rc == SQLITE_DONE)
+            j->drop_segment = true;
+        else if (rc != SQLITE_ROW)
+            err = sql_fail(st->db, rc);
+        sqlite3_reset(s);
+    }
+    return err;
 }
+
+static int run_append(storage *st, job *j)
+{
+    const storage_log_entry *e = j->e;
+    sqlite3_stmt *s = stmt(st, Q_LOG_INSERT);
+    sqlite3_bind_int64(s, 1, j->id);
+    sqlite3_bind_int64(s, 2, e->seq);
+    sqlite3_bind_int(s, 3, e->kind);
+    sqlite3_bind_int64(s, 4, e->step);
+    sqlite3_bind_int64(s, 5, e->time_ms);
+    bind_double_or_null(s, 6, e->lr);
+    bind_double_or_null(s, 7, e->factor);
+    bind_double_or_null(s, 8, e->loss);
+    bind_double_or_null(s, 9, e->grad_norm);
+    bind_double_or_null(s, 10, e->update_norm);
+    if (e->worker)
+        sqlite3_bind_text(s, 11, e->worker, -1, SQLITE_STATIC);
+    /* The replay data is not needed when this row is checkpointed at once. */
+    if (e->grad && !j->ck.present) {
+        if (!j->grad_in_file)
+            sqlite3_bind_blob64(s, 12, e->grad, e->grad_len, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 13, j->grad_crc);
+        sqlite3_bind_int64(s, 14, (sqlite3_int64)e->grad_len);
+        if (j->grad_in_file) {
+            char name[32];
+            segment_name(j->id, name, sizeof name);
+            sqlite3_bind_text(s, 15, name, -1, SQLITE_TRANSIENT);
+            sqlite3_bind_int64(s, 16, j->grad_off);
+        }
+    }
+    if (e->extra && !j->ck.present)
+        sqlite3_bind_blob64(s, 17, e->extra, e->extra_len, SQLITE_STATIC);
+    int err = exec_stmt(st, s);
+    if (err == STORAGE_EEXIST)
+        set_error("log row %" PRId64 " of session %" PRId64 " exists already, or the session "
+                  "does not exist",
+                  e->seq, j->id);
+    for (size_t k = 0; err == STORAGE_OK && k <= e->n_more_keys; k++) {
+        const char *key = k == 0 ? e->idem_key : e->more_keys[k - 1];
+        if (!key)
+            continue;
+        uint64_t fp = k == 0 ? e->idem_fp : e->more_fps ? e->more_fps[k - 1] : 0;
+        s = stmt(st, Q_IDEM_INSERT);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_text(s, 2, key, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 3, e->step);
+        sqlite3_bind_int64(s, 4, e->time_ms);
+        sqlite3_bind_int(s, 5, e->kind);
+        sqlite3_bind_int64(s, 6, (sqlite3_int64)fp);
+        err = exec_stmt(st, s);
+    }
+    if (err == STORAGE_OK && j->ck.present)
+        err = put_ckpt(st, j, j->id, &j->ck);
+    return err;
+}
+
+static int run_job(storage *st, job *j)
+{
+    sqlite3_stmt *s;
+    int err;
+    switch (j->kind) {
+    case J_CREATE:
+        s = stmt(st, Q_SESSION_INSERT);
+        sqlite3_bind_text(s, 1, j->name, -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 2, j->config, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 3, j->now_ms);
+        err = exec_stmt(st, s);
+        if (err == STORAGE_EEXIST)
+            set_error("a session named %s exists", j->name);
+        if (err == STORAGE_OK) {
+            j->id = sqlite3_last_insert_rowid(st->db);
+            err = put_ckpt(st, j, j->id, &j->ck);
+        }
+        return err;
+    case J_APPEND:
+        return run_append(st, j);
+    case J_CHECKPOINT:
+        err = put_ckpt(st, j, j->id, &j->ck);
+        if (err == STORAGE_OK) {
+            s = stmt(st, j->config ? Q_SESSION_SET_CONFIG : Q_SESSION_TOUCH);
+            sqlite3_bind_int64(s, 1, j->id);
+            if (j->config) {
+                sqlite3_bind_text(s, 2, j->config, -1, SQLITE_STATIC);
+                sqlite3_bind_int64(s, 3, j->now_ms);
+            } else {
+                sqlite3_bind_int64(s, 2, j->now_ms);
+            }
+            err = exec_stmt(st, s);
+        }
+        return err;
+    case J_DELETE: {
+        s = stmt(st, Q_SESSION_ID);
+        sqlite3_bind_text(s, 1, j->name, -1, SQLITE_STATIC);
+        int rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW)
+            j->id = sqlite3_column_int64(s, 0);
+        sqlite3_reset(s);
+        if (rc == SQLITE_DONE) {
+            set_error("no session named %s", j->name);
+            return STORAGE_ENOTFOUND;
+        }
+        if (rc != SQLITE_ROW)
+            return sql_fail(st->db, rc);
+        s = stmt(st, Q_CKPT_FILES);
+        sqlite3_bind_int64(s, 1, j->id);
+        err = STORAGE_OK;
+        while (err == STORAGE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW)
+            if (add_old_file(j, (const char *)sqlite3_column_text(s, 0)) != STORAGE_OK) {
+                set_error("out of memory");
+                err = STORAGE_ENOMEM;
+            }
+        if (err == STORAGE_OK && rc != SQLITE_DONE)
+            err = sql_fail(st->db, rc);
+        sqlite3_reset(s);
+        if (err == STORAGE_OK) {
+            s = stmt(st, Q_SESSION_DELETE);
+            sqlite3_bind_int64(s, 1, j->id);
+            err = exec_stmt(st, s);
+        }
+        j->drop_segment = true;
+        return err;
+    }
+    case J_PRUNE:
+        s = stmt(st, Q_IDEM_PRUNE);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_int64(s, 2, j->min_ms);
+        sqlite3_bind_int64(s, 3, j->keep);
+        return exec_stmt(st, s);
+    }
+    return STORAGE_EIO;
+}
+
+static void job_fail(job *j, int err)
+{
+    j->err = err;
+    snprintf(j->msg, sizeof j->msg, "%s", last_error);
+}
+
+/* The leader's work: one transaction for the whole batch, one savepoint
+ * per job (a failing job rolls back only itself), one commit. */
+static void run_batch(storage *st, job *batch)
+{
+    pthread_mutex_lock(&st->db_mu);
+    int err = atomic_load(&st->gone) ? gone_error(st) : exec_q(st, Q_BEGIN);
+    if (err == STORAGE_OK) {
+        for (job *j = batch; j; j = j->next) {
+            clear_error();
+            int e = exec_q(st, Q_SAVEPOINT);
+            if (e == STORAGE_OK)
+                e = run_job(st, j);
+            if (e != STORAGE_OK) {
+                job_fail(j, e);
+                exec_q(st, Q_ROLLBACK_TO);
+            }
+            exec_q(st, Q_RELEASE);
+        }
+        clear_error();
+        err = exec_q(st, Q_COMMIT);
+        if (err != STORAGE_OK)
+            rollback(st);
+    }
+    if (err == STORAGE_OK && db_file_gone(st)) {
+        atomic_store(&st->gone, 1);
+        err = gone_error(st);
+    }
+    bool full = err == STORAGE_EFULL;
+    for (job *j = batch; j && !full; j = j->next)
+        full = j->err == STORAGE_EFULL;
+    if (full || (err == STORAGE_OK && st->wal_trim)) {
+        /* Give the WAL back: at once (it may fail while the disk is still
+         * full), and again after the next commit that succeeds. */
+        char keep[sizeof last_error];
+        memcpy(keep, last_error, sizeof keep);
+        int rc = sqlite3_wal_checkpoint_v2(st->db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+        st->wal_trim = full || rc != SQLITE_OK;
+        memcpy(last_error, keep, sizeof keep);
+    }
+    if (err != STORAGE_OK)
+        for (job *j = batch; j; j = j->next)
+            if (j->err == STORAGE_OK)
+                job_fail(j, err);
+    pthread_mutex_unlock(&st->db_mu);
+}
+
+/* Queues j and returns once it is committed (or failed); the error text is
+ * then the calling thread's. */
+static int group_run(storage *st, job *j)
+{
+    j->done = false;
+    j->err = STORAGE_OK;
+    j->next = NULL;
+    pthread_mutex_lock(&st->q_mu);
+    *st->queue_tail = j;
+    st->queue_tail = &j->next;
+    while (!j->done) {
+        if (!st->leading) {
+            st->leading = true;
+            job *batch = st->queue;
+            st->queue = NULL;
+            st->queue_tail = &st->queue;
+            pthread_mutex_unlock(&st->q_mu);
+            run_batch(st, batch);
+            pthread_mutex_lock(&st->q_mu);
+            for (job *b = batch, *next; b; b = next) {
+                next = b->next;
+                b->done = true;
+            }
+            st->leading = false;
+            pthread_cond_broadcast(&st->q_cv);
+        } else {
+            pthread_cond_wait(&st->q_cv, &st->q_mu);
+        }
+    }
+    pthread_mutex_unlock(&st->q_mu);
+    if (j->err != STORAGE_OK)
+        snprintf(last_error, sizeof last_error, "%s", j->msg);
+    else
+        clear_error();
+    return j->err;
+}
+
+/* After a job: on success removes what it superseded; on failure the new
+ * checkpoint file nobody references. */
+static void job_finish(storage *st, job *j, int err)
+{
+    if (err == STORAGE_OK) {
+        for (int i = 0; i < j->n_old; i++)
+            if (strcmp(j->old_files[i], j->ck.file) != 0)
+                unlink_in_dir(st, j->old_files[i]);
+        if (j->drop_segment) {
+            char name[32];
+            segment_name(j->id, name, sizeof name);
+            unlink_in_dir(st, name);
+        }
+    } else if (j->ck.present && j->ck.file[0]) {
+        unlink_in_dir(st, j->ck.file);
+    }
+    for (int i = 0; i < j->n_old; i++)
+        free(j->old_files[i]);
+    free(j->old_files);
+    ckpt_ref_free(&j->ck);
+}
+
+static int check_writable(storage *st)
+{
+    clear_error();
+    return atomic_load(&st->gone) ? gone_error(st) : STORAGE_OK;
+}
+
+/* ----------------------------------------------------------- sessions */
 
 void storage_session_info_free(storage_session_info *info)
 {
@@ -425,84 +1256,19 @@ void storage_session_info_free(storage_session_info *info)
     info->name = info->config = NULL;
 }
 
-static size_t iov_total(const storage_iov *v, int n)
-{
-    size_t t = 0;
-    for (int i = 0; i < n; i++)
-        t += v[i].len;
-    return t;
-}
-
-static uint32_t iov_crc(const storage_iov *v, int n)
-{
-    uint32_t c = 0;
-    for (int i = 0; i < n; i++)
-        c = storage_crc32(c, v[i].base, v[i].len);
-    return c;
-}
-
-/* Writes the pieces into the zeroblob of the checkpoint row of session id
- * (its rowid), without concatenating them. */
-static int write_ckpt_blob(storage *st, int64_t id, const storage_iov *v, int n)
-{
-    sqlite3_blob *b;
-    int rc = sqlite3_blob_open(st->db, "main", "checkpoints", "data", id, 1, &b);
-    if (rc != SQLITE_OK)
-        return sql_fail(st->db, rc);
-    size_t off = 0;
-    for (int i = 0; i < n && rc == SQLITE_OK; i++) {
-        const char *p = v[i].base;
-        size_t left = v[i].len;
-        while (left > 0 && rc == SQLITE_OK) {
-            int chunk = left > (1u << 30) ? (1 << 30) : (int)left;
-            rc = sqlite3_blob_write(b, p, chunk, (int)off);
-            p += chunk;
-            off += (size_t)chunk;
-            left -= (size_t)chunk;
-        }
-    }
-    int err = rc == SQLITE_OK ? STORAGE_OK : sql_fail(st->db, rc);
-    sqlite3_blob_close(b);
-    return err;
-}
-
 int storage_session_create(storage *st, const char *name, const char *config, int64_t now_ms,
                            const storage_iov *ckpt, int n_ckpt, int64_t *id_out)
 {
-    clear_error();
-    size_t total = iov_total(ckpt, n_ckpt);
-    if (total > INT32_MAX) {
-        set_error("a checkpoint of %zu bytes is larger than the store allows", total);
-        return STORAGE_EIO;
-    }
-    pthread_mutex_lock(&st->mu);
-    int err = begin(st);
-    if (err == STORAGE_OK) {
-        sqlite3_stmt *s = stmt(st, Q_SESSION_INSERT);
-        sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
-        sqlite3_bind_text(s, 2, config, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(s, 3, now_ms);
-        err = exec_stmt(st, s);
-    }
-    int64_t id = sqlite3_last_insert_rowid(st->db);
-    if (err == STORAGE_OK) {
-        sqlite3_stmt *s = stmt(st, Q_CKPT_INSERT);
-        sqlite3_bind_int64(s, 1, id);
-        sqlite3_bind_int64(s, 2, (sqlite3_int64)total);
-        sqlite3_bind_int64(s, 3, iov_crc(ckpt, n_ckpt));
-        err = exec_stmt(st, s);
-    }
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    job j = {.kind = J_CREATE, .name = name, .config = config, .now_ms = now_ms};
+    err = write_ckpt(st, ckpt, n_ckpt, &j.ck);
     if (err == STORAGE_OK)
-        err = write_ckpt_blob(st, id, ckpt, n_ckpt);
-    if (err == STORAGE_OK)
-        err = commit(st);
-    else
-        rollback(st);
+        err = group_run(st, &j);
     if (err == STORAGE_OK && id_out)
-        *id_out = id;
-    pthread_mutex_unlock(&st->mu);
-    if (err == STORAGE_EEXIST)
-        set_error("a session named %s exists", name);
+        *id_out = j.id;
+    job_finish(st, &j, err);
     return err;
 }
 
@@ -525,15 +1291,15 @@ static int read_info(sqlite3_stmt *s, storage_session_info *info)
 int storage_session_get(storage *st, const char *name, storage_session_info *info)
 {
     clear_error();
-    pthread_mutex_lock(&st->mu);
+    pthread_mutex_lock(&st->db_mu);
     sqlite3_stmt *s = stmt(st, Q_SESSION_GET);
     sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
     int rc = sqlite3_step(s);
-    int err = rc == SQLITE_ROW ? read_info(s, info)
+    int err = rc == SQLITE_ROW    ? read_info(s, info)
               : rc == SQLITE_DONE ? STORAGE_ENOTFOUND
                                   : sql_fail(st->db, rc);
     sqlite3_reset(s);
-    pthread_mutex_unlock(&st->mu);
+    pthread_mutex_unlock(&st->db_mu);
     if (err == STORAGE_ENOTFOUND)
         set_error("no session named %s", name);
     return err;
@@ -542,7 +1308,7 @@ int storage_session_get(storage *st, const char *name, storage_session_info *inf
 int storage_session_list(storage *st, const char *after, int limit, storage_session_info *infos)
 {
     clear_error();
-    pthread_mutex_lock(&st->mu);
+    pthread_mutex_lock(&st->db_mu);
     sqlite3_stmt *s = stmt(st, after ? Q_SESSION_LIST_AFTER : Q_SESSION_LIST);
     sqlite3_bind_int(s, 1, limit);
     if (after)
@@ -556,7 +1322,7 @@ int storage_session_list(storage *st, const char *after, int limit, storage_sess
     if (err == STORAGE_OK && rc != SQLITE_ROW && rc != SQLITE_DONE)
         err = sql_fail(st->db, rc);
     sqlite3_reset(s);
-    pthread_mutex_unlock(&st->mu);
+    pthread_mutex_unlock(&st->db_mu);
     if (err != STORAGE_OK) {
         while (n > 0)
             storage_session_info_free(&infos[--n]);
@@ -567,25 +1333,73 @@ int storage_session_list(storage *st, const char *after, int limit, storage_sess
 
 int storage_session_delete(storage *st, const char *name)
 {
-    clear_error();
-    pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = stmt(st, Q_SESSION_DELETE);
-    sqlite3_bind_text(s, 1, name, -1, SQLITE_STATIC);
-    int err = exec_stmt(st, s);
-    if (err == STORAGE_OK && sqlite3_changes(st->db) == 0) {
-        err = STORAGE_ENOTFOUND;
-        set_error("no session named %s", name);
-    }
-    pthread_mutex_unlock(&st->mu);
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    job j = {.kind = J_DELETE, .name = name};
+    err = group_run(st, &j);
+    job_finish(st, &j, err);
     return err;
 }
 
-static double column_double_or_nan(sqlite3_stmt *s, int col)
+/* -------------------------------------------------------------- load */
+
+int storage_read(storage_reader *r, void *dst, size_t n)
 {
-    return sqlite3_column_type(s, col) == SQLITE_NULL ? NAN : sqlite3_column_double(s, col);
+    if (r->err)
+        return r->err;
+    if (n == 0)
+        return STORAGE_OK;
+    if (n > r->len - r->off) {
+        set_error("a read past the end of the checkpoint (%zu + %zu > %zu bytes)", r->off, n,
+                  r->len);
+        return r->err = STORAGE_ECORRUPT;
+    }
+    if (r->fd < 0) {
+        memcpy(dst, r->mem + r->off, n);
+    } else {
+        int e = fault_pread(r->fd, dst, n, (off_t)(r->base + (int64_t)r->off));
+        if (e)
+            return r->err = io_fail(e, "reading", "a checkpoint file");
+    }
+    r->crc = storage_crc32(r->crc, dst, n);
+    r->off += n;
+    return STORAGE_OK;
 }
 
-static void read_entry(sqlite3_stmt *s, storage_log_entry *e, bool with_grad)
+/* A log row after the newest checkpoint, copied out of SQLite so that
+ * replay runs without the connection's lock. */
+typedef struct {
+    storage_log_entry e;
+    char *worker;
+    void *inline_grad, *extra;
+    char *file;
+    int64_t off;
+    size_t len;
+    bool has_crc, has_grad;
+    uint32_t crc;
+} load_row;
+
+static void rows_free(load_row *rows, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(rows[i].worker);
+        free(rows[i].inline_grad);
+        free(rows[i].extra);
+        free(rows[i].file);
+    }
+    free(rows);
+}
+
+static void *dup_mem(const void *p, size_t n)
+{
+    void *d = malloc(n ? n : 1);
+    if (d && n)
+        memcpy(d, p, n);
+    return d;
+}
+
+static void read_entry(sqlite3_stmt *s, storage_log_entry *e)
 {
     memset(e, 0, sizeof *e);
     e->seq = sqlite3_column_int64(s, 0);
@@ -598,232 +1412,263 @@ static void read_entry(sqlite3_stmt *s, storage_log_entry *e, bool with_grad)
     e->grad_norm = column_double_or_nan(s, 7);
     e->update_norm = column_double_or_nan(s, 8);
     e->worker = (const char *)sqlite3_column_text(s, 9);
-    if (with_grad) {
-        e->grad = sqlite3_column_blob(s, 10);
-        e->grad_len = (size_t)sqlite3_column_bytes(s, 10);
-    }
 }
 
-/* Steps a bound row query, calling fn for each log row; stops on the
- * first non-zero return.  With gradients, each is verified against its
- * checksum before the callback.  Resets the statement. */
-static int walk_rows(storage *st, sqlite3_stmt *s, bool with_grad, storage_replay_fn fn, void *ud)
+/* Under db_mu inside a read transaction: the rows after seq. */
+static int fetch_rows(storage *st, int64_t id, int64_t seq, load_row **out, size_t *n_out)
 {
+    load_row *rows = NULL;
+    size_t n = 0, cap = 0;
+    sqlite3_stmt *s = stmt(st, Q_LOG_AFTER);
+    sqlite3_bind_int64(s, 1, id);
+    sqlite3_bind_int64(s, 2, seq);
     int rc, err = STORAGE_OK;
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
-        storage_log_entry e;
-        read_entry(s, &e, with_grad);
-        if (with_grad && e.grad && sqlite3_column_type(s, 11) != SQLITE_NULL &&
-            storage_crc32(0, e.grad, e.grad_len) != (uint32_t)sqlite3_column_int64(s, 11)) {
-            set_error("the gradient of log row %lld fails its checksum", (long long)e.seq);
-            err = STORAGE_ECORRUPT;
-            break;
+        if (n == cap) {
+            cap = cap ? 2 * cap : 16;
+            load_row *nr = realloc(rows, cap * sizeof *rows);
+            if (!nr) {
+                err = STORAGE_ENOMEM;
+                break;
+            }
+            rows = nr;
         }
-        int r = fn(ud, &e);
-        if (r != 0) {
-            err = r;
-            break;
+        load_row *r = &rows[n++];
+        memset(r, 0, sizeof *r);
+        read_entry(s, &r->e);
+        if (r->e.worker && !(r->worker = dup_str(r->e.worker)))
+            err = STORAGE_ENOMEM;
+        r->e.worker = r->worker;
+        r->has_crc = sqlite3_column_type(s, 11) != SQLITE_NULL;
+        r->crc = (uint32_t)sqlite3_column_int64(s, 11);
+        if (sqlite3_column_type(s, 10) != SQLITE_NULL) {
+            r->has_grad = true;
+            r->len = (size_t)sqlite3_column_bytes(s, 10);
+            if (!(r->inline_grad = dup_mem(sqlite3_column_blob(s, 10), r->len)))
+                err = STORAGE_ENOMEM;
+        } else if (sqlite3_column_type(s, 13) != SQLITE_NULL) {
+            r->has_grad = true;
+            r->len = (size_t)sqlite3_column_int64(s, 12);
+            r->off = sqlite3_column_int64(s, 14);
+            if (!(r->file = dup_str((const char *)sqlite3_column_text(s, 13))))
+                err = STORAGE_ENOMEM;
         }
+        if (sqlite3_column_type(s, 15) != SQLITE_NULL) {
+            r->e.extra_len = (size_t)sqlite3_column_bytes(s, 15);
+            if (!(r->extra = dup_mem(sqlite3_column_blob(s, 15), r->e.extra_len)))
+                err = STORAGE_ENOMEM;
+            r->e.extra = r->extra;
+        }
+        if (err != STORAGE_OK)
+            break;
     }
-    if (err == STORAGE_OK && rc != SQLITE_DONE)
+    if (err == STORAGE_ENOMEM)
+        set_error("out of memory reading the log");
+    else if (rc != SQLITE_DONE)
         err = sql_fail(st->db, rc);
     sqlite3_reset(s);
-    return err;
+    if (err != STORAGE_OK) {
+        rows_free(rows, n);
+        return err;
+    }
+    *out = rows;
+    *n_out = n;
+    return STORAGE_OK;
 }
 
-int storage_read(storage_reader *r, void *dst, size_t n)
+/* Replays rows in order, reading each file gradient into one buffer and
+ * verifying every checksum before the callback. */
+static int replay_rows(storage *st, load_row *rows, size_t n, storage_replay_fn fn, void *ud)
 {
-    if (r->err)
-        return r->err;
-    if (n > r->len - r->off) {
-        set_error("a read past the end of the checkpoint (%zu + %zu > %zu bytes)", r->off, n,
-                  r->len);
-        return r->err = STORAGE_ECORRUPT;
-    }
-    char *p = dst;
-    size_t left = n;
-    while (left > 0) {
-        int chunk = left > (1u << 30) ? (1 << 30) : (int)left;
-        int rc = sqlite3_blob_read(r->blob, p, chunk, (int)r->off);
-        if (rc != SQLITE_OK) {
-            set_error("reading the checkpoint: %s", sqlite3_errstr(rc));
-            return r->err = rc_to_err(rc);
+    void *buf = NULL;
+    size_t cap = 0;
+    int fd = -1;
+    char *fd_file = NULL;
+    int err = STORAGE_OK;
+    for (size_t i = 0; i < n && err == STORAGE_OK; i++) {
+        load_row *r = &rows[i];
+        if (r->file) {
+            if (!fd_file || strcmp(fd_file, r->file) != 0) {
+                if (fd >= 0)
+                    close(fd);
+                free(fd_file);
+                fd_file = dup_str(r->file);
+                char *p = path_join(st->dir, r->file);
+                fd = p ? open(p, O_RDONLY | O_CLOEXEC) : -1;
+                if (fd < 0) {
+                    err = p ? io_fail(-errno, "opening", p) : STORAGE_ENOMEM;
+                    free(p);
+                    break;
+                }
+                free(p);
+            }
+            if (r->len > cap) {
+                void *nb = realloc(buf, r->len);
+                if (!nb) {
+                    set_error("out of memory for a gradient of %zu bytes", r->len);
+                    err = STORAGE_ENOMEM;
+                    break;
+                }
+                buf = nb;
+                cap = r->len;
+            }
+            int e = fault_pread(fd, buf, r->len, (off_t)r->off);
+            if (e) {
+                err = io_fail(e, "reading the gradient of a log row from", r->file);
+                break;
+            }
+            r->e.grad = buf;
+        } else if (r->has_grad) {
+            r->e.grad = r->inline_grad;
         }
-        r->crc = storage_crc32(r->crc, p, (size_t)chunk);
-        p += chunk;
-        r->off += (size_t)chunk;
-        left -= (size_t)chunk;
+        if (r->has_grad) {
+            r->e.grad_len = r->len;
+            if (r->has_crc && storage_crc32(0, r->e.grad, r->len) != r->crc) {
+                set_error("the gradient of log row %" PRId64 " fails its checksum (damaged)",
+                          r->e.seq);
+                err = STORAGE_ECORRUPT;
+                break;
+            }
+        }
+        int cb = fn(ud, &r->e);
+        if (cb != 0)
+            err = cb;
     }
-    return STORAGE_OK;
+    if (fd >= 0)
+        close(fd);
+    free(fd_file);
+    free(buf);
+    return err;
 }
 
 int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
                          storage_replay_fn replay, void *ud)
 {
     clear_error();
-    pthread_mutex_lock(&st->mu);
-    /* A transaction so that the checkpoint and the log agree. */
-    int err = begin(st);
+    storage_reader r = {.fd = -1};
+    void *mem = NULL;
+    bool has_crc = false;
+    uint32_t want = 0;
     int64_t seq = 0;
+    load_row *rows = NULL;
+    size_t n_rows = 0;
+    char *fpath = NULL;
+
+    /* Under the lock, in one read transaction: the newest checkpoint (its
+     * file opened) and the rows after it.  Replay runs without the lock. */
+    pthread_mutex_lock(&st->db_mu);
+    int err = exec_q(st, Q_BEGIN_READ);
     if (err == STORAGE_OK) {
-        sqlite3_stmt *s = stmt(st, Q_CKPT_GET);
+        sqlite3_stmt *s = stmt(st, Q_CKPT_NEWEST);
         sqlite3_bind_int64(s, 1, id);
         int rc = sqlite3_step(s);
         if (rc == SQLITE_ROW) {
             seq = sqlite3_column_int64(s, 0);
-            size_t len = (size_t)sqlite3_column_int64(s, 1);
-            bool has_crc = sqlite3_column_type(s, 2) != SQLITE_NULL;
-            uint32_t want = (uint32_t)sqlite3_column_int64(s, 2);
-            sqlite3_reset(s);
-            storage_reader r = {.len = len};
-            rc = sqlite3_blob_open(st->db, "main", "checkpoints", "data", id, 0, &r.blob);
-            if (rc != SQLITE_OK) {
-                err = sql_fail(st->db, rc);
+            r.len = (size_t)sqlite3_column_int64(s, 1);
+            has_crc = sqlite3_column_type(s, 2) != SQLITE_NULL;
+            want = (uint32_t)sqlite3_column_int64(s, 2);
+            if (sqlite3_column_type(s, 3) != SQLITE_NULL) {
+                fpath = path_join(st->dir, (const char *)sqlite3_column_text(s, 3));
+                r.fd = fpath ? open(fpath, O_RDONLY | O_CLOEXEC) : -1;
+                if (r.fd < 0)
+                    err = fpath ? io_fail(-errno, "opening the checkpoint", fpath)
+                                : STORAGE_ENOMEM;
             } else {
-                err = ckpt(ud, &r, len, seq);
-                if (err == STORAGE_OK && r.err)
-                    err = r.err;
-                if (err == STORAGE_OK && (r.off != len || (has_crc && r.crc != want))) {
-                    set_error("the checkpoint of session %lld fails its checksum",
-                              (long long)id);
+                size_t blen = (size_t)sqlite3_column_bytes(s, 4);
+                mem = dup_mem(sqlite3_column_blob(s, 4), blen);
+                if (!mem) {
+                    set_error("out of memory");
+                    err = STORAGE_ENOMEM;
+                } else if (blen != r.len) {
+                    set_error("the checkpoint of session %" PRId64 " has %zu bytes, not %zu",
+                              id, blen, r.len);
                     err = STORAGE_ECORRUPT;
                 }
-                sqlite3_blob_close(r.blob);
+                r.mem = mem;
             }
+        } else if (rc == SQLITE_DONE) {
+            set_error("session %" PRId64 " has no checkpoint", id);
+            err = STORAGE_ENOTFOUND;
         } else {
-            err = rc == SQLITE_DONE ? STORAGE_ENOTFOUND : sql_fail(st->db, rc);
-            if (err == STORAGE_ENOTFOUND)
-                set_error("session %lld has no checkpoint", (long long)id);
+            err = sql_fail(st->db, rc);
         }
         sqlite3_reset(s);
     }
-    if (err == STORAGE_OK) {
-        sqlite3_stmt *s = stmt(st, Q_LOG_AFTER);
-        sqlite3_bind_int64(s, 1, id);
-        sqlite3_bind_int64(s, 2, seq);
-        err = walk_rows(st, s, true, replay, ud);
-    }
+    if (err == STORAGE_OK)
+        err = fetch_rows(st, id, seq, &rows, &n_rows);
     rollback(st);
-    pthread_mutex_unlock(&st->mu);
-    return err;
-}
+    pthread_mutex_unlock(&st->db_mu);
 
-static int replace_ckpt(storage *st, int64_t id, const storage_iov *ckpt, int n_ckpt,
-                        int64_t seq, int64_t step)
-{
-    size_t total = iov_total(ckpt, n_ckpt);
-    if (total > INT32_MAX) {
-        set_error("a checkpoint of %zu bytes is larger than the store allows", total);
-        return STORAGE_EIO;
-    }
-    /* Drop the replay data the new checkpoint covers: only the rows after
-     * the old checkpoint still have any, so the scan stays bounded (run it
-     * before the checkpoint row changes). */
-    sqlite3_stmt *s = stmt(st, Q_LOG_DROP_GRAD);
-    sqlite3_bind_int64(s, 1, id);
-    sqlite3_bind_int64(s, 2, seq);
-    int err = exec_stmt(st, s);
     if (err == STORAGE_OK) {
-        s = stmt(st, Q_CKPT_REPLACE);
-        sqlite3_bind_int64(s, 1, id);
-        sqlite3_bind_int64(s, 2, seq);
-        sqlite3_bind_int64(s, 3, step);
-        sqlite3_bind_int64(s, 4, (sqlite3_int64)total);
-        sqlite3_bind_int64(s, 5, iov_crc(ckpt, n_ckpt));
-        err = exec_stmt(st, s);
-        if (err == STORAGE_OK && sqlite3_changes(st->db) == 0) {
-            set_error("session %lld does not exist", (long long)id);
-            err = STORAGE_ENOTFOUND;
+        err = ckpt(ud, &r, r.len, seq);
+        if (err == STORAGE_OK && r.err)
+            err = r.err;
+        if (err == STORAGE_OK && r.off != r.len) {
+            /* verify the bytes the callback did not pull */
+            unsigned char tmp[65536];
+            while (err == STORAGE_OK && r.off < r.len) {
+                size_t k = r.len - r.off < sizeof tmp ? r.len - r.off : sizeof tmp;
+                err = storage_read(&r, tmp, k);
+            }
+        }
+        if (err == STORAGE_OK && has_crc && r.crc != want) {
+            set_error("the checkpoint of session %" PRId64 " (seq %" PRId64
+                      ") fails its checksum (damaged)",
+                      id, seq);
+            err = STORAGE_ECORRUPT;
         }
     }
+    if (r.fd >= 0)
+        close(r.fd);
+    free(mem);
+    free(fpath);
     if (err == STORAGE_OK)
-        err = write_ckpt_blob(st, id, ckpt, n_ckpt);
+        err = replay_rows(st, rows, n_rows, replay, ud);
+    rows_free(rows, n_rows);
     return err;
 }
 
-static void bind_double_or_null(sqlite3_stmt *s, int i, double v)
-{
-    if (isfinite(v))
-        sqlite3_bind_double(s, i, v);
-    else
-        sqlite3_bind_null(s, i);
-}
+/* ---------------------------------------------------------- step log */
 
 int storage_append(storage *st, int64_t id, const storage_log_entry *e, const storage_iov *ckpt,
                    int n_ckpt)
 {
-    clear_error();
-    pthread_mutex_lock(&st->mu);
-    int err = begin(st);
-    if (err == STORAGE_OK) {
-        sqlite3_stmt *s = stmt(st, Q_LOG_INSERT);
-        sqlite3_bind_int64(s, 1, id);
-        sqlite3_bind_int64(s, 2, e->seq);
-        sqlite3_bind_int(s, 3, e->kind);
-        sqlite3_bind_int64(s, 4, e->step);
-        sqlite3_bind_int64(s, 5, e->time_ms);
-        bind_double_or_null(s, 6, e->lr);
-        bind_double_or_null(s, 7, e->factor);
-        bind_double_or_null(s, 8, e->loss);
-        bind_double_or_null(s, 9, e->grad_norm);
-        bind_double_or_null(s, 10, e->update_norm);
-        if (e->worker)
-            sqlite3_bind_text(s, 11, e->worker, -1, SQLITE_STATIC);
-        /* The replay data is not needed when this row is checkpointed at once. */
-        if (e->grad && n_ckpt == 0) {
-            sqlite3_bind_blob64(s, 12, e->grad, e->grad_len, SQLITE_STATIC);
-            sqlite3_bind_int64(s, 13, storage_crc32(0, e->grad, e->grad_len));
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    job j = {.kind = J_APPEND, .id = id, .e = e};
+    if (n_ckpt > 0) {
+        err = write_ckpt(st, ckpt, n_ckpt, &j.ck);
+        j.ck.seq = e->seq;
+        j.ck.step = e->step;
+    } else if (e->grad) {
+        j.grad_crc = storage_crc32(0, e->grad, e->grad_len);
+        if (e->grad_len > INLINE_MAX) {
+            /* The bytes reach the segment before the row exists; a failed
+             * commit leaves an unreferenced tail that nothing reads. */
+            j.grad_in_file = true;
+            err = append_segment(st, id, e->grad, e->grad_len, &j.grad_off);
         }
-        err = exec_stmt(st, s);
     }
-    for (size_t k = 0; err == STORAGE_OK && k <= e->n_more_keys; k++) {
-        const char *key = k == 0 ? e->idem_key : e->more_keys[k - 1];
-        if (!key)
-            continue;
-        uint64_t fp = k == 0 ? e->idem_fp : e->more_fps ? e->more_fps[k - 1] : 0;
-        sqlite3_stmt *s = stmt(st, Q_IDEM_INSERT);
-        sqlite3_bind_int64(s, 1, id);
-        sqlite3_bind_text(s, 2, key, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(s, 3, e->step);
-        sqlite3_bind_int64(s, 4, e->time_ms);
-        sqlite3_bind_int(s, 5, e->kind);
-        sqlite3_bind_int64(s, 6, (sqlite3_int64)fp);
-        err = exec_stmt(st, s);
-    }
-    if (err == STORAGE_OK && n_ckpt > 0)
-        err = replace_ckpt(st, id, ckpt, n_ckpt, e->seq, e->step);
     if (err == STORAGE_OK)
-        err = commit(st);
-    else
-        rollback(st);
-    pthread_mutex_unlock(&st->mu);
+        err = group_run(st, &j);
+    job_finish(st, &j, err);
     return err;
 }
 
 int storage_checkpoint(storage *st, int64_t id, const char *config, const storage_iov *ckpt,
                        int n_ckpt, int64_t ckpt_seq, int64_t step, int64_t now_ms)
 {
-    clear_error();
-    pthread_mutex_lock(&st->mu);
-    int err = begin(st);
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    job j = {.kind = J_CHECKPOINT, .id = id, .config = config, .now_ms = now_ms};
+    err = write_ckpt(st, ckpt, n_ckpt, &j.ck);
+    j.ck.seq = ckpt_seq;
+    j.ck.step = step;
     if (err == STORAGE_OK)
-        err = replace_ckpt(st, id, ckpt, n_ckpt, ckpt_seq, step);
-    if (err == STORAGE_OK) {
-        sqlite3_stmt *s = stmt(st, config ? Q_SESSION_SET_CONFIG : Q_SESSION_TOUCH);
-        sqlite3_bind_int64(s, 1, id);
-        if (config) {
-            sqlite3_bind_text(s, 2, config, -1, SQLITE_STATIC);
-            sqlite3_bind_int64(s, 3, now_ms);
-        } else {
-            sqlite3_bind_int64(s, 2, now_ms);
-        }
-        err = exec_stmt(st, s);
-    }
-    if (err == STORAGE_OK)
-        err = commit(st);
-    else
-        rollback(st);
-    pthread_mutex_unlock(&st->mu);
+        err = group_run(st, &j);
+    job_finish(st, &j, err);
     return err;
 }
 
@@ -831,12 +1676,12 @@ int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step,
                         int *kind, uint64_t *fp)
 {
     clear_error();
-    pthread_mutex_lock(&st->mu);
+    pthread_mutex_lock(&st->db_mu);
     sqlite3_stmt *s = stmt(st, Q_IDEM_GET);
     sqlite3_bind_int64(s, 1, id);
     sqlite3_bind_text(s, 2, key, -1, SQLITE_STATIC);
     int rc = sqlite3_step(s);
-    int err = rc == SQLITE_ROW ? STORAGE_OK
+    int err = rc == SQLITE_ROW    ? STORAGE_OK
               : rc == SQLITE_DONE ? STORAGE_ENOTFOUND
                                   : sql_fail(st->db, rc);
     if (rc == SQLITE_ROW) {
@@ -850,20 +1695,18 @@ int storage_idem_lookup(storage *st, int64_t id, const char *key, int64_t *step,
             *fp = (uint64_t)sqlite3_column_int64(s, 3);
     }
     sqlite3_reset(s);
-    pthread_mutex_unlock(&st->mu);
+    pthread_mutex_unlock(&st->db_mu);
     return err;
 }
 
 int storage_idem_prune(storage *st, int64_t id, int64_t min_ms, int64_t keep)
 {
-    clear_error();
-    pthread_mutex_lock(&st->mu);
-    sqlite3_stmt *s = stmt(st, Q_IDEM_PRUNE);
-    sqlite3_bind_int64(s, 1, id);
-    sqlite3_bind_int64(s, 2, min_ms);
-    sqlite3_bind_int64(s, 3, keep);
-    int err = exec_stmt(st, s);
-    pthread_mutex_unlock(&st->mu);
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    job j = {.kind = J_PRUNE, .id = id, .min_ms = min_ms, .keep = keep};
+    err = group_run(st, &j);
+    job_finish(st, &j, err);
     return err;
 }
 
@@ -871,12 +1714,164 @@ int storage_history(storage *st, int64_t id, int64_t after, int limit, storage_r
                     void *ud)
 {
     clear_error();
-    pthread_mutex_lock(&st->mu);
+    pthread_mutex_lock(&st->db_mu);
     sqlite3_stmt *s = stmt(st, Q_HISTORY);
     sqlite3_bind_int64(s, 1, id);
     sqlite3_bind_int64(s, 2, after);
     sqlite3_bind_int(s, 3, limit);
-    int err = walk_rows(st, s, false, fn, ud);
-    pthread_mutex_unlock(&st->mu);
+    int rc, err = STORAGE_OK;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        storage_log_entry e;
+        read_entry(s, &e);
+        int r = fn(ud, &e);
+        if (r != 0) {
+            err = r;
+            break;
+        }
+    }
+    if (err == STORAGE_OK && rc != SQLITE_DONE)
+        err = sql_fail(st->db, rc);
+    sqlite3_reset(s);
+    pthread_mutex_unlock(&st->db_mu);
     return err;
+}
+
+/* ------------------------------------------------------------- checks */
+
+int storage_integrity_ok(storage *st)
+{
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s;
+    int ok = 0;
+    if (sqlite3_prepare_v2(st->db, "PRAGMA integrity_check", -1, &s, NULL) == SQLITE_OK) {
+        if (sqlite3_step(s) == SQLITE_ROW) {
+            const unsigned char *t = sqlite3_column_text(s, 0);
+            ok = t && strcmp((const char *)t, "ok") == 0;
+        }
+        sqlite3_finalize(s);
+    }
+    /* every referenced file exists and is long enough */
+    if (ok && sqlite3_prepare_v2(st->db,
+                                 "SELECT file, len FROM checkpoints WHERE file IS NOT NULL"
+                                 " UNION ALL SELECT file, off + len FROM steps"
+                                 " WHERE file IS NOT NULL",
+                                 -1, &s, NULL) == SQLITE_OK) {
+        while (ok && sqlite3_step(s) == SQLITE_ROW) {
+            char *p = path_join(st->dir, (const char *)sqlite3_column_text(s, 0));
+            struct stat sb;
+            ok = p && stat(p, &sb) == 0 && sb.st_size >= sqlite3_column_int64(s, 1);
+            free(p);
+        }
+        sqlite3_finalize(s);
+    }
+    pthread_mutex_unlock(&st->db_mu);
+    return ok;
+}
+
+/* The CRC-32 of len bytes of dir/file at off, or a negative code. */
+static int crc_of_file(const char *dir, const char *file, int64_t off, size_t len,
+                       uint32_t *crc)
+{
+    char *p = path_join(dir, file);
+    int fd = p ? open(p, O_RDONLY | O_CLOEXEC) : -1;
+    free(p);
+    if (fd < 0)
+        return -errno;
+    unsigned char *buf = malloc(1 << 20);
+    uint32_t c = 0;
+    int r = buf ? 0 : -ENOMEM;
+    while (r == 0 && len > 0) {
+        size_t k = len < (1u << 20) ? len : (1u << 20);
+        r = fault_pread(fd, buf, k, (off_t)off);
+        c = storage_crc32(c, buf, k);
+        off += (int64_t)k;
+        len -= k;
+    }
+    free(buf);
+    close(fd);
+    *crc = c;
+    return r;
+}
+
+int storage_check(const char *path, void *out_v)
+{
+    FILE *out = out_v;
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        set_error("%s: %s", path, strerror(errno));
+        return STORAGE_ENOTFOUND;
+    }
+    storage *st;
+    int err = storage_open(path, STORAGE_SYNC_NORMAL, &st);
+    if (err != STORAGE_OK)
+        return err;
+    int problems = 0;
+    sqlite3_stmt *s;
+    if (sqlite3_prepare_v2(st->db, "PRAGMA integrity_check", -1, &s, NULL) == SQLITE_OK) {
+        while (sqlite3_step(s) == SQLITE_ROW) {
+            const char *t = (const char *)sqlite3_column_text(s, 0);
+            if (t && strcmp(t, "ok") != 0) {
+                fprintf(out, "sqlite: %s\n", t);
+                problems++;
+            }
+        }
+        sqlite3_finalize(s);
+    }
+    /* sessions without a checkpoint */
+    if (sqlite3_prepare_v2(st->db,
+                           "SELECT name FROM sessions s WHERE NOT EXISTS"
+                           " (SELECT 1 FROM checkpoints WHERE session_id = s.id)",
+                           -1, &s, NULL) == SQLITE_OK) {
+        while (sqlite3_step(s) == SQLITE_ROW) {
+            fprintf(out, "session %s: no checkpoint\n", sqlite3_column_text(s, 0));
+            problems++;
+        }
+        sqlite3_finalize(s);
+    }
+    /* every vector against its checksum */
+    static const char *const vec_sql =
+        "SELECT s.name, 'checkpoint', c.seq, c.len, c.crc, c.file, 0, c.data"
+        " FROM checkpoints c JOIN sessions s ON s.id = c.session_id"
+        " UNION ALL SELECT s.name, 'log row', l.seq, COALESCE(l.len, length(l.grad)), l.crc,"
+        " l.file, l.off, l.grad FROM steps l JOIN sessions s ON s.id = l.session_id"
+        " WHERE l.grad IS NOT NULL OR l.file IS NOT NULL";
+    if (sqlite3_prepare_v2(st->db, vec_sql, -1, &s, NULL) == SQLITE_OK) {
+        while (sqlite3_step(s) == SQLITE_ROW) {
+            const char *name = (const char *)sqlite3_column_text(s, 0);
+            const char *what = (const char *)sqlite3_column_text(s, 1);
+            int64_t seq = sqlite3_column_int64(s, 2);
+            size_t len = (size_t)sqlite3_column_int64(s, 3);
+            bool has_crc = sqlite3_column_type(s, 4) != SQLITE_NULL;
+            uint32_t want = (uint32_t)sqlite3_column_int64(s, 4);
+            uint32_t got = 0;
+            if (sqlite3_column_type(s, 5) != SQLITE_NULL) {
+                const char *file = (const char *)sqlite3_column_text(s, 5);
+                int r = crc_of_file(st->dir, file, sqlite3_column_int64(s, 6), len, &got);
+                if (r) {
+                    fprintf(out, "session %s: %s %" PRId64 ": file %s/%s: %s\n", name, what, seq,
+                            st->dir, file, r == -ENODATA ? "too short" : strerror(-r));
+                    problems++;
+                    continue;
+                }
+            } else {
+                size_t blen = (size_t)sqlite3_column_bytes(s, 7);
+                if (blen != len) {
+                    fprintf(out, "session %s: %s %" PRId64 ": %zu bytes, %zu expected\n", name,
+                            what, seq, blen, len);
+                    problems++;
+                    continue;
+                }
+                got = storage_crc32(0, sqlite3_column_blob(s, 7), blen);
+            }
+            if (has_crc && got != want) {
+                fprintf(out, "session %s: %s %" PRId64 ": checksum mismatch (stored %08x, "
+                             "computed %08x)\n",
+                        name, what, seq, want, got);
+                problems++;
+            }
+        }
+        sqlite3_finalize(s);
+    }
+    storage_close(st);
+    return problems;
 }

@@ -193,4 +193,24 @@ int storage_history(storage *st, int64_t id, int64_t after, int limit,
  * language has it: Python zlib.crc32, Go hash/crc32, Node zlib.crc32). */
 uint32_t storage_crc32(uint32_t crc, const void *p, size_t n);
 
+/* ------------------------------------------------- fault injection */
+
+/* Counters of the file operations storage made (its own and, when the
+ * shim VFS is on, SQLite's) since the process started, while injection or
+ * counting was on. */
+typedef struct {
+    uint64_t reads, writes, syncs, truncates;
+    uint64_t injected; /* operations failed on purpose */
+} storage_fault_counts;
+
+/* Sets fault injection (docs/storage.md, "Fault injection"):
+ * "op:N:ERR[:persist]" fails the Nth op (read, write, sync, truncate, any)
+ * from now on with ERR (EIO or ENOSPC), once or from then on; "count" only
+ * counts; NULL or "" turns it off.  The environment's OPTD_FAULT and
+ * OPTD_FAULT_COUNT_SYNCS=1 do the same at the first storage_open.  A
+ * database uses the shim VFS when it was opened while this was on.
+ * Returns -1 for a malformed spec. */
+int storage_fault_config(const char *spec);
+void storage_fault_stats(storage_fault_counts *out);
+
 #endif /* STORAGE_H */
