@@ -241,9 +241,9 @@ static void test_tensors_groups_absent(void **state)
         assert_true(q[6 + i] == b[i] + -0.3 * gb[i]);
 
     /* refused before anything is sent */
-    double beta1[2] = {0.9, 0.9};
+    double bad_lr[2] = {0.1, NAN};
     j.n_groups = 2;
-    j.group_beta1 = beta1; /* JSON needs group_beta2 too */
+    j.group_lr = bad_lr;
     assert_int_equal(optd_step_f64_opts(s->c, "layout", gb, 3, NULL, &j, q, &st, NULL, &e), -1);
     assert_int_equal(e.status, 0);
     assert_int_equal(optd_get_params_f64(s->c, "layout", q, 9, &st, &e), 0);

@@ -709,58 +709,6 @@ static int put_group_header(growbuf *b, const char *prefix, const double *v, siz
     return 0;
 }
 
-/* Appends ,"absent":[...],"groups":[{...}] for a JSON step. */
-static int put_json_extras(growbuf *b, const optd_step_opts *o)
-{
-    char tmp[64];
-    if (o->n_absent) {
-        if (grow_put(b, ",\"absent\":[", 11))
-            return -1;
-        for (size_t i = 0; i < o->n_absent; i++) {
-            int k = snprintf(tmp, sizeof tmp, "%s%zu", i ? "," : "", o->absent[i]);
-            if (grow_put(b, tmp, (size_t)k))
-                return -1;
-        }
-        if (grow_put(b, "]", 1))
-            return -1;
-    }
-    if (o->n_groups && (o->group_lr || o->group_momentum || o->group_beta1)) {
-        if (grow_put(b, ",\"groups\":[", 11))
-            return -1;
-        for (size_t i = 0; i < o->n_groups; i++) {
-            const char *sep = "{";
-            if (i && grow_put(b, ",", 1))
-                return -1;
-            if (o->group_lr) {
-                int k = snprintf(tmp, sizeof tmp, "%s\"lr\":%.17g", sep, o->group_lr[i]);
-                if (grow_put(b, tmp, (size_t)k))
-                    return -1;
-                sep = ",";
-            }
-            if (o->group_momentum) {
-                int k = snprintf(tmp, sizeof tmp, "%s\"momentum\":%.17g", sep,
-                                 o->group_momentum[i]);
-                if (grow_put(b, tmp, (size_t)k))
-                    return -1;
-                sep = ",";
-            }
-            if (o->group_beta1) {
-                int k = snprintf(tmp, sizeof tmp, "%s\"betas\":[%.17g,", sep, o->group_beta1[i]);
-                if (grow_put(b, tmp, (size_t)k))
-                    return -1;
-                k = snprintf(tmp, sizeof tmp, "%.17g]", o->group_beta2[i]);
-                if (grow_put(b, tmp, (size_t)k))
-                    return -1;
-            }
-            if (grow_put(b, "}", 1))
-                return -1;
-        }
-        if (grow_put(b, "]", 1))
-            return -1;
-    }
-    return 0;
-}
-
 static int step_common(optd_client *c, const char *name, const void *grad, size_t n,
                        size_t esize, const double *loss, const optd_step_opts *opts,
                        void *params_out, long long *step_out, int *replayed, optd_error *err)
@@ -780,13 +728,12 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         err_set(err, 0, "cannot read /dev/urandom for an idempotency key");
         return -1;
     }
-    if ((o.n_absent && !o.absent) || (o.json && o.group_beta1 && !o.group_beta2)) {
-        err_set(err, 0, o.n_absent && !o.absent ? "n_absent without absent indices"
-                                                : "a JSON step sends betas pairs: give group_beta2");
+    if (o.n_absent && !o.absent) {
+        err_set(err, 0, "n_absent without absent indices");
         return -1;
     }
     for (size_t i = 0; i < o.n_groups; i++) {
-        const double *vs[] = {o.group_lr, o.group_momentum, o.group_beta1, o.group_beta2};
+        const double *vs[] = {o.group_lr, o.group_momentum, o.group_beta1};
         for (size_t k = 0; k < sizeof vs / sizeof vs[0]; k++) {
             if (vs[k] && !isfinite(vs[k][i])) {
                 err_set(err, 0, "group %zu: a hyperparameter is not finite", i);
@@ -823,8 +770,6 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         }
         if (!bad && o.worker)
             bad = grow_put(&jb, ",\"worker\":", 10) || json_string(&jb, o.worker);
-        if (!bad)
-            bad = put_json_extras(&jb, &o);
         if (bad || grow_put(&jb, "}", 1)) {
             free(jb.data);
             free(path);
@@ -851,34 +796,36 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
             snprintf(h_worker, sizeof h_worker, OPTD_HEADER_WORKER ": %s", o.worker);
             hdrs[nh++] = h_worker;
         }
-        int bad = 0;
-        if (o.n_absent) {
-            bad = grow_put(&h_absent, "Optd-Absent: ", 13) ||
-                  put_ranges(&h_absent, o.absent, o.n_absent);
-            hdrs[nh++] = h_absent.data;
-        }
-        if (!bad && o.n_groups && o.group_lr) {
-            bad = put_group_header(&h_glr, "Optd-Group-Lr: ", o.group_lr, o.n_groups);
-            hdrs[nh++] = h_glr.data;
-        }
-        if (!bad && o.n_groups && o.group_momentum) {
-            bad = put_group_header(&h_gmom, "Optd-Group-Momentum: ", o.group_momentum,
-                                   o.n_groups);
-            hdrs[nh++] = h_gmom.data;
-        }
-        if (!bad && o.n_groups && o.group_beta1) {
-            bad = put_group_header(&h_gb1, "Optd-Group-Beta1: ", o.group_beta1, o.n_groups);
-            hdrs[nh++] = h_gb1.data;
-        }
-        if (bad) {
-            free(h_absent.data);
-            free(h_glr.data);
-            free(h_gmom.data);
-            free(h_gb1.data);
-            free(path);
-            err_set(err, 0, "out of memory");
-            return -1;
-        }
+    }
+    /* Absent tensors and group values travel in headers, whichever the body. */
+    int bad = 0;
+    if (o.n_absent) {
+        bad = grow_put(&h_absent, "Optd-Absent: ", 13) ||
+              put_ranges(&h_absent, o.absent, o.n_absent);
+        hdrs[nh++] = h_absent.data;
+    }
+    if (!bad && o.n_groups && o.group_lr) {
+        bad = put_group_header(&h_glr, "Optd-Group-Lr: ", o.group_lr, o.n_groups);
+        hdrs[nh++] = h_glr.data;
+    }
+    if (!bad && o.n_groups && o.group_momentum) {
+        bad = put_group_header(&h_gmom, "Optd-Group-Momentum: ", o.group_momentum,
+                               o.n_groups);
+        hdrs[nh++] = h_gmom.data;
+    }
+    if (!bad && o.n_groups && o.group_beta1) {
+        bad = put_group_header(&h_gb1, "Optd-Group-Beta1: ", o.group_beta1, o.n_groups);
+        hdrs[nh++] = h_gb1.data;
+    }
+    if (bad) {
+        free(h_absent.data);
+        free(h_glr.data);
+        free(h_gmom.data);
+        free(h_gb1.data);
+        free(jb.data);
+        free(path);
+        err_set(err, 0, "out of memory");
+        return -1;
     }
     hdrs[nh] = NULL;
 

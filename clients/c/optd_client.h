@@ -99,13 +99,12 @@ typedef struct {
     size_t n_absent;
     /* Client-driven hyperparameters, n_groups values each, in group order:
      * they become the groups' values from this step on.  NULL: not sent.
-     * A binary step carries beta1 alone; a JSON step sends "betas" pairs
-     * and needs group_beta2 with group_beta1. */
+     * They travel in headers (Optd-Group-Lr, -Momentum, -Beta1), as the
+     * absent tensors do (Optd-Absent), whichever the body's form. */
     size_t n_groups;
     const double *group_lr;
     const double *group_momentum;
-    const double *group_beta1;
-    const double *group_beta2;
+    const double *group_beta1; /* betas[0] */
     /* Elements params_out holds, 0: n.  A step with absent tensors answers
      * every tensor's params: give the session's size here. */
     size_t params_len;

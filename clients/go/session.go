@@ -70,19 +70,19 @@ type StepOptions struct {
 	Absent []int
 	// Groups, one per param group in order, carries client-driven
 	// hyperparameters: they become the groups' values from this step on.
-	// Every group must set the same fields. A binary step carries Betas[0].
+	// Every group must set the same fields.
 	Groups []GroupStep
 }
 
 // GroupStep is what one step may set in one group.
 type GroupStep struct {
-	LR       *float64    `json:"lr,omitempty"`
-	Momentum *float64    `json:"momentum,omitempty"`
-	Betas    *[2]float64 `json:"betas,omitempty"`
+	LR       *float64
+	Momentum *float64
+	Beta1    *float64 // betas[0] (OneCycleLR cycles it)
 }
 
-// Headers of a binary step: the absent tensors ("0-57,60") and one value per
-// group, comma-separated, for each client-driven hyperparameter.
+// Headers of a step, JSON or binary: the absent tensors ("0-57,60") and one
+// value per group, comma-separated, for each client-driven hyperparameter.
 const (
 	HeaderAbsent        = "Optd-Absent"
 	HeaderGroupLR       = "Optd-Group-Lr"
@@ -120,16 +120,13 @@ func checkStepExtras(o *StepOptions) error {
 	}
 	for i, g := range o.Groups {
 		if (g.LR != nil) != (o.Groups[0].LR != nil) || (g.Momentum != nil) != (o.Groups[0].Momentum != nil) ||
-			(g.Betas != nil) != (o.Groups[0].Betas != nil) {
+			(g.Beta1 != nil) != (o.Groups[0].Beta1 != nil) {
 			return fmt.Errorf("optd: groups[%d] sets other fields than groups[0]: every group must set the same", i)
 		}
-		for _, p := range []*float64{g.LR, g.Momentum} {
+		for _, p := range []*float64{g.LR, g.Momentum, g.Beta1} {
 			if p != nil && (math.IsNaN(*p) || math.IsInf(*p, 0)) {
 				return fmt.Errorf("optd: groups[%d] has a value that is not finite", i)
 			}
-		}
-		if g.Betas != nil && (math.IsNaN(g.Betas[0]+g.Betas[1]) || math.IsInf(g.Betas[0]+g.Betas[1], 0)) {
-			return fmt.Errorf("optd: groups[%d].betas is not finite", i)
 		}
 	}
 	return nil
@@ -491,17 +488,6 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 			w, _ := json.Marshal(o.Worker)
 			b = append(append(b, `,"worker":`...), w...)
 		}
-		if len(o.Absent) > 0 {
-			a, _ := json.Marshal(o.Absent)
-			b = append(append(b, `,"absent":`...), a...)
-		}
-		if len(o.Groups) > 0 {
-			g, err := json.Marshal(o.Groups)
-			if err != nil {
-				return nil, err
-			}
-			b = append(append(b, `,"groups":`...), g...)
-		}
 		req.body, req.contentType, req.accept = append(b, '}'), "application/json", "application/json"
 	} else {
 		req.body, req.contentType, req.accept = encode(grad), "application/octet-stream", "application/octet-stream"
@@ -515,20 +501,21 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 		if o.Worker != "" {
 			req.header[HeaderWorker] = o.Worker
 		}
-		if len(o.Absent) > 0 {
-			req.header[HeaderAbsent] = IndexRanges(o.Absent)
+	}
+	// Absent tensors and group values travel in headers, whichever the body.
+	if len(o.Absent) > 0 {
+		req.header[HeaderAbsent] = IndexRanges(o.Absent)
+	}
+	if len(o.Groups) > 0 {
+		g := o.Groups[0]
+		if g.LR != nil {
+			req.header[HeaderGroupLR] = groupHeader(o.Groups, func(g GroupStep) *float64 { return g.LR })
 		}
-		if len(o.Groups) > 0 {
-			g := o.Groups[0]
-			if g.LR != nil {
-				req.header[HeaderGroupLR] = groupHeader(o.Groups, func(g GroupStep) *float64 { return g.LR })
-			}
-			if g.Momentum != nil {
-				req.header[HeaderGroupMomentum] = groupHeader(o.Groups, func(g GroupStep) *float64 { return g.Momentum })
-			}
-			if g.Betas != nil {
-				req.header[HeaderGroupBeta1] = groupHeader(o.Groups, func(g GroupStep) *float64 { return &g.Betas[0] })
-			}
+		if g.Momentum != nil {
+			req.header[HeaderGroupMomentum] = groupHeader(o.Groups, func(g GroupStep) *float64 { return g.Momentum })
+		}
+		if g.Beta1 != nil {
+			req.header[HeaderGroupBeta1] = groupHeader(o.Groups, func(g GroupStep) *float64 { return g.Beta1 })
 		}
 	}
 	resp, err := s.c.do(ctx, req)

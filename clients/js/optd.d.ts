@@ -50,7 +50,8 @@ export interface CreateOptions {
 export interface GroupStep {
   lr?: number;
   momentum?: number;
-  betas?: [number, number];
+  /** betas[0] (OneCycleLR cycles it) */
+  beta1?: number;
 }
 
 export interface UpdateChanges {
@@ -75,7 +76,7 @@ export interface StepOptions {
   idempotencyKey?: string;
   /** Tensors without a gradient (indices or names); grad holds only the others. */
   absent?: (number | string)[];
-  /** One entry per group: its lr / momentum / betas from this step on. */
+  /** One entry per group: its lr / momentum / beta1 from this step on. */
   groups?: GroupStep[];
 }
 

@@ -404,15 +404,15 @@ export class Client {
   }
 }
 
-/** Headers of a binary step: the absent tensors, and per group (in group
- * order, comma-separated) the client-driven hyperparameters. */
+/** Headers of a step (JSON or binary): the absent tensors, and per group (in
+ * group order, comma-separated) the client-driven hyperparameters. */
 const STEP_HEADERS = {
   absent: 'Optd-Absent',
   lr: 'Optd-Group-Lr',
   momentum: 'Optd-Group-Momentum',
   beta1: 'Optd-Group-Beta1',
 };
-const GROUP_STEP_KEYS = ['lr', 'momentum', 'betas'];
+const GROUP_STEP_KEYS = ['lr', 'momentum', 'beta1'];
 
 function checkAbsent(absent) {
   if (!Array.isArray(absent)) throw new TypeError('absent must be an array of tensor indices or names');
@@ -435,16 +435,14 @@ export function indexRanges(indices) {
   return out.map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(',');
 }
 
-/** One object per group, each with the same keys among lr, momentum, betas. */
+/** One object per group, each with the same keys among lr, momentum, beta1. */
 function checkStepGroups(groups) {
   if (!Array.isArray(groups)) throw new TypeError('groups must be an array with one object per group');
   const keys = Object.keys(groups[0] || {}).sort().join();
   groups.forEach((g, i) => {
     for (const [k, v] of Object.entries(g)) {
-      if (!GROUP_STEP_KEYS.includes(k)) throw new TypeError(`groups[${i}]: a step carries only lr, momentum, betas, not ${k}`);
-      const vals = k === 'betas' ? v : [v];
-      if (k === 'betas' && (!Array.isArray(v) || v.length !== 2)) throw new TypeError(`groups[${i}].betas must be a pair`);
-      if (!vals.every((x) => typeof x === 'number' && Number.isFinite(x))) throw new TypeError(`groups[${i}].${k} must be finite`);
+      if (!GROUP_STEP_KEYS.includes(k)) throw new TypeError(`groups[${i}]: a step carries only lr, momentum, beta1, not ${k}`);
+      if (typeof v !== 'number' || !Number.isFinite(v)) throw new TypeError(`groups[${i}].${k} must be a finite number`);
     }
     if (Object.keys(g).sort().join() !== keys) throw new TypeError('every group of a step must carry the same hyperparameters');
   });
@@ -459,10 +457,7 @@ function exact(x) {
 function groupHeaders(groups) {
   checkStepGroups(groups);
   const h = {};
-  for (const k of Object.keys(groups[0])) {
-    if (k === 'betas') h[STEP_HEADERS.beta1] = groups.map((g) => exact(g.betas[0])).join(',');
-    else h[STEP_HEADERS[k]] = groups.map((g) => exact(g[k])).join(',');
-  }
+  for (const k of Object.keys(groups[0])) h[STEP_HEADERS[k]] = groups.map((g) => exact(g[k])).join(',');
   return h;
 }
 
@@ -562,6 +557,9 @@ export class Session {
     }
     const key = idempotencyKey ?? (await newIdempotencyKey());
     const headers = { [HEADERS.idempotencyKey]: key };
+    // Absent tensors and group values travel in headers, whichever the body.
+    if (absent && absent.length) headers[STEP_HEADERS.absent] = indexRanges(await this._indices(absent));
+    if (groups && groups.length) Object.assign(headers, groupHeaders(groups));
     let body;
     if (binary) {
       headers['Content-Type'] = BINARY_TYPE;
@@ -570,8 +568,6 @@ export class Session {
       if (loss !== undefined && loss !== null) headers[HEADERS.loss] = String(loss);
       if (baseStep !== undefined && baseStep !== null) headers[HEADERS.baseStep] = String(baseStep);
       if (worker !== undefined && worker !== null) headers[HEADERS.worker] = String(worker);
-      if (absent && absent.length) headers[STEP_HEADERS.absent] = indexRanges(await this._indices(absent));
-      if (groups && groups.length) Object.assign(headers, groupHeaders(groups));
       body = encodeVector(g, dtype);
     } else {
       headers['Content-Type'] = JSON_TYPE;
@@ -580,8 +576,6 @@ export class Session {
       if (loss !== undefined && loss !== null) b.loss = loss;
       if (baseStep !== undefined && baseStep !== null) b.base_step = baseStep;
       if (worker !== undefined && worker !== null) b.worker = worker;
-      if (absent && absent.length) b.absent = checkAbsent(absent);
-      if (groups && groups.length) b.groups = checkStepGroups(groups);
       body = jsonWithVector('grad', g, b);
     }
     const q = params ? '' : '?params=false';

@@ -22,8 +22,8 @@ Vector = Union[Sequence[float], Any]
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 
-#: Headers of a binary step that carry the absent tensors and the groups'
-#: client-driven hyperparameters (one value per group, in group order).
+#: Headers of a step (JSON or binary) that carry the absent tensors and the
+#: groups' client-driven hyperparameters (one value per group, in group order).
 STEP_HEADERS = {
     "absent": "Optd-Absent",
     "lr": "Optd-Group-Lr",
@@ -31,7 +31,7 @@ STEP_HEADERS = {
     "beta1": "Optd-Group-Beta1",
 }
 #: What a step may carry per group.
-GROUP_STEP_KEYS = ("lr", "momentum", "betas")
+GROUP_STEP_KEYS = ("lr", "momentum", "beta1")
 
 
 def new_idempotency_key() -> str:
@@ -108,7 +108,7 @@ def _check_absent(absent):
 
 def _check_step_groups(groups):
     """Validates the per-group hyperparameters of a step: a list with one
-    dict per group, each holding some of lr, momentum, betas."""
+    dict per group, each holding some of lr, momentum, beta1."""
     if not isinstance(groups, (list, tuple)):
         raise ValueError("groups must be a list with one dict per group")
     out = []
@@ -121,12 +121,9 @@ def _check_step_groups(groups):
                              % (i, ", ".join(GROUP_STEP_KEYS), ", ".join(bad)))
         d = {}
         for k, v in g.items():
-            vals = [float(x) for x in v] if k == "betas" else [float(v)]
-            if k == "betas" and len(vals) != 2:
-                raise ValueError("groups[%d].betas must be a pair" % i)
-            if not all(math.isfinite(x) for x in vals):
+            d[k] = float(v)
+            if not math.isfinite(d[k]):
                 raise ValueError("groups[%d].%s must be finite" % (i, k))
-            d[k] = vals if k == "betas" else vals[0]
         out.append(d)
     keys = [sorted(g) for g in out]
     if any(k != keys[0] for k in keys):
@@ -326,9 +323,10 @@ class Session:
         they are, and ``grad`` holds only the present tensors' gradients,
         concatenated in tensor order.  ``groups``: one dict per group with
         the client-driven hyperparameters of this step (``lr``,
-        ``momentum``, ``betas``); they become the group's values from this
-        step on.  The binary form carries betas[0] only (change betas[1]
-        with update(groups=...)).
+        ``momentum``, ``beta1``: betas[0]); they become the group's values
+        from this step on (change anything else with update(groups=...)).
+        Both travel in headers (Optd-Absent, Optd-Group-Lr, ...), whichever
+        the body's form.
 
         ``loss`` is recorded in the history (and drives reduce_on_plateau);
         ``base_step`` is the step the gradient was computed at (for the
@@ -354,6 +352,11 @@ class Session:
             binary = True
         path = _path(self.name, "/step") + ("" if params else "?params=false")
         headers = {HEADERS["idempotency_key"]: key}
+        if absent:
+            headers[STEP_HEADERS["absent"]] = _ranges(self._tensor_indices(absent))
+        for k in (groups[0] if groups else ()):
+            # %.17g: every double reads back exactly
+            headers[STEP_HEADERS[k]] = ",".join("%.17g" % g[k] for g in groups)
         if binary:
             body = self._codec.to_bytes(grad)
             headers.update({"Content-Type": _BINARY, "Accept": _BINARY})
@@ -363,18 +366,8 @@ class Session:
                 headers[HEADERS["base_step"]] = str(int(base_step))
             if worker is not None:
                 headers[HEADERS["worker"]] = str(worker)
-            if absent:
-                headers[STEP_HEADERS["absent"]] = _ranges(self._tensor_indices(absent))
-            for k in (groups[0] if groups else ()):
-                hdr, at = (STEP_HEADERS["beta1"], 0) if k == "betas" else (STEP_HEADERS[k], None)
-                headers[hdr] = ",".join("%.17g" % (g[k] if at is None else g[k][at])
-                                        for g in groups)
         else:
             doc = {"grad": self._codec.to_list(grad)}
-            if absent:
-                doc["absent"] = absent
-            if groups:
-                doc["groups"] = groups
             if loss is not None:
                 doc["loss"] = loss
             if base_step is not None:

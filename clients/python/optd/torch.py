@@ -379,7 +379,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 carry[k] = vals
         if not carry:
             return None, None
-        groups = [{k: carry[k][i] for k in carry} for i in range(len(self.param_groups))]
+        wire = {"lr": "lr", "momentum": "momentum", "betas": "beta1"}
+        groups = [{wire[k]: (carry[k][i][0] if k == "betas" else carry[k][i]) for k in carry}
+                  for i in range(len(self.param_groups))]
         return groups, carry
 
     @torch.no_grad()
