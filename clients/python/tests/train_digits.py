@@ -6,16 +6,10 @@ The run uses what real scripts use: param groups (no weight decay on the
 biases and the norm weights, 10x lr on the head), OneCycleLR (cycling
 momentum or beta1 where the optimizer has one), the first layer frozen for
 the first FROZEN steps (its grads are None) and clip_grad_norm_ in torch.
-
-Also a child-process entry point, for torch's portable kernels
-(ATEN_CPU_CAPABILITY=default must be set before torch loads):
-    python3 -m tests.train_digits URL
-prints {optimizer: {"remote": max |diff|, "switch": max |diff|}} as JSON.
 """
 
-import json
-import sys
 import threading
+import time
 
 import torch
 
@@ -153,17 +147,6 @@ def three_runs(key, client, name):
     return local, remote, switch, (lrs_l, lrs_r, lrs_s)
 
 
-def main(url):
-    import optd
-    out = {}
-    with optd.Client(url) as client:
-        for key in CONFIGS:
-            local, remote, switch, _ = three_runs(key, client, "exact-" + key)
-            out[key] = {"remote": (flat(remote) - flat(local)).abs().max().item(),
-                        "switch": (flat(switch) - flat(local)).abs().max().item()}
-    print(json.dumps(out))
-
-
 def crash_step(daemon, at):
     """around_step for train: at step `at`, kill -9 the daemon, run the step
     in a thread (its client retries with the same Idempotency-Key) while the
@@ -183,12 +166,10 @@ def crash_step(daemon, at):
                 err.append(exc)
         th = threading.Thread(target=run)
         th.start()
+        time.sleep(0.3)                     # its first attempts find no daemon
         daemon.start(port)
         th.join(120)
         if err:
             raise err[0]
     return around
 
-
-if __name__ == "__main__":
-    main(sys.argv[1])
