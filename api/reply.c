@@ -4,6 +4,8 @@
  */
 #include "api/api.h"
 
+#include <cjson/cJSON.h>
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -76,23 +78,17 @@ static const char *status_title(int status)
     }
 }
 
-/* JSON string escaping for the few strings we print by hand. */
+/* A JSON string for the few members printed by hand, escaped by cJSON (the
+ * problem body is printed by hand only to keep its member order and its
+ * exact integers). */
 static int buf_json_string(api_buf *b, const char *s)
 {
-    if (api_buf_put(b, "\"", 1))
-        return -1;
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        int rc;
-        if (*p == '"' || *p == '\\')
-            rc = api_buf_printf(b, "\\%c", *p);
-        else if (*p < 0x20)
-            rc = api_buf_printf(b, "\\u%04x", *p);
-        else
-            rc = api_buf_put(b, (const char *)p, 1);
-        if (rc)
-            return -1;
-    }
-    return api_buf_put(b, "\"", 1);
+    cJSON *str = cJSON_CreateString(s);
+    char *txt = str ? cJSON_PrintUnformatted(str) : NULL;
+    int rc = txt ? api_buf_put(b, txt, strlen(txt)) : -1;
+    cJSON_free(txt);
+    cJSON_Delete(str);
+    return rc;
 }
 
 static int problem_v(api_reply *r, int status, const char *field, const char *extra_name,

@@ -25,6 +25,7 @@ fake_cmocka() {
         echo 'exit 0'
     } >"$f"
     chmod +x "$f"
+    : >"$tmp/case/tests/$1.c" # a suite is a source of tests/
 }
 
 # fake_client DIR BODY: clients/DIR/test.sh running BODY.

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -209,42 +210,30 @@ static void headers_free(optd_response *r)
     r->n_headers = 0;
 }
 
-/* Called once per header line, status lines included.  A new status line
- * (after "100 Continue" or a redirect) starts a new header set, so only the
- * final response's headers are kept. */
-static size_t on_header(char *ptr, size_t size, size_t nmemb, void *ud)
+/* The final response's headers as libcurl parsed them (curl_easy_nextheader
+ * walks the last request's, after any "100 Continue"), copied into r so
+ * that they outlive the handle's next transfer.  0, or -1 out of memory. */
+static int copy_headers(CURL *h, optd_response *r)
 {
-    optd_response *r = ud;
-    size_t n = size * nmemb;
-    if (n >= 5 && strncmp(ptr, "HTTP/", 5) == 0) {
-        headers_free(r);
-        return n;
+    struct curl_header *prev = NULL, *hd;
+    while ((hd = curl_easy_nextheader(h, CURLH_HEADER, -1, prev))) {
+        prev = hd;
+        optd_header *hs = realloc(r->headers, (r->n_headers + 1) * sizeof *hs);
+        if (!hs)
+            return -1;
+        r->headers = hs;
+        char *name = strdup(hd->name);
+        char *value = strdup(hd->value ? hd->value : "");
+        if (!name || !value) {
+            free(name);
+            free(value);
+            return -1;
+        }
+        hs[r->n_headers].name = name;
+        hs[r->n_headers].value = value;
+        r->n_headers++;
     }
-    const char *colon = memchr(ptr, ':', n);
-    if (!colon)
-        return n;
-    size_t nl = (size_t)(colon - ptr);
-    const char *v = colon + 1;
-    const char *end = ptr + n;
-    while (v < end && (*v == ' ' || *v == '\t'))
-        v++;
-    while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
-        end--;
-    optd_header *hs = realloc(r->headers, (r->n_headers + 1) * sizeof *hs);
-    if (!hs)
-        return 0;
-    r->headers = hs;
-    char *name = strndup(ptr, nl);
-    char *value = strndup(v, (size_t)(end - v));
-    if (!name || !value) {
-        free(name);
-        free(value);
-        return 0;
-    }
-    hs[r->n_headers].name = name;
-    hs[r->n_headers].value = value;
-    r->n_headers++;
-    return n;
+    return 0;
 }
 
 const char *optd_response_header(const optd_response *r, const char *name)
@@ -340,8 +329,6 @@ static int perform(optd_client *c, const char *method, const char *path,
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, c->errbuf);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
-    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
-    curl_easy_setopt(h, CURLOPT_HEADERDATA, out);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, list);
     if (strcmp(method, "GET") == 0 && !body) {
         curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
@@ -372,7 +359,8 @@ static int perform(optd_client *c, const char *method, const char *path,
         return rc != CURLE_OK ? (int)rc : CURLE_OUT_OF_MEMORY;
     }
     out->status = (int)status;
-    if (!b.data && !(b.data = calloc(1, 1))) {
+    if (copy_headers(h, out) != 0 || (!b.data && !(b.data = calloc(1, 1)))) {
+        free(b.data);
         headers_free(out);
         err_set(err, 0, "out of memory");
         return CURLE_OUT_OF_MEMORY;
@@ -584,21 +572,15 @@ optd_step_opts optd_step_opts_default(void)
 int optd_new_idempotency_key(char key[33])
 {
     unsigned char raw[16];
-    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
     size_t got = 0;
     while (got < sizeof raw) {
-        ssize_t n = read(fd, raw + got, sizeof raw - got);
+        ssize_t n = getrandom(raw + got, sizeof raw - got, 0);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0) {
-            close(fd);
+        if (n <= 0)
             return -1;
-        }
         got += (size_t)n;
     }
-    close(fd);
     static const char hex[] = "0123456789abcdef";
     for (size_t i = 0; i < sizeof raw; i++) {
         key[2 * i] = hex[raw[i] >> 4];
@@ -626,23 +608,15 @@ static int json_vector(growbuf *b, const void *v, size_t n, size_t esize)
     return grow_put(b, "]", 1);
 }
 
+/* A JSON string, escaped by cJSON. */
 static int json_string(growbuf *b, const char *s)
 {
-    if (grow_put(b, "\"", 1))
-        return -1;
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        char tmp[8];
-        int k;
-        if (*p == '"' || *p == '\\')
-            k = snprintf(tmp, sizeof tmp, "\\%c", *p);
-        else if (*p < 0x20)
-            k = snprintf(tmp, sizeof tmp, "\\u%04x", *p);
-        else
-            k = snprintf(tmp, sizeof tmp, "%c", *p);
-        if (grow_put(b, tmp, (size_t)k))
-            return -1;
-    }
-    return grow_put(b, "\"", 1);
+    cJSON *str = cJSON_CreateString(s);
+    char *txt = str ? cJSON_PrintUnformatted(str) : NULL;
+    int rc = txt ? grow_put(b, txt, strlen(txt)) : -1;
+    cJSON_free(txt);
+    cJSON_Delete(str);
+    return rc;
 }
 
 /* Copies a JSON array of numbers into out (n elements of esize bytes).
@@ -725,7 +699,7 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
     if (o.idempotency_key) {
         snprintf(key, sizeof key, "%s", o.idempotency_key);
     } else if (optd_new_idempotency_key(key)) {
-        err_set(err, 0, "cannot read /dev/urandom for an idempotency key");
+        err_set(err, 0, "getrandom failed: no idempotency key");
         return -1;
     }
     if (o.n_absent && !o.absent) {
