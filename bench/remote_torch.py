@@ -107,6 +107,7 @@ def bench(label, factory, steps, url, kind):
         out[name] = (p50, mean)
         print("R %d %s p50 %.3f mean %.3f p99 %.3f" % (n, name, p50, mean, p99), flush=True)
     (lp, lm), (rp, rm) = out["local"], out["remote"]
+    print("# load average %.2f" % os.getloadavg()[0])
     print("# %s (%d params, %s, %d steps): overhead p50 %+.3f ms, mean %+.3f ms; "
           "remote/local p50 %.2fx, mean %.2fx"
           % (label, n, kind, steps, rp - lp, rm - lm, rp / lp, rm / lm), flush=True)
@@ -124,8 +125,9 @@ def main():
     if url is None:
         proc, tmp, url = start_daemon()
     try:
-        print("# torch %s, %d thread(s); optd at %s" % (torch.__version__,
-                                                       torch.get_num_threads(), url))
+        print("# torch %s, %d thread(s); optd at %s; load average %.2f %.2f %.2f on %d cores"
+              % ((torch.__version__, torch.get_num_threads(), url) + os.getloadavg()
+                 + (os.cpu_count(),)))
         for (label, factory), n in zip(models(), steps):
             bench(label, factory, n, url, args.optimizer)
     finally:
