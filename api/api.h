@@ -16,6 +16,8 @@
 
 #include "optim/optim.h"
 
+typedef struct cJSON cJSON;
+
 #define API_NAME_MAX 128
 #define API_WORKER_MAX 128
 #define API_IDEM_MAX 200
@@ -66,10 +68,17 @@ typedef enum {
     API_R_PARAMS_GET,
     API_R_PARAMS_PUT,
     API_R_HISTORY,
+    API_R_STATE_GET,
+    API_R_STATE_PUT,
     API_R_COUNT
 } api_route_id;
 
-enum { API_BODY_NONE = 0, API_BODY_JSON = 1, API_BODY_VECTOR = 2 /* JSON or binary */ };
+enum {
+    API_BODY_NONE = 0,
+    API_BODY_JSON = 1,
+    API_BODY_VECTOR = 2, /* JSON or binary */
+    API_BODY_BINARY = 3  /* application/octet-stream only */
+};
 
 typedef struct {
     const char *method;
@@ -242,6 +251,29 @@ int api_buf_put(api_buf *b, const char *s, size_t n);
 int api_buf_vector(api_buf *b, optim_dtype dt, const void *v, size_t n);
 /* %.17g for a double, "null" when not finite. */
 int api_buf_double(api_buf *b, double x);
+
+/* ------------------------------------------------------- safetensors */
+
+typedef struct {
+    const char *name;
+    optim_dtype dtype;
+    int ndim;
+    int64_t shape[API_MAX_DIMS];
+    const void *data;       /* encode: the source; parse: into the body     */
+    size_t bytes;
+} api_st_tensor;
+
+/* The header of a safetensors file holding tensors t (in this order, their
+ * data to follow back to back) and metadata pairs (key, value, key, ...).
+ * New buffer of *len bytes (the data then starts 8-aligned). */
+char *api_st_header(const api_st_tensor *t, size_t n, const char *const *meta, size_t n_meta,
+                    size_t *len);
+/* Parses a safetensors body: *out a new array of n tensors whose names and
+ * data point into *doc / body (free *out, cJSON_Delete *doc after use);
+ * the metadata is *doc's "__metadata__".  0 or the problem's status. */
+int api_st_parse(const char *body, size_t len, api_st_tensor **out, size_t *n, cJSON **doc,
+                 api_reply *r);
+const api_st_tensor *api_st_find(const api_st_tensor *t, size_t n, const char *name);
 
 /* --------------------------------------------------------- catalogue */
 

@@ -20,6 +20,8 @@ const api_route api_routes[] = {
     {"GET", "/v1/sessions/{name}/params", API_R_PARAMS_GET, API_BODY_NONE, true},
     {"PUT", "/v1/sessions/{name}/params", API_R_PARAMS_PUT, API_BODY_VECTOR, true},
     {"GET", "/v1/sessions/{name}/history", API_R_HISTORY, API_BODY_NONE, true},
+    {"GET", "/v1/sessions/{name}/state", API_R_STATE_GET, API_BODY_NONE, true},
+    {"PUT", "/v1/sessions/{name}/state", API_R_STATE_PUT, API_BODY_BINARY, true},
 };
 const size_t api_route_count = sizeof api_routes / sizeof api_routes[0];
 

@@ -250,6 +250,16 @@ void eng_group_hparams(const eng_session *s, size_t g, optim_hparams *hp);
  * over the client's current ones. */
 void eng_config_changed(eng_session *s);
 
+/* The whole optimizer state as a safetensors file (engine_state.c): a new
+ * buffer of *len bytes. */
+int eng_state_export(const eng_session *s, char **body, size_t *len);
+/* Installs a parsed state file into s (same tensors, shapes and dtype;
+ * state_json the file's "optd.state").  Checks everything first: on an
+ * error (ENG_EDAMAGED with err filled, or ENOMEM) s is unchanged but for
+ * buffers it may have gained. */
+int eng_state_import(eng_session *s, const api_st_tensor *t, size_t n, const char *state_json,
+                     char *err, size_t errn);
+
 /* Answer bodies: the params as a new buffer in wire form w (binary), or
  * appended to a JSON buffer. */
 void *eng_params_wire(const eng_session *s, optim_wire w, size_t *len);

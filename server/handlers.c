@@ -336,10 +336,7 @@ static int verify_existing(eng_session *s, const api_config *cfg, api_reply *r)
     free(want);
     free(have);
     if (!same)
-        return api_problem(r, 409, NULL,
-                           "session %s exists with a different config (GET it to compare, "
-                           "DELETE it to start over)",
-                           s->name);
+        return api_config_conflict(r, s->name, &s->cfg, cfg);
     return reply_session(r, 200, s);
 }
 
@@ -957,6 +954,125 @@ static int h_history(srv_ctx *ctx, const srv_request *req, api_reply *r)
     return reply_cjson(r, 200, doc);
 }
 
+/* GET /v1/sessions/{name}/state: the whole optimizer state, safetensors. */
+static int h_get_state(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    eng_session *s;
+    int st = acquire_or_reply(ctx, req->name, &s, r);
+    if (st)
+        return st;
+    char *body = NULL;
+    size_t len = 0;
+    int err = eng_state_export(s, &body, &len);
+    if (err == ENG_OK) {
+        api_reply_body(r, 200, "application/octet-stream", body, len);
+        api_reply_header(r, "Optd-Step", "%llu", (unsigned long long)s->st.step);
+        st = 200;
+    } else {
+        st = srv_engine_fail(r, err, "exporting the state");
+    }
+    srv_registry_release(ctx->reg, s);
+    return st;
+}
+
+/* The metadata string key of a parsed state file, or NULL. */
+static const char *st_meta(const cJSON *doc, const char *key)
+{
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(doc, "__metadata__");
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(m, key);
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+/* PUT /v1/sessions/{name}/state: a state file creates the session (201,
+ * config from the file) or replaces an existing session's state (200; same
+ * tensors, shapes and dtype; the session's hyperparameters are kept). */
+static int h_put_state(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    api_st_tensor *t = NULL;
+    size_t n = 0;
+    cJSON *doc = NULL;
+    int st = api_st_parse(req->body, req->body_len, &t, &n, &doc, r);
+    if (st)
+        return st;
+    const char *fmt = st_meta(doc, "optd.format"), *cfg_json = st_meta(doc, "optd.config");
+    const char *state_json = st_meta(doc, "optd.state");
+    char why[300] = "";
+    eng_session *s = NULL;
+    if (!fmt || strcmp(fmt, "1") != 0 || !state_json) {
+        st = api_problem(r, 422, NULL, "not an optd state file: the metadata needs optd.format "
+                                       "\"1\", optd.config and optd.state");
+        goto out;
+    }
+    int tries = 0;
+again:;
+    int err = srv_registry_acquire(ctx->reg, req->name, &s);
+    if (err == ENG_OK) {
+        if ((err = eng_state_import(s, t, n, state_json, why, sizeof why)) != ENG_OK) {
+            st = err == ENG_EDAMAGED ? api_problem(r, 422, NULL, "%s; nothing was changed", why)
+                                     : srv_engine_fail(r, err, "importing the state");
+        } else if ((err = eng_checkpoint(ctx->db, s, false)) != ENG_OK) {
+            srv_registry_drop(ctx->reg, s); /* memory is ahead of disk */
+            st = srv_engine_fail(r, err, "saving the imported state");
+        } else {
+            /* An open round was for the state that is gone. */
+            if (s->round_count > 0)
+                srv_sync_abort(ctx, s, 409, "the session's state was replaced; the round was "
+                                            "dropped");
+            st = reply_session(r, 200, s);
+        }
+        srv_registry_release(ctx->reg, s);
+        goto out;
+    }
+    if (err != STORAGE_ENOTFOUND) {
+        st = srv_engine_fail(r, err, "reading the session");
+        goto out;
+    }
+    /* A new session from the file's config. */
+    api_config cfg;
+    if (!cfg_json || api_config_from_json(cfg_json, &cfg)) {
+        st = api_problem(r, 422, NULL, "the file's optd.config is not a valid session config");
+        goto out;
+    }
+    if (cfg.size > ctx->cfg->max_params) {
+        st = api_problem(r, 413, NULL, "the file's session has %llu params; the limit is %zu",
+                         (unsigned long long)cfg.size, ctx->cfg->max_params);
+        api_config_free(&cfg);
+        goto out;
+    }
+    api_init zeros = {.type = API_INIT_ZEROS};
+    s = eng_session_new(req->name, &cfg, NULL, &zeros);
+    api_config_free(&cfg);
+    if (!s) {
+        st = api_problem(r, 503, NULL, "out of memory for the session");
+        goto out;
+    }
+    eng_lock(s);
+    err = eng_state_import(s, t, n, state_json, why, sizeof why);
+    if (err == ENG_OK)
+        err = eng_session_create(ctx->db, s, srv_now_ms());
+    eng_unlock(s);
+    if (err == ENG_EDAMAGED) {
+        st = api_problem(r, 422, NULL, "%s; nothing was created", why);
+        eng_session_free(s);
+    } else if (err == STORAGE_EEXIST && tries++ == 0) {
+        /* Created meanwhile: replace that one's state instead. */
+        eng_session_free(s);
+        s = NULL;
+        goto again;
+    } else if (err != ENG_OK) {
+        st = srv_engine_fail(r, err, "creating the session from the state");
+        eng_session_free(s);
+    } else {
+        st = reply_session(r, 201, s);
+        api_reply_header(r, "Location", "/v1/sessions/%s", req->name);
+        srv_registry_insert(ctx->reg, s);
+    }
+out:
+    free(t);
+    cJSON_Delete(doc);
+    return st;
+}
+
 typedef int (*handler_fn)(srv_ctx *, const srv_request *, api_reply *);
 
 static const handler_fn handlers[API_R_COUNT] = {
@@ -971,6 +1087,8 @@ static const handler_fn handlers[API_R_COUNT] = {
     [API_R_PARAMS_GET] = h_get_params,
     [API_R_PARAMS_PUT] = h_put_params,
     [API_R_HISTORY] = h_history,
+    [API_R_STATE_GET] = h_get_state,
+    [API_R_STATE_PUT] = h_put_state,
 };
 
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)

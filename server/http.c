@@ -247,7 +247,8 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
             return 401;
         }
     }
-    bool binary_ok = x->route->body == API_BODY_VECTOR || x->route->id == API_R_PARAMS_GET;
+    bool binary_ok = x->route->body == API_BODY_VECTOR || x->route->id == API_R_PARAMS_GET ||
+                     x->route->id == API_R_STATE_GET;
     /* /healthz answers any prober, whatever it accepts. */
     int acc = x->route->id == API_R_HEALTHZ ? 0 : api_accept(hdr(c, MHD_HTTP_HEADER_ACCEPT), binary_ok);
     if (acc < 0)
@@ -256,7 +257,21 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
                                        "application/octet-stream"
                                      : "this route answers application/json");
     x->want_binary = acc == 1;
-    if (x->route->body != API_BODY_NONE) {
+    if (x->route->id == API_R_STATE_GET) {
+        /* The state is a safetensors file, whatever else is accepted. */
+        const char *a = hdr(c, MHD_HTTP_HEADER_ACCEPT);
+        if (a && *a && api_accept(a, true) != 1 && !strstr(a, "*/*") &&
+            !strstr(a, "application/*"))
+            return api_problem(r, 406, "Accept", "this route answers application/octet-stream "
+                                                 "(a safetensors file)");
+        x->want_binary = true;
+    }
+    if (x->route->body == API_BODY_BINARY) {
+        if (api_content_type(hdr(c, MHD_HTTP_HEADER_CONTENT_TYPE), true) != 1)
+            return api_problem(r, 415, "Content-Type",
+                               "send application/octet-stream (a safetensors file)");
+        x->body_binary = true;
+    } else if (x->route->body != API_BODY_NONE) {
         int ct = api_content_type(hdr(c, MHD_HTTP_HEADER_CONTENT_TYPE),
                                   x->route->body == API_BODY_VECTOR);
         if (ct < 0)
@@ -270,13 +285,13 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
             if (st)
                 return st;
         }
-        /* One allocation for a body of known length (+1 for the NUL). */
-        if (x->content_length > 0) {
-            x->body = body_alloc((size_t)x->content_length + 1, &x->cap);
-            if (!x->body)
-                return api_problem(r, 503, NULL, "out of memory for a body of %lld bytes",
-                                   x->content_length);
-        }
+    }
+    /* One allocation for a body of known length (+1 for the NUL). */
+    if (x->route->body != API_BODY_NONE && x->content_length > 0) {
+        x->body = body_alloc((size_t)x->content_length + 1, &x->cap);
+        if (!x->body)
+            return api_problem(r, 503, NULL, "out of memory for a body of %lld bytes",
+                               x->content_length);
     }
     return 0;
 }

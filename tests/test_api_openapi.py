@@ -296,8 +296,8 @@ int main(void)
         printf("%s{\"method\":\"%s\",\"pattern\":\"%s\",\"body\":%d,\"auth\":%s}", i ? "," : "",
                api_routes[i].method, api_routes[i].pattern, api_routes[i].body,
                api_routes[i].needs_auth ? "true" : "false");
-    printf("],\"body_kinds\":{\"none\":%d,\"json\":%d,\"vector\":%d},\"problem_types\":{",
-           API_BODY_NONE, API_BODY_JSON, API_BODY_VECTOR);
+    printf("],\"body_kinds\":{\"none\":%d,\"json\":%d,\"vector\":%d,\"binary\":%d},"
+           "\"problem_types\":{", API_BODY_NONE, API_BODY_JSON, API_BODY_VECTOR, API_BODY_BINARY);
     for (int st = 400; st < 600; st++)
         printf("%s\"%d\":\"%s\"", st > 400 ? "," : "", st, api_problem_type(st));
     printf("}}\n");
@@ -333,6 +333,21 @@ NAN3 = struct.pack("<3f", 0.5, math.nan, 1.0)
 GRAD2 = struct.pack("<2f", 0.5, 0.5)
 NAN2 = struct.pack("<2f", math.inf, 0.5)
 BIG = b"{" + b" " * (MAX_BODY_MB * 1024 * 1024 + 4094) + b"}"
+
+
+def state_file(size, config):
+    """A minimal optd state file (safetensors) for a one-tensor session."""
+    meta = {"optd.format": "1", "optd.config": json.dumps(config),
+            "optd.state": json.dumps({"step": 3, "steps": {"params": 3}})}
+    data = struct.pack("<%df" % size, *[0.25 * i for i in range(size)])
+    header = {"__metadata__": meta,
+              "params": {"dtype": "F32", "shape": [size], "data_offsets": [0, len(data)]}}
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+STATE2 = state_file(2, {"dtype": "float32", "size": 2, "optimizer": {"type": "sgd", "lr": 0.1}})
 
 KEY, ANON = True, False
 
@@ -458,6 +473,22 @@ SCENARIOS = [
     ("set params 404", KEY, "PUT", "/v1/sessions/nope/params", [JSONCT], '{"params":[1]}', 404),
     ("set params 401", ANON, "PUT", "/v1/sessions/t/params", [JSONCT], '{"params":[1,2,3]}',
      401),
+
+    ("state", KEY, "GET", "/v1/sessions/t/state", [BINACC], None, 200),
+    ("state any Accept", KEY, "GET", "/v1/sessions/t/state", [], None, 200),
+    ("state 404", KEY, "GET", "/v1/sessions/nope/state", [], None, 404),
+    ("state bad name", KEY, "GET", "/v1/sessions/bad!name/state", [], None, 400),
+    ("state 406", KEY, "GET", "/v1/sessions/t/state", [TEXTACC], None, 406),
+    ("state 401", ANON, "GET", "/v1/sessions/t/state", [], None, 401),
+    ("import new", KEY, "PUT", "/v1/sessions/imported/state", [BINCT], STATE2, 201),
+    ("import over", KEY, "PUT", "/v1/sessions/imported/state", [BINCT], STATE2, 200),
+    ("import garbage", KEY, "PUT", "/v1/sessions/imported/state", [BINCT], b"garbage!", 400),
+    ("import another layout", KEY, "PUT", "/v1/sessions/t/state", [BINCT], STATE2, 422),
+    ("import 415", KEY, "PUT", "/v1/sessions/imported/state", [JSONCT], STATE2, 415),
+    ("import 406", KEY, "PUT", "/v1/sessions/imported/state", [BINCT, TEXTACC], STATE2, 406),
+    ("import huge body", KEY, "PUT", "/v1/sessions/imported/state", [BINCT, EXPECT100], BIG,
+     413),
+    ("import 401", ANON, "PUT", "/v1/sessions/imported/state", [BINCT], STATE2, 401),
 
     ("history", KEY, "GET", "/v1/sessions/t/history", [], None, 200),
     ("history page", KEY, "GET", "/v1/sessions/t/history?after=1&limit=1", [], None, 200),
@@ -695,6 +726,9 @@ class Contract(unittest.TestCase):
             elif rt["body"] == kinds["json"]:
                 self.assertEqual(set(content), {"application/json"},
                                  "%s reads JSON only" % where)
+            elif rt["body"] == kinds["binary"]:
+                self.assertEqual(set(content), {"application/octet-stream"},
+                                 "%s reads octet-stream only" % where)
             else:
                 self.assertEqual(set(content), {"application/json", "application/octet-stream"},
                                  "%s reads JSON or octet-stream" % where)

@@ -372,12 +372,116 @@ static void test_refusals(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* A state file exported from one daemon creates the session in another,
+ * which then goes on bit-exactly; PUT over an existing session replaces
+ * its state; bad files are refused and change nothing. */
+static void test_state_export_import(void **state)
+{
+    (void)state;
+    tdaemon d1, d2;
+    assert_int_equal(tdaemon_start(&d1, NULL, NULL), 0);
+    assert_int_equal(tdaemon_start(&d2, NULL, NULL), 0);
+    optd_client *c1 = tapi_client(tdaemon_url(&d1), NULL, false);
+    optd_client *c2 = tapi_client(tdaemon_url(&d2), NULL, false);
+    char body[2048];
+    create_body(body, sizeof body, "{\"type\":\"nadam\",\"lr\":0.002}", "",
+                ",\"lr\":0.01,\"weight_decay\":0.1", "");
+    tapi_create(c1, "src", body, 201);
+    float *g = malloc(TOTAL * sizeof *g), *p1 = malloc(TOTAL * sizeof *p1),
+          *p2 = malloc(TOTAL * sizeof *p2);
+    for (int k = 0; k < 5; k++) {
+        tgen_fill(OPTIM_F32, g, TOTAL, 500 + (uint64_t)k, 0, 1.0);
+        bool present[NT] = {true, k != 2, k >= 1};
+        step_layout(c1, "src", g, present, NULL, 200);
+    }
+    const char *acc[] = {"Accept: application/octet-stream", NULL};
+    optd_response file = tapi_req(c1, "GET", "/v1/sessions/src/state", acc, NULL);
+    assert_int_equal(file.status, 200);
+    assert_string_equal(file.content_type, "application/octet-stream");
+    const char *ct[] = {"Content-Type: application/octet-stream", NULL};
+    optd_response r = tapi_req_bin(c2, "PUT", "/v1/sessions/copy/state", ct, file.body, file.len);
+    assert_int_equal(r.status, 201);
+    optd_response_free(&r);
+    /* The same file read back from the copy is the same bytes. */
+    optd_response again = tapi_req(c2, "GET", "/v1/sessions/copy/state", acc, NULL);
+    assert_int_equal(again.len, file.len);
+    assert_memory_equal(again.body, file.body, file.len);
+    optd_response_free(&again);
+    for (int k = 5; k < 9; k++) {
+        tgen_fill(OPTIM_F32, g, TOTAL, 500 + (uint64_t)k, 0, 1.0);
+        bool present[NT] = {k != 6, true, true};
+        step_layout(c1, "src", g, present, NULL, 200);
+        step_layout(c2, "copy", g, present, NULL, 200);
+    }
+    get_all(c1, "src", p1, 9);
+    get_all(c2, "copy", p2, 9);
+    assert_memory_equal(p1, p2, TOTAL * sizeof *p1);
+
+    /* Over an existing session: the state is replaced (step included). */
+    r = tapi_req_bin(c2, "PUT", "/v1/sessions/copy/state", ct, file.body, file.len);
+    assert_int_equal(r.status, 200);
+    cJSON *doc = tapi_json(&r);
+    assert_int_equal(tapi_num(doc, "step"), 5);
+    cJSON_Delete(doc);
+    optd_response_free(&r);
+
+    /* Refusals: not safetensors, another layout, a wrong content type. */
+    tapi_snap before = tapi_snapshot(c2, "copy");
+    r = tapi_req_bin(c2, "PUT", "/v1/sessions/copy/state", ct, "garbage!", 8);
+    tapi_assert_problem(&r, 400, NULL);
+    optd_response_free(&r);
+    tapi_create(c1, "other", "{\"optimizer\":\"nadam\",\"tensors\":[{\"name\":\"x\",\"shape\":[3]}]}",
+                201);
+    optd_response of = tapi_req(c1, "GET", "/v1/sessions/other/state", acc, NULL);
+    r = tapi_req_bin(c2, "PUT", "/v1/sessions/copy/state", ct, of.body, of.len);
+    tapi_assert_problem(&r, 422, NULL);
+    optd_response_free(&r);
+    optd_response_free(&of);
+    r = tapi_req_bin(c2, "PUT", "/v1/sessions/copy/state", NULL, file.body, file.len);
+    tapi_assert_problem(&r, 415, "Content-Type");
+    optd_response_free(&r);
+    /* A flipped byte in the header's JSON. */
+    char *bad = malloc(file.len);
+    memcpy(bad, file.body, file.len);
+    bad[9] = '[';
+    r = tapi_req_bin(c2, "PUT", "/v1/sessions/copy/state", ct, bad, file.len);
+    tapi_assert_problem(&r, 400, NULL);
+    optd_response_free(&r);
+    free(bad);
+    tapi_snap after = tapi_snapshot(c2, "copy");
+    tapi_assert_same(&before, &after);
+    tapi_snap_free(&before);
+    tapi_snap_free(&after);
+
+    /* It survives a restart of the importing daemon. */
+    optd_client_free(c2);
+    assert_int_equal(tdaemon_kill9(&d2), 0);
+    assert_int_equal(tdaemon_restart(&d2), 0);
+    c2 = tapi_client(tdaemon_url(&d2), NULL, false);
+    again = tapi_req(c2, "GET", "/v1/sessions/copy/state", acc, NULL);
+    assert_int_equal(again.len, file.len);
+    assert_memory_equal(again.body, file.body, file.len);
+    optd_response_free(&again);
+
+    optd_response_free(&file);
+    free(g);
+    free(p1);
+    free(p2);
+    optd_client_free(c1);
+    optd_client_free(c2);
+    assert_int_equal(tdaemon_stop(&d1), 0);
+    assert_int_equal(tdaemon_stop(&d2), 0);
+    tdaemon_cleanup(&d1);
+    tdaemon_cleanup(&d2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_groups_absent_client_lr),
         cmocka_unit_test(test_sgd_late_tensor_and_schedule),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_state_export_import),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
