@@ -6,7 +6,11 @@
 #   make deps           install the missing Debian packages (root), or print the line
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
 #   make valgrind       the test suite under valgrind
+#   make tsan           the concurrency and worker suites and the daemon under TSan (build-tsan/)
+#   make fuzz           every libFuzzer target for FUZZ_SECONDS (60) each (build-fuzz/)
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
+#   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
+#   make bench-storage  where large vectors should live (docs/storage.md)
 #   make bench-remote   optd.torch.RemoteOptimizer's opt.step() against local torch.optim
 #   make demo           the optimizer comparison on the digits data set
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
@@ -30,6 +34,8 @@ DEPS_TEST  := curl python3 python3-numpy python3-torch python3-sklearn python3-v
               python3-wheel python3-yaml python3-jsonschema golang-go go-staticcheck nodejs docker-compose
 DEPS_BENCH := wrk nginx-light python3-torch
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
+DEPS_FUZZ  := clang libclang-rt-14-dev
+DEPS_TSAN  := libtsan2
 
 PKGS     := libmicrohttpd libcjson sqlite3 libcurl
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -63,8 +69,9 @@ OPTD       := $(BUILD)/optd
 TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
-.PHONY: all build run test deps deps-run deps-test deps-bench deps-demo asan valgrind bench bench-kernels \
-        bench-http bench-sync bench-storage bench-remote demo install uninstall wheel clean test-unit test-clients
+.PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
+        fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage bench-remote \
+        demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -129,7 +136,11 @@ deps:
 deps-run:
 	$(call install_missing,$(DEPS_RUN))
 deps-test:
-	$(call install_missing,$(DEPS_BUILD) $(DEPS_TEST))
+	$(call install_missing,$(DEPS_BUILD) $(DEPS_TEST) $(DEPS_FUZZ))
+deps-fuzz:
+	$(call install_missing,$(DEPS_BUILD) $(DEPS_FUZZ))
+deps-tsan:
+	$(call install_missing,$(DEPS_BUILD) $(DEPS_TEST) $(DEPS_TSAN))
 deps-bench:
 	$(call install_missing,$(DEPS_BUILD) $(DEPS_BENCH))
 deps-demo:
@@ -166,8 +177,8 @@ run: deps-run
 # Each test binary is a cmocka suite; tests/run.sh runs them all plus the
 # client suites and prints one closing line.
 test: deps-test
-	@$(MAKE) --no-print-directory build
-	@OPTD_BUILD=$(BUILD) sh tests/run.sh
+	@$(MAKE) --no-print-directory build fuzz-build
+	@OPTD_BUILD=$(BUILD) OPTD_FUZZ_BUILD=$(FUZZ_BUILD) sh tests/run.sh
 
 test-unit: build
 	@OPTD_BUILD=$(BUILD) OPTD_ONLY_C=1 sh tests/run.sh
@@ -178,8 +189,42 @@ asan:
 	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	    OPTD_BUILD=build-asan OPTD_ONLY_C=1 sh tests/run.sh
 
+# ThreadSanitizer over the suites that run threads against one daemon; the
+# daemon runs the TSan build too (OPTD_BIN) and exits 66 after any report,
+# which fails the suite that stopped it.
+TSAN_SUITES := test_api_concurrency test_workers
+tsan: deps-tsan
+	@$(MAKE) --no-print-directory BUILD=build-tsan OPTFLAGS=-O1 \
+	    SANFLAGS="-fsanitize=thread -fno-omit-frame-pointer" \
+	    build-tsan/optd $(patsubst %,build-tsan/tests/%,$(TSAN_SUITES))
+	@TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1 history_size=4" \
+	    OPTD_BUILD=build-tsan OPTD_ONLY="$(TSAN_SUITES)" sh tests/run.sh
+
 valgrind: build
 	@OPTD_BUILD=$(BUILD) OPTD_ONLY_C=1 OPTD_VALGRIND=1 sh tests/run.sh
+
+# ------------------------------------------------------------------ fuzz
+# libFuzzer targets (tests/fuzz/fuzz_*.c) over api/ and optim/, built with
+# clang, ASan and UBSan into build-fuzz/.  Seeds: tests/fuzz/corpus/TARGET/;
+# inputs that once crashed: tests/fuzz/regressions/TARGET/ (replayed first).
+# make test runs each target for 3 seconds (tests/expected.txt).
+FUZZ_BUILD   := build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+                -fno-omit-frame-pointer
+FUZZ_SRC     := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZERS      := $(patsubst tests/fuzz/%.c,$(FUZZ_BUILD)/%,$(FUZZ_SRC))
+
+fuzz-build:
+	@$(MAKE) --no-print-directory BUILD=$(FUZZ_BUILD) CC=clang OPTFLAGS=-O1 \
+	    SANFLAGS="-fsanitize=fuzzer-no-link $(FUZZ_SAN)" $(FUZZERS)
+
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h $(FUZZ_BUILD)/libapi.a $(FUZZ_BUILD)/liboptim.a
+	$(CC) $(ALL_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libapi.a \
+	    $(FUZZ_BUILD)/liboptim.a $(LDLIBS_ALL)
+
+fuzz: deps-fuzz fuzz-build
+	@OPTD_FUZZ_BUILD=$(FUZZ_BUILD) sh tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 # ------------------------------------------------------------------ bench
 bench: bench-kernels bench-http bench-sync
@@ -193,6 +238,11 @@ bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
 bench-remote: build
 	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/remote_torch.py
+
+# A mixed-load soak with restarts: SOAK_SECONDS (60); not part of make test.
+SOAK_SECONDS ?= 60
+soak: build
+	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/soak.py --seconds $(SOAK_SECONDS)
 
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py
@@ -230,5 +280,5 @@ uninstall:
 	-rmdir $(DESTDIR)$(INCDIR)/optd 2>/dev/null
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz build-tsan
 .SECONDARY:

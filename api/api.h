@@ -36,6 +36,13 @@ typedef struct {
         char name[32];
         char value[96];
     } headers[API_MAX_HEADERS];
+    /* A body produced while it is sent (large binary params), instead of
+     * body: stream_read fills buf from byte pos (returns the bytes written),
+     * stream_done releases stream_ctx once (sent, failed or never sent). */
+    size_t (*stream_read)(void *ctx, uint64_t pos, char *buf, size_t max);
+    void (*stream_done)(void *ctx);
+    void *stream_ctx;
+    uint64_t stream_len;
 } api_reply;
 
 void api_reply_free(api_reply *r);

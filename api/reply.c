@@ -17,6 +17,11 @@ void api_reply_free(api_reply *r)
     free(r->body);
     r->body = NULL;
     r->len = 0;
+    if (r->stream_done)
+        r->stream_done(r->stream_ctx);
+    r->stream_read = NULL;
+    r->stream_done = NULL;
+    r->stream_ctx = NULL;
 }
 
 void api_reply_header(api_reply *r, const char *name, const char *fmt, ...)

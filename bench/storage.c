@@ -16,6 +16,9 @@
  *   optd    storage_append() itself, as the daemon calls it (inline up to
  *           256 KiB, files above), checkpoint with every 6th append
  *
+ * Last, a small session's appends alone and beside another session writing
+ * 1e7-element gradients, through storage_append().
+ *
  * Usage: bench/storage [DIR] (default ./build/bench-storage).  Each size
  * runs under synchronous NORMAL and FULL.
  */
@@ -177,8 +180,9 @@ static void sql_open(sql_side *s, const char *dir, bool full, bool with_bg)
     sqlite3_prepare_v2(s->db, "INSERT INTO grads(seq, crc, data) VALUES (?1, ?2, zeroblob(?3))",
                        -1, &s->ins_grad, NULL);
     sqlite3_prepare_v2(s->db, "DELETE FROM grads WHERE seq <= ?1", -1, &s->drop_grads, NULL);
-    sqlite3_prepare_v2(s->db, "UPDATE ckpt SET seq = ?1, crc = ?2, data = zeroblob(?3) WHERE id = 1",
-                       -1, &s->ckpt, NULL);
+    sqlite3_prepare_v2(s->db,
+                       "UPDATE ckpt SET seq = ?1, crc = ?2, data = zeroblob(?3) WHERE id = 1", -1,
+                       &s->ckpt, NULL);
     if (with_bg) {
         s->bg.path = s->path;
         s->bg.stop = 0;
@@ -365,6 +369,87 @@ static void run_optd(const char *dir, const float *g, size_t n, const float *ck,
     report("optd: append + checkpoint", tc, *nc);
 }
 
+/* --------------------------------------------------- two sessions */
+
+typedef struct {
+    storage *st;
+    int64_t id;
+    const float *g;
+    size_t n;
+    volatile int *stop;
+    int count;
+} big_writer;
+
+static void *big_loop(void *arg)
+{
+    big_writer *b = arg;
+    int64_t seq = 0;
+    while (!*b->stop) {
+        seq++;
+        storage_log_entry e = {.seq = seq, .step = seq, .time_ms = seq, .lr = 0.1,
+                               .factor = 1, .loss = 0, .grad = b->g, .grad_len = b->n * 4};
+        if (storage_append(b->st, b->id, &e, NULL, 0) != STORAGE_OK)
+            die("big append", storage_last_error());
+        b->count++;
+    }
+    return NULL;
+}
+
+/* A small session's appends (1e3 float32), alone and while another session
+ * appends 1e7-element gradients in another thread: does one slow the
+ * other through storage? */
+static void run_two_sessions(const char *dir, const float *big, bool full)
+{
+    char path[512], cmd[2200];
+    snprintf(path, sizeof path, "%s/two.db", dir);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' '%s-wal' '%s-shm' '%s.d'", path, path, path, path);
+    if (system(cmd) != 0)
+        die("rm", cmd);
+    storage *st;
+    if (storage_open(path, full ? STORAGE_SYNC_FULL : STORAGE_SYNC_NORMAL, &st) != STORAGE_OK)
+        die("storage_open", storage_last_error());
+    float small[1000] = {0};
+    storage_iov iov = {small, sizeof small};
+    storage_iov biov = {big, 10000000 * 4};
+    int64_t id_small, id_big;
+    if (storage_session_create(st, "small", "{}", 0, &iov, 1, &id_small) != STORAGE_OK ||
+        storage_session_create(st, "big", "{}", 0, &biov, 1, &id_big) != STORAGE_OK)
+        die("create", storage_last_error());
+    enum { N = 200 };
+    double t[N];
+    int64_t seq = 0;
+    for (int round = 0; round < 2; round++) {
+        volatile int stop = 0;
+        big_writer b = {.st = st, .id = id_big, .g = big, .n = 10000000, .stop = &stop};
+        pthread_t th;
+        if (round == 1)
+            pthread_create(&th, NULL, big_loop, &b);
+        for (int i = 0; i < N; i++) {
+            seq++;
+            storage_log_entry e = {.seq = seq, .step = seq, .time_ms = seq, .lr = 0.1,
+                                   .factor = 1, .loss = 0, .grad = small,
+                                   .grad_len = sizeof small};
+            double t0 = now_s();
+            if (storage_append(st, id_small, &e, NULL, 0) != STORAGE_OK)
+                die("small append", storage_last_error());
+            t[i] = now_s() - t0;
+            usleep(2000);
+        }
+        if (round == 1) {
+            stop = 1;
+            pthread_join(th, NULL);
+            char what[96];
+            snprintf(what, sizeof what, "small, beside 1e7 (%d big)", b.count);
+            report(what, t, N);
+        } else {
+            report("small append, alone", t, N);
+        }
+    }
+    storage_close(st);
+    if (system(cmd) != 0)
+        die("rm", cmd);
+}
+
 int main(int argc, char **argv)
 {
     const char *dir = argc > 1 ? argv[1] : "build/bench-storage";
@@ -404,6 +489,11 @@ int main(int argc, char **argv)
             report("files: checkpoint", tc, nc);
             run_optd(dir, g, n, ck, full, reps, every, ta, tc, &nc);
         }
+        if (n == 10000000)
+            for (int full = 0; full <= 1; full++) {
+                printf("\ntwo sessions, synchronous %s\n", full ? "FULL" : "NORMAL");
+                run_two_sessions(dir, g, full);
+            }
         free(ta);
         free(tc);
         free(g);

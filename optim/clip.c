@@ -14,8 +14,9 @@
 #include <string.h>
 
 /* One binary picks its widest loop at load time; -march=native is never
- * used for shipped builds. */
-#if defined(__x86_64__) && defined(__GNUC__)
+ * used for shipped builds.  Not under ThreadSanitizer (its instrumented
+ * ifunc resolvers crash at load). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_THREAD__)
 #define CLIP_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CLIP_CLONES

@@ -275,8 +275,10 @@ void optim_plan_commit(const optim_plan *plan, optim_state *st)
 #define ALWAYS_INLINE
 #endif
 
-/* One binary for any x86-64: the loader picks the widest clone the CPU has. */
-#if defined(__x86_64__) && defined(__GNUC__)
+/* One binary for any x86-64: the loader picks the widest clone the CPU has.
+ * Not under ThreadSanitizer: its instrumented ifunc resolvers run before
+ * its runtime is up and crash at load. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_THREAD__)
 #define HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define HOT

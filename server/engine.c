@@ -285,7 +285,10 @@ void eng_session_free(eng_session *s)
         return;
     for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
         free(s->st.buf[i]);
-    free(s->params);
+    if (s->pbuf)
+        eng_params_unpin(s->pbuf);
+    else
+        free(s->params);
     free(s->accum);
     free(s->parts);
     free(s->upd);
@@ -417,6 +420,9 @@ static int shell_fill(eng_session *s, const api_config *cfg)
         return ENG_ENOMEM;
     size_t ni = n_items_of(cfg), nt = cfg->n_tensors, ng = cfg->n_groups;
     s->params = malloc(vec_bytes(s) ? vec_bytes(s) : 1);
+    s->pbuf = malloc(sizeof *s->pbuf);
+    if (s->pbuf && s->params)
+        *s->pbuf = (eng_pbuf){1, s->params};
     s->parts = malloc((ni ? ni : 1) * sizeof *s->parts);
     s->upd = malloc((ni ? ni : 1) * sizeof *s->upd);
     s->items = malloc((ni ? ni : 1) * sizeof *s->items);
@@ -425,7 +431,7 @@ static int shell_fill(eng_session *s, const api_config *cfg)
     s->goff = calloc(nt ? nt : 1, sizeof *s->goff);
     s->present = calloc(nt ? nt : 1, sizeof *s->present);
     s->gcur = calloc(ng ? ng : 1, sizeof *s->gcur);
-    if (!s->params || !s->parts || !s->upd || !s->items || !s->tst || !s->plans || !s->goff ||
+    if (!s->params || !s->pbuf || !s->parts || !s->upd || !s->items || !s->tst || !s->plans || !s->goff ||
         !s->present || !s->gcur)
         return ENG_ENOMEM;
     size_t k = 0;
@@ -1061,7 +1067,9 @@ int eng_checkpoint(storage *db, eng_session *s, bool with_config)
     void *recs;
     storage_iov iov[MAX_PIECES];
     int k = checkpoint_pieces(s, &h, &recs, iov);
-    int64_t now = now_ms();
+    /* updated_at is the time of the last change: a PATCH is one, a
+     * checkpoint of steps already taken (eviction, shutdown) is not. */
+    int64_t now = with_config ? now_ms() : s->updated_ms;
     int err = k < 0 ? ENG_ENOMEM
                     : storage_checkpoint(db, s->id, cfg_json, iov, k, s->seq,
                                          (int64_t)s->st.step, now);
@@ -1078,15 +1086,26 @@ int eng_checkpoint(storage *db, eng_session *s, bool with_config)
 int eng_set_params(storage *db, eng_session *s, void *params)
 {
     ENG_ASSERT_LOCKED(s);
-    void *old = s->params;
+    eng_pbuf *nb = malloc(sizeof *nb);
+    if (!nb) {
+        free(params);
+        return ENG_ENOMEM;
+    }
+    *nb = (eng_pbuf){1, params};
+    eng_pbuf *old = s->pbuf;
+    int64_t prev = s->updated_ms;
+    s->pbuf = nb;
     s->params = params;
+    s->updated_ms = now_ms();
     int err = eng_checkpoint(db, s, false);
     if (err != STORAGE_OK) {
-        s->params = old;
-        free(params);
+        s->pbuf = old;
+        s->params = old->data;
+        s->updated_ms = prev;
+        eng_params_unpin(nb);
         return err;
     }
-    free(old);
+    eng_params_unpin(old);
     return ENG_OK;
 }
 
@@ -1095,6 +1114,8 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
 {
     ENG_ASSERT_LOCKED(s);
     assert(in->grad != NULL);
+    if (eng_params_own(s) != ENG_OK)
+        return ENG_ENOMEM;
     size_t extra_len;
     void *extra = extra_encode(in, s->cfg.n_groups, &extra_len);
     if (extra_len == SIZE_MAX)
@@ -1141,6 +1162,39 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
     s->seq = e.seq;
     s->log_bytes = k ? 0 : s->log_bytes + e.grad_len;
     s->updated_ms = e.time_ms;
+    return ENG_OK;
+}
+
+eng_pbuf *eng_params_pin(eng_session *s)
+{
+    __atomic_add_fetch(&s->pbuf->refs, 1, __ATOMIC_ACQ_REL);
+    return s->pbuf;
+}
+
+void eng_params_unpin(eng_pbuf *b)
+{
+    if (__atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        free(b->data);
+        free(b);
+    }
+}
+
+int eng_params_own(eng_session *s)
+{
+    if (__atomic_load_n(&s->pbuf->refs, __ATOMIC_ACQUIRE) == 1)
+        return ENG_OK;
+    eng_pbuf *nb = malloc(sizeof *nb);
+    void *data = malloc(vec_bytes(s) ? vec_bytes(s) : 1);
+    if (!nb || !data) {
+        free(nb);
+        free(data);
+        return ENG_ENOMEM;
+    }
+    memcpy(data, s->params, vec_bytes(s));
+    *nb = (eng_pbuf){1, data};
+    eng_params_unpin(s->pbuf);
+    s->pbuf = nb;
+    s->params = data;
     return ENG_OK;
 }
 

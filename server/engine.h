@@ -106,6 +106,15 @@ typedef struct {
     double v[ENG_HP_COUNT];
 } eng_group_hp;
 
+/* The params' buffer, reference-counted: an answer that streams the params
+ * holds a reference, and a step that finds one held updates a copy (copy
+ * on write), so a slow reader never delays a step and the usual case, one
+ * client waiting for its answer before its next step, copies nothing. */
+typedef struct {
+    int refs;                   /* atomic                                   */
+    void *data;
+} eng_pbuf;
+
 struct eng_session {
     char name[API_NAME_MAX + 1];
     int64_t id;                 /* storage id                                  */
@@ -125,7 +134,8 @@ struct eng_session {
                                    request's (present tensors only) vector    */
     bool *present;
     optim_plateau plateau;
-    void *params;
+    void *params;               /* pbuf->data                                 */
+    eng_pbuf *pbuf;
     void *accum;                /* pending accumulation (mode.accumulate > 1)  */
     int64_t accum_count;
     optim_vec_partial *parts;   /* one per block: the blocked reductions       */
@@ -259,6 +269,14 @@ int eng_state_export(const eng_session *s, char **body, size_t *len);
  * buffers it may have gained. */
 int eng_state_import(eng_session *s, const api_st_tensor *t, size_t n, const char *state_json,
                      char *err, size_t errn);
+
+/* A reference to the params as they are now (session locked); release it
+ * from any thread with eng_params_unpin. */
+eng_pbuf *eng_params_pin(eng_session *s);
+void eng_params_unpin(eng_pbuf *b);
+/* Makes the params this session's alone before they change (copies them
+ * when an answer still holds them).  ENG_OK or ENG_ENOMEM, nothing changed. */
+int eng_params_own(eng_session *s);
 
 /* Answer bodies: the params as a new buffer in wire form w (binary), or
  * appended to a JSON buffer. */

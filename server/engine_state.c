@@ -278,6 +278,10 @@ int eng_state_import(eng_session *s, const api_st_tensor *t, size_t n, const cha
         cJSON_Delete(o);
         return ENG_ENOMEM;
     }
+    if (eng_params_own(s) != ENG_OK) {
+        cJSON_Delete(o);
+        return ENG_ENOMEM;
+    }
     /* From here nothing fails. */
     for (size_t i = 0; i < s->cfg.n_tensors; i++) {
         const api_tensor *T = &s->cfg.tensors[i];

@@ -63,7 +63,7 @@ static const flag_spec flags[] = {
     {"--db", "OPTD_DB", F_STR, STR(db), 0, "SQLite database file, parent created (default ./var/optd.db)"},
     {"--threads", "OPTD_THREADS", F_INT, STR(threads), 0, "HTTP worker threads (default: 2 x cores, at least 4)"},
     {"--kernel-threads", "OPTD_KERNEL_THREADS", F_INT, STR(kernel_threads), 0, "threads sharing one large step's vector (default: the number of cores)"},
-    {"--max-body-mb", "OPTD_MAX_BODY_MB", F_SIZE, STR(max_body_mb), SIZE_MAX / 1024 / 1024 - 1, "largest request body in MiB (default 256)"},
+    {"--max-body-mb", "OPTD_MAX_BODY_MB", F_SIZE, STR(max_body_mb), SIZE_MAX / 1024 / 1024 - 1, "largest request body in MiB (default 2048; vector bodies are also held to their session's size, JSON documents to 64 MiB)"},
     {"--max-params", "OPTD_MAX_PARAMS", F_SIZE, STR(max_params), SIZE_MAX / 8 / 4, "largest session in parameters (default 100000000)"},
     {"--cache-mb", "OPTD_CACHE_MB", F_SIZE, STR(cache_mb), SIZE_MAX / 1024 / 1024, "memory for hot sessions in MiB; colder ones are evicted (default 1024)"},
     {"--durability", "OPTD_DURABILITY", F_DUR, STR(durability), 0, "normal: survives a process crash; full: survives power loss (default normal)"},
@@ -158,7 +158,7 @@ int srv_config_parse(srv_config *c, int argc, char **argv)
     strcpy(c->bind, "127.0.0.1");
     c->port = 8080;
     strcpy(c->db, "./var/optd.db");
-    c->max_body_mb = 256;
+    c->max_body_mb = 2048;
     c->max_params = 100000000;
     c->cache_mb = 1024;
     c->durability = STORAGE_SYNC_NORMAL;

@@ -194,6 +194,44 @@ static int reply_session(api_reply *r, int status, const eng_session *s)
     return doc ? reply_cjson(r, status, doc) : api_problem(r, 503, NULL, "out of memory");
 }
 
+/* Binary params of this size or more stream from the session's buffer. */
+#define STREAM_MIN_BYTES (4u << 20)
+
+typedef struct {
+    eng_pbuf *buf;              /* pinned: a step meanwhile updates a copy    */
+    optim_dtype dtype;
+    optim_wire wire;
+    size_t n;
+} params_stream;
+
+static size_t stream_read(void *ctx, uint64_t pos, char *out, size_t max)
+{
+    params_stream *ps = ctx;
+    size_t es = optim_wire_size(ps->wire), ds = optim_dtype_size(ps->dtype);
+    size_t total = ps->n * es;
+    if (pos >= total)
+        return 0;
+    /* Whole elements only. */
+    size_t first = (size_t)pos / es, count = max / es;
+    if (count == 0)
+        return 0;
+    if (count > ps->n - first)
+        count = ps->n - first;
+    const char *src = (const char *)ps->buf->data + first * ds;
+    if (es == ds && ((ps->wire == OPTIM_WIRE_F32) == (ps->dtype == OPTIM_F32)))
+        memcpy(out, src, count * es);
+    else
+        optim_vec_to_wire(ps->dtype, src, ps->wire, out, count);
+    return count * es;
+}
+
+static void stream_done(void *ctx)
+{
+    params_stream *ps = ctx;
+    eng_params_unpin(ps->buf);
+    free(ps);
+}
+
 /* {"step":t,"lr":x,"params":[...]} or the raw params (binary, in wire
  * form `wire`).  step is the step to report (a replay reports the step its
  * key applied); replayed adds "replayed":true. */
@@ -201,7 +239,25 @@ static int reply_params_at(api_reply *r, int status, const eng_session *s, bool 
                            int wire, uint64_t step, bool replayed, double lr, bool with_lr,
                            bool with_params)
 {
-    if (want_binary) {
+    if (want_binary && with_params &&
+        (size_t)s->cfg.size * optim_wire_size((optim_wire)wire) >= STREAM_MIN_BYTES) {
+        /* Large params are sent from the session's own buffer, converted
+         * chunk by chunk, without a copy of the whole vector. */
+        params_stream *ps = malloc(sizeof *ps);
+        if (!ps)
+            return api_problem(r, 503, NULL, "out of memory");
+        ps->buf = eng_params_pin((eng_session *)s);
+        ps->dtype = s->cfg.dtype;
+        ps->wire = (optim_wire)wire;
+        ps->n = (size_t)s->cfg.size;
+        r->status = status;
+        r->content_type = "application/octet-stream";
+        r->stream_read = stream_read;
+        r->stream_done = stream_done;
+        r->stream_ctx = ps;
+        r->stream_len = (uint64_t)ps->n * optim_wire_size(ps->wire);
+        api_reply_header(r, "Optd-Dtype", "%s", optim_wire_name((optim_wire)wire));
+    } else if (want_binary) {
         size_t len = 0;
         char *b = with_params ? eng_params_wire(s, (optim_wire)wire, &len) : NULL;
         if (with_params && !b)
@@ -1010,7 +1066,8 @@ again:;
         if ((err = eng_state_import(s, t, n, state_json, why, sizeof why)) != ENG_OK) {
             st = err == ENG_EDAMAGED ? api_problem(r, 422, NULL, "%s; nothing was changed", why)
                                      : srv_engine_fail(r, err, "importing the state");
-        } else if ((err = eng_checkpoint(ctx->db, s, false)) != ENG_OK) {
+        } else if ((s->updated_ms = srv_now_ms(),
+                    err = eng_checkpoint(ctx->db, s, false)) != ENG_OK) {
             srv_registry_drop(ctx->reg, s); /* memory is ahead of disk */
             st = srv_engine_fail(r, err, "saving the imported state");
         } else {

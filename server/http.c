@@ -74,10 +74,46 @@ static const char *qry(void *conn, const char *name)
     return MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, name);
 }
 
+/* A streamed body (api_reply.stream_*): the context is a stream_box. */
+typedef struct {
+    size_t (*read)(void *ctx, uint64_t pos, char *buf, size_t max);
+    void (*done)(void *ctx);
+    void *ctx;
+} stream_box;
+
+static ssize_t stream_cb(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    stream_box *b = cls;
+    size_t n = b->read(b->ctx, pos, buf, max);
+    return n ? (ssize_t)n : MHD_CONTENT_READER_END_OF_STREAM;
+}
+
+static void stream_free_cb(void *cls)
+{
+    stream_box *b = cls;
+    b->done(b->ctx);
+    free(b);
+}
+
 static enum MHD_Result queue(struct MHD_Connection *c, conn_ctx *x, api_reply *r)
 {
     struct MHD_Response *resp;
-    if (r->body && r->len)
+    if (r->stream_read) {
+        stream_box *b = malloc(sizeof *b);
+        resp = b ? MHD_create_response_from_callback(r->stream_len, 256 * 1024, stream_cb, b,
+                                                     stream_free_cb)
+                 : NULL;
+        if (resp) {
+            /* MHD owns the stream now and releases it through the free
+             * callback. */
+            *b = (stream_box){r->stream_read, r->stream_done, r->stream_ctx};
+            r->stream_read = NULL;
+            r->stream_done = NULL;
+            r->stream_ctx = NULL;
+        } else {
+            free(b);
+        }
+    } else if (r->body && r->len)
         resp = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
     else
         resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
@@ -198,6 +234,7 @@ static int framing_or_reply(struct MHD_Connection *c, conn_ctx *x, api_reply *r)
  * session's bound caps a chunked body too.  A session that does not exist
  * is 404 at once. */
 #define JSON_BYTES_PER_ELEMENT 40
+#define JSON_DOC_LIMIT (64u << 20)
 #define JSON_SLACK (64 * 1024)
 
 static int session_bound(srv_ctx *ctx, conn_ctx *x, api_reply *r)
@@ -236,6 +273,12 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
     st = api_route_match(method, x->path, &x->route, x->name, r);
     if (st)
         return st;
+    /* A JSON document (create, PATCH) is parsed into a tree of about 50
+     * times its size: it is held to JSON_DOC_LIMIT (vectors go through the
+     * step and params routes, bounded by their session, or PUT params in
+     * binary). */
+    if (x->route->body == API_BODY_JSON && x->limit > JSON_DOC_LIMIT)
+        x->limit = JSON_DOC_LIMIT;
     /* Whatever the route: a body of no use is discarded, not read for long. */
     if (x->content_length > (long long)x->limit)
         return api_problem(r, 413, NULL, "body of %lld bytes exceeds the limit of %zu",

@@ -149,7 +149,7 @@ size_t srv_registry_hot_count(srv_registry *r)
  * that a later load replays nothing.  Session locked. */
 static void checkpoint_if_dirty(srv_registry *r, eng_session *s)
 {
-    if (s->dead || s->log_bytes == 0)
+    if (__atomic_load_n(&s->dead, __ATOMIC_ACQUIRE) || s->log_bytes == 0)
         return;
     int err = eng_checkpoint(r->db, s, false);
     if (err != ENG_OK)
@@ -223,7 +223,9 @@ int srv_registry_acquire(srv_registry *r, const char *name, eng_session **out)
             return ENG_OK;
         }
         eng_lock(s);
-        if (!s->dead) {
+        /* dead is written under the registry lock, read here under the
+         * session's: atomic loads and stores keep that race-free. */
+        if (!__atomic_load_n(&s->dead, __ATOMIC_ACQUIRE)) {
             *out = s;
             return ENG_OK;
         }
@@ -243,7 +245,7 @@ void srv_registry_drop(srv_registry *r, eng_session *s)
     pthread_mutex_lock(&r->mu);
     if (!s->dead) {
         unmap(r, s);
-        s->dead = true;
+        __atomic_store_n(&s->dead, true, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&r->mu);
 }
@@ -274,7 +276,7 @@ void srv_registry_insert(srv_registry *r, eng_session *s)
         /* A stale entry of a deleted name: it is dead already or about to
          * be; unmap it so that the new session wins. */
         unmap(r, old);
-        old->dead = true;
+        __atomic_store_n(&old->dead, true, __ATOMIC_RELEASE);
         if (old->refs == 0)
             eng_session_free(old);
     }
@@ -299,7 +301,7 @@ static void evict(srv_registry *r)
         s->locked = true;
         checkpoint_if_dirty(r, s);
         unmap(r, s);
-        s->dead = true;
+        __atomic_store_n(&s->dead, true, __ATOMIC_RELEASE);
         eng_unlock(s);
         srv_log(SRV_LOG_DEBUG, "evicted session %s", s->name);
         eng_session_free(s);

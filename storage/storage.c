@@ -226,7 +226,7 @@ typedef struct job {
     int64_t min_ms, keep;
     /* outputs */
     int err;
-    char msg[300];
+    char msg[512]; /* the failure's text, for the thread that queued it */
     char **old_files; /* files to unlink after the commit (owned) */
     int n_old;
     bool drop_segment;
@@ -791,7 +791,8 @@ static int sweep(storage *st)
     if (err == STORAGE_OK && !d)
         err = io_fail(-errno, "listing", st->dir);
     if (d) {
-        qsort(refs, n, sizeof *refs, cmp_str);
+        if (n > 1)
+            qsort(refs, n, sizeof *refs, cmp_str);
         unsigned long long next = 1;
         struct dirent *de;
         while ((de = readdir(d))) {
@@ -801,7 +802,7 @@ static int sweep(storage *st)
             if (sscanf(de->d_name, "k%16llx", &g) == 1 && g + 1 > next)
                 next = g + 1;
             const char *key = de->d_name;
-            if (!bsearch(&key, refs, n, sizeof *refs, cmp_str))
+            if (n == 0 || !bsearch(&key, refs, n, sizeof *refs, cmp_str))
                 unlink_in_dir(st, de->d_name);
         }
         closedir(d);
@@ -814,7 +815,8 @@ static int sweep(storage *st)
     return err;
 }
 
-static int open_impl(const char *path, storage_durability d, storage **out)
+/* for_check: an offline check changes nothing it can avoid (no sweep). */
+static int open_impl(const char *path, storage_durability d, bool for_check, storage **out)
 {
     clear_error();
     fault_init_from_env();
@@ -887,7 +889,7 @@ static int open_impl(const char *path, storage_durability d, storage **out)
     }
     if (err == STORAGE_OK && mkdir(st->dir, 0755) != 0 && errno != EEXIST)
         err = io_fail(-errno, "creating the directory", st->dir);
-    if (err == STORAGE_OK)
+    if (err == STORAGE_OK && !for_check)
         err = sweep(st);
     if (err != STORAGE_OK) {
         char keep[sizeof last_error];
@@ -902,7 +904,7 @@ static int open_impl(const char *path, storage_durability d, storage **out)
 
 int storage_open(const char *path, storage_durability d, storage **out)
 {
-    return open_impl(path, d, out);
+    return open_impl(path, d, false, out);
 }
 
 void storage_close(storage *st)
@@ -1131,7 +1133,8 @@ static int run_job(storage *st, job *j)
 static void job_fail(job *j, int err)
 {
     j->err = err;
-    snprintf(j->msg, sizeof j->msg, "%s", last_error);
+    _Static_assert(sizeof j->msg == sizeof last_error, "one size for error texts");
+    memcpy(j->msg, last_error, sizeof j->msg);
 }
 
 /* The leader's work: one transaction for the whole batch, one savepoint
@@ -1148,14 +1151,23 @@ static void run_batch(storage *st, job *batch)
                 e = run_job(st, j);
             if (e != STORAGE_OK) {
                 job_fail(j, e);
+                if (sqlite3_get_autocommit(st->db)) {
+                    /* SQLite rolled the whole transaction back (an I/O
+                     * error, a full disk): the batch fails as one, and no
+                     * later job may run outside it. */
+                    err = e;
+                    break;
+                }
                 exec_q(st, Q_ROLLBACK_TO);
             }
             exec_q(st, Q_RELEASE);
         }
-        clear_error();
-        err = exec_q(st, Q_COMMIT);
-        if (err != STORAGE_OK)
-            rollback(st);
+        if (err == STORAGE_OK) {
+            clear_error();
+            err = exec_q(st, Q_COMMIT);
+            if (err != STORAGE_OK)
+                rollback(st);
+        }
     }
     if (err == STORAGE_OK && db_file_gone(st)) {
         atomic_store(&st->gone, 1);
@@ -1211,7 +1223,7 @@ static int group_run(storage *st, job *j)
     }
     pthread_mutex_unlock(&st->q_mu);
     if (j->err != STORAGE_OK)
-        snprintf(last_error, sizeof last_error, "%s", j->msg);
+        memcpy(last_error, j->msg, sizeof last_error);
     else
         clear_error();
     return j->err;
@@ -1802,7 +1814,7 @@ int storage_check(const char *path, void *out_v)
         return STORAGE_ENOTFOUND;
     }
     storage *st;
-    int err = storage_open(path, STORAGE_SYNC_NORMAL, &st);
+    int err = open_impl(path, STORAGE_SYNC_NORMAL, true, &st);
     if (err != STORAGE_OK)
         return err;
     int problems = 0;

@@ -40,72 +40,55 @@ if [ "${OPTD_VALGRIND:-0}" = 1 ]; then
     export OPTD_VALGRIND_DAEMON="$VG"
 fi
 
-# num TEXT: TEXT if it is a decimal number, else 0.
-num() {
-    case ${1:-x} in
-        *[!0-9]*|"") echo 0 ;;
-        *) echo "$1" ;;
-    esac
-}
-
 # count FORMAT FILE: sets p, f, s (tests passed, failed, skipped) from the
-# suite's own output.
+# suite's own output, with one awk per suite.
 count() {
-    fmt=$1
-    out=$2
-    p=0 f=0 s=0
-    case $fmt in
-    cmocka)
-        # cmocka prints "[  PASSED  ] N test(s)." and, when there are any,
-        # "[  FAILED  ] N test(s), listed below:" / "[  SKIPPED ] ...".
-        p=$(num "$(sed -n 's/^\[  PASSED  \] \([0-9]*\) test(s)\..*/\1/p' "$out" | tail -n 1)")
-        f=$(num "$(sed -n 's/^\[  FAILED  \] \([0-9]*\) test(s),.*/\1/p' "$out" | tail -n 1)")
-        s=$(num "$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) test(s),.*/\1/p' "$out" | tail -n 1)")
-        ;;
-    unittest)
-        # "Ran N tests", then "OK", "OK (skipped=K)" or
-        # "FAILED (failures=A, errors=B, skipped=K, ...)".
-        ran=$(num "$(sed -n 's/^Ran \([0-9]*\) tests\{0,1\} in .*/\1/p' "$out" | tail -n 1)")
-        last=$(grep -E '^(OK|FAILED)( \(|$)' "$out" | tail -n 1)
-        for k in failures errors unexpected_successes; do
-            n=$(num "$(echo "$last" | sed -n "s/.*[(, ]$k=\([0-9]*\).*/\1/p")")
-            f=$((f + n))
-        done
-        s=$(num "$(echo "$last" | sed -n 's/.*[(, ]skipped=\([0-9]*\).*/\1/p')")
-        xf=$(num "$(echo "$last" | sed -n 's/.*[(, ]expected_failures=\([0-9]*\).*/\1/p')")
-        s=$((s + xf))
-        p=$((ran - f - s))
-        [ "$p" -ge 0 ] || p=0
-        ;;
-    node)
-        # node --test's TAP summary: "# pass N", "# fail N", "# skipped N",
-        # "# todo N", "# cancelled N".
-        for k in pass fail skipped todo cancelled; do
-            n=$(num "$(sed -n "s/^\(#\|ℹ\) $k \([0-9]*\)\$/\2/p" "$out" | tail -n 1)")
-            case $k in
-                pass) p=$n ;;
-                fail|cancelled) f=$((f + n)) ;;
-                *) s=$((s + n)) ;;
-            esac
-        done
-        ;;
-    gotest)
-        # go test -v: one "--- PASS: Name" line per test and subtest.
-        p=$(sed -n 's/^ *--- PASS: \([^ ]*\).*/\1/p' "$out" | sort -u | wc -l)
-        f=$(sed -n 's/^ *--- FAIL: \([^ ]*\).*/\1/p' "$out" | sort -u | wc -l)
-        s=$(sed -n 's/^ *--- SKIP: \([^ ]*\).*/\1/p' "$out" | sort -u | wc -l)
-        ;;
-    tap)
-        # Our shell suites close with "NAME: N passed, M failed".
-        line=$(grep -E '^[A-Za-z0-9_./-]+: [0-9]+ passed, [0-9]+ failed$' "$out" | tail -n 1)
-        p=$(num "$(echo "$line" | sed -n 's/.*: \([0-9]*\) passed, .*/\1/p')")
-        f=$(num "$(echo "$line" | sed -n 's/.*passed, \([0-9]*\) failed$/\1/p')")
-        ;;
-    *)
-        echo "tests/run.sh: unknown format $fmt in $LIST"
-        f=1
-        ;;
-    esac
+    set -- $(awk -v fmt="$1" '
+        fmt == "cmocka" {
+            # "[  PASSED  ] N test(s)." and, when there are any,
+            # "[  FAILED  ] N test(s), listed below:" / "[  SKIPPED ] ...";
+            # a failed group setup or teardown (e.g. the suite daemon
+            # exited badly) is in neither, nor in cmocka exit status.
+            if ($0 ~ /^\[  PASSED  \] [0-9]+ test\(s\)\./) { split($0, w, " "); p = w[4] + 0 }
+            else if ($0 ~ /^\[  FAILED  \] [0-9]+ test\(s\),/) { split($0, w, " "); f = w[4] + 0 }
+            else if ($0 ~ /^\[  SKIPPED \] [0-9]+ test\(s\),/) { split($0, w, " "); s = w[4] + 0 }
+            else if ($0 ~ /^\[  FAILED  \] GROUP /) g++
+        }
+        fmt == "unittest" {
+            # "Ran N tests", then "OK", "OK (skipped=K)" or
+            # "FAILED (failures=A, errors=B, skipped=K, ...)".
+            if ($0 ~ /^Ran [0-9]+ tests? in /) ran = $2 + 0
+            if ($0 ~ /^(OK|FAILED)( \(|$)/) status = $0
+        }
+        fmt == "node" {
+            # node --test TAP summary: "# pass N", "# fail N", ...
+            if ($0 ~ /^(#|ℹ) (pass|fail|cancelled|skipped|todo) [0-9]+$/) {
+                n = $3 + 0
+                if ($2 == "pass") p = n; else if ($2 == "fail" || $2 == "cancelled") f += n; else s += n
+            }
+        }
+        fmt == "gotest" {
+            # go test -v: one "--- PASS: Name" line per test and subtest.
+            if ($0 ~ /^ *--- (PASS|FAIL|SKIP): /) { k = $2; seen[k, $3]++; if (seen[k, $3] == 1) { if (k == "PASS:") p++; else if (k == "FAIL:") f++; else s++ } }
+        }
+        fmt == "tap" {
+            # our shell suites close with "NAME: N passed, M failed".
+            if ($0 ~ /^[A-Za-z0-9_.\/-]+: [0-9]+ passed, [0-9]+ failed$/) { p = $2 + 0; f = $4 + 0 }
+        }
+        END {
+            if (fmt == "unittest") {
+                n = split(status, parts, /[(), =]+/)
+                for (i = 1; i < n; i++) {
+                    if (parts[i] ~ /^(failures|errors|unexpected_successes)$/) f += parts[i + 1]
+                    if (parts[i] ~ /^(skipped|expected_failures)$/) s += parts[i + 1]
+                }
+                p = ran - f - s
+                if (p < 0) p = 0
+            }
+            if (fmt !~ /^(cmocka|unittest|node|gotest|tap)$/) { print "unknown format " fmt > "/dev/stderr"; f = 1 }
+            print p + 0, f + g, s + 0
+        }' "$2")
+    p=$1 f=$2 s=$3
 }
 
 fail_suite() {
@@ -113,13 +96,12 @@ fail_suite() {
     failures="$failures $1"
 }
 
-# run_one NAME EXPECTED FORMAT COMMAND...
+# run_one NAME EXPECTED FORMAT FILE COMMAND...: FILE is the suite's binary
+# or script, which must exist.
 run_one() {
-    name=$1 want=$2 fmt=$3
-    shift 3
+    name=$1 want=$2 fmt=$3 exe=$4
+    shift 4
     echo "=== $name"
-    exe=$1
-    [ "$exe" = sh ] && exe=${2:-}
     if [ ! -e "$exe" ]; then
         echo ">>> $name: MISSING ($exe does not exist); $want test(s) not run"
         tests_failed=$((tests_failed + want))
@@ -127,8 +109,10 @@ run_one() {
         return
     fi
     out="$tmp/out"
+    t0=$(date +%s)
     { "$@" </dev/null 2>&1; echo $? >"$tmp/rc"; } | tee "$out"
     rc=$(cat "$tmp/rc")
+    secs=$(($(date +%s) - t0))
     count "$fmt" "$out"
     got=$((p + f + s))
     why=""
@@ -150,9 +134,9 @@ note: $name reports $got tests, $LIST says $want: raise its count"
     tests_failed=$((tests_failed + bad))
     if [ -z "$why" ]; then
         suites_passed=$((suites_passed + 1))
-        echo ">>> $name: $p passed"
+        echo ">>> $name: $p passed ($secs s)"
     else
-        echo ">>> $name: FAILED:$why"
+        echo ">>> $name: FAILED:$why ($secs s)"
         fail_suite "$name"
     fi
 }
@@ -169,10 +153,12 @@ while read -r name want fmt cmd; do
     [ "$ONLY_C" = 1 ] && [ "$fmt" != cmocka ] && continue
     if [ -z "$cmd" ]; then
         # shellcheck disable=SC2086
-        run_one "$name" "$want" "$fmt" $VG "$BUILD/tests/$name"
+        run_one "$name" "$want" "$fmt" "$BUILD/tests/$name" $VG "$BUILD/tests/$name"
     else
+        exe=${cmd%% *}
+        [ "$exe" = sh ] && exe=$(echo "$cmd" | awk '{ print $2 }')
         # shellcheck disable=SC2086
-        run_one "$name" "$want" "$fmt" $cmd
+        run_one "$name" "$want" "$fmt" "$exe" $cmd
     fi
 done <"$LIST"
 

@@ -23,6 +23,10 @@
 #include "tests/support/daemon.h"
 #include "tests/support/gen.h"
 
+#include <curl/curl.h>
+#include <pthread.h>
+#include <time.h>
+
 /* More blocks than the pool's threshold, and a tail block. */
 #define N (9 * OPTIM_VEC_BLOCK + 1234)
 #define STEPS 7
@@ -300,6 +304,137 @@ static void test_body_bound(void **state)
     tdaemon_cleanup(&d);
 }
 
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+typedef struct {
+    char url[256];
+    char *buf;
+    size_t len, cap;
+    long status;
+    double done_at;
+} slow_get;
+
+static size_t slow_write(char *p, size_t sz, size_t n, void *ud)
+{
+    slow_get *g = ud;
+    size_t k = sz * n;
+    if (g->len + k > g->cap)
+        return 0;
+    memcpy(g->buf + g->len, p, k);
+    g->len += k;
+    return k;
+}
+
+/* A client that reads an answer slowly (2 MB/s). */
+static void *slow_reader(void *arg)
+{
+    slow_get *g = arg;
+    CURL *h = curl_easy_init();
+    struct curl_slist *hd = curl_slist_append(NULL, "Accept: application/octet-stream");
+    curl_easy_setopt(h, CURLOPT_URL, g->url);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hd);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, slow_write);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, g);
+    curl_easy_setopt(h, CURLOPT_MAX_RECV_SPEED_LARGE, (curl_off_t)2000000);
+    curl_easy_setopt(h, CURLOPT_BUFFERSIZE, 16384L);
+    curl_easy_perform(h);
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &g->status);
+    g->done_at = now_s();
+    curl_slist_free_all(hd);
+    curl_easy_cleanup(h);
+    return NULL;
+}
+
+/* Answers past 4 MiB stream from the session's buffer: they equal local
+ * kernels, in every wire form, and a step taken while an answer still
+ * holds the old params (copy on write) changes neither. */
+static void test_streamed_answers(void **state)
+{
+    (void)state;
+    enum { M = 1500000 };
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
+    char body[256];
+    snprintf(body, sizeof body,
+             "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"size\":%d,"
+             "\"init\":{\"type\":\"normal\",\"std\":1,\"seed\":9}}", M);
+    tapi_create(c, "big", body, 201);
+    float *p = malloc(M * sizeof *p), *g = malloc(M * sizeof *g), *got = malloc(M * sizeof *got);
+    get_params(c, "big", p, M, 0);
+    optim_hparams hp;
+    optim_hparams_default(OPTIM_ADAM, &hp);
+    hp.lr = 0.01;
+    optim_state st;
+    optim_state_init(&hp, &st);
+    float *b0 = calloc(M, sizeof *b0), *b1 = calloc(M, sizeof *b1);
+    st.buf[0] = b0;
+    st.buf[1] = b1;
+    for (int k = 0; k < 3; k++) {
+        tgen_fill(OPTIM_F32, g, M, 40 + (uint64_t)k, 0, 1.0);
+        const char *h[] = {"Content-Type: application/octet-stream",
+                           "Accept: application/octet-stream", NULL};
+        optd_response r = tapi_req_bin(c, "POST", "/v1/sessions/big/step", h, g, M * sizeof *g);
+        assert_int_equal(r.status, 200);
+        optim_step(&hp, &st, OPTIM_F32, p, g, M);
+        assert_int_equal(r.len, M * sizeof(float));
+        assert_memory_equal(r.body, p, M * sizeof(float));
+        optd_response_free(&r);
+    }
+    /* A 16-bit streamed answer converts chunk by chunk. */
+    const char *h16[] = {"Accept: application/octet-stream", "Optd-Params-Dtype: float16", NULL};
+    optd_response r = tapi_req(c, "GET", "/v1/sessions/big/params", h16, NULL);
+    assert_int_equal(r.status, 200);
+    assert_int_equal(r.len, M * 2);
+    uint16_t *want = malloc(M * 2);
+    optim_vec_to_wire(OPTIM_F32, p, OPTIM_WIRE_F16, want, M);
+    assert_memory_equal(r.body, want, M * 2);
+    optd_response_free(&r);
+    free(want);
+    get_params(c, "big", got, M, 3);
+    assert_memory_equal(got, p, M * sizeof *p);
+
+    /* A slow reader holds the params of step 3 while a step goes on: the
+     * step does not wait for it (copy on write) and the reader gets step
+     * 3's params, whole. */
+    slow_get sg = {.cap = M * sizeof(float)};
+    sg.buf = malloc(sg.cap);
+    snprintf(sg.url, sizeof sg.url, "%s/v1/sessions/big/params", tdaemon_url(&d));
+    pthread_t th;
+    pthread_create(&th, NULL, slow_reader, &sg);
+    struct timespec pause = {0, 300 * 1000000L};
+    nanosleep(&pause, NULL); /* the answer is under way */
+    tgen_fill(OPTIM_F32, g, M, 77, 0, 1.0);
+    const char *hb[] = {"Content-Type: application/octet-stream", NULL};
+    r = tapi_req_bin(c, "POST", "/v1/sessions/big/step?params=false", hb, g, M * sizeof *g);
+    double step_done = now_s();
+    assert_int_equal(r.status, 200);
+    optd_response_free(&r);
+    pthread_join(th, NULL);
+    assert_int_equal(sg.status, 200);
+    assert_int_equal(sg.len, M * sizeof(float));
+    assert_memory_equal(sg.buf, p, M * sizeof(float));
+    /* The step was answered while the reader was still reading. */
+    assert_true(step_done < sg.done_at);
+    optim_step(&hp, &st, OPTIM_F32, p, g, M);
+    get_params(c, "big", got, M, 4);
+    assert_memory_equal(got, p, M * sizeof *p);
+    free(sg.buf);
+    free(p);
+    free(g);
+    free(got);
+    free(b0);
+    free(b1);
+    optd_client_free(c);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -307,6 +442,7 @@ int main(void)
         cmocka_unit_test(test_threads_sgd_accumulate_clip_value),
         cmocka_unit_test(test_wire_half),
         cmocka_unit_test(test_body_bound),
+        cmocka_unit_test(test_streamed_answers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -120,6 +120,10 @@ new_case; printf '#!/bin/sh\necho "[  PASSED  ] 3 test(s)." >&2\nkill -ABRT $$\n
     >"$tmp/case/build/tests/test_a"; run_case
 expect "a suite that crashes after printing its count fails the run" nonzero \
     'test_a: FAILED: exit [1-9]'
+new_case; printf '#!/bin/sh\necho "[  PASSED  ] 3 test(s)." >&2\necho "[  FAILED  ] GROUP TEARDOWN" >&2\nexit 0\n' \
+    >"$tmp/case/build/tests/test_a"; run_case
+expect "a failed group teardown (cmocka exits 0) fails the run" nonzero \
+    'test_a: FAILED: 1 failed'
 new_case; fake_client sh 'echo "sh: 0 passed, 1 failed"; exit 1'; run_case
 expect "a shell suite with a failed check fails the run" nonzero '^tests: 14 passed, 1 failed$'
 
@@ -138,6 +142,13 @@ new_case; fake_client py 'exit 1'; run_case OPTD_ONLY_C=1
 expect "OPTD_ONLY_C=1 runs the C suites only" 0 '^tests: 5 passed, 0 failed$'
 new_case; fake_cmocka test_a 0 1; run_case OPTD_ONLY=test_b
 expect "OPTD_ONLY runs the named suites only" 0 '^tests: 2 passed, 0 failed$'
+mkdir -p "$tmp/bin"
+printf '#!/bin/sh\nfor a; do last=$a; done\necho valgrind-ran >&2\nexec "$last"\n' >"$tmp/bin/valgrind"
+chmod +x "$tmp/bin/valgrind"
+new_case; run_case OPTD_VALGRIND=1 PATH="$tmp/bin:$PATH"
+expect "OPTD_VALGRIND=1 runs the C suites under valgrind and counts them" 0 \
+    '^tests: 15 passed, 0 failed$'
+expect "... through the valgrind command" 0 '^valgrind-ran$'
 new_case; run_case OPTD_EXPECTED=nowhere.txt
 expect "no list, no success" nonzero 'no list of suites'
 
