@@ -431,6 +431,24 @@ class TestTorchAPI(DaemonCase):
         self.assertEqual(len(remote.param_groups), 2)
         self.assertEqual(remote.session.info()["size"], 49)
 
+    def test_server_schedule_excludes_torch_scheduler(self):
+        # optd's own schedule runs while group["lr"] is left alone; changing
+        # it (as a torch scheduler would) then gets the daemon's 409.
+        model = make_model()
+        opt = self.Remote(model.parameters(), "sgd", lr=0.1, session="api-sched409",
+                          client=self.client, schedule={"type": "step", "step_size": 1,
+                                                        "gamma": 0.5})
+        for _ in range(2):
+            opt.zero_grad()
+            self.loss(model).backward()
+            opt.step()
+        self.assertEqual([h["lr"] for h in opt.session.history()], [0.1, 0.05])
+        opt.param_groups[0]["lr"] = 0.025          # what a torch scheduler does
+        with self.assertRaises(optd.Conflict) as cm:
+            opt.step()
+        self.assertEqual(cm.exception.status, 409)
+        self.assertEqual(opt.session.info()["step"], 2)
+
     def test_load_state_dict_refuses_other_layouts(self):
         remote, _, _, _ = self.run_both("api-refuse", "adam", 1, lr=0.01)
         sd = remote.state_dict()
