@@ -70,8 +70,8 @@ TESTS      := $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
-        fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage bench-remote \
-        demo install uninstall wheel clean test-unit test-clients
+        fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
+        bench-json bench-remote demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -102,6 +102,9 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(call obj,$(TSUP_SRC)) $(LIBCLIENT) $(
 	$(CC) $(ALL_CFLAGS) -o $@ $^ -lcmocka $(LDLIBS_ALL)
 
 $(BUILD)/bench/%: $(BUILD)/obj/bench/%.o $(LIBCLIENT) $(LIBOPTIM)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS_ALL)
+$(BUILD)/bench/json: $(BUILD)/obj/bench/json.o $(LIBAPI) $(LIBOPTIM)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS_ALL)
 
@@ -243,6 +246,8 @@ bench-remote: build
 SOAK_SECONDS ?= 60
 soak: build
 	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/soak.py --seconds $(SOAK_SECONDS)
+bench-json: build
+	$(BUILD)/bench/json
 
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py

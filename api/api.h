@@ -258,6 +258,15 @@ int api_buf_put(api_buf *b, const char *s, size_t n);
 int api_buf_vector(api_buf *b, optim_dtype dt, const void *v, size_t n);
 /* %.17g for a double, "null" when not finite. */
 int api_buf_double(api_buf *b, double x);
+/* One number as snprintf's "%.9g" of (double)f / "%.17g" of x would print
+ * it, byte for byte (api/numfmt.c); out has room for 32 bytes.  Returns the
+ * length; no NUL is written. */
+size_t api_fmt_f32(char *out, float f);
+size_t api_fmt_f64(char *out, double x);
+/* The same without the printf fallback: 0 where the fast path cannot
+ * decide the rounding (bench/json.c counts those). */
+size_t api_fmt_f32_fast(char *out, float f);
+size_t api_fmt_f64_fast(char *out, double x);
 
 /* ------------------------------------------------------- safetensors */
 

@@ -198,27 +198,43 @@ int api_buf_double(api_buf *b, double x)
     return api_buf_printf(b, "%.17g", x);
 }
 
-/* %.9g round-trips every float32 and %.17g every float64 exactly. */
+/* %.9g round-trips every float32 and %.17g every float64 exactly;
+ * api_fmt_f32/f64 print the same bytes without printf's cost. */
 int api_buf_vector(api_buf *b, optim_dtype dt, const void *v, size_t n)
 {
     /* Worst case per element: "-1.23456789e-38," is 16 chars (float32),
-     * 25 for float64; reserve once, print in place. */
+     * 25 for float64; reserve once (plus the 32 a formatter may touch),
+     * print in place. */
     size_t per = dt == OPTIM_F32 ? 17 : 26;
-    if (n > (SIZE_MAX - 8) / per || buf_reserve(b, n * per + 2))
+    if (n > (SIZE_MAX - 64) / per || buf_reserve(b, n * per + 34))
         return -1;
     char *p = b->data + b->len;
     *p++ = '[';
-    for (size_t i = 0; i < n; i++) {
-        double x = dt == OPTIM_F32 ? (double)((const float *)v)[i] : ((const double *)v)[i];
-        int k;
-        if (!isfinite(x))
-            k = snprintf(p, per + 1, "null");
-        else
-            k = snprintf(p, per + 1, dt == OPTIM_F32 ? "%.9g" : "%.17g", x);
-        p += k;
-        if (i + 1 < n)
+    if (dt == OPTIM_F32) {
+        const float *f = v;
+        for (size_t i = 0; i < n; i++) {
+            if (isfinite(f[i])) {
+                p += api_fmt_f32(p, f[i]);
+            } else {
+                memcpy(p, "null", 4);
+                p += 4;
+            }
             *p++ = ',';
+        }
+    } else {
+        const double *d = v;
+        for (size_t i = 0; i < n; i++) {
+            if (isfinite(d[i])) {
+                p += api_fmt_f64(p, d[i]);
+            } else {
+                memcpy(p, "null", 4);
+                p += 4;
+            }
+            *p++ = ',';
+        }
     }
+    if (n)
+        p--; /* the last comma */
     *p++ = ']';
     *p = '\0';
     b->len = (size_t)(p - b->data);

@@ -623,10 +623,11 @@ static void set_present(eng_session *s, const uint32_t *absent, size_t n_absent)
 }
 
 /* Feeds one gradient through the pipeline.  The live path and replay both
- * call this, so replay is bit-identical.  Fails only with ENG_ENONFINITE,
- * when refuse_nonfinite is set and the gradient has NaN or Inf: nothing has
+ * call this, so replay is bit-identical.  Fails with ENG_ENONFINITE when
+ * refuse_nonfinite is set and the gradient has NaN or Inf: nothing has
  * changed then (the first pass only reads; the client's hyperparameters
- * are taken only after it). */
+ * are taken only after it); or with ENG_ENOMEM when a buffer the update
+ * needs cannot be made: the session must then be dropped. */
 static int apply(eng_pool *pool, eng_session *s, const eng_step_in *in, bool refuse_nonfinite,
                  eng_step_out *res)
 {
@@ -702,8 +703,11 @@ static int apply(eng_pool *pool, eng_session *s, const eng_step_in *in, bool ref
         uj.c = s->cfg.clip.max_value;
     }
 
-    /* One-cycle may switch momentum on, a client may too: buffers first. */
-    ensure_buffers_for(s, buffers_needed(s));
+    /* One-cycle may switch momentum on, a client may too: buffers first.
+     * Out of memory here leaves the session half-changed; the caller drops
+     * it and the next request reloads it from disk. */
+    if (ensure_buffers_for(s, buffers_needed(s)) != ENG_OK)
+        return ENG_ENOMEM;
     double lr0 = NAN;
     for (size_t gi = 0; gi < s->cfg.n_groups; gi++) {
         optim_hparams hp;
@@ -1004,9 +1008,9 @@ static int replay_row(void *ud, const storage_log_entry *e)
         err = STORAGE_ECORRUPT;
     if (!err) {
         eng_step_out res;
-        apply(rc->pool, s, &in, false, &res);
+        err = apply(rc->pool, s, &in, false, &res);
         s->log_bytes += e->grad_len;
-        if (e->kind != res.kind || (int64_t)s->st.step != e->step)
+        if (!err && (e->kind != res.kind || (int64_t)s->st.step != e->step))
             err = STORAGE_ECORRUPT; /* replay diverged from the log */
     }
     free(absent);

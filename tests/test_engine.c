@@ -435,6 +435,47 @@ static void test_streamed_answers(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* updated_at is the time of the last change: the checkpoint a clean stop
+ * writes does not move it; a PATCH does. */
+static void test_updated_at(void **state)
+{
+    (void)state;
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
+    tapi_create(c, "u", "{\"optimizer\":\"adam\",\"size\":4}", 201);
+    optd_response r = tapi_req(c, "POST", "/v1/sessions/u/step", NULL, "{\"grad\":[1,2,3,4]}");
+    assert_int_equal(r.status, 200);
+    optd_response_free(&r);
+    r = tapi_req(c, "GET", "/v1/sessions/u", NULL, NULL);
+    cJSON *doc = tapi_json(&r);
+    char before[64];
+    snprintf(before, sizeof before, "%s", tapi_str(doc, "updated_at"));
+    cJSON_Delete(doc);
+    optd_response_free(&r);
+    struct timespec pause = {0, 50 * 1000000L};
+    nanosleep(&pause, NULL);
+    optd_client_free(c);
+    assert_int_equal(tdaemon_stop(&d), 0); /* checkpoints the step */
+    assert_int_equal(tdaemon_restart(&d), 0);
+    c = tapi_client(tdaemon_url(&d), NULL, false);
+    r = tapi_req(c, "GET", "/v1/sessions/u", NULL, NULL);
+    doc = tapi_json(&r);
+    assert_string_equal(tapi_str(doc, "updated_at"), before);
+    cJSON_Delete(doc);
+    optd_response_free(&r);
+    nanosleep(&pause, NULL);
+    r = tapi_req(c, "PATCH", "/v1/sessions/u", NULL, "{\"optimizer\":{\"lr\":0.5}}");
+    assert_int_equal(r.status, 200);
+    doc = tapi_json(&r);
+    assert_true(strcmp(tapi_str(doc, "updated_at"), before) > 0);
+    cJSON_Delete(doc);
+    optd_response_free(&r);
+    optd_client_free(c);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -443,6 +484,7 @@ int main(void)
         cmocka_unit_test(test_wire_half),
         cmocka_unit_test(test_body_bound),
         cmocka_unit_test(test_streamed_answers),
+        cmocka_unit_test(test_updated_at),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
