@@ -8,7 +8,7 @@ ATEN_CPU_CAPABILITY=default selects when torch loads.  So each test runs
 in a child process with that environment (its own daemon too), unless this
 process already has it.  (With torch's AVX2 kernels, whose fused
 multiply-adds round differently, 200 steps of this run drift apart by up to
-about 1e-5.)"""
+1.4e-5.)"""
 
 import os
 import subprocess
