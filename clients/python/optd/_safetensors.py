@@ -9,7 +9,7 @@ Tensors are handed around as (dtype, shape, bytes) with dtype "F32" or
 
 import json
 import struct
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 #: bytes per element of each dtype optd exports
 ITEMSIZE = {"F32": 4, "F64": 8}
@@ -29,7 +29,7 @@ def _numel(shape):
 def dumps(tensors: Dict[str, Tensor], metadata: Dict[str, str]) -> bytes:
     """The file for tensors (name -> (dtype, shape, data)) and metadata,
     tensors laid out in the order given."""
-    header = {"__metadata__": dict(metadata)}
+    header: Dict[str, Any] = {"__metadata__": dict(metadata)}
     chunks = []
     off = 0
     for name, (dtype, shape, data) in tensors.items():

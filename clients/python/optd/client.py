@@ -354,9 +354,10 @@ class Session:
         headers = {HEADERS["idempotency_key"]: key}
         if absent:
             headers[STEP_HEADERS["absent"]] = _ranges(self._tensor_indices(absent))
-        for k in (groups[0] if groups else ()):
-            # %.17g: every double reads back exactly
-            headers[STEP_HEADERS[k]] = ",".join("%.17g" % g[k] for g in groups)
+        if groups:
+            for k in groups[0]:
+                # %.17g: every double reads back exactly
+                headers[STEP_HEADERS[k]] = ",".join("%.17g" % g[k] for g in groups)
         if binary:
             body = self._codec.to_bytes(grad)
             headers.update({"Content-Type": _BINARY, "Accept": _BINARY})

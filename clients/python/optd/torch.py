@@ -187,7 +187,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         _vec.check_dtype(dtype)
         self._dtype = _TORCH_DTYPES[dtype]
         self._numel = [p.numel() for p in self._params]
-        self._templates = {}
+        self._templates: Dict[str, _Template] = {}
         self._state_cache = None
 
         if session is None:
@@ -574,7 +574,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             ng = dict(s)
             ng["params"] = g["params"]
             new_groups.append(ng)
-        self.param_groups = new_groups
+        self.param_groups[:] = new_groups       # torch's groups, the saved options
         st["groups"] = [{k: _plain(g[k]) for k in _STEP_KEYS if k in g} for g in new_groups]
         meta = dict(meta)
         meta["optd.state"] = json.dumps(st, separators=(",", ":"))
