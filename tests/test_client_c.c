@@ -2,7 +2,8 @@
  * test_client_c.c -- the C client library against the real daemon: typed
  * errors, create-or-verify, binary and JSON steps (the same bits either
  * way), idempotency keys reused by retries, params get/set, update,
- * delete, the API key, and retries across a daemon restart.
+ * delete, the API key, retries across a daemon restart, and sessions of
+ * named tensors and param groups with absent tensors on a step.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -184,6 +185,68 @@ static void test_step_f64_with_options(void **state)
     assert_int_equal(optd_step_f64(s->c, "nope", g3, 3, NULL, p, &st, &e), -1);
     assert_int_equal(e.status, 404);
     assert_int_equal(optd_get_params_f64(s->c, "f64", p, 2, &st, &e), 0);
+    assert_int_equal(st, 2);
+}
+
+/* Named tensors and param groups on create; absent tensors and per-group
+ * lrs on a step, binary and JSON.  w is 2x3, b is 3: the vector is w, b. */
+static void test_tensors_groups_absent(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    const double w[6] = {0.5, -1, 2, 0.25, 3, -0.75}, b[3] = {1, 2, 3};
+    assert_int_equal(
+        optd_create_session(s->c, "layout",
+                            "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.1},\"dtype\":\"float64\","
+                            "\"params\":[0.5,-1,2,0.25,3,-0.75,1,2,3],"
+                            "\"tensors\":[{\"name\":\"layer.w\",\"shape\":[2,3]},"
+                            "{\"name\":\"layer.b\",\"shape\":[3]}],"
+                            "\"groups\":[{\"tensors\":[\"layer.w\"]},"
+                            "{\"tensors\":[\"layer.b\"],\"lr\":0.5}]}",
+                            &e),
+        1);
+    char *doc = optd_get_session(s->c, "layout", &e);
+    assert_non_null(doc);
+    assert_non_null(strstr(doc, "\"name\":\"layer.b\""));
+    free(doc);
+
+    /* binary: layer.b absent, grad holds layer.w's six values */
+    double g[6] = {1, 2, 3, 4, 5, 6}, p[9], lr[2] = {0.2, 0.3};
+    size_t absent_b = 1, absent_w = 0;
+    long long st;
+    optd_step_opts o = optd_step_opts_default();
+    o.absent = &absent_b;
+    o.n_absent = 1;
+    o.n_groups = 2;
+    o.group_lr = lr;
+    o.params_len = 9;
+    assert_int_equal(optd_step_f64_opts(s->c, "layout", g, 6, NULL, &o, p, &st, NULL, &e), 0);
+    assert_int_equal(st, 1);
+    for (int i = 0; i < 6; i++)
+        assert_true(p[i] == w[i] + -0.2 * g[i]);
+    for (int i = 0; i < 3; i++)
+        assert_true(p[6 + i] == b[i]);
+
+    /* JSON: layer.w absent; group 1 keeps the lr 0.3 of the last step */
+    double gb[3] = {0.5, -0.25, 1}, q[9];
+    optd_step_opts j = optd_step_opts_default();
+    j.json = 1;
+    j.absent = &absent_w;
+    j.n_absent = 1;
+    j.params_len = 9;
+    assert_int_equal(optd_step_f64_opts(s->c, "layout", gb, 3, NULL, &j, q, &st, NULL, &e), 0);
+    assert_int_equal(st, 2);
+    assert_memory_equal(q, p, 6 * sizeof(double));
+    for (int i = 0; i < 3; i++)
+        assert_true(q[6 + i] == b[i] + -0.3 * gb[i]);
+
+    /* refused before anything is sent */
+    double bad_lr[2] = {0.1, NAN};
+    j.n_groups = 2;
+    j.group_lr = bad_lr;
+    assert_int_equal(optd_step_f64_opts(s->c, "layout", gb, 3, NULL, &j, q, &st, NULL, &e), -1);
+    assert_int_equal(e.status, 0);
+    assert_int_equal(optd_get_params_f64(s->c, "layout", q, 9, &st, &e), 0);
     assert_int_equal(st, 2);
 }
 
@@ -533,6 +596,7 @@ int main(void)
         cmocka_unit_test(test_create_verify_conflict),
         cmocka_unit_test(test_steps_binary_and_json_agree),
         cmocka_unit_test(test_step_f64_with_options),
+        cmocka_unit_test(test_tensors_groups_absent),
         cmocka_unit_test(test_idempotency_key_reuse),
         cmocka_unit_test(test_params_get_set),
         cmocka_unit_test(test_update_and_delete),

@@ -10,6 +10,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -803,6 +804,49 @@ static int json_to_vector(const cJSON *arr, void *out, size_t n, size_t esize)
     return i == n ? 0 : -1;
 }
 
+static int cmp_size(const void *a, const void *b)
+{
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Appends tensor indices as "0-57,60" (sorted, runs folded). */
+static int put_ranges(growbuf *b, const size_t *idx, size_t n)
+{
+    size_t *v = malloc(n * sizeof *v);
+    if (!v)
+        return -1;
+    memcpy(v, idx, n * sizeof *v);
+    qsort(v, n, sizeof *v, cmp_size);
+    int bad = 0;
+    char tmp[48];
+    for (size_t i = 0; i < n && !bad;) {
+        size_t j = i;
+        while (j + 1 < n && v[j + 1] <= v[j] + 1)
+            j++;
+        int k = v[j] == v[i] ? snprintf(tmp, sizeof tmp, "%s%zu", i ? "," : "", v[i])
+                             : snprintf(tmp, sizeof tmp, "%s%zu-%zu", i ? "," : "", v[i], v[j]);
+        bad = grow_put(b, tmp, (size_t)k);
+        i = j + 1;
+    }
+    free(v);
+    return bad;
+}
+
+/* Appends "prefix: v0,v1,..." with 17 significant digits (exact doubles). */
+static int put_group_header(growbuf *b, const char *prefix, const double *v, size_t n)
+{
+    if (grow_put(b, prefix, strlen(prefix)))
+        return -1;
+    char tmp[40];
+    for (size_t i = 0; i < n; i++) {
+        int k = snprintf(tmp, sizeof tmp, "%s%.17g", i ? "," : "", v[i]);
+        if (grow_put(b, tmp, (size_t)k))
+            return -1;
+    }
+    return 0;
+}
+
 static int step_common(optd_client *c, const char *name, const void *grad, size_t n,
                        size_t esize, const double *loss, const optd_step_opts *opts,
                        void *params_out, long long *step_out, int *replayed, optd_error *err)
@@ -822,10 +866,25 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         err_set(err, 0, "getrandom failed: no idempotency key");
         return -1;
     }
+    if (o.n_absent && !o.absent) {
+        err_set(err, 0, "n_absent without absent indices");
+        return -1;
+    }
+    for (size_t i = 0; i < o.n_groups; i++) {
+        const double *vs[] = {o.group_lr, o.group_momentum, o.group_beta1};
+        for (size_t k = 0; k < sizeof vs / sizeof vs[0]; k++) {
+            if (vs[k] && !isfinite(vs[k][i])) {
+                err_set(err, 0, "group %zu: a hyperparameter is not finite", i);
+                return -1;
+            }
+        }
+    }
+    size_t pn = o.params_len ? o.params_len : n;
     char *path = session_path(c, name, params_out ? "/step" : "/step?params=false", err);
     if (!path)
         return -1;
 
+    growbuf h_absent = {0}, h_glr = {0}, h_gmom = {0}, h_gb1 = {0};
     char h_key[KEY_BUF + 32], h_loss[64], h_base[64], h_worker[200];
     const char *hdrs[MAX_EXTRA_HEADERS];
     size_t nh = 0;
@@ -876,12 +935,46 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
             hdrs[nh++] = h_worker;
         }
     }
+    /* Absent tensors and group values travel in headers, whichever the body. */
+    int bad = 0;
+    if (o.n_absent) {
+        bad = grow_put(&h_absent, "Optd-Absent: ", 13) ||
+              put_ranges(&h_absent, o.absent, o.n_absent);
+        hdrs[nh++] = h_absent.data;
+    }
+    if (!bad && o.n_groups && o.group_lr) {
+        bad = put_group_header(&h_glr, "Optd-Group-Lr: ", o.group_lr, o.n_groups);
+        hdrs[nh++] = h_glr.data;
+    }
+    if (!bad && o.n_groups && o.group_momentum) {
+        bad = put_group_header(&h_gmom, "Optd-Group-Momentum: ", o.group_momentum,
+                               o.n_groups);
+        hdrs[nh++] = h_gmom.data;
+    }
+    if (!bad && o.n_groups && o.group_beta1) {
+        bad = put_group_header(&h_gb1, "Optd-Group-Beta1: ", o.group_beta1, o.n_groups);
+        hdrs[nh++] = h_gb1.data;
+    }
+    if (bad) {
+        free(h_absent.data);
+        free(h_glr.data);
+        free(h_gmom.data);
+        free(h_gb1.data);
+        free(jb.data);
+        free(path);
+        err_set(err, 0, "out of memory");
+        return -1;
+    }
     hdrs[nh] = NULL;
 
     optd_response r;
     int rc = call(c, "POST", path, hdrs, body ? body : "", blen, &r, err, NULL);
     free(path);
     free(jb.data);
+    free(h_absent.data);
+    free(h_glr.data);
+    free(h_gmom.data);
+    free(h_gb1.data);
     if (rc)
         return -1;
     if (r.status != 200 && r.status != 202)
@@ -905,14 +998,14 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
     if (ret == 0 && params_out) {
         if (is_json) {
             if (!root ||
-                json_to_vector(cJSON_GetObjectItemCaseSensitive(root, "params"), params_out, n,
+                json_to_vector(cJSON_GetObjectItemCaseSensitive(root, "params"), params_out, pn,
                                esize)) {
-                err_set(err, r.status, "the step answer has no params array of %zu numbers", n);
+                err_set(err, r.status, "the step answer has no params array of %zu numbers", pn);
                 ret = -1;
             }
-        } else if (r.len != n * esize) {
+        } else if (pn > SIZE_MAX / esize || r.len != pn * esize) {
             err_set(err, r.status, "the step answer has %zu bytes; expected %zu", r.len,
-                    n * esize);
+                    pn * esize);
             ret = -1;
         } else {
             memcpy(params_out, r.body, r.len);

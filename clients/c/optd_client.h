@@ -92,6 +92,22 @@ typedef struct {
     const char *worker;          /* Optd-Worker; NULL: not sent            */
     int json;                    /* non-zero: send and receive JSON        */
     const char *idempotency_key; /* NULL: a fresh random key              */
+    /* Tensors without a gradient (torch: p.grad is None), by index: their
+     * params, buffers and step counts stay as they are, and grad holds the
+     * other tensors' gradients only, in tensor order.  NULL/0: none. */
+    const size_t *absent;
+    size_t n_absent;
+    /* Client-driven hyperparameters, n_groups values each, in group order:
+     * they become the groups' values from this step on.  NULL: not sent.
+     * They travel in headers (Optd-Group-Lr, -Momentum, -Beta1), as the
+     * absent tensors do (Optd-Absent), whichever the body's form. */
+    size_t n_groups;
+    const double *group_lr;
+    const double *group_momentum;
+    const double *group_beta1; /* betas[0] */
+    /* Elements params_out holds, 0: n.  A step with absent tensors answers
+     * every tensor's params: give the session's size here. */
+    size_t params_len;
 } optd_step_opts;
 
 /* The options that send nothing extra (base_step -1, random key). */

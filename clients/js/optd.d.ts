@@ -41,11 +41,25 @@ export interface CreateOptions {
   nonfinite?: 'error' | 'skip';
   metadata?: Record<string, unknown> | null;
   retain?: { every_steps: number; keep: number } | null;
+  /** The layout: ordered tensors; the vector is their concatenation. */
+  tensors?: { name: string; shape: number[] }[];
+  /** torch's param groups: tensor names plus hyperparameter overrides. */
+  groups?: ({ tensors: string[] } & Record<string, unknown>)[];
+}
+
+/** What one step may carry per group (a scheduler's current values). */
+export interface GroupStep {
+  lr?: number;
+  momentum?: number;
+  /** betas[0] (OneCycleLR cycles it) */
+  beta1?: number;
 }
 
 export interface UpdateChanges {
   /** Hyperparameters to change, e.g. `{lr: 1e-4}`. */
   optimizer?: Record<string, unknown>;
+  /** One object per group, in group order: what to change in it ({} = nothing). */
+  groups?: Record<string, unknown>[];
   schedule?: Typed | null;
   clip?: Typed | null;
   mode?: Typed;
@@ -61,6 +75,10 @@ export interface StepOptions {
   /** true: JSON both ways; false: binary; default: by binaryThreshold. */
   json?: boolean;
   idempotencyKey?: string;
+  /** Tensors without a gradient (indices or names); grad holds only the others. */
+  absent?: (number | string)[];
+  /** One entry per group: its lr / momentum / beta1 from this step on. */
+  groups?: GroupStep[];
 }
 
 export interface StepResult {
@@ -206,6 +224,9 @@ export class Session {
   lastLr: number | null;
   readonly dtype: DType | null;
   readonly size: number | null;
+  /** The layout and the groups, from the last session document seen. */
+  tensors?: { name: string; shape: number[]; offset: number; size: number }[];
+  groups?: { tensors: string[]; optimizer: Record<string, unknown>; lr: number }[];
   info(): Promise<SessionDoc>;
   step(grad: Vector, options?: StepOptions): Promise<Params | null>;
   stepResult(grad: Vector, options?: StepOptions): Promise<StepResult>;
