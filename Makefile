@@ -8,7 +8,8 @@
 #   make valgrind       the test suite under valgrind
 #   make tsan           the concurrency and worker suites and the daemon under TSan (build-tsan/)
 #   make fuzz           every libFuzzer target for FUZZ_SECONDS (60) each (build-fuzz/)
-#   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
+#   make bench          every benchmark (bench-kernels, bench-http, bench-sync, bench-engine)
+#   make bench-engine   the step engine against same-run floors (bench/ENGINE.md)
 #   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
 #   make bench-storage  where large vectors should live (docs/storage.md)
 #   make demo           the optimizer comparison on the digits data set
@@ -70,6 +71,7 @@ BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
         fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
+        bench-engine \
         demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
@@ -226,13 +228,15 @@ fuzz: deps-fuzz fuzz-build
 	@OPTD_FUZZ_BUILD=$(FUZZ_BUILD) sh tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 # ------------------------------------------------------------------ bench
-bench: bench-kernels bench-http bench-sync
+bench: bench-kernels bench-http bench-sync bench-engine
 bench-kernels: build
 	$(BUILD)/bench/kernels
 bench-http: deps-bench build
 	sh bench/http.sh
 bench-sync: build
 	$(BUILD)/bench/sync
+bench-engine: deps-bench build
+	/usr/bin/python3 bench/engine.py $(BENCH_ENGINE_ARGS)
 bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
 

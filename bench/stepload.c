@@ -13,6 +13,7 @@
  *         RESULT what=optd n=K p50_ms=.. mean_ms=.. p99_ms=.. min_ms=..
  *         RESULT what=floor ...
  *         RESULT what=post|get|kernel|append ...   (the floor's parts)
+ *   stepload steps --step URL --n N --count K   K binary steps of the daemon
  *   stepload kernel --n N --iters K   one float32 Adam optim_step over n
  *   stepload fsync --path P --seconds S
  *       4 KiB pwrite + fdatasync in a loop: RESULT what=fsync rate=../s
@@ -293,6 +294,21 @@ static int cmd_big(int argc, char **argv)
     return 0;
 }
 
+static int cmd_steps(int argc, char **argv)
+{
+    size_t n = arg_size(argc, argv, "--n", NULL);
+    size_t count = arg_size(argc, argv, "--count", NULL);
+    size_t bytes = n * sizeof(float);
+    float *grad = make_grad(n);
+    conn step;
+    conn_init(&step, arg_str(argc, argv, "--step", NULL), true, grad, bytes, true, bytes);
+    double *v = calloc(count, sizeof(double));
+    for (size_t k = 0; k < count; k++)
+        v[k] = conn_do(&step, bytes, "optd step");
+    report("optd", v, count);
+    return 0;
+}
+
 static int cmd_kernel(int argc, char **argv)
 {
     size_t n = arg_size(argc, argv, "--n", NULL);
@@ -360,13 +376,15 @@ static int cmd_read(int argc, char **argv)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: stepload big|kernel|fsync|read ...\n");
+        fprintf(stderr, "usage: stepload big|steps|kernel|fsync|read ...\n");
         return 2;
     }
     curl_global_init(CURL_GLOBAL_DEFAULT);
     int rc = 2;
     if (strcmp(argv[1], "big") == 0)
         rc = cmd_big(argc, argv);
+    else if (strcmp(argv[1], "steps") == 0)
+        rc = cmd_steps(argc, argv);
     else if (strcmp(argv[1], "kernel") == 0)
         rc = cmd_kernel(argc, argv);
     else if (strcmp(argv[1], "fsync") == 0)
