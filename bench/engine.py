@@ -462,7 +462,9 @@ def full_rows(nginx_rps16, rounds, secs):
         started.remove(p)
     f = figures["optd"]
     text = f"{f['rps']:.0f} steps/s (p50 {f['p50_us'] / 1000:.2f} ms, p99 {f['p99_us'] / 1000:.2f})"
-    ratio = f"{f['rps'] / rate:.1f} steps per fdatasync; {100 * f['rps'] / nginx_rps16:.1f}% of nginx"
+    ratio = f"{f['rps'] / rate:.1f} steps per fdatasync"
+    if nginx_rps16:
+        ratio += f"; {100 * f['rps'] / nginx_rps16:.1f}% of nginx"
     ok = None
     target = "reported; >= 3x pre-rewrite"
     if "pre-rewrite" in figures:
@@ -525,6 +527,8 @@ def main():
     ap.add_argument("--no-1e8", action="store_true")
     ap.add_argument("--rounds", type=int, default=0)
     ap.add_argument("--seconds", type=float, default=0)
+    ap.add_argument("--parts", default="small,full,big,restart",
+                    help="which parts to run (comma-separated; restart needs big's 1M row)")
     ap.add_argument("--profile", action="store_true",
                     help="perf record each daemon during its rows; excerpts after the table")
     a = ap.parse_args()
@@ -536,6 +540,7 @@ def main():
     sizes = [(1000000, 5 if a.quick else 30, "1M"), (10000000, 3 if a.quick else 10, "1e7")]
     if not a.no_1e8:
         sizes.append((100000000, 2 if a.quick else 4, "1e8"))
+    parts = set(a.parts.split(","))
     restart_count = 100 if a.quick else 1000
     for tool in ("wrk", "nginx"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
@@ -554,12 +559,14 @@ def main():
     try:
         nginx, nport = start_nginx({f"big{n}.bin": 4 * n for n, _, _ in sizes})
         log(f"nginx on {nport}; load {load()}")
-        m = small_rows(nport, rounds, secs)
-        loads.append(load())
-        full_rows(m["ng16"]["rps"], rounds, secs)
-        loads.append(load())
+        if "small" in parts:
+            m = small_rows(nport, rounds, secs)
+            loads.append(load())
+        if "full" in parts:
+            full_rows(m["ng16"]["rps"] if "small" in parts else 0, rounds, secs)
+            loads.append(load())
         live = None
-        for n, iters, label in sizes:
+        for n, iters, label in sizes if "big" in parts else ():
             p, port, db, res = big_row(n, iters, nport, label)
             loads.append(load())
             if n == 1000000:
@@ -569,8 +576,9 @@ def main():
             else:
                 stop(p)
                 started.remove(p)
-        restart_row(live, restart_count)
-        loads.append(load())
+        if "restart" in parts and live is not None:
+            restart_row(live, restart_count)
+            loads.append(load())
     finally:
         cleanup()
 
