@@ -504,7 +504,11 @@ def restart_row(live_p50_ms, count):
     up = time.monotonic() - t0
     res = stepload("steps", "--step", f"http://127.0.0.1:{port}/v1/sessions/r/step", "--n", n,
                    "--count", 1)
-    first = (time.monotonic() - t0) * 1000
+    # From the start of the daemon until it listens (polled every 50 ms),
+    # plus the first step's round trip as the client timed it: the time the
+    # client process takes to start is not the daemon's.
+    wall = (time.monotonic() - t0) * 1000
+    first = up * 1000 + res["optd"]["p50_ms"]
     steps = session_step(port, "r")
     if steps != count + 1:
         die(f"restart: {steps} steps after the restart's step, want {count + 1}")
@@ -514,8 +518,8 @@ def restart_row(live_p50_ms, count):
     floor = rd["ms"] + replayed * kern + live_p50_ms
     r = first / floor
     row(f"restart: first step answered after kill -9 of a 1M session stepped {count} times",
-        f"{first:.1f} ms from starting the daemon (listening after {up * 1000:.0f} ms;"
-        f" the step {res['optd']['p50_ms']:.1f} ms)",
+        f"{first:.1f} ms: listening {up * 1000:.0f} ms after its start + the step"
+        f" {res['optd']['p50_ms']:.1f} ms (wall clock with the client's start: {wall:.0f})",
         f"{floor:.1f} ms: read {rd['bytes'] / MIB:.1f} MiB {rd['ms']:.1f} + {replayed} replayed x"
         f" kernel {kern:.2f} + live step {live_p50_ms:.1f}", f"{r:.2f}x", "<= 2x", r <= 2)
 
