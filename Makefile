@@ -9,7 +9,8 @@
 #   make tsan           the concurrency and worker suites and the daemon under TSan (build-tsan/)
 #   make faults         the daemon-level fault loops at every N (make test samples them)
 #   make fuzz           every libFuzzer target for FUZZ_SECONDS (60) each (build-fuzz/)
-#   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
+#   make bench          every benchmark (bench-kernels, bench-http, bench-sync, bench-engine)
+#   make bench-engine   the step engine against same-run floors (bench/ENGINE.md)
 #   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
 #   make bench-storage  where large vectors should live (docs/storage.md)
 #   make bench-remote   optd.torch.RemoteOptimizer's opt.step() against local torch.optim
@@ -76,8 +77,8 @@ BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
         fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
-        bench-json bench-observe bench-travel bench-remote demo install uninstall wheel clean \
-        test-unit test-clients
+        bench-json bench-observe bench-travel bench-remote bench-engine demo install uninstall \
+        wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -256,7 +257,7 @@ fuzz: deps-fuzz fuzz-build
 	@OPTD_FUZZ_BUILD=$(FUZZ_BUILD) sh tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 # ------------------------------------------------------------------ bench
-bench: bench-kernels bench-http bench-sync
+bench: bench-kernels bench-http bench-sync bench-engine
 bench-kernels: build
 	$(BUILD)/bench/kernels
 bench-http: deps-bench build
@@ -265,6 +266,8 @@ bench-sync: build
 	$(BUILD)/bench/sync
 bench-observe: deps-bench build
 	sh bench/observe.sh
+bench-engine: deps-bench build
+	/usr/bin/python3 bench/engine.py $(BENCH_ENGINE_ARGS)
 bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
 bench-travel: build

@@ -6,14 +6,16 @@
 --                  "params": GET a session's params in binary (the daemon's
 --                  HTTP floor: the same response, no gradient, no storage);
 --                  "get": plain GET of wrk's URL (the nginx ceiling), so that
---                  both servers are measured by the same script and report.
+--                  both servers are measured by the same script and report;
+--                  "json": POST the same gradient as a JSON document
+--                  {"grad":[...]}, the params answered in JSON.
 --   BENCH_PREFIX   step and params modes: sessions are BENCH_PREFIX<i>,
 --                  i = 0..threads-1.
 --                  Run wrk with as many threads as connections (-t N -c N):
 --                  wrk only tells a script which thread it runs in, so one
 --                  connection per thread is what gives every connection its
 --                  own session.
---   BENCH_PARAMS   step mode: the sessions' size (float32 count).
+--   BENCH_PARAMS   step and json modes: the sessions' size (float32 count).
 --
 -- Latency: wrk's own statistics are corrected for coordinated omission (it
 -- adds synthetic samples for every response slower than the mean interval),
@@ -78,8 +80,19 @@ function init(args)
       return
    end
    local n = tonumber(os.getenv("BENCH_PARAMS") or "")
-   if mode ~= "step" or not n then
-      error("BENCH_MODE is step, params or get; step mode needs BENCH_PARAMS")
+   if (mode ~= "step" and mode ~= "json") or not n then
+      error("BENCH_MODE is step, json, params or get; step and json need BENCH_PARAMS")
+   end
+   if mode == "json" then
+      local vals = {"0.01", "-0.02", "0.005", "-0.001"}
+      local parts = {}
+      for i = 1, n do
+         parts[i] = vals[(i - 1) % 4 + 1]
+      end
+      req = wrk.format("POST", "/v1/sessions/" .. prefix .. id .. "/step",
+                       {["Content-Type"] = "application/json"},
+                       '{"grad":[' .. table.concat(parts, ",") .. ']}')
+      return
    end
    local body = string.rep(PATTERN, math.floor(n / 4)) .. string.sub(PATTERN, 1, 4 * (n % 4))
    local path = "/v1/sessions/" .. prefix .. id .. "/step"

@@ -3,7 +3,7 @@
  * memory ceiling measured in the same run and against torch.optim.
  *
  *   build/bench/kernels [--sizes 1e3,1e5,1e6,1e7] [--min-time 0.2] [--rounds 3]
- *                       [--no-torch] [--torch-script PATH]
+ *                       [--threads 2] [--no-torch] [--torch-script PATH]
  *
  * For every size and rule: params/s of optim_step, the memory ceiling in
  * params/s (the better of a copy and a triad loop over arrays as large in
@@ -18,11 +18,19 @@
  * times and each figure is the median of all its batches, so a neighbour's
  * burst of load spoils a part of every cell's samples rather than all of a
  * few cells'.  bench/README.md explains the columns.
+ *
+ * The threaded columns split one step over --threads threads the way the
+ * daemon's engine does (server/engine.c): optim_plan_make once, the vector
+ * cut into OPTIM_VEC_BLOCK-element blocks, each thread given a contiguous
+ * share of the blocks and running optim_plan_run block by block, then
+ * optim_plan_commit.  A copy loop split the same way gives the memory
+ * ceiling of that many cores.
  */
 #include "optim/optim.h"
 
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,6 +93,9 @@ static const char *const TARGET_ROWS[] = {"adam", "adamw", "sgd_momentum"};
 #define TARGET_SMALL_NS 1000.0
 #define TARGET_BIG_N 10000000u
 #define TARGET_SMALL_N 1000u
+/* At 1e7, Adam on --threads 2 against one thread. */
+#define TARGET_THREADS_ROW "adam"
+#define TARGET_THREADS_SPEEDUP 1.8
 
 static void row_hparams(const row_def *r, optim_hparams *hp)
 {
@@ -122,10 +133,12 @@ static double now_sec(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* The process's CPU clock: the threaded ops' workers count too (they sleep
+ * while a single-threaded op runs, so for those it is the thread's). */
 static double cpu_sec(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
@@ -178,6 +191,7 @@ typedef struct {
     op_fn fn;
     void *ctx;
     pool *out;       /* each batch's seconds per call is added here */
+    unsigned threads; /* CPUs the op keeps busy (0 = 1)             */
 } timed_op;
 
 /* One round of a cell: the ops run one after the other, each warmed up
@@ -217,7 +231,8 @@ static void time_ops(timed_op *ops, size_t nops, double min_time)
             for (size_t j = 0; j < k; j++)
                 ops[o].fn(ops[o].ctx);
             double wall = now_sec() - a;
-            bool undisturbed = cpu_sec() - c >= ON_CPU_SHARE * wall;
+            unsigned th = ops[o].threads ? ops[o].threads : 1;
+            bool undisturbed = cpu_sec() - c >= ON_CPU_SHARE * th * wall;
             pool_add(ops[o].out, wall / (double)k, undisturbed);
             good += undisturbed;
         }
@@ -330,11 +345,174 @@ static void op_step(void *ctx)
     optim_step(s->hp, s->st, OPTIM_F32, s->params, s->grad, s->n);
 }
 
+/* ------------------------------------------------------- thread pool
+ *
+ * threads - 1 workers plus the caller.  A job is a function over a range
+ * of blocks; share() cuts nblocks into contiguous shares as the engine
+ * does, the caller takes share 0 and waits for the others.
+ */
+#define MAX_THREADS 16
+/* Below this many blocks the engine runs a step on one thread. */
+#define POOL_MIN_BLOCKS 8
+
+typedef void (*block_fn)(void *ctx, size_t b0, size_t b1);
+
+typedef struct {
+    unsigned threads;
+    pthread_t tids[MAX_THREADS];
+    pthread_mutex_t mu;
+    pthread_cond_t go, done;
+    unsigned long gen;
+    unsigned pending;
+    bool stop;
+    block_fn fn;
+    void *ctx;
+    size_t nblocks;
+} tpool;
+
+typedef struct {
+    tpool *p;
+    unsigned index;
+} tpool_arg;
+
+static tpool_arg tpool_args[MAX_THREADS];
+
+static void share(size_t nblocks, unsigned threads, unsigned i, size_t *b0, size_t *b1)
+{
+    *b0 = nblocks * i / threads;
+    *b1 = nblocks * (i + 1) / threads;
+}
+
+static void *tpool_main(void *arg)
+{
+    tpool_arg *a = arg;
+    tpool *p = a->p;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->stop && p->gen == seen)
+            pthread_cond_wait(&p->go, &p->mu);
+        if (p->stop)
+            break;
+        seen = p->gen;
+        block_fn fn = p->fn;
+        void *ctx = p->ctx;
+        size_t b0, b1;
+        share(p->nblocks, p->threads, a->index, &b0, &b1);
+        pthread_mutex_unlock(&p->mu);
+        if (b1 > b0)
+            fn(ctx, b0, b1);
+        pthread_mutex_lock(&p->mu);
+        if (--p->pending == 0)
+            pthread_cond_signal(&p->done);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static void tpool_start(tpool *p, unsigned threads)
+{
+    memset(p, 0, sizeof *p);
+    p->threads = threads;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->go, NULL);
+    pthread_cond_init(&p->done, NULL);
+    for (unsigned i = 1; i < threads; i++) {
+        tpool_args[i].p = p;
+        tpool_args[i].index = i;
+        if (pthread_create(&p->tids[i], NULL, tpool_main, &tpool_args[i]) != 0) {
+            fprintf(stderr, "kernels: pthread_create failed\n");
+            exit(1);
+        }
+    }
+}
+
+static void tpool_stop(tpool *p)
+{
+    pthread_mutex_lock(&p->mu);
+    p->stop = true;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    for (unsigned i = 1; i < p->threads; i++)
+        pthread_join(p->tids[i], NULL);
+    pthread_cond_destroy(&p->go);
+    pthread_cond_destroy(&p->done);
+    pthread_mutex_destroy(&p->mu);
+}
+
+static void tpool_run(tpool *p, block_fn fn, void *ctx, size_t nblocks)
+{
+    if (p->threads < 2 || nblocks < POOL_MIN_BLOCKS) {
+        fn(ctx, 0, nblocks);
+        return;
+    }
+    pthread_mutex_lock(&p->mu);
+    p->fn = fn;
+    p->ctx = ctx;
+    p->nblocks = nblocks;
+    p->pending = p->threads - 1;
+    p->gen++;
+    pthread_cond_broadcast(&p->go);
+    pthread_mutex_unlock(&p->mu);
+    size_t b0, b1;
+    share(nblocks, p->threads, 0, &b0, &b1);
+    if (b1 > b0)
+        fn(ctx, b0, b1);
+    pthread_mutex_lock(&p->mu);
+    while (p->pending > 0)
+        pthread_cond_wait(&p->done, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+}
+
+static tpool the_pool;
+
+/* One step on the pool: plan, the blocks, commit. */
+typedef struct {
+    step_ctx *s;
+    optim_plan plan;
+} tstep_ctx;
+
+static void step_blocks(void *ctx, size_t b0, size_t b1)
+{
+    tstep_ctx *t = ctx;
+    step_ctx *s = t->s;
+    size_t end = b1 * OPTIM_VEC_BLOCK < s->n ? b1 * OPTIM_VEC_BLOCK : s->n;
+    for (size_t off = b0 * OPTIM_VEC_BLOCK; off < end; off += OPTIM_VEC_BLOCK)
+        optim_plan_run(&t->plan, s->st, OPTIM_F32, s->params, s->grad, off,
+                       end - off < OPTIM_VEC_BLOCK ? end : off + OPTIM_VEC_BLOCK);
+}
+
+static void op_step_threads(void *ctx)
+{
+    tstep_ctx t;
+    t.s = ctx;
+    optim_plan_make(t.s->hp, t.s->st, &t.plan);
+    tpool_run(&the_pool, step_blocks, &t, optim_vec_blocks(t.s->n));
+    optim_plan_commit(&t.plan, t.s->st);
+}
+
+static void copy_blocks(void *ctx, size_t b0, size_t b1)
+{
+    stream_ctx *s = ctx;
+    size_t begin = b0 * OPTIM_VEC_BLOCK;
+    size_t end = b1 * OPTIM_VEC_BLOCK < s->n ? b1 * OPTIM_VEC_BLOCK : s->n;
+    if (end > begin)
+        copy_loop(s->a + begin, s->b + begin, end - begin);
+}
+
+static void op_copy_threads(void *ctx)
+{
+    stream_ctx *s = ctx;
+    tpool_run(&the_pool, copy_blocks, s, optim_vec_blocks(s->n));
+}
+
 /* The figures of one (row, size) cell, each a pool of batch timings. */
 enum {
     F_STEP = 0,        /* optim_step                                       */
     F_COPY,            /* copy loop, per pass                              */
     F_TRIAD,           /* triad loop, per pass                             */
+    F_STEP_T,          /* the step split over --threads threads            */
+    F_COPY_T,          /* the copy loop split the same way                 */
     F_TORCH,           /* torch as shipped, foreach=True                   */
     F_TUNED_FOREACH,   /* torch, malloc keeping freed memory, foreach=True */
     F_TUNED_SINGLE,    /* ... foreach=False                                */
@@ -418,10 +596,14 @@ static int optd_round(const row_def *row, size_t n, arena *a, cell *c, double mi
     a->cp.n = c->copy_n = footprint / (2 * sizeof(float));
     a->tri.n = c->triad_n = footprint / (3 * sizeof(float));
     step_ctx sc = {&hp, &st, a->params, a->grad, n};
-    timed_op ops[3] = {{op_step, &sc, &c->fig[F_STEP]},
-                       {op_copy, &a->cp, &c->fig[F_COPY]},
-                       {op_triad, &a->tri, &c->fig[F_TRIAD]}};
-    time_ops(ops, 3, min_time);
+    timed_op ops[5] = {{op_step, &sc, &c->fig[F_STEP], 1},
+                       {op_copy, &a->cp, &c->fig[F_COPY], 1},
+                       {op_triad, &a->tri, &c->fig[F_TRIAD], 1},
+                       {op_step_threads, &sc, &c->fig[F_STEP_T], the_pool.threads},
+                       {op_copy_threads, &a->cp, &c->fig[F_COPY_T], the_pool.threads}};
+    /* The threaded ops only where the engine would use its pool. */
+    bool threaded = the_pool.threads > 1 && optim_vec_blocks(n) >= POOL_MIN_BLOCKS;
+    time_ops(ops, threaded ? 5 : 3, min_time);
     for (size_t j = 0; j < n; j++)
         if (!isfinite(a->params[j])) {
             c->finite = false;
@@ -720,7 +902,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: kernels [--sizes 1e3,1e5,1e6,1e7] [--min-time SEC] [--rounds N]\n"
-            "               [--no-torch] [--torch-script PATH]\n");
+            "               [--threads N] [--no-torch] [--torch-script PATH]\n");
 }
 
 /* The medians of a cell, in the table's units. */
@@ -732,6 +914,9 @@ typedef struct {
     double torch_pps;    /* torch as shipped; 0 = none                   */
     double tuned_pps;    /* torch tuned, better mode; 0 = none           */
     bool tuned_single;   /* foreach=False was the better one             */
+    double thr_pps;      /* the step on --threads threads; 0 = not run   */
+    double thr_ceil_bps; /* the copy loop on as many threads, bus bytes/s */
+    double copy_bps;     /* the copy loop on one thread, bus bytes/s     */
 } figures;
 
 static void cell_figures(const cell *c, const row_def *row, size_t n, figures *f)
@@ -743,6 +928,7 @@ static void cell_figures(const cell *c, const row_def *row, size_t n, figures *f
     double copy_bps = COPY_BUS * (double)c->copy_n / pool_median(&c->fig[F_COPY]);
     double triad_bps = TRIAD_BUS * (double)c->triad_n / pool_median(&c->fig[F_TRIAD]);
     f->ceil_bps = copy_bps > triad_bps ? copy_bps : triad_bps;
+    f->copy_bps = copy_bps;
     f->ceil_pps = f->ceil_bps / (double)optim_bytes_per_param(&hp, OPTIM_F32);
     double t = pool_median(&c->fig[F_TORCH]);
     double tf = pool_median(&c->fig[F_TUNED_FOREACH]);
@@ -751,6 +937,9 @@ static void cell_figures(const cell *c, const row_def *row, size_t n, figures *f
     double pf = tf > 0 ? (double)n / tf : 0, ps = ts > 0 ? (double)n / ts : 0;
     f->tuned_pps = pf > ps ? pf : ps;
     f->tuned_single = ps > pf;
+    double st = pool_median(&c->fig[F_STEP_T]), ct = pool_median(&c->fig[F_COPY_T]);
+    f->thr_pps = st > 0 ? (double)n / st : 0;
+    f->thr_ceil_bps = ct > 0 ? COPY_BUS * (double)c->copy_n / ct : 0;
 }
 
 int main(int argc, char **argv)
@@ -760,6 +949,7 @@ int main(int argc, char **argv)
     double min_time = 0.2;
     unsigned rounds = 3;
     bool want_torch = true;
+    unsigned threads = 2;
     char script[512];
     default_script(argv[0], script, sizeof script);
 
@@ -782,6 +972,13 @@ int main(int argc, char **argv)
                 return 2;
             }
             rounds = (unsigned)v;
+        } else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
+            long v = strtol(argv[++i], NULL, 10);
+            if (v < 1 || v > MAX_THREADS) {
+                usage();
+                return 2;
+            }
+            threads = (unsigned)v;
         } else if (strcmp(argv[i], "--no-torch") == 0) {
             want_torch = false;
         } else if (strcmp(argv[i], "--torch-script") == 0 && i + 1 < argc) {
@@ -796,7 +993,8 @@ int main(int argc, char **argv)
 
     char cpu[256];
     cpu_model(cpu, sizeof cpu);
-    printf("optd kernel benchmark: optim_step, float32, one thread\n");
+    printf("optd kernel benchmark: optim_step, float32, one thread (and %u: thr columns)\n",
+           threads);
     printf("cpu:       %s\n", cpu);
     printf("compiler:  %s\n", compiler_name());
     printf("kernels:   target_clones variant %s\n", clone_variant());
@@ -826,6 +1024,7 @@ int main(int argc, char **argv)
     printf("torch:     %s\n\n", torch_info);
     fflush(stdout);
 
+    tpool_start(&the_pool, threads);
     size_t max_n = 0;
     for (size_t i = 0; i < n_sizes; i++)
         if (sizes[i] > max_n)
@@ -861,6 +1060,7 @@ int main(int argc, char **argv)
         }
     }
     arena_free(&ar);
+    tpool_stop(&the_pool);
     torch_stop(&shipped);
     torch_stop(&tuned);
 
@@ -881,10 +1081,15 @@ int main(int argc, char **argv)
            "GB/s       bytes the step touches per second: optim_bytes_per_param x params/s\n"
            "ceilGB     the better of a copy and a triad loop over arrays as large in total as\n"
            "           the rule's params + grad + buffers, right after the steps, in GB/s\n"
-           "           counting the write-allocate (copy 12 B, triad 16 B per element)\n\n");
-    printf("%-5s %-16s %8s %9s %6s %9s %8s %6s %9s %6s %6s %6s\n", "size", "optimizer",
-           "params/s", "ceiling/s", "ofceil", "ns/step", "torch/s", "x", "tuned/s", "x",
-           "GB/s", "ceilGB");
+           "           counting the write-allocate (copy 12 B, triad 16 B per element)\n"
+           "thr/s      the step split over --threads threads in %d-element blocks, as the\n"
+           "           engine splits it (only from %d blocks up, as the engine)\n"
+           "xthr       thr/s over params/s (one thread)\n"
+           "thrGB      the copy loop split the same way: the ceiling of that many cores, GB/s\n\n",
+           OPTIM_VEC_BLOCK, POOL_MIN_BLOCKS);
+    printf("%-5s %-16s %8s %9s %6s %9s %8s %6s %9s %6s %6s %6s %8s %5s %6s\n", "size",
+           "optimizer", "params/s", "ceiling/s", "ofceil", "ns/step", "torch/s", "x", "tuned/s",
+           "x", "GB/s", "ceilGB", "thr/s", "xthr", "thrGB");
     for (size_t i = 0; i < n_sizes; i++) {
         for (size_t r = 0; r < N_ROWS; r++) {
             const figures *f = &figs[r][i];
@@ -902,12 +1107,19 @@ int main(int argc, char **argv)
                          f->tuned_single ? 's' : 'f');
                 snprintf(ux, sizeof ux, "%.1f", f->pps / f->tuned_pps);
             }
-            printf("%-5s %-16s %8s %9s %5.0f%% %9.*f %8s %6s %9s %6s %6.1f %6.1f%s\n",
+            char thcol[24] = "-", thx[16] = "-", thgb[16] = "-";
+            if (f->thr_pps > 0) {
+                si(f->thr_pps, thcol, sizeof thcol);
+                snprintf(thx, sizeof thx, "%.2f", f->thr_pps / f->pps);
+                snprintf(thgb, sizeof thgb, "%.1f", f->thr_ceil_bps / 1e9);
+            }
+            printf("%-5s %-16s %8s %9s %5.0f%% %9.*f %8s %6s %9s %6s %6.1f %6.1f %8s %5s %6s%s\n",
                    size_name(sizes[i], sz, sizeof sz), ROWS[r].label, si(f->pps, b1, sizeof b1),
                    si(f->ceil_pps, b2, sizeof b2), 100 * f->pps / f->ceil_pps, ns < 1e4 ? 1 : 0,
                    ns, tcol, tx, ucol, ux,
                    f->pps * (double)optim_bytes_per_param(&hp, OPTIM_F32) / 1e9,
-                   f->ceil_bps / 1e9, cells[r][i].finite ? "" : "  (params went non-finite)");
+                   f->ceil_bps / 1e9, thcol, thx, thgb,
+                   cells[r][i].finite ? "" : "  (params went non-finite)");
         }
         printf("\n");
     }
@@ -951,6 +1163,16 @@ int main(int argc, char **argv)
 
     /* ---- targets */
     printf("targets:\n");
+    if (big >= 0 && threads > 1) {
+        const figures *f = &figs[row_index(TARGET_THREADS_ROW)][big];
+        double sp = f->thr_pps / f->pps;
+        double ceil_sp = f->thr_ceil_bps / f->copy_bps;
+        printf("  %-16s 1e7 %u threads >= %.1fx one thread  %6.2fx   %s\n"
+               "  %-16s (the copy ceiling itself scales %.2fx on %u threads: %.1f -> %.1f GB/s)\n",
+               TARGET_THREADS_ROW, threads, TARGET_THREADS_SPEEDUP, sp,
+               sp >= TARGET_THREADS_SPEEDUP ? "target met" : "missed", "", ceil_sp, threads,
+               f->copy_bps / 1e9, f->thr_ceil_bps / 1e9);
+    }
     for (size_t t = 0; t < N_TARGET_ROWS; t++) {
         int r = row_index(TARGET_ROWS[t]);
         const char *label = ROWS[r].label;
