@@ -29,6 +29,9 @@
  * most that much, and a large session does not rewrite its whole state
  * every few steps. */
 #define CKPT_LOG_RATIO 2
+/* ... and at least this many bytes: a small session does not rewrite its
+ * state every few steps (the replay after a crash stays a few MiB). */
+#define CKPT_MIN_LOG_BYTES ((size_t)8 << 20)
 
 /* Below this many blocks a step runs on its own thread: waking the pool
  * costs more than it saves. */
@@ -1256,7 +1259,10 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
     int k = 0;
     bool periodic = s->cfg.retain.every_steps > 0 && out->kind == STORAGE_LOG_STEP &&
                     s->st.step % (uint64_t)s->cfg.retain.every_steps == 0;
-    if (periodic || s->log_bytes + e.grad_len > CKPT_LOG_RATIO * eng_session_bytes(s)) {
+    size_t ckpt_after = CKPT_LOG_RATIO * eng_session_bytes(s);
+    if (ckpt_after < CKPT_MIN_LOG_BYTES)
+        ckpt_after = CKPT_MIN_LOG_BYTES;
+    if (periodic || s->log_bytes + e.grad_len > ckpt_after) {
         k = checkpoint_pieces(s, &h, &recs, iov);
         if (k >= 0 && !(cfg_json = api_config_to_json(&s->cfg)))
             k = -1;

@@ -768,19 +768,17 @@ static int parse_group_values(const eng_session *s, const srv_request *req, eng_
     return 0;
 }
 
-/* An idempotency key's request fingerprint: CRC-32 of the gradient bytes
- * as received and of everything else that changes the update (the body's
- * wire dtype, loss, base_step, absent tensors, group values).  Bit 32 is
+/* An idempotency key's request fingerprint: CRC-32 of the gradient as
+ * decoded (the session's dtype: the same values sent as JSON, binary or a
+ * 16-bit form are the same request) and of everything else that changes
+ * the update (loss, base_step, absent tensors, group values).  Bit 32 is
  * set so that a fingerprint is never 0, which storage keeps for "not
  * recorded" (keys stored before fingerprints existed). */
-static uint64_t step_fingerprint(const srv_request *req, const api_step_meta *meta,
+static uint64_t step_fingerprint(const void *grad, size_t grad_bytes, const api_step_meta *meta,
                                  const uint32_t *absent, size_t n_absent,
                                  const eng_group_hp *ghp, size_t n_groups)
 {
-    uint32_t c = storage_crc32(0, req->body_binary ? "B" : "J", 1);
-    c = storage_crc32(c, req->body, req->body_len);
-    const char *dt = req->body_binary ? req->header(req->conn, "Optd-Dtype") : NULL;
-    c = storage_crc32(c, dt ? dt : "", dt ? strlen(dt) + 1 : 1);
+    uint32_t c = storage_crc32(0, grad, grad_bytes);
     double loss = meta->loss;
     int64_t base = meta->base_step;
     c = storage_crc32(c, &loss, sizeof loss);
@@ -864,7 +862,10 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         goto done;
     uint64_t fp = 0;
     if (key) {
-        fp = step_fingerprint(req, &meta, absent, n_absent, ghp, s->cfg.n_groups);
+        fp = step_fingerprint(grad,
+                              (size_t)eng_present_size(s, absent, n_absent) *
+                                  optim_dtype_size(s->cfg.dtype),
+                              &meta, absent, n_absent, ghp, s->cfg.n_groups);
         int64_t recorded;
         double rec_lr;
         int rec_kind;

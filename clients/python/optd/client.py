@@ -285,7 +285,7 @@ class Client:
         retain=...).  ``replay=True`` re-applies the source's logged
         gradients after ``step`` under the new config (a counterfactual
         run), answering when done."""
-        fork = {"from": _check_name(source)}
+        fork: Dict[str, Any] = {"from": _check_name(source)}
         if step is not None:
             fork["step"] = int(step)
         doc = dict(changes, fork=fork)
@@ -527,7 +527,7 @@ class Session:
         are gone.  Returns the session document."""
         if (step is None) == (label is None):
             raise ValueError("give step or label")
-        body = {"step": int(step)} if step is not None else {"label": label}
+        body: Dict[str, Any] = {"step": int(step)} if step is not None else {"label": label}
         doc = _json_doc(self.client._send_json("POST", _path(self.name, "/rollback"), body))
         self.last_step = doc.get("step")
         return doc
