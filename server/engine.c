@@ -15,6 +15,7 @@
  * block, runs the kernel and sums the update's squares.
  */
 #include "server/engine.h"
+#include "server/observe.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -1062,12 +1063,14 @@ int eng_checkpoint(storage *db, eng_session *s, bool with_config)
     storage_iov iov[MAX_PIECES];
     int k = checkpoint_pieces(s, &h, &recs, iov);
     int64_t now = now_ms();
+    double t0 = obs_now();
     int err = k < 0 ? ENG_ENOMEM
                     : storage_checkpoint(db, s->id, cfg_json, iov, k, s->seq,
                                          (int64_t)s->st.step, now);
     free(recs);
     free(cfg_json);
     if (err == STORAGE_OK) {
+        obs_checkpoint_done(obs_now() - t0);
         s->log_bytes = 0;
         if (with_config)
             s->updated_ms = now;

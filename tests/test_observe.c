@@ -192,8 +192,13 @@ static void test_metrics_count_and_pass_promtool(void **state)
     optd_response r = tapi_req(s->c, "GET", "/v1/sessions/nope", NULL, NULL);
     assert_int_equal(r.status, 404);
     optd_response_free(&r);
+    r = tapi_req(s->c, "PATCH", "/v1/sessions/m3", JSON_CT, "{\"optimizer\":{\"lr\":0.2}}");
+    assert_int_equal(r.status, 200);
+    optd_response_free(&r);
 
     char *page = metrics(s->c, NULL);
+    /* The PATCH wrote one checkpoint of its own. */
+    assert_true(sample(page, "optd_storage_checkpoint_seconds_count") == 1);
     assert_true(sample(page, "optd_steps_total{kind=\"step\"}") == 12);
     assert_true(sample(page, "optd_http_requests_total{method=\"POST\",route=\"/v1/sessions/{name}/step\",status=\"200\"}") == 12);
     assert_true(sample(page, "optd_http_requests_total{method=\"PUT\",route=\"/v1/sessions/{name}\",status=\"201\"}") == 3);
