@@ -415,6 +415,15 @@ static void test_events_round_and_worker_names(void **state)
     assert_true(read_until(fd, &b, 0, "\"state\":\"timed_out\"", 5000));
     rbuf w = {0};
     assert_true(read_until(wfd, &w, 0, "HTTP/1.1 504", 5000));
+    /* The parked request's problem names its own request id (the reaper
+     * built it, not this request's thread). */
+    assert_true(read_until(wfd, &w, 0, "\"}", 5000));
+    const char *hid = find_nocase(w.data, "X-Request-Id: ");
+    assert_non_null(hid);
+    char want[96];
+    snprintf(want, sizeof want, "\"request_id\":\"%.*s\"", (int)strcspn(hid + 14, "\r\n"), hid + 14);
+    if (!strstr(w.data, want))
+        fail_msg("the 504 lacks %s: %s", want, w.data);
     close(wfd);
     free(w.data);
     /* Each event's data is one line of valid JSON. */
