@@ -9,7 +9,8 @@
 #   sh bench/observe.sh          (make bench-observe)
 #
 # Environment: OPTD_BIN (default build/optd), OPTD_BENCH_DURATION seconds per
-# run (default 5), OPTD_BENCH_REPS pairs of runs (default 3).
+# run (default 5), OPTD_BENCH_REPS pairs of runs (default 3); to take the cost
+# apart, OPTD_BENCH_WATCHERS (default 10) and OPTD_BENCH_SCRAPE (1: scrape, 0: not).
 # Only 127.0.0.1; everything started here is stopped by PID on every exit.
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +20,8 @@ DUR=${OPTD_BENCH_DURATION:-5}
 REPS=${OPTD_BENCH_REPS:-3}
 N=1000
 CONNS=16
-WATCHERS=10
+WATCHERS=${OPTD_BENCH_WATCHERS:-10}
+SCRAPE=${OPTD_BENCH_SCRAPE:-1}
 TARGET=0.95
 
 TMP=
@@ -70,7 +72,13 @@ while [ $i -lt $CONNS ]; do
     i=$((i + 1))
 done
 
-run() { # run LABEL: one wrk run, its rps appended to $TMP/LABEL
+# The daemon's CPU time (user + system), in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$OPTD_PID/stat"; }
+HZ=$(getconf CLK_TCK)
+
+run() { # run LABEL: one wrk run; its rps appended to $TMP/LABEL, the daemon's
+        # CPU microseconds per step to $TMP/LABEL.cpu
+    c0=$(cpu_ticks)
     BENCH_MODE=step BENCH_PARAMS=$N BENCH_PREFIX=s \
         timeout $((DUR + 30)) wrk -t $CONNS -c $CONNS -d "${DUR}s" --timeout 10s -s "$LUA" "$URL" \
         >"$TMP/wrk.out" 2>&1
@@ -79,7 +87,11 @@ run() { # run LABEL: one wrk run, its rps appended to $TMP/LABEL
     *" status_errors=0 socket_errors=0") ;;
     *) cat "$TMP/wrk.out" >&2; die "requests failed in the $1 run: $line" ;;
     esac
+    c1=$(cpu_ticks)
     echo "$line" | sed -n 's/.* rps=\([0-9.]*\).*/\1/p' >>"$TMP/$1"
+    reqs=$(echo "$line" | sed -n 's/.*requests=\([0-9]*\).*/\1/p')
+    awk -v a="$c0" -v b="$c1" -v n="$reqs" -v hz="$HZ" 'BEGIN {printf "%.1f\n", (b - a) * 1e6 / hz / n}' \
+        >>"$TMP/$1.cpu"
 }
 
 observers_on() {
@@ -91,8 +103,10 @@ observers_on() {
         w=$((w + 1))
     done
     # /metrics every second.
-    (while :; do curl -s -o "$TMP/metrics.out" "$URL/metrics"; sleep 1; done) &
-    SIDE_PIDS="$SIDE_PIDS $!"
+    if [ "$SCRAPE" = 1 ]; then
+        (while :; do curl -s -o "$TMP/metrics.out" "$URL/metrics"; sleep 1; done) &
+        SIDE_PIDS="$SIDE_PIDS $!"
+    fi
     sleep 0.5
 }
 
@@ -103,11 +117,11 @@ while [ $r -lt "$REPS" ]; do
     observers_on
     run observed
     # The watchers did read events: their streams hold step events.
-    grep -q '^event: step' "$TMP/watch0.out" || die "watcher 0 got no step event"
+    [ "$WATCHERS" = 0 ] || grep -q '^event: step' "$TMP/watch0.out" || die "watcher 0 got no step event"
     stop_side
     r=$((r + 1))
 done
-grep -q '^optd_steps_total{kind="step"}' "$TMP/metrics.out" || die "/metrics was not scraped"
+[ "$SCRAPE" = 0 ] || grep -q '^optd_steps_total{kind="step"}' "$TMP/metrics.out" || die "/metrics was not scraped"
 
 median() { sort -n "$1" | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 plain=$(median "$TMP/plain")
@@ -115,6 +129,11 @@ observed=$(median "$TMP/observed")
 ratio=$(awk -v a="$observed" -v b="$plain" 'BEGIN {printf "%.3f", a / b}')
 echo "binary 1k-param Adam steps, $CONNS connections, ${DUR}s runs, $REPS pairs (medians):"
 echo "  plain:                                   $plain steps/s   (runs: $(tr '\n' ' ' <"$TMP/plain"))"
-echo "  /metrics every 1 s + $WATCHERS event watchers:   $observed steps/s   (runs: $(tr '\n' ' ' <"$TMP/observed"))"
+echo "  /metrics every 1 s ($SCRAPE) + $WATCHERS event watchers:   $observed steps/s   (runs: $(tr '\n' ' ' <"$TMP/observed"))"
 echo "  ratio observed/plain: $ratio (target >= $TARGET)"
+cp=$(median "$TMP/plain.cpu")
+co=$(median "$TMP/observed.cpu")
+echo "  the daemon's CPU per step: plain $cp us, observed $co us (runs: $(tr '\n' ' ' <"$TMP/plain.cpu")/ $(tr '\n' ' ' <"$TMP/observed.cpu"))"
+echo "  (on a loaded machine the CPU per step is the steadier figure: the watchers'"
+echo "   and the scraper's own processes share the cores with wrk and the daemon)"
 awk -v r="$ratio" -v t="$TARGET" 'BEGIN {exit !(r >= t)}' && echo "  target met" || echo "  target MISSED"

@@ -15,6 +15,7 @@
  * block, runs the kernel and sums the update's squares.
  */
 #include "server/engine.h"
+#include "server/observe.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -1169,12 +1170,14 @@ int eng_checkpoint_kind(storage *db, eng_session *s, bool with_config, int kind,
     /* updated_at is the time of the last change: a PATCH is one, a
      * checkpoint of steps already taken (eviction, shutdown) is not. */
     int64_t now = with_config ? now_ms() : s->updated_ms;
+    double t0 = obs_now();
     int err = k < 0 ? ENG_ENOMEM
                     : storage_checkpoint_kept(db, s->id, with_config ? cfg_json : NULL, iov, k,
                                               s->seq, (int64_t)s->st.step, now, &m);
     free(recs);
     free(cfg_json);
     if (err == STORAGE_OK) {
+        obs_checkpoint_done(obs_now() - t0);
         s->log_bytes = 0;
         if (with_config)
             s->updated_ms = now;

@@ -15,7 +15,8 @@
  * and the client resumes with Last-Event-ID, which the stream serves from
  * the step history (storage_history) a page at a time before going live.
  *
- * LOCKING: watchers_mu guards the list; a watcher's mu guards its live
+ * LOCKING: watchers_mu (a read-write lock: steps and the pump read, a
+ * stream's start and end write) guards the list; a watcher's mu guards its live
  * buffer and its suspended flag (so that a suspend and a resume never
  * cross).  Order: session lock -> watchers_mu -> watcher mu.  The history
  * part of a stream belongs to the reader alone (MHD calls it for one
@@ -55,7 +56,7 @@ typedef struct watcher {
     size_t hoff;
 } watcher;
 
-static pthread_mutex_t watchers_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_rwlock_t watchers_mu = PTHREAD_RWLOCK_INITIALIZER;
 static watcher *watchers;
 static size_t n_watchers;       /* also read without the lock (fast path)   */
 static uint64_t n_dropped;
@@ -110,7 +111,7 @@ static void broadcast(const char *name, const char *text, size_t n)
 {
     if (__atomic_load_n(&n_watchers, __ATOMIC_RELAXED) == 0)
         return;
-    pthread_mutex_lock(&watchers_mu);
+    pthread_rwlock_rdlock(&watchers_mu);
     for (watcher *w = watchers; w; w = w->next) {
         if (name && strcmp(w->name, name) != 0)
             continue;
@@ -118,7 +119,7 @@ static void broadcast(const char *name, const char *text, size_t n)
         push_locked(w, text, n);
         pthread_mutex_unlock(&w->mu);
     }
-    pthread_mutex_unlock(&watchers_mu);
+    pthread_rwlock_unlock(&watchers_mu);
 }
 
 static bool session_watched(const char *name)
@@ -126,10 +127,10 @@ static bool session_watched(const char *name)
     if (__atomic_load_n(&n_watchers, __ATOMIC_RELAXED) == 0)
         return false;
     bool any = false;
-    pthread_mutex_lock(&watchers_mu);
+    pthread_rwlock_rdlock(&watchers_mu);
     for (watcher *w = watchers; w && !any; w = w->next)
         any = strcmp(w->name, name) == 0;
-    pthread_mutex_unlock(&watchers_mu);
+    pthread_rwlock_unlock(&watchers_mu);
     return any;
 }
 
@@ -307,7 +308,7 @@ static ssize_t reader(void *cls, uint64_t pos, char *out, size_t max)
 
 static void unlink_watcher(watcher *w)
 {
-    pthread_mutex_lock(&watchers_mu);
+    pthread_rwlock_wrlock(&watchers_mu);
     for (watcher **pp = &watchers; *pp; pp = &(*pp)->next) {
         if (*pp == w) {
             *pp = w->next;
@@ -315,7 +316,7 @@ static void unlink_watcher(watcher *w)
             break;
         }
     }
-    pthread_mutex_unlock(&watchers_mu);
+    pthread_rwlock_unlock(&watchers_mu);
 }
 
 /* The response is destroyed: the watcher goes. */
@@ -396,13 +397,13 @@ int obs_events_open(srv_ctx *ctx, void *conn, const char *name, const char *last
     static const char hello[] = "retry: 2000\n\n";
     memcpy(w->buf, hello, sizeof hello - 1);
     w->len = sizeof hello - 1;
-    pthread_mutex_lock(&watchers_mu);
+    pthread_rwlock_rdlock(&watchers_mu);
     if (__atomic_load_n(&stopping, __ATOMIC_RELAXED))
         w->ended = true; /* raced the stop: it ends at once */
     w->next = watchers;
     watchers = w;
     __atomic_add_fetch(&n_watchers, 1, __ATOMIC_RELAXED);
-    pthread_mutex_unlock(&watchers_mu);
+    pthread_rwlock_unlock(&watchers_mu);
     srv_registry_release(ctx->reg, s);
 
     struct MHD_Response *resp =
@@ -438,7 +439,7 @@ int obs_h_events(srv_ctx *ctx, const srv_request *req, api_reply *r)
 static void pump(bool keepalive)
 {
     static const char ping[] = ": keepalive\n\n";
-    pthread_mutex_lock(&watchers_mu);
+    pthread_rwlock_rdlock(&watchers_mu);
     for (watcher *w = watchers; w; w = w->next) {
         pthread_mutex_lock(&w->mu);
         if (keepalive)
@@ -449,7 +450,7 @@ static void pump(bool keepalive)
         }
         pthread_mutex_unlock(&w->mu);
     }
-    pthread_mutex_unlock(&watchers_mu);
+    pthread_rwlock_unlock(&watchers_mu);
 }
 
 static void *keepalive_main(void *arg)
@@ -503,7 +504,7 @@ void obs_events_shutdown(void)
         pthread_join(keepalive_thread, NULL);
     keepalive_started = false;
     /* Every stream ends (after what it holds); suspended ones wake up. */
-    pthread_mutex_lock(&watchers_mu);
+    pthread_rwlock_rdlock(&watchers_mu);
     for (watcher *w = watchers; w; w = w->next) {
         pthread_mutex_lock(&w->mu);
         w->ended = true;
@@ -513,5 +514,5 @@ void obs_events_shutdown(void)
         }
         pthread_mutex_unlock(&w->mu);
     }
-    pthread_mutex_unlock(&watchers_mu);
+    pthread_rwlock_unlock(&watchers_mu);
 }

@@ -426,9 +426,10 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *c)
     return x;
 }
 
-static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_size, void **con_cls)
+static enum MHD_Result handle_request(void *cls, struct MHD_Connection *c, const char *url,
+                                      const char *method, const char *version,
+                                      const char *upload_data, size_t *upload_size,
+                                      void **con_cls)
 {
     (void)url; /* decoded: routing uses the raw x->path */
     (void)version;
@@ -436,9 +437,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     conn_ctx *x = *con_cls;
     if (!x)
         return MHD_NO; /* on_uri ran out of memory */
-    if (!x->started)
-        obs_request_id(hdr(c, "X-Request-Id"), x->rid);
-    api_request_id_set(x->rid);
     if (!x->started) {
         x->started = true;
         snprintf(x->method, sizeof x->method, "%s", method);
@@ -516,6 +514,22 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return MHD_YES;
     }
     return queue(c, x, &r);
+}
+
+/* The request callback: problems built while it runs name the request's id
+ * (a thread-local that does not outlive the call). */
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_size, void **con_cls)
+{
+    conn_ctx *x = *con_cls;
+    if (x && !x->started)
+        obs_request_id(hdr(c, "X-Request-Id"), x->rid);
+    api_request_id_set(x ? x->rid : NULL);
+    enum MHD_Result res =
+        handle_request(cls, c, url, method, version, upload_data, upload_size, con_cls);
+    api_request_id_set(NULL);
+    return res;
 }
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,

@@ -72,7 +72,7 @@ static struct {
     histo latency[N_ROUTES];
     uint64_t bytes_in, bytes_out;
     histo phase[N_PHASES];
-    histo commit_plain, commit_ckpt;
+    histo commit_plain, commit_ckpt, checkpoint;
     uint64_t steps[3]; /* by STORAGE_LOG_* kind */
     uint64_t stale_rejected, stale_damped;
     uint64_t evicted;
@@ -128,6 +128,11 @@ void obs_step_request(double t_begin, double t_end)
 void obs_step_stale(void)
 {
     add(&M.stale_rejected, 1);
+}
+
+void obs_checkpoint_done(double seconds)
+{
+    observe(&M.checkpoint, seconds);
 }
 
 void obs_session_evicted(void)
@@ -387,6 +392,10 @@ int obs_h_metrics(srv_ctx *ctx, const srv_request *req, api_reply *r)
                    "SQLite commit of a step's log row, alone or with a checkpoint.");
     rc |= put_histo(&b, "optd_storage_commit_seconds", "checkpoint=\"false\"", &M.commit_plain);
     rc |= put_histo(&b, "optd_storage_commit_seconds", "checkpoint=\"true\"", &M.commit_ckpt);
+
+    rc |= put_meta(&b, "optd_storage_checkpoint_seconds", "histogram",
+                   "A checkpoint written on its own (PATCH, new params, eviction).");
+    rc |= put_histo(&b, "optd_storage_checkpoint_seconds", "", &M.checkpoint);
 
     rc |= put_meta(&b, "optd_steps_total", "counter",
                    "Gradients committed: applied updates, accumulated micro-batches, skipped "

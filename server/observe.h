@@ -46,6 +46,9 @@ void obs_step_request(double t_begin, double t_end);
 void obs_step_committed(const eng_session *s, const eng_step_in *in, const eng_step_out *out);
 /* A gradient refused as too stale. */
 void obs_step_stale(void);
+/* A checkpoint written on its own (PATCH, new params, eviction, stop),
+ * in seconds; the ones a step carries count in its commit. */
+void obs_checkpoint_done(double seconds);
 /* A session evicted from memory; a session loaded (replay) in seconds. */
 void obs_session_evicted(void);
 void obs_session_loaded(double seconds);

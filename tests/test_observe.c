@@ -192,8 +192,13 @@ static void test_metrics_count_and_pass_promtool(void **state)
     optd_response r = tapi_req(s->c, "GET", "/v1/sessions/nope", NULL, NULL);
     assert_int_equal(r.status, 404);
     optd_response_free(&r);
+    r = tapi_req(s->c, "PATCH", "/v1/sessions/m3", JSON_CT, "{\"optimizer\":{\"lr\":0.2}}");
+    assert_int_equal(r.status, 200);
+    optd_response_free(&r);
 
     char *page = metrics(s->c, NULL);
+    /* The PATCH wrote one checkpoint of its own. */
+    assert_true(sample(page, "optd_storage_checkpoint_seconds_count") == 1);
     assert_true(sample(page, "optd_steps_total{kind=\"step\"}") == 12);
     assert_true(sample(page, "optd_http_requests_total{method=\"POST\",route=\"/v1/sessions/{name}/step\",status=\"200\"}") == 12);
     assert_true(sample(page, "optd_http_requests_total{method=\"PUT\",route=\"/v1/sessions/{name}\",status=\"201\"}") == 3);
@@ -410,6 +415,15 @@ static void test_events_round_and_worker_names(void **state)
     assert_true(read_until(fd, &b, 0, "\"state\":\"timed_out\"", 5000));
     rbuf w = {0};
     assert_true(read_until(wfd, &w, 0, "HTTP/1.1 504", 5000));
+    /* The parked request's problem names its own request id (the reaper
+     * built it, not this request's thread). */
+    assert_true(read_until(wfd, &w, 0, "\"}", 5000));
+    const char *hid = find_nocase(w.data, "X-Request-Id: ");
+    assert_non_null(hid);
+    char want[96];
+    snprintf(want, sizeof want, "\"request_id\":\"%.*s\"", (int)strcspn(hid + 14, "\r\n"), hid + 14);
+    if (!strstr(w.data, want))
+        fail_msg("the 504 lacks %s: %s", want, w.data);
     close(wfd);
     free(w.data);
     /* Each event's data is one line of valid JSON. */
