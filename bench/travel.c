@@ -2,7 +2,7 @@
  * bench/travel.c -- what time travel costs, on a daemon of its own.
  *
  *   build/bench/travel [--size 1000000] [--steps 1000] [--backup-mb 1024]
- *                      [--optd PATH]
+ *                      [--no-rollback] [--optd PATH]
  *
  * Rollback and fork: an Adam session of --size float32 params with
  * retain {every_steps: steps, keep: 2} takes `steps` steps (the kept
@@ -271,7 +271,8 @@ static void bench_backup(optd_client *c, const char *bin, long long mb)
     }
     free(g);
     long long size = du(daemon_db);
-    if (optd_create_session(c, "probe", "{\"optimizer\":\"sgd\",\"size\":1000}", &e) < 0)
+    const char *probe_cfg = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.01},\"size\":1000}";
+    if (optd_create_session(c, "probe", probe_cfg, &e) < 0)
         die("create: %s", e.detail);
     prober p = {.cap = 1000000};
     p.lat = malloc(p.cap * sizeof *p.lat);
@@ -312,6 +313,8 @@ int main(int argc, char **argv)
             steps = atoi(argv[++i]);
         else if (strcmp(argv[i], "--backup-mb") == 0 && i + 1 < argc)
             backup_mb = atoll(argv[++i]);
+        else if (strcmp(argv[i], "--no-rollback") == 0)
+            steps = 0;
         else if (strcmp(argv[i], "--optd") == 0 && i + 1 < argc)
             bin = argv[++i];
         else {
@@ -320,12 +323,13 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (n < 1 || steps < 2)
+    if (n < 1 || (steps < 2 && steps != 0))
         die("--size must be >= 1 and --steps >= 2");
     daemon_start(bin);
     optd_client *c = optd_client_new(daemon_url, NULL);
     optd_client_set_timeouts(c, 10000, 3600000);
-    bench_rollback(c, n, steps);
+    if (steps > 0)
+        bench_rollback(c, n, steps);
     if (backup_mb > 0)
         bench_backup(c, bin, backup_mb);
     optd_client_free(c);

@@ -521,105 +521,6 @@ static void test_retention_10k(void **state)
     tdaemon_cleanup(&d);
 }
 
-/* ------------------------------------------------------------ kill -9 */
-
-typedef struct {
-    char url[64];
-    int which; /* 0 rollback, 1 fork+replay */
-} crash_arg;
-
-static void *crash_worker(void *p)
-{
-    crash_arg *a = p;
-    optd_client *c = optd_client_new(a->url, NULL);
-    optd_client_set_retry(c, 1, 0, 0);
-    optd_response r;
-    memset(&r, 0, sizeof r);
-    if (a->which == 0)
-        optd_request(c, "POST", "/v1/sessions/k/rollback", NULL, "{\"step\":10}",
-                     strlen("{\"step\":10}"), &r);
-    else
-        optd_request(c, "PUT", "/v1/sessions/kf", NULL,
-                     "{\"fork\":{\"from\":\"k\",\"step\":10},\"replay\":true}",
-                     strlen("{\"fork\":{\"from\":\"k\",\"step\":10},\"replay\":true}"), &r);
-    optd_response_free(&r);
-    optd_client_free(c);
-    return NULL;
-}
-
-/* kill -9 at random moments during rollbacks and forks with replay: after
- * a restart the session is exactly at step 10 or at its head, the fork is
- * complete or absent, and the database is sound. */
-static void test_kill9_travel(void **state)
-{
-    (void)state;
-    unsigned seed = (unsigned)time(NULL);
-    fprintf(stderr, "[ kill9    ] seed %u\n", seed);
-    tdaemon d;
-    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
-    optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
-    const char *cfg = "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"size\":70000,"
-                      "\"retain\":{\"every_steps\":8,\"keep\":4}}";
-    tapi_create(c, "ref10", "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"size\":70000}", 201);
-    float *g = malloc(70000 * sizeof *g);
-    for (int round = 0; round < 6; round++) {
-        del(c, "k");
-        del(c, "kf");
-        tapi_create(c, "k", cfg, 201);
-        for (int i = 0; i < 30; i++) {
-            for (int k = 0; k < 70000; k++)
-                g[k] = (float)sin(i * 0.9 + k * 0.001);
-            long long step;
-            optd_error e;
-            if (optd_step_f32(c, "k", g, 70000, NULL, NULL, &step, &e) != 0)
-                fail_msg("step: %s", e.detail);
-            if (round == 0 && i < 10 &&
-                optd_step_f32(c, "ref10", g, 70000, NULL, NULL, &step, &e) != 0)
-                fail_msg("step: %s", e.detail);
-        }
-        tapi_snap head = tapi_snapshot(c, "k");
-        crash_arg a;
-        snprintf(a.url, sizeof a.url, "%s", tdaemon_url(&d));
-        a.which = round % 2;
-        pthread_t th;
-        pthread_create(&th, NULL, crash_worker, &a);
-        usleep((useconds_t)(rand_r(&seed) % 40000));
-        assert_int_equal(tdaemon_kill9(&d), 0);
-        pthread_join(th, NULL);
-        assert_int_equal(tapi_integrity_check(tdaemon_db(&d)), 0);
-        assert_int_equal(tdaemon_restart(&d), 0);
-        optd_client_free(c);
-        c = tapi_client(tdaemon_url(&d), NULL, false);
-        tapi_snap now = tapi_snapshot(c, "k");
-        tapi_snap ref = tapi_snapshot(c, "ref10");
-        if (now.session_step == 10)
-            tapi_assert_same(&ref, &now);
-        else
-            tapi_assert_same(&head, &now);
-        optd_response r = tapi_req(c, "GET", "/v1/sessions/kf", NULL, NULL);
-        if (r.status == 200) {
-            tapi_snap f = tapi_snapshot(c, "kf");
-            tapi_assert_same(&head, &f);
-            tapi_snap_free(&f);
-        } else {
-            assert_int_equal(r.status, 404);
-        }
-        optd_response_free(&r);
-        /* nothing under a temporary name is listed */
-        r = tapi_req(c, "GET", "/v1/sessions", NULL, NULL);
-        assert_null(memmem(r.body, r.len, "~", 1));
-        optd_response_free(&r);
-        tapi_snap_free(&now);
-        tapi_snap_free(&ref);
-        tapi_snap_free(&head);
-    }
-    free(g);
-    optd_client_free(c);
-    assert_int_equal(tdaemon_stop(&d), 0);
-    assert_int_equal(tapi_integrity_check(tdaemon_db(&d)), 0);
-    tdaemon_cleanup(&d);
-}
-
 /* --------------------------------------------------------- export */
 
 static optd_response get_raw(optd_client *c, const char *path)
@@ -766,6 +667,149 @@ static void test_backup_online(void **state)
     tdaemon_cleanup(&b);
     del(c, "bk");
     del(c, "bk-at");
+}
+
+/* ------------------------------------------------------------ kill -9 */
+
+enum { KN = 70000 };
+
+static void kgrad(int i, float *g)
+{
+    for (int k = 0; k < KN; k++)
+        g[k] = (float)sin(i * 0.9 + k * 0.001);
+}
+
+typedef struct {
+    char url[64];
+    int which;   /* 0 rollback, 1 fork + replay, 2 import with log, 3 steps */
+    void *file;  /* 2: the export to import */
+    size_t len;
+    int acked;   /* 3: steps acknowledged */
+} crash_arg;
+
+static void *crash_worker(void *p)
+{
+    crash_arg *a = p;
+    optd_client *c = optd_client_new(a->url, NULL);
+    optd_client_set_retry(c, 1, 0, 0);
+    optd_response r;
+    memset(&r, 0, sizeof r);
+    const char *rb = "{\"step\":10}", *fk = "{\"fork\":{\"from\":\"k\",\"step\":10},\"replay\":true}";
+    const char *ct[] = {"Content-Type: application/octet-stream", NULL};
+    if (a->which == 0) {
+        optd_request(c, "POST", "/v1/sessions/k/rollback", NULL, rb, strlen(rb), &r);
+    } else if (a->which == 1) {
+        optd_request(c, "PUT", "/v1/sessions/kf", NULL, fk, strlen(fk), &r);
+    } else if (a->which == 2) {
+        optd_request(c, "PUT", "/v1/sessions/kf/export", ct, a->file, a->len, &r);
+    } else {
+        /* a stream of steps: each tenth one writes a kept checkpoint and
+         * compacts the log behind the oldest */
+        float *g = malloc(KN * sizeof *g);
+        for (int i = 30; i < 60; i++) {
+            kgrad(i, g);
+            long long step;
+            optd_error e;
+            if (optd_step_f32(c, "k", g, KN, NULL, NULL, &step, &e) != 0)
+                break;
+            a->acked = (int)step;
+        }
+        free(g);
+    }
+    optd_response_free(&r);
+    optd_client_free(c);
+    return NULL;
+}
+
+/* kill -9 at random moments during rollbacks, forks with replay, imports
+ * and steps that compact the log: after a restart the session is exactly
+ * at step 10 or at its head (or, under steps, at the last acknowledged one
+ * or later, equal to an uninterrupted run), the fork or import is whole or
+ * absent, nothing is listed under a temporary name, and the database is
+ * sound. */
+static void test_kill9_travel(void **state)
+{
+    (void)state;
+    unsigned seed = (unsigned)time(NULL);
+    fprintf(stderr, "[ kill9    ] seed %u\n", seed);
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
+    const char *cfg = "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"size\":70000,"
+                      "\"retain\":{\"every_steps\":10,\"keep\":2}}";
+    const char *plain = "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"size\":70000}";
+    float *g = malloc(KN * sizeof *g);
+    for (int round = 0; round < 8; round++) {
+        del(c, "k");
+        del(c, "kf");
+        tapi_create(c, "k", cfg, 201);
+        for (int i = 0; i < 30; i++) {
+            kgrad(i, g);
+            long long step;
+            optd_error e;
+            if (optd_step_f32(c, "k", g, KN, NULL, NULL, &step, &e) != 0)
+                fail_msg("step: %s", e.detail);
+        }
+        tapi_snap head = tapi_snapshot(c, "k");
+        crash_arg a = {.which = round % 4};
+        snprintf(a.url, sizeof a.url, "%s", tdaemon_url(&d));
+        optd_response ex = {0};
+        if (a.which == 2) {
+            ex = get_raw(c, "/v1/sessions/k/export?log=true");
+            assert_int_equal(ex.status, 200);
+            a.file = ex.body;
+            a.len = ex.len;
+        }
+        pthread_t th;
+        pthread_create(&th, NULL, crash_worker, &a);
+        usleep((useconds_t)(rand_r(&seed) % (a.which == 3 ? 150000 : 40000)));
+        assert_int_equal(tdaemon_kill9(&d), 0);
+        pthread_join(th, NULL);
+        optd_response_free(&ex);
+        assert_int_equal(tapi_integrity_check(tdaemon_db(&d)), 0);
+        assert_int_equal(tdaemon_restart(&d), 0);
+        optd_client_free(c);
+        c = tapi_client(tdaemon_url(&d), NULL, false);
+        tapi_snap now = tapi_snapshot(c, "k");
+        if (a.which == 3 || now.session_step == 10) {
+            /* the same as a run that never stopped, up to where it is */
+            long long upto = now.session_step;
+            assert_true(upto >= (a.which == 3 ? (a.acked > 30 ? a.acked : 30) : 10));
+            tapi_create(c, "kref", plain, 201);
+            for (int i = 0; i < upto; i++) {
+                kgrad(i, g);
+                long long step;
+                optd_error e;
+                if (optd_step_f32(c, "kref", g, KN, NULL, NULL, &step, &e) != 0)
+                    fail_msg("step: %s", e.detail);
+            }
+            tapi_snap ref = tapi_snapshot(c, "kref");
+            tapi_assert_same(&ref, &now);
+            tapi_snap_free(&ref);
+            del(c, "kref");
+        } else {
+            tapi_assert_same(&head, &now);
+        }
+        optd_response r = tapi_req(c, "GET", "/v1/sessions/kf", NULL, NULL);
+        if (r.status == 200) {
+            tapi_snap f = tapi_snapshot(c, "kf");
+            tapi_assert_same(&head, &f);
+            tapi_snap_free(&f);
+        } else {
+            assert_int_equal(r.status, 404);
+        }
+        optd_response_free(&r);
+        r = tapi_req(c, "GET", "/v1/sessions", NULL, NULL);
+        assert_null(memmem(r.body, r.len, "~", 1));
+        optd_response_free(&r);
+        tapi_snap_free(&now);
+        tapi_snap_free(&head);
+    }
+    free(g);
+    optd_client_free(c);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    assert_int_equal(tapi_integrity_check(tdaemon_db(&d)), 0);
+    tdaemon_cleanup(&d);
 }
 
 int main(void)
