@@ -6,6 +6,7 @@
 #include "server/server.h"
 
 #include <cjson/cJSON.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -702,19 +703,17 @@ static int parse_group_values(const eng_session *s, const srv_request *req, eng_
     return 0;
 }
 
-/* An idempotency key's request fingerprint: CRC-32 of the gradient bytes
- * as received and of everything else that changes the update (the body's
- * wire dtype, loss, base_step, absent tensors, group values).  Bit 32 is
- * set so that a fingerprint is never 0, which storage keeps for "not
- * recorded" (keys stored before fingerprints existed). */
-static uint64_t step_fingerprint(const srv_request *req, const api_step_meta *meta,
+/* An idempotency key's request fingerprint: CRC-32 of the gradient as
+ * decoded into the session's dtype (so that a retry may switch between
+ * JSON and binary) and of everything else that changes the update (loss,
+ * base_step, absent tensors, group values).  Bit 32 is set so that a
+ * fingerprint is never 0, which storage keeps for "not recorded" (keys
+ * stored before fingerprints existed). */
+static uint64_t step_fingerprint(const void *grad, size_t grad_bytes, const api_step_meta *meta,
                                  const uint32_t *absent, size_t n_absent,
                                  const eng_group_hp *ghp, size_t n_groups)
 {
-    uint32_t c = storage_crc32(0, req->body_binary ? "B" : "J", 1);
-    c = storage_crc32(c, req->body, req->body_len);
-    const char *dt = req->body_binary ? req->header(req->conn, "Optd-Dtype") : NULL;
-    c = storage_crc32(c, dt ? dt : "", dt ? strlen(dt) + 1 : 1);
+    uint32_t c = storage_crc32(0, grad, grad_bytes);
     double loss = meta->loss;
     int64_t base = meta->base_step;
     c = storage_crc32(c, &loss, sizeof loss);
@@ -797,7 +796,10 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         goto done;
     uint64_t fp = 0;
     if (key) {
-        fp = step_fingerprint(req, &meta, absent, n_absent, ghp, s->cfg.n_groups);
+        fp = step_fingerprint(grad,
+                              (size_t)eng_present_size(s, absent, n_absent) *
+                                  optim_dtype_size(s->cfg.dtype),
+                              &meta, absent, n_absent, ghp, s->cfg.n_groups);
         int64_t recorded;
         double rec_lr;
         int rec_kind;
@@ -1156,9 +1158,42 @@ static bool fault_counting(void)
     return __atomic_load_n(&on, __ATOMIC_RELAXED) > 0;
 }
 
+/* Tests only: with OPTD_FAILMALLOC set, the allocation-failure shim that
+ * tests/test_faults.c preloads (tests/support/shim/failmalloc.c) counts and
+ * fails only the allocations made inside a handler. */
+static void (*alloc_scope)(int on);
+static pthread_once_t alloc_scope_once = PTHREAD_ONCE_INIT;
+
+static void alloc_scope_find(void)
+{
+    /* cJSON reports a failed allocation like a syntax error (NULL): its
+     * failures are counted (api/jsonmem.c) so that the answer is 503 "out
+     * of memory" and not 400 "malformed JSON". */
+    api_json_track_allocations();
+    if (!getenv("OPTD_FAILMALLOC"))
+        return;
+    void *self = dlopen(NULL, RTLD_LAZY);
+    void *fn = self ? dlsym(self, "optd_failmalloc_scope") : NULL;
+    memcpy(&alloc_scope, &fn, sizeof fn);
+}
+
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)
 {
+    pthread_once(&alloc_scope_once, alloc_scope_find);
+    if (alloc_scope)
+        alloc_scope(1);
+    unsigned long json_failed = api_json_failures();
     int st = handlers[req->route->id](ctx, req, reply);
+    if (alloc_scope)
+        alloc_scope(0);
+    if (api_json_failures() != json_failed && ((st >= 400 && st < 500) || st == 500)) {
+        /* The 4xx (or the 500 of a stored document that did not parse)
+         * came from a JSON document cJSON could not allocate: nothing was
+         * changed (an error answer changes nothing). */
+        reply->n_headers = 0;
+        st = api_problem(reply, 503, NULL, "out of memory while reading the request; nothing "
+                                           "was changed");
+    }
     if (st != SRV_SUSPENDED && fault_counting()) {
         storage_fault_counts c;
         storage_fault_stats(&c);
