@@ -224,6 +224,13 @@ tsan: deps-tsan
 	@TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1 history_size=4" \
 	    OPTD_BUILD=build-tsan OPTD_ONLY="$(TSAN_SUITES)" sh tests/run.sh
 
+# The allocation-failure shim test_faults preloads into the daemon: never
+# sanitized (under make asan it passes on to ASan's allocator).
+$(BUILD)/tests/failmalloc.so: tests/support/shim/failmalloc.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 $(WARN) -g -O1 -fPIC -shared -o $@ $< -ldl
+all build: $(BUILD)/tests/failmalloc.so
+
 # The daemon under injected I/O faults at every N of its scenario
 # (tests/test_faults.c; make test runs every 7th N).
 .PHONY: faults

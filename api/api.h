@@ -327,4 +327,10 @@ int api_accept(const char *accept_header, bool binary_ok);
 /* Content-Type check for bodies: 0 JSON, 1 binary, -1 unsupported (415). */
 int api_content_type(const char *ct, bool binary_ok);
 
+/* cJSON's allocations through a hook that counts the failed ones per
+ * thread (api/jsonmem.c): install once before serving; a caller compares
+ * api_json_failures() before and after building or parsing a document. */
+void api_json_track_allocations(void);
+unsigned long api_json_failures(void);
+
 #endif /* API_H */

@@ -1377,9 +1377,16 @@ char *api_hparams_to_json(const optim_hparams *hp)
 
 char *api_config_to_json(const api_config *c)
 {
+    /* Out of memory, a member could be missing without any NULL here: the
+     * stored config would then not be the session's. */
+    unsigned long failed = api_json_failures();
     cJSON *root = config_obj(c);
     char *s = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
+    if (s && api_json_failures() != failed) {
+        cJSON_free(s);
+        return NULL;
+    }
     if (!s)
         return NULL;
     /* Return a malloc'd string so that callers free() it. */

@@ -7,6 +7,7 @@
 #include "server/server.h"
 
 #include <cjson/cJSON.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -1235,9 +1236,42 @@ static bool fault_counting(void)
     return __atomic_load_n(&on, __ATOMIC_RELAXED) > 0;
 }
 
+/* Tests only: with OPTD_FAILMALLOC set, the allocation-failure shim that
+ * tests/test_faults.c preloads (tests/support/shim/failmalloc.c) counts and
+ * fails only the allocations made inside a handler. */
+static void (*alloc_scope)(int on);
+static pthread_once_t alloc_scope_once = PTHREAD_ONCE_INIT;
+
+static void alloc_scope_find(void)
+{
+    /* cJSON reports a failed allocation like a syntax error (NULL): its
+     * failures are counted (api/jsonmem.c) so that the answer is 503 "out
+     * of memory" and not 400 "malformed JSON". */
+    api_json_track_allocations();
+    if (!getenv("OPTD_FAILMALLOC"))
+        return;
+    void *self = dlopen(NULL, RTLD_LAZY);
+    void *fn = self ? dlsym(self, "optd_failmalloc_scope") : NULL;
+    memcpy(&alloc_scope, &fn, sizeof fn);
+}
+
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)
 {
+    pthread_once(&alloc_scope_once, alloc_scope_find);
+    if (alloc_scope)
+        alloc_scope(1);
+    unsigned long json_failed = api_json_failures();
     int st = handlers[req->route->id](ctx, req, reply);
+    if (alloc_scope)
+        alloc_scope(0);
+    if (api_json_failures() != json_failed && ((st >= 400 && st < 500) || st == 500)) {
+        /* The 4xx (or the 500 of a stored document that did not parse)
+         * came from a JSON document cJSON could not allocate: nothing was
+         * changed (an error answer changes nothing). */
+        reply->n_headers = 0;
+        st = api_problem(reply, 503, NULL, "out of memory while reading the request; nothing "
+                                           "was changed");
+    }
     if (st != SRV_SUSPENDED && fault_counting()) {
         storage_fault_counts c;
         storage_fault_stats(&c);

@@ -631,7 +631,10 @@ int srv_http_run(srv_ctx *ctx)
     int sig = 0;
     sigwait(&set, &sig);
     srv_log(SRV_LOG_INFO, "signal %d: stopping (in-flight requests finish)", sig);
-    MHD_quiesce_daemon(d);
+    /* No MHD_quiesce_daemon here: in libmicrohttpd 0.9.75 with epoll and a
+     * thread pool it races a worker removing the listening socket from its
+     * epoll set, and one of them aborts ("Failed to remove listen FD from
+     * epoll set"); MHD_stop_daemon closes the socket below. */
     obs_shutdown(); /* event streams end */
     /* Waiters of open rounds get 503; give their answers time to go out. */
     srv_sync_shutdown(ctx->sync);

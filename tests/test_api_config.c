@@ -330,6 +330,7 @@ static void test_client_constants(void **state)
         {"dtype", OPTD_HEADER_DTYPE},                     {"step", OPTD_HEADER_STEP},
         {"lr", OPTD_HEADER_LR},                           {"pending", OPTD_HEADER_PENDING},
         {"replayed", OPTD_HEADER_REPLAYED},               {"skipped", OPTD_HEADER_SKIPPED},
+        {"params_crc32", OPTD_HEADER_PARAMS_CRC32},
     };
     const cJSON *headers = cJSON_GetObjectItemCaseSensitive(doc, "headers");
     assert_int_equal(cJSON_GetArraySize(headers), sizeof mine / sizeof mine[0]);

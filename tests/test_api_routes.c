@@ -475,12 +475,17 @@ static void test_idempotent_replay(void **state)
     cJSON_Delete(j);
     optd_response_free(&r);
     tapi_snap before = tapi_snapshot(s->c, "idem");
+    tapi_snap after;
 
-    /* The same key with another gradient is a client bug: 422, nothing
-     * applied.  The same request again is a retry: replayed. */
+    /* The same key with another gradient: 422, nothing applied. */
     r = tapi_req(s->c, "POST", "/v1/sessions/idem/step", k1, "{\"grad\":[5,5]}");
     tapi_assert_problem(&r, 422, "Idempotency-Key");
     optd_response_free(&r);
+    after = tapi_snapshot(s->c, "idem");
+    tapi_assert_same(&before, &after);
+    tapi_snap_free(&after);
+
+    /* The same key and gradient again: a replay, nothing applied. */
     r = tapi_req(s->c, "POST", "/v1/sessions/idem/step", k1, "{\"grad\":[1,1]}");
     assert_int_equal(r.status, 200);
     rep = optd_response_header(&r, "Optd-Replayed");
@@ -490,7 +495,7 @@ static void test_idempotent_replay(void **state)
     assert_int_equal((long long)tapi_num(j, "step"), 1);
     cJSON_Delete(j);
     optd_response_free(&r);
-    tapi_snap after = tapi_snapshot(s->c, "idem");
+    after = tapi_snapshot(s->c, "idem");
     tapi_assert_same(&before, &after);
     tapi_snap_free(&after);
 

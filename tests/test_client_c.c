@@ -18,7 +18,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <zlib.h>
 
 #include "clients/c/optd_client.h"
 #include "tests/support/apitest.h"
@@ -589,6 +596,135 @@ static void test_retry_across_restart(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* A relay in front of the daemon that passes requests through and
+ * replaces the value of the answers' Optd-Params-Crc32 with "0badf00d":
+ * params that are not the ones the daemon sent, as far as a client can
+ * tell.  One request per connection. */
+typedef struct {
+    int lfd;
+    int port, upstream;
+    pthread_t t;
+} relay;
+
+/* Reads one HTTP message (head + Content-Length body) into buf; its length
+ * or -1. */
+static ssize_t read_message(int fd, char *buf, size_t cap)
+{
+    size_t len = 0;
+    for (;;) {
+        ssize_t k = read(fd, buf + len, cap - 1 - len);
+        if (k <= 0)
+            return -1;
+        len += (size_t)k;
+        buf[len] = '\0';
+        char *end = strstr(buf, "\r\n\r\n");
+        if (!end)
+            continue;
+        size_t need = (size_t)(end + 4 - buf);
+        for (char *p = buf; p < end; p++)
+            if (strncasecmp(p, "\r\ncontent-length:", 17) == 0)
+                need += strtoul(p + 17, NULL, 10);
+        if (len >= need)
+            return (ssize_t)len;
+    }
+}
+
+static void *relay_main(void *arg)
+{
+    relay *rl = arg;
+    static char buf[1 << 20];
+    for (;;) {
+        int cfd = accept(rl->lfd, NULL, NULL);
+        if (cfd < 0)
+            return NULL;
+        ssize_t n = read_message(cfd, buf, sizeof buf);
+        int ufd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)rl->upstream)};
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (n > 0 && ufd >= 0 && connect(ufd, (struct sockaddr *)&a, sizeof a) == 0 &&
+            write(ufd, buf, (size_t)n) == n && (n = read_message(ufd, buf, sizeof buf)) > 0) {
+            for (char *h = buf; h + 29 < buf + n; h++)
+                if (strncasecmp(h, "\r\nOptd-Params-Crc32: ", 21) == 0) {
+                    memcpy(h + 21, "0badf00d", 8);
+                    break;
+                }
+            if (write(cfd, buf, (size_t)n) != n)
+                n = -1;
+        }
+        if (ufd >= 0)
+            close(ufd);
+        close(cfd);
+    }
+}
+
+static void relay_start(relay *rl, int upstream)
+{
+    rl->upstream = upstream;
+    rl->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(rl->lfd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t al = sizeof a;
+    assert_int_equal(bind(rl->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(rl->lfd, 8), 0);
+    assert_int_equal(getsockname(rl->lfd, (struct sockaddr *)&a, &al), 0);
+    rl->port = ntohs(a.sin_port);
+    assert_int_equal(pthread_create(&rl->t, NULL, relay_main, rl), 0);
+}
+
+static void relay_stop(relay *rl)
+{
+    shutdown(rl->lfd, SHUT_RDWR);
+    close(rl->lfd);
+    pthread_join(rl->t, NULL);
+}
+
+static void test_params_digest(void **state)
+{
+    suite *s = *state;
+    const char *cfg = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.5},\"params\":[1,2,3]}";
+    optd_error e;
+    assert_true(optd_create_session(s->c, "digest", cfg, &e) >= 0);
+    float g[3] = {0.5f, -1.0f, 2.0f}, p[3];
+    long long step;
+    /* straight from the daemon: verified, in both forms */
+    optd_step_opts o = optd_step_opts_default();
+    for (int js = 0; js < 2; js++) {
+        o.json = js;
+        assert_int_equal(optd_step_f32_opts(s->c, "digest", g, 3, NULL, &o, p, &step, NULL, &e),
+                         0);
+    }
+    assert_int_equal(optd_get_params_f32(s->c, "digest", p, 3, &step, &e), 0);
+    optd_response r;
+    const char *acc[] = {"Accept: application/octet-stream", NULL};
+    assert_int_equal(optd_request(s->c, "GET", "/v1/sessions/digest/params", acc, NULL, 0, &r), 0);
+    char want[16];
+    snprintf(want, sizeof want, "%08lx", (unsigned long)crc32(0, (const Bytef *)r.body,
+                                                             (uInt)r.len));
+    assert_string_equal(optd_response_header(&r, OPTD_HEADER_PARAMS_CRC32), want);
+    optd_response_free(&r);
+
+    /* through a relay that alters the digest: a typed error */
+    relay rl;
+    relay_start(&rl, s->d.port);
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", rl.port);
+    optd_client *c = tapi_client(url, NULL, false);
+    assert_int_equal(optd_get_params_f32(c, "digest", p, 3, &step, &e), -1);
+    assert_string_equal(e.type, OPTD_ERROR_DIGEST_MISMATCH);
+    assert_string_equal(optd_error_kind(&e), "digest_mismatch");
+    assert_int_equal(e.status, 200);
+    for (int js = 0; js < 2; js++) {
+        o.json = js;
+        assert_int_equal(optd_step_f32_opts(c, "digest", g, 3, NULL, &o, p, &step, NULL, &e), -1);
+        assert_string_equal(optd_error_kind(&e), "digest_mismatch");
+    }
+    optd_client_set_params_check(c, 0);
+    assert_int_equal(optd_get_params_f32(c, "digest", p, 3, &step, &e), 0);
+    optd_client_free(c);
+    relay_stop(&rl);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -607,6 +743,7 @@ int main(void)
         cmocka_unit_test(test_api_key),
         cmocka_unit_test(test_retry_gives_up),
         cmocka_unit_test(test_retry_across_restart),
+        cmocka_unit_test(test_params_digest),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
 }

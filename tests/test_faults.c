@@ -871,6 +871,238 @@ static void test_params_digest(void **state)
     tdaemon_cleanup(&f.d);
 }
 
+/* ---------------------------------------------- allocation failures */
+
+/* The shim next to this test binary (the Makefile builds it there). */
+static void shim_path(char *out, size_t n)
+{
+    char exe[1024];
+    ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    assert_true(k > 0);
+    exe[k] = '\0';
+    char *slash = strrchr(exe, '/');
+    assert_non_null(slash);
+    *slash = '\0';
+    snprintf(out, n, "%s/failmalloc.so", exe);
+    assert_int_equal(access(out, R_OK), 0);
+}
+
+/* Starts the daemon with the shim preloaded and OPTD_FAILMALLOC=spec
+ * (NULL: a daemon without the shim).  Only the daemon gets them. */
+static void start_with_shim(frun *f, const char *spec)
+{
+    char shim[1100];
+    char *asan_old = getenv("ASAN_OPTIONS") ? strdup(getenv("ASAN_OPTIONS")) : NULL;
+    if (spec) {
+        shim_path(shim, sizeof shim);
+        setenv("LD_PRELOAD", shim, 1);
+        setenv("OPTD_FAILMALLOC", spec, 1);
+        /* under make asan: the shim comes before ASan's runtime */
+        char asan[1024];
+        snprintf(asan, sizeof asan, "%s%sverify_asan_link_order=0", asan_old ? asan_old : "",
+                 asan_old ? ":" : "");
+        setenv("ASAN_OPTIONS", asan, 1);
+    }
+    start_daemon(f);
+    unsetenv("LD_PRELOAD");
+    unsetenv("OPTD_FAILMALLOC");
+    if (asan_old)
+        setenv("ASAN_OPTIONS", asan_old, 1);
+    else
+        unsetenv("ASAN_OPTIONS");
+    free(asan_old);
+}
+
+/* The shim's closing line in the daemon's log: allocations counted and
+ * failed.  -1 when absent. */
+static long long shim_counted(const frun *f, long long *failed)
+{
+    FILE *fp = fopen(f->d.log, "r");
+    assert_non_null(fp);
+    char line[512];
+    long long a = -1, b = -1;
+    while (fgets(line, sizeof line, fp)) {
+        long long x, y;
+        if (sscanf(line, "failmalloc: %lld allocations counted, %lld failed", &x, &y) == 2) {
+            a = x;
+            b = y;
+        }
+    }
+    fclose(fp);
+    if (failed)
+        *failed = b;
+    return a;
+}
+
+static bool has_text(const optd_response *r, const char *t)
+{
+    size_t n = strlen(t);
+    for (size_t i = 0; r->body && i + n <= r->len; i++)
+        if (memcmp(r->body + i, t, n) == 0)
+            return true;
+    return false;
+}
+
+/* A request that must succeed in the end; a failed allocation may make
+ * it answer 503 "out of memory" (problem+json), never anything else.
+ * Returns the successful answer. */
+static optd_response mop(frun *f, const char *what, const char *method, const char *path,
+                         const char *const *hdrs, const void *body, size_t len, int ok1,
+                         int ok2)
+{
+    for (int k = 0; k < ATTEMPTS; k++) {
+        optd_response r = send_req(f, f->c, what, method, path, hdrs, body, len);
+        if (r.status == ok1 || r.status == ok2)
+            return r;
+        if (r.status != 503 || !has_text(&r, "out of memory"))
+            fail_msg("[%s] %s: expected %d or 503 \"out of memory\", got %d: %.*s", f->spec,
+                     what, ok1, r.status, (int)(r.len > 400 ? 400 : r.len), r.body);
+        assert_clean(f, &r, what, false);
+        optd_response_free(&r);
+    }
+    fail_msg("[%s] %s: still failing after %d attempts (only one allocation fails)", f->spec,
+             what, ATTEMPTS);
+    optd_response none = {0};
+    return none;
+}
+
+static void json_vec(char *out, size_t n, const char *member, const float *v, const char *tail)
+{
+    size_t k = (size_t)snprintf(out, n, "{\"%s\":[", member);
+    for (int j = 0; j < NP; j++)
+        k += (size_t)snprintf(out + k, n - k, "%s%.9g", j ? "," : "", (double)v[j]);
+    snprintf(out + k, n - k, "]%s}", tail);
+}
+
+static void malloc_scenario(frun *f, model *m)
+{
+    char body[4096];
+    create_body(body, sizeof body, "{\"type\":\"sgd\",\"lr\":0.05,\"momentum\":0.9}", "", 0.5f);
+    optd_response r = mop(f, "create a", "PUT", "/v1/sessions/a", NULL, body, strlen(body), 201,
+                          200);
+    optd_response_free(&r);
+    /* a JSON step */
+    float g[NP];
+    grad_of(++m->a_steps, 0, g);
+    json_vec(body, sizeof body, "grad", g, ",\"loss\":0.75");
+    const char *hj[] = {"Idempotency-Key: m-1", NULL};
+    r = mop(f, "JSON step", "POST", "/v1/sessions/a/step", hj, body, strlen(body), 200, 200);
+    model_step(&m->a, g);
+    optd_response_free(&r);
+    /* binary steps */
+    for (int i = 0; i < 2; i++) {
+        grad_of(++m->a_steps, 0, g);
+        char key[48];
+        snprintf(key, sizeof key, "Idempotency-Key: m-%d", m->a_steps);
+        const char *hb[] = {BIN, ACC, key, NULL};
+        r = mop(f, "binary step", "POST", "/v1/sessions/a/step", hb, g, sizeof g, 200, 200);
+        model_step(&m->a, g);
+        assert_params(f, &r, &m->a, m->a_steps, "binary step");
+        optd_response_free(&r);
+    }
+    const char *patch = "{\"optimizer\":{\"lr\":0.02},\"metadata\":{\"run\":\"m\"}}";
+    r = mop(f, "PATCH", "PATCH", "/v1/sessions/a", NULL, patch, strlen(patch), 200, 200);
+    m->a.hp.lr = 0.02;
+    optd_response_free(&r);
+    static const char *const reads[] = {"/v1/sessions/a", "/v1/sessions/a/params",
+                                        "/v1/sessions/a/history", "/v1/sessions",
+                                        "/v1/optimizers", "/healthz", "/v1/sessions/a/state"};
+    for (size_t i = 0; i < sizeof reads / sizeof reads[0]; i++) {
+        r = mop(f, reads[i], "GET", reads[i], NULL, NULL, 0, 200, 200);
+        optd_response_free(&r);
+    }
+    /* a synchronous round */
+    create_body(body, sizeof body, "{\"type\":\"sgd\",\"lr\":0.1}",
+                "\"mode\":{\"type\":\"sync\",\"workers\":2,\"timeout_ms\":3000},", -0.25f);
+    r = mop(f, "create b", "PUT", "/v1/sessions/b", NULL, body, strlen(body), 201, 200);
+    optd_response_free(&r);
+    round_b(f, m);
+    /* PUT params, then a step from them */
+    float p[NP];
+    for (int j = 0; j < NP; j++)
+        p[j] = 0.125f * (float)(j % 9) - 0.5f;
+    const char *hp[] = {BIN, NULL};
+    r = mop(f, "PUT params", "PUT", "/v1/sessions/a/params", hp, p, sizeof p, 200, 200);
+    memcpy(m->a.p, p, sizeof p);
+    optd_response_free(&r);
+    grad_of(++m->a_steps, 0, g);
+    const char *hb[] = {BIN, ACC, "Idempotency-Key: m-last", NULL};
+    r = mop(f, "step after PUT params", "POST", "/v1/sessions/a/step", hb, g, sizeof g, 200,
+            200);
+    model_step(&m->a, g);
+    assert_params(f, &r, &m->a, m->a_steps, "step after PUT params");
+    optd_response_free(&r);
+    r = mop(f, "DELETE b", "DELETE", "/v1/sessions/b", NULL, NULL, 0, 204, 204);
+    optd_response_free(&r);
+}
+
+/* One run with the Nth allocation failing (0: only counting).  Returns
+ * the allocations the shim counted. */
+static long long malloc_run(long long n)
+{
+    frun f = {0};
+    snprintf(f.spec, sizeof f.spec, "malloc:%lld", n);
+    model m = {0};
+    model_init(&m.a, 0.05, 0.9, 0.5f);
+    model_init(&m.b, 0.1, 0.0, -0.25f);
+    char spec[32];
+    snprintf(spec, sizeof spec, "%lld", n);
+    start_with_shim(&f, spec);
+    malloc_scenario(&f, &m);
+    /* A clean exit: under make asan, a leak fails it. */
+    stop_daemon(&f);
+    long long failed;
+    long long counted = shim_counted(&f, &failed);
+    if (counted < 0)
+        fail_msg("[%s] the shim's line is missing from the daemon's log", f.spec);
+    if (n > 0 && n <= counted && failed != 1)
+        fail_msg("[%s] %lld allocations failed, expected 1", f.spec, failed);
+    /* Without the shim: what was acknowledged is there, and it serves. */
+    if (tapi_integrity_check(tdaemon_db(&f.d)) != 0)
+        fail_msg("[%s] integrity_check failed", f.spec);
+    start_with_shim(&f, NULL);
+    const char *h[] = {ACC, NULL};
+    optd_response r = send_req(&f, f.c, "GET params a", "GET", "/v1/sessions/a/params", h,
+                               NULL, 0);
+    if (r.status != 200)
+        fail_msg("[%s] after the run, GET params: %d %.*s", f.spec, r.status, (int)r.len,
+                 r.body);
+    assert_params(&f, &r, &m.a, m.a_steps, "after the run: a");
+    optd_response_free(&r);
+    r = send_req(&f, f.c, "GET b", "GET", "/v1/sessions/b", NULL, NULL, 0);
+    assert_int_equal(r.status, 404);
+    optd_response_free(&r);
+    step_a(&f, &m);
+    stop_daemon(&f);
+    tdaemon_cleanup(&f.d);
+    model_free(&m.a);
+    model_free(&m.b);
+    return counted;
+}
+
+/* Every allocation the daemon makes while handling the scenario's
+ * requests (its own, cJSON's, SQLite's) fails once, in turn
+ * (OPTD_FAILMALLOC_STRIDE: every Kth; make test samples about 30). */
+static void test_malloc_loop(void **state)
+{
+    (void)state;
+    long long total = malloc_run(0);
+    assert_true(total > 0);
+    const char *s = getenv("OPTD_FAILMALLOC_STRIDE");
+    long long k = s ? atoll(s) : total / 30 + 1;
+    if (k < 1)
+        k = 1;
+    int runs = 0;
+    long long t0 = tapi_now_ms();
+    const char *from = getenv("OPTD_FAILMALLOC_FROM"); /* to resume a long loop by hand */
+    for (long long n = from ? atoll(from) : 1; n <= total; n += k) {
+        malloc_run(n);
+        runs++;
+    }
+    printf("allocation failures: N = 1..%lld every %lld: %d runs, %lld ms\n", total, k, runs,
+           tapi_now_ms() - t0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -879,6 +1111,7 @@ int main(void)
         cmocka_unit_test(test_full_syncs_before_ack),
         cmocka_unit_test(test_fault_loop_eio),
         cmocka_unit_test(test_fault_loop_disk_full),
+        cmocka_unit_test(test_malloc_loop),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

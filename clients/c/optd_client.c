@@ -37,6 +37,7 @@ struct optd_client {
     int max_attempts;
     long backoff0_ms, backoff_max_ms;
     long connect_ms, request_ms;
+    bool no_params_check;
     char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -847,6 +848,45 @@ static int put_group_header(growbuf *b, const char *prefix, const double *v, siz
     return 0;
 }
 
+void optd_client_set_params_check(optd_client *c, int on)
+{
+    c->no_params_check = !on;
+}
+
+/* zlib's CRC-32 (reflected, polynomial 0xEDB88320), bit by bit: params
+ * answers are small next to the network. */
+static uint32_t crc32_of(const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    uint32_t c = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; i++) {
+        c ^= b[i];
+        for (int k = 0; k < 8; k++)
+            c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+    }
+    return c ^ 0xFFFFFFFFu;
+}
+
+/* 0, or -1 with err filled when the params (little-endian, the session's
+ * dtype) do not match the answer's Optd-Params-Crc32. */
+static int check_digest(optd_client *c, const optd_response *r, const void *params, size_t len,
+                        optd_error *err)
+{
+    const char *want = optd_response_header(r, OPTD_HEADER_PARAMS_CRC32);
+    if (c->no_params_check || !want)
+        return 0;
+    char got[16];
+    snprintf(got, sizeof got, "%08x", (unsigned)crc32_of(params, len));
+    if (strcasecmp(got, want) == 0)
+        return 0;
+    err_set(err, r->status, "the params received have CRC-32 %s, the daemon sent %s", got, want);
+    if (err) {
+        snprintf(err->type, sizeof err->type, "%s", OPTD_ERROR_DIGEST_MISMATCH);
+        snprintf(err->title, sizeof err->title, "params digest mismatch");
+    }
+    return -1;
+}
+
 static int step_common(optd_client *c, const char *name, const void *grad, size_t n,
                        size_t esize, const double *loss, const optd_step_opts *opts,
                        void *params_out, long long *step_out, int *replayed, optd_error *err)
@@ -1010,6 +1050,8 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         } else {
             memcpy(params_out, r.body, r.len);
         }
+        if (ret == 0 && check_digest(c, &r, params_out, n * esize, err))
+            ret = -1;
     }
     if (ret >= 0 && !have_step && ret == 0) {
         err_set(err, r.status, "the step answer carries no step");
@@ -1082,6 +1124,10 @@ static int get_params(optd_client *c, const char *name, void *out, size_t n, siz
         return -1;
     }
     memcpy(out, r.body, r.len);
+    if (check_digest(c, &r, r.body, r.len, err)) {
+        optd_response_free(&r);
+        return -1;
+    }
     if (step_out)
         *step_out = step;
     optd_response_free(&r);
@@ -1140,6 +1186,8 @@ int optd_set_params_f64(optd_client *c, const char *name, const double *params, 
 const char *optd_error_kind(const optd_error *err)
 {
     int st = err ? err->status : 0;
+    if (err && strcmp(err->type, OPTD_ERROR_DIGEST_MISMATCH) == 0)
+        return "digest_mismatch";
     switch (st) {
     case 0: return "connection_failed";
     case 401: return "unauthorized";

@@ -43,6 +43,10 @@ typedef struct optd_client optd_client;
 #define OPTD_HEADER_PENDING "Optd-Pending"
 #define OPTD_HEADER_REPLAYED "Optd-Replayed"
 #define OPTD_HEADER_SKIPPED "Optd-Skipped"
+#define OPTD_HEADER_PARAMS_CRC32 "Optd-Params-Crc32"
+/* optd_error.type when an answer's params do not match its
+ * Optd-Params-Crc32 (optd_error_kind: "digest_mismatch"). */
+#define OPTD_ERROR_DIGEST_MISMATCH "urn:optd:client:params-digest-mismatch"
 
 typedef struct {
     int status;          /* HTTP status; 0 when no answer came             */
@@ -65,6 +69,12 @@ void optd_client_free(optd_client *c);
  * 50), doubled after each failure up to max_backoff_ms (default 2000). */
 void optd_client_set_retry(optd_client *c, int max_attempts, long initial_backoff_ms,
                            long max_backoff_ms);
+/* Checks the params of every answer against its Optd-Params-Crc32 (the
+ * CRC-32 of the params in the session's dtype) when on (the default): a
+ * mismatch fails the call with err->type OPTD_ERROR_DIGEST_MISMATCH and
+ * err->status the answer's status; the params were written to the caller's
+ * buffer all the same. */
+void optd_client_set_params_check(optd_client *c, int on);
 /* Per-attempt timeouts in milliseconds (defaults: connect 5000, whole
  * request 60000). */
 void optd_client_set_timeouts(optd_client *c, long connect_ms, long request_ms);
@@ -218,7 +228,8 @@ void optd_error_from_response(const optd_response *r, optd_error *err);
 /* The family of err's status in the words every optd client uses:
  * "invalid_request", "unauthorized", "not_found", "conflict",
  * "stale_gradient" (409 on base_step), "unprocessable", "unavailable",
- * "round_timeout", "server_error", or "connection_failed" (status 0).
+ * "round_timeout", "server_error", "connection_failed" (status 0), or
+ * "digest_mismatch" (OPTD_ERROR_DIGEST_MISMATCH).
  * A static string. */
 const char *optd_error_kind(const optd_error *err);
 

@@ -55,6 +55,7 @@ const (
 	HeaderPending        = "Optd-Pending"
 	HeaderReplayed       = "Optd-Replayed"
 	HeaderSkipped        = "Optd-Skipped"
+	HeaderParamsCRC32    = "Optd-Params-Crc32"
 )
 
 // Client talks to one optd daemon.
@@ -66,6 +67,7 @@ type Client struct {
 	backoff0   time.Duration
 	backoffMax time.Duration
 	timeout    time.Duration
+	noVerify   bool
 }
 
 // Option configures a Client.
@@ -100,6 +102,11 @@ func WithBackoff(initial, max time.Duration) Option {
 
 // WithHTTPClient replaces the HTTP client (its Transport, proxies, TLS).
 func WithHTTPClient(hc *http.Client) Option { return func(c *Client) { c.hc = hc } }
+
+// WithParamsCheck turns the check of answers' params against their
+// Optd-Params-Crc32 (the CRC-32 of the params in the session's dtype) on
+// (the default) or off. A mismatch is a *DigestMismatchError.
+func WithParamsCheck(on bool) Option { return func(c *Client) { c.noVerify = !on } }
 
 // WithTimeout bounds each attempt (not the whole call: use the context for
 // that). An attempt that times out is retried. 0 means no per-attempt bound.

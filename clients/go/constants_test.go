@@ -53,6 +53,7 @@ func TestClientConstants(t *testing.T) {
 		"idempotency_key": optd.HeaderIdempotencyKey, "loss": optd.HeaderLoss, "base_step": optd.HeaderBaseStep,
 		"worker": optd.HeaderWorker, "dtype": optd.HeaderDType, "step": optd.HeaderStep, "lr": optd.HeaderLR,
 		"pending": optd.HeaderPending, "replayed": optd.HeaderReplayed, "skipped": optd.HeaderSkipped,
+		"params_crc32": optd.HeaderParamsCRC32,
 	}
 	for k, v := range want.Headers {
 		if mine[k] != v {

@@ -4,9 +4,41 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"net/http"
 	"strings"
 )
+
+// DigestMismatchError: the params in an answer are not the ones the daemon
+// sent -- their CRC-32 (Actual) differs from the answer's Optd-Params-Crc32
+// (Expected), both as 8 hex digits. Status is the answer's status.
+type DigestMismatchError struct {
+	Status   int
+	Expected string
+	Actual   string
+}
+
+func (e *DigestMismatchError) Error() string {
+	return fmt.Sprintf("optd: params digest mismatch: the params received have CRC-32 %s, the daemon sent %s",
+		e.Actual, e.Expected)
+}
+
+// Kind is "digest_mismatch".
+func (e *DigestMismatchError) Kind() string { return "digest_mismatch" }
+
+// checkDigest compares raw (the params, little-endian in the session's
+// dtype) with the answer's Optd-Params-Crc32, when it has one.
+func (c *Client) checkDigest(resp *response, raw []byte) error {
+	want := resp.header.Get(HeaderParamsCRC32)
+	if c.noVerify || want == "" {
+		return nil
+	}
+	got := fmt.Sprintf("%08x", crc32.ChecksumIEEE(raw))
+	if got != strings.ToLower(want) {
+		return &DigestMismatchError{Status: resp.status, Expected: want, Actual: got}
+	}
+	return nil
+}
 
 // Error is an answer other than 2xx: the daemon's problem+json body (RFC 9457)
 // with its HTTP status. Get it with errors.As.

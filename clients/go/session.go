@@ -557,6 +557,14 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 	}
 	if o.NoParams {
 		out = nil
+	} else if out != nil {
+		raw := resp.body
+		if o.JSON {
+			raw = encode(out)
+		}
+		if err := s.c.checkDigest(resp, raw); err != nil {
+			return nil, err
+		}
 	}
 	s.mu.Lock()
 	s.last = info
@@ -575,6 +583,9 @@ func params[T float](ctx context.Context, s *Session, dt DType) ([]T, error) {
 	}
 	out, err := decode[T](resp.body)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.c.checkDigest(resp, resp.body); err != nil {
 		return nil, err
 	}
 	s.noteStep(resp)

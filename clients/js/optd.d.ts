@@ -26,6 +26,8 @@ export interface ClientOptions {
   binaryThreshold?: number;
   /** A fetch to use instead of the global one. */
   fetch?: typeof globalThis.fetch;
+  /** Check answers' params against Optd-Params-Crc32; default true. */
+  verifyParams?: boolean;
 }
 
 export interface CreateOptions {
@@ -140,7 +142,8 @@ export type ErrorKind =
   | 'unavailable'
   | 'round_timeout'
   | 'server_error'
-  | 'connection_failed';
+  | 'connection_failed'
+  | 'digest_mismatch';
 
 export const DEFAULTS: Readonly<{
   retries: number;
@@ -161,6 +164,7 @@ export const HEADERS: Readonly<{
   pending: string;
   replayed: string;
   skipped: string;
+  paramsCrc32: string;
 }>;
 
 export function errorKind(status: number, field?: string | null): ErrorKind;
@@ -168,6 +172,8 @@ export function toTypedArray(v: Vector, dtype: DType): Params;
 export function encodeVector(v: Vector, dtype: DType, hostLittleEndian?: boolean): Uint8Array;
 export function decodeVector(buf: ArrayBuffer | ArrayBufferView, dtype: DType, hostLittleEndian?: boolean): Params;
 export function newIdempotencyKey(): Promise<string>;
+/** zlib's CRC-32 of bytes, as 8 lowercase hex digits. */
+export function crc32Hex(bytes: Uint8Array): string;
 
 export class OptdError extends Error {
   constructor(o?: {
@@ -197,6 +203,13 @@ export interface Checkpoint {
   bytes?: number;
 }
 
+/** An answer's params do not match its Optd-Params-Crc32. */
+export class ParamsDigestMismatch extends OptdError {
+  constructor(o: { status: number; expected: string; actual: string });
+  readonly expected: string;
+  readonly actual: string;
+}
+
 export class Client {
   constructor(url: string, options?: ClientOptions);
   readonly url: string;
@@ -205,6 +218,7 @@ export class Client {
   backoffMs: number;
   maxBackoffMs: number;
   binaryThreshold: number;
+  verifyParams: boolean;
   createSession(name: string, options: CreateOptions): Promise<Session>;
   fork(name: string, from: string, options?: { step?: number; replay?: boolean } & UpdateChanges): Promise<Session>;
   importSession(name: string, data: Uint8Array | ArrayBuffer): Promise<Session>;

@@ -31,6 +31,7 @@ export const HEADERS = Object.freeze({
   pending: 'Optd-Pending',
   replayed: 'Optd-Replayed',
   skipped: 'Optd-Skipped',
+  paramsCrc32: 'Optd-Params-Crc32',
 });
 const NAME_RE = new RegExp(NAME_PATTERN);
 const LIST_PAGE_MAX = 1000;
@@ -198,6 +199,42 @@ export class OptdError extends Error {
   }
 }
 
+/**
+ * The params in an answer are not the ones the daemon sent: their CRC-32
+ * (`actual`) differs from the answer's Optd-Params-Crc32 (`expected`), both
+ * as 8 hex digits.  `status` is the answer's status; `kind` is
+ * 'digest_mismatch'.
+ */
+export class ParamsDigestMismatch extends OptdError {
+  constructor({ status, expected, actual }) {
+    super({
+      status,
+      title: 'params digest mismatch',
+      detail: `the params received have CRC-32 ${actual}, the daemon sent ${expected}`,
+    });
+    this.name = 'ParamsDigestMismatch';
+    this.kind = 'digest_mismatch';
+    this.expected = expected;
+    this.actual = actual;
+  }
+}
+
+let crcTable = null;
+/** zlib's CRC-32 of a byte array, as 8 lowercase hex digits. */
+export function crc32Hex(bytes) {
+  if (!crcTable) {
+    crcTable = new Uint32Array(256);
+    for (let n = 0; n < 256; n++) {
+      let c = n;
+      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+      crcTable[n] = c >>> 0;
+    }
+  }
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = crcTable[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return ((c ^ 0xffffffff) >>> 0).toString(16).padStart(8, '0');
+}
+
 async function errorFromResponse(res) {
   const text = await res.text().catch(() => '');
   let p = null;
@@ -252,6 +289,9 @@ export class Client {
    * @param {number} [o.binaryThreshold=256] vectors of more elements go as
    *        binary bodies; smaller ones as JSON
    * @param {Function} [o.fetch]       a fetch to use instead of the global one
+   * @param {boolean} [o.verifyParams=true] check the params of every answer
+   *        against its Optd-Params-Crc32 (CRC-32 of the params in the
+   *        session's dtype); a mismatch throws ParamsDigestMismatch
    */
   constructor(url, o = {}) {
     if (typeof url !== 'string' || !/^https?:\/\//i.test(url)) {
@@ -264,6 +304,7 @@ export class Client {
     this.backoffMs = o.backoffMs ?? DEFAULTS.backoffMs;
     this.maxBackoffMs = o.maxBackoffMs ?? DEFAULTS.maxBackoffMs;
     this.binaryThreshold = o.binaryThreshold ?? DEFAULTS.binaryThreshold;
+    this.verifyParams = o.verifyParams ?? true;
     this._fetch = o.fetch ?? globalThis.fetch;
     if (typeof this._fetch !== 'function') throw new TypeError('no fetch on this platform: pass options.fetch');
   }
@@ -641,9 +682,11 @@ export class Session {
     let step = hs === null ? null : Number(hs);
     let lr = hl === null ? null : Number(hl);
     let params = null;
+    let raw = null;
     if (ct.startsWith(BINARY_TYPE)) {
       const buf = await res.arrayBuffer();
       if (wantParams) {
+        raw = new Uint8Array(buf);
         params = decodeVector(buf, dtype);
         if (this._size !== null && params.length !== this._size) {
           throw new RangeError(`answer has ${params.length} params; the session has ${this._size}`);
@@ -655,6 +698,13 @@ export class Session {
       if (typeof doc.step === 'number') step = doc.step;
       if (typeof doc.lr === 'number') lr = doc.lr;
       if (wantParams && doc.params) params = toTypedArray(doc.params, dtype);
+    }
+    const expected = res.headers.get(HEADERS.paramsCrc32);
+    if (params && expected !== null && this.client.verifyParams) {
+      const actual = crc32Hex(raw ?? encodeVector(params, dtype));
+      if (actual !== expected.toLowerCase()) {
+        throw new ParamsDigestMismatch({ status: res.status, expected, actual });
+      }
     }
     return { status: res.status, step, lr, params, headers: res.headers };
   }

@@ -18,6 +18,7 @@ from .errors import (
     NotFound,
     NotImplementedByServer,
     OptdError,
+    ParamsDigestMismatch,
     RoundTimeout,
     ServerError,
     StaleGradient,
@@ -44,4 +45,5 @@ __all__ = [
     "Unavailable",
     "RoundTimeout",
     "ConnectionFailed",
+    "ParamsDigestMismatch",
 ]

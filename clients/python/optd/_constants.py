@@ -29,4 +29,5 @@ HEADERS: Dict[str, str] = {
     "pending": "Optd-Pending",
     "replayed": "Optd-Replayed",
     "skipped": "Optd-Skipped",
+    "params_crc32": "Optd-Params-Crc32",
 }

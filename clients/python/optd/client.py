@@ -5,12 +5,13 @@ import math
 import os
 import re
 import urllib.parse
+import zlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from . import _vec
 from ._constants import BACKOFF, BINARY_THRESHOLD, HEADERS, MAX_BACKOFF, NAME_PATTERN, RETRIES
 from ._http import Transport
-from .errors import OptdError, from_problem
+from .errors import OptdError, ParamsDigestMismatch, from_problem
 
 __all__ = ["Client", "Session", "new_idempotency_key"]
 
@@ -131,6 +132,16 @@ def _check_step_groups(groups):
     return out
 
 
+def _check_digest(resp, raw):
+    """raw: the params as little-endian bytes in the session's dtype."""
+    want = resp.header(HEADERS["params_crc32"])
+    if want is None:
+        return
+    got = "%08x" % (zlib.crc32(raw) & 0xFFFFFFFF)
+    if got != want.lower():
+        raise ParamsDigestMismatch(resp.status, want, got)
+
+
 def _int_header(resp, name):
     v = resp.header(name)
     return int(v) if v is not None else None
@@ -150,6 +161,9 @@ class Client:
     retries + 1 attempts), waiting ``backoff`` seconds doubling up to
     ``max_backoff``, with jitter.  ``numpy``: None uses NumPy arrays when
     NumPy is importable, False always hands back ``array.array``.
+    ``verify_params``: check the params of every answer against its
+    Optd-Params-Crc32 (the CRC-32 of the params in the session's dtype) and
+    raise ParamsDigestMismatch when they differ.
 
     A client keeps one keep-alive connection; threads may share it (their
     requests take turns), or make one client each to run in parallel.
@@ -158,8 +172,9 @@ class Client:
     def __init__(self, url: str = "http://127.0.0.1:8080", api_key: Optional[str] = None,
                  timeout: float = 60.0, retries: int = RETRIES, backoff: float = BACKOFF,
                  max_backoff: float = MAX_BACKOFF, numpy: Optional[bool] = None,
-                 binary_threshold: int = BINARY_THRESHOLD) -> None:
+                 binary_threshold: int = BINARY_THRESHOLD, verify_params: bool = True) -> None:
         self.url = url
+        self.verify_params = bool(verify_params)
         self._t = Transport(url, api_key=api_key, timeout=timeout, retries=retries,
                             backoff=backoff, max_backoff=max_backoff)
         self.use_numpy = _vec.numpy_available() if numpy is None else bool(numpy)
@@ -409,12 +424,19 @@ class Session:
         self.last_replayed = resp.header(HEADERS["replayed"]) == "true"
         self.pending = _int_header(resp, HEADERS["pending"]) or 0
         if binary:
-            return self._codec.from_bytes(resp.body) if params else None
+            return self._received(resp, self._codec.from_bytes(resp.body), resp.body) \
+                if params else None
         doc = _json_doc(resp)
         self.last_step = doc.get("step", self.last_step)
         if "lr" in doc:
             self.last_lr = doc["lr"]
-        return self._codec.from_list(doc["params"]) if params else None
+        return self._received(resp, self._codec.from_list(doc["params"])) if params else None
+
+    def _received(self, resp, vec, raw=None):
+        """vec, after checking it against the answer's params digest."""
+        if self.client.verify_params:
+            _check_digest(resp, raw if raw is not None else self._codec.to_bytes(vec))
+        return vec
 
     def _tensor_indices(self, absent):
         """Names in absent turned into tensor indices (the binary form
@@ -460,10 +482,12 @@ class Session:
                                         headers={"Accept": _BINARY})
             _raise_for(resp)
             self.last_step = _int_header(resp, HEADERS["step"])
-            return self._codec.from_bytes(resp.body)
-        doc = self.client._get_json(_path(self.name, "/params"))
+            return self._received(resp, self._codec.from_bytes(resp.body), resp.body)
+        resp = self.client._request("GET", _path(self.name, "/params"),
+                                    headers={"Accept": _JSON})
+        doc = _json_doc(resp)
         self.last_step = doc["step"]
-        return self._codec.from_list(doc["params"])
+        return self._received(resp, self._codec.from_list(doc["params"]))
 
     def set_params(self, params: Vector, json: Optional[bool] = None) -> None:
         """Overwrites the params (optimizer state and step are kept)."""

@@ -18,6 +18,7 @@ __all__ = [
     "Unavailable",
     "RoundTimeout",
     "ConnectionFailed",
+    "ParamsDigestMismatch",
 ]
 
 
@@ -116,6 +117,21 @@ class ConnectionFailed(Unavailable):
     """No answer came: connection refused or reset, or a timeout, after every retry."""
 
     kind = "connection_failed"
+
+
+class ParamsDigestMismatch(OptdError):
+    """The params in an answer are not the ones the daemon sent: their CRC-32
+    differs from the answer's Optd-Params-Crc32 (``expected``, ``actual``:
+    8 hex digits).  ``status`` is the answer's status."""
+
+    kind = "digest_mismatch"
+
+    def __init__(self, status, expected, actual):
+        self.expected = expected
+        self.actual = actual
+        super().__init__(status, title="params digest mismatch",
+                         detail="the params received have CRC-32 %s, the daemon sent %s"
+                         % (actual, expected))
 
 
 def error_class(status, field=None):
