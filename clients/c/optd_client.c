@@ -1050,7 +1050,7 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         } else {
             memcpy(params_out, r.body, r.len);
         }
-        if (ret == 0 && check_digest(c, &r, params_out, n * esize, err))
+        if (ret == 0 && check_digest(c, &r, params_out, pn * esize, err))
             ret = -1;
     }
     if (ret >= 0 && !have_step && ret == 0) {

@@ -1,0 +1,3 @@
+build-x/obj/api/safetensors.o: api/safetensors.c api/api.h optim/optim.h
+api/api.h:
+optim/optim.h:

@@ -1,0 +1,2 @@
+build-x/obj/optim/clip.o: optim/clip.c optim/optim.h
+optim/optim.h:

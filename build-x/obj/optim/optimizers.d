@@ -1,0 +1,2 @@
+build-x/obj/optim/optimizers.o: optim/optimizers.c optim/optim.h
+optim/optim.h:

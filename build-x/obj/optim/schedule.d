@@ -1,0 +1,2 @@
+build-x/obj/optim/schedule.o: optim/schedule.c optim/optim.h
+optim/optim.h:

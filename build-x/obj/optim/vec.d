@@ -1,0 +1,2 @@
+build-x/obj/optim/vec.o: optim/vec.c optim/optim.h
+optim/optim.h:
