@@ -26,7 +26,12 @@ export interface ClientOptions {
   binaryThreshold?: number;
   /** A fetch to use instead of the global one. */
   fetch?: typeof globalThis.fetch;
+  /** Send gradients and receive params in 16 bits (always binary); default null: the session's dtype. */
+  wire?: Wire | null;
 }
+
+/** A 16-bit wire form. */
+export type Wire = 'bfloat16' | 'float16';
 
 export interface CreateOptions {
   /** `{type: 'adam', lr: 1e-3, ...}` or just the type name. */
@@ -60,6 +65,8 @@ export interface StepOptions {
   /** true: JSON both ways; false: binary; default: by binaryThreshold. */
   json?: boolean;
   idempotencyKey?: string;
+  /** This call's 16-bit form; null: the session's dtype; default: the client's. */
+  wire?: Wire | null;
 }
 
 export interface StepResult {
@@ -149,6 +156,14 @@ export function toTypedArray(v: Vector, dtype: DType): Params;
 export function encodeVector(v: Vector, dtype: DType, hostLittleEndian?: boolean): Uint8Array;
 export function decodeVector(buf: ArrayBuffer | ArrayBufferView, dtype: DType, hostLittleEndian?: boolean): Params;
 export function newIdempotencyKey(): Promise<string>;
+export const WIRES: readonly Wire[];
+export const PARAMS_DTYPE_HEADER: string;
+export function f32ToBf16(bits: number): number;
+export function bf16ToF32(bits: number): number;
+export function f32ToF16(bits: number): number;
+export function f16ToF32(bits: number): number;
+export function narrowVector(v: Vector, wire: Wire): Uint8Array;
+export function widenVector(buf: ArrayBuffer | ArrayBufferView, wire: Wire, dtype: DType): Params;
 
 export class OptdError extends Error {
   constructor(o?: {
@@ -178,6 +193,7 @@ export class Client {
   backoffMs: number;
   maxBackoffMs: number;
   binaryThreshold: number;
+  wire: Wire | null;
   createSession(name: string, options: CreateOptions): Promise<Session>;
   session(name: string): Session;
   sessions(options?: { pageSize?: number; after?: string | null }): AsyncGenerator<SessionSummary, void, undefined>;
@@ -198,8 +214,8 @@ export class Session {
   info(): Promise<SessionDoc>;
   step(grad: Vector, options?: StepOptions): Promise<Params | null>;
   stepResult(grad: Vector, options?: StepOptions): Promise<StepResult>;
-  params(options?: { json?: boolean }): Promise<Params>;
-  setParams(v: Vector, options?: { json?: boolean }): Promise<number | null>;
+  params(options?: { json?: boolean; wire?: Wire | null }): Promise<Params>;
+  setParams(v: Vector, options?: { json?: boolean; wire?: Wire | null }): Promise<number | null>;
   update(changes: UpdateChanges): Promise<SessionDoc>;
   history(options?: { after?: number; limit?: number; pageSize?: number }): Promise<HistoryStep[]>;
   delete(): Promise<void>;
