@@ -66,6 +66,7 @@ type Client struct {
 	backoff0   time.Duration
 	backoffMax time.Duration
 	timeout    time.Duration
+	wire       Wire // WithWire: the form vectors travel in by default
 }
 
 // Option configures a Client.
