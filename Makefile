@@ -7,11 +7,14 @@
 #   make asan           the test suite under ASan+UBSan (objects in build-asan/)
 #   make valgrind       the test suite under valgrind
 #   make tsan           the concurrency and worker suites and the daemon under TSan (build-tsan/)
+#   make faults         the daemon-level fault loops at every N (make test samples them)
 #   make fuzz           every libFuzzer target for FUZZ_SECONDS (60) each (build-fuzz/)
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
 #   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
 #   make bench-storage  where large vectors should live (docs/storage.md)
-#   make demo           the optimizer comparison on the digits data set
+#   make bench-observe  step throughput with /metrics scraped and 10 event watchers
+#   make demo           the optimizer comparison on the digits data set, and the
+#                       optimizers' trajectories on Rosenbrock and Beale
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
 #   make install        PREFIX=/usr/local DESTDIR= (headers in include/optd/, pkg-config files)
 #   make uninstall      removes what make install put there
@@ -30,7 +33,8 @@ DEPS_RUN   := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsq
               libcurl4-openssl-dev zlib1g-dev
 DEPS_BUILD := $(DEPS_RUN) libcmocka-dev sqlite3 ca-certificates
 DEPS_TEST  := curl python3 python3-numpy python3-torch python3-venv python3-pip python3-setuptools \
-              python3-wheel python3-yaml python3-jsonschema golang-go go-staticcheck nodejs docker-compose
+              python3-wheel python3-mypy python3-yaml python3-jsonschema golang-go go-staticcheck nodejs \
+              docker-compose prometheus chromium npm
 DEPS_BENCH := wrk nginx-light python3-torch
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
 DEPS_FUZZ  := clang libclang-rt-14-dev
@@ -70,7 +74,7 @@ BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
         fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
-        bench-json demo install uninstall wheel clean test-unit test-clients
+        bench-json bench-observe demo install uninstall wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -92,8 +96,21 @@ $(LIBCLIENT): $(call obj,$(CLIENT_SRC))
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
+# The dashboard's files (web/), embedded into the daemon by tools/embed.c.
+WEB_FILES := web/index.html web/app.js web/app.css web/vendor/uPlot.iife.min.js \
+             web/vendor/uPlot.min.css web/vendor/uPlot.LICENSE
+$(BUILD)/tools/embed: tools/embed.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 $(WARN) -O2 -o $@ $<
+$(BUILD)/gen/web_assets.c: $(WEB_FILES) $(BUILD)/tools/embed
+	@mkdir -p $(dir $@)
+	$(BUILD)/tools/embed $@ $(WEB_FILES)
+$(BUILD)/obj/gen/web_assets.o: $(BUILD)/gen/web_assets.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
 # Dependencies point one way: server -> api -> storage, optim.
-$(OPTD): $(call obj,$(SERVER_SRC)) $(LIBAPI) $(LIBSTORAGE) $(LIBOPTIM)
+$(OPTD): $(call obj,$(SERVER_SRC)) $(BUILD)/obj/gen/web_assets.o $(LIBAPI) $(LIBSTORAGE) $(LIBOPTIM)
 	$(CC) $(ALL_CFLAGS) -o $@ $^ $(LDLIBS_ALL)
 
 $(BUILD)/tests/%: $(BUILD)/obj/tests/%.o $(call obj,$(TSUP_SRC)) $(LIBCLIENT) $(LIBAPI) $(LIBSTORAGE) $(LIBOPTIM)
@@ -116,11 +133,12 @@ $(BUILD)/bench/storage: $(BUILD)/obj/bench/storage.o $(LIBSTORAGE) $(LIBOPTIM)
 
 # ------------------------------------------------------------------ deps
 # Installs what is missing with apt-get when root; otherwise prints the line.
-# (node is only installed from Debian when no node is on PATH at all.)
+# (node and npm are only installed from Debian when not on PATH at all.)
 define install_missing
 	@missing=""; \
 	for p in $(1); do \
-	  case $$p in nodejs) command -v node >/dev/null 2>&1 && continue;; esac; \
+	  case $$p in nodejs) command -v node >/dev/null 2>&1 && continue;; \
+	             npm) command -v npm >/dev/null 2>&1 && continue;; esac; \
 	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -202,6 +220,12 @@ tsan: deps-tsan
 	@TSAN_OPTIONS="halt_on_error=0 exitcode=66 second_deadlock_stack=1 history_size=4" \
 	    OPTD_BUILD=build-tsan OPTD_ONLY="$(TSAN_SUITES)" sh tests/run.sh
 
+# The daemon under injected I/O faults at every N of its scenario
+# (tests/test_faults.c; make test runs every 7th N).
+.PHONY: faults
+faults: build
+	OPTD_BIN=$(BUILD)/optd OPTD_FAULT_STRIDE=1 $(BUILD)/tests/test_faults
+
 valgrind: build
 	@OPTD_BUILD=$(BUILD) OPTD_ONLY_C=1 OPTD_VALGRIND=1 sh tests/run.sh
 
@@ -236,6 +260,8 @@ bench-http: deps-bench build
 	sh bench/http.sh
 bench-sync: build
 	$(BUILD)/bench/sync
+bench-observe: deps-bench build
+	sh bench/observe.sh
 bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
 
@@ -248,6 +274,7 @@ bench-json: build
 
 demo: deps-demo build
 	/usr/bin/python3 demo/compare.py
+	/usr/bin/python3 demo/trajectories.py
 
 # make install: the daemon, the libraries with their headers under
 # include/optd/ and pkg-config files (optd-client.pc, optim.pc), the man page

@@ -58,6 +58,10 @@ int api_problem(api_reply *r, int status, const char *field, const char *fmt, ..
 int api_problem_with(api_reply *r, int status, const char *field, const char *extra_name,
                      int64_t extra_value, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
+/* The id of the request this thread is answering (NULL: none); every
+ * problem built on the thread carries it as "request_id".  The string must
+ * outlive the request's handling. */
+void api_request_id_set(const char *rid);
 /* The problem type URI for a status and field. */
 const char *api_problem_type(int status);
 
@@ -77,6 +81,10 @@ typedef enum {
     API_R_HISTORY,
     API_R_STATE_GET,
     API_R_STATE_PUT,
+    API_R_EVENTS,
+    API_R_METRICS,
+    API_R_DASHBOARD,
+    API_R_ASSET,
     API_R_COUNT
 } api_route_id;
 

@@ -96,6 +96,13 @@ static int buf_json_string(api_buf *b, const char *s)
     return rc;
 }
 
+static _Thread_local const char *request_id;
+
+void api_request_id_set(const char *rid)
+{
+    request_id = rid;
+}
+
 static int problem_v(api_reply *r, int status, const char *field, const char *extra_name,
                      int64_t extra_value, const char *fmt, va_list ap)
 {
@@ -111,6 +118,10 @@ static int problem_v(api_reply *r, int status, const char *field, const char *ex
     }
     if (extra_name)
         rc |= api_buf_printf(&b, ",\"%s\":%lld", extra_name, (long long)extra_value);
+    if (request_id) {
+        rc |= api_buf_put(&b, ",\"request_id\":", 14);
+        rc |= buf_json_string(&b, request_id);
+    }
     rc |= api_buf_put(&b, "}", 1);
     if (rc) {
         free(b.data);

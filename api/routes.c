@@ -22,6 +22,12 @@ const api_route api_routes[] = {
     {"GET", "/v1/sessions/{name}/history", API_R_HISTORY, API_BODY_NONE, true},
     {"GET", "/v1/sessions/{name}/state", API_R_STATE_GET, API_BODY_NONE, true},
     {"PUT", "/v1/sessions/{name}/state", API_R_STATE_PUT, API_BODY_BINARY, true},
+    {"GET", "/v1/sessions/{name}/events", API_R_EVENTS, API_BODY_NONE, true},
+    /* /metrics: --metrics-token when set, else the API key.  The
+     * dashboard's files are public (the page asks for the key). */
+    {"GET", "/metrics", API_R_METRICS, API_BODY_NONE, true},
+    {"GET", "/", API_R_DASHBOARD, API_BODY_NONE, false},
+    {"GET", "/assets/{name}", API_R_ASSET, API_BODY_NONE, false},
 };
 const size_t api_route_count = sizeof api_routes / sizeof api_routes[0];
 

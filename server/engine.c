@@ -1124,7 +1124,11 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
     void *extra = extra_encode(in, s->cfg.n_groups, &extra_len);
     if (extra_len == SIZE_MAX)
         return ENG_ENOMEM;
+    struct timespec t0, t1, t2;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     int err = apply(pool, s, in, s->cfg.nonfinite == API_NONFINITE_ERROR, out);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    out->kernel_s = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
     if (err != ENG_OK) {
         free(extra);
         return err;
@@ -1159,6 +1163,9 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
     if (s->log_bytes + e.grad_len > CKPT_LOG_RATIO * eng_session_bytes(s))
         k = checkpoint_pieces(s, &h, &recs, iov);
     err = k < 0 ? ENG_ENOMEM : storage_append(db, s->id, &e, iov, k);
+    clock_gettime(CLOCK_MONOTONIC, &t2);
+    out->commit_s = (double)(t2.tv_sec - t1.tv_sec) + (double)(t2.tv_nsec - t1.tv_nsec) / 1e9;
+    out->checkpointed = k > 0;
     free(recs);
     free(extra);
     if (err != STORAGE_OK)

@@ -228,6 +228,9 @@ typedef struct {
     double lr;
     double grad_norm;
     double update_norm;
+    double kernel_s;            /* seconds in apply (clip, schedule, kernel)  */
+    double commit_s;            /* seconds in the storage commit              */
+    bool checkpointed;          /* the commit carried a checkpoint            */
 } eng_step_out;
 
 /* Applies one gradient (non-finite policy, accumulation, clipping,

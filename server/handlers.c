@@ -3,6 +3,7 @@
  * filling the reply; errors go through api_problem (problem+json) and leave
  * the session exactly as it was.
  */
+#include "server/observe.h"
 #include "server/server.h"
 
 #include <cjson/cJSON.h>
@@ -286,6 +287,13 @@ static int reply_params_at(api_reply *r, int status, const eng_session *s, bool 
         api_reply_body(r, status, "application/json", b.data, b.len);
     }
     api_reply_header(r, "Optd-Step", "%llu", (unsigned long long)step);
+    if (with_params)
+        /* The params digest: CRC-32 of the params in the session's dtype,
+         * little-endian (the layout in memory), whatever the answer's form. */
+        api_reply_header(r, "Optd-Params-Crc32", "%08x",
+                         (unsigned)storage_crc32(0, s->params,
+                                                 (size_t)s->cfg.size *
+                                                     optim_dtype_size(s->cfg.dtype)));
     if (with_lr && isfinite(lr))
         api_reply_header(r, "Optd-Lr", "%.17g", lr);
     if (replayed)
@@ -522,6 +530,7 @@ static int h_patch_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
         return srv_engine_fail(r, err, "saving the new config");
     }
     api_config_free(&old);
+    obs_config_changed(s);
     st = reply_session(r, 200, s);
     srv_registry_release(ctx->reg, s);
     return st;
@@ -751,11 +760,43 @@ static int parse_group_values(const eng_session *s, const srv_request *req, eng_
     return 0;
 }
 
+/* An idempotency key's request fingerprint: CRC-32 of the gradient bytes
+ * as received and of everything else that changes the update (the body's
+ * wire dtype, loss, base_step, absent tensors, group values).  Bit 32 is
+ * set so that a fingerprint is never 0, which storage keeps for "not
+ * recorded" (keys stored before fingerprints existed). */
+static uint64_t step_fingerprint(const srv_request *req, const api_step_meta *meta,
+                                 const uint32_t *absent, size_t n_absent,
+                                 const eng_group_hp *ghp, size_t n_groups)
+{
+    uint32_t c = storage_crc32(0, req->body_binary ? "B" : "J", 1);
+    c = storage_crc32(c, req->body, req->body_len);
+    const char *dt = req->body_binary ? req->header(req->conn, "Optd-Dtype") : NULL;
+    c = storage_crc32(c, dt ? dt : "", dt ? strlen(dt) + 1 : 1);
+    double loss = meta->loss;
+    int64_t base = meta->base_step;
+    c = storage_crc32(c, &loss, sizeof loss);
+    c = storage_crc32(c, &base, sizeof base);
+    uint64_t na = n_absent;
+    c = storage_crc32(c, &na, sizeof na);
+    if (n_absent)
+        c = storage_crc32(c, absent, n_absent * sizeof *absent);
+    for (size_t g = 0; ghp && g < n_groups; g++)
+        for (int k = 0; k < ENG_HP_COUNT; k++) {
+            unsigned char has = ghp[g].has[k];
+            c = storage_crc32(c, &has, 1);
+            if (has)
+                c = storage_crc32(c, &ghp[g].v[k], sizeof ghp[g].v[k]);
+        }
+    return (1ULL << 32) | c;
+}
+
 int srv_commit_update(srv_ctx *ctx, eng_session *s, const eng_step_in *in, eng_step_out *out,
                       api_reply *r)
 {
     int err = eng_step(ctx->db, ctx->pool, s, in, out);
     if (err == ENG_OK) {
+        obs_step_committed(s, in, out);
         if (s->seq % IDEM_PRUNE_EVERY == 0)
             storage_idem_prune(ctx->db, s->id, s->updated_ms - IDEM_KEEP_MS, IDEM_KEEP_KEYS);
         return 0;
@@ -813,11 +854,22 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
                        &owned, &meta, r);
     if (st)
         goto done;
+    uint64_t fp = 0;
     if (key) {
+        fp = step_fingerprint(req, &meta, absent, n_absent, ghp, s->cfg.n_groups);
         int64_t recorded;
         double rec_lr;
         int rec_kind;
-        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr, &rec_kind, NULL);
+        uint64_t rec_fp = 0;
+        int err = storage_idem_lookup(ctx->db, s->id, key, &recorded, &rec_lr, &rec_kind,
+                                      &rec_fp);
+        if (err == STORAGE_OK && rec_fp != 0 && rec_fp != fp) {
+            st = api_problem(r, 422, "Idempotency-Key",
+                             "Idempotency-Key %s was already used for a different request to "
+                             "session %s; nothing was applied (use a new key for a new step)",
+                             key, s->name);
+            goto done;
+        }
         if (err == STORAGE_OK && rec_kind == STORAGE_LOG_ACCUM &&
             (int64_t)s->st.step == recorded && s->accum_count > 0) {
             /* The gradient is still waiting in the accumulation: answer
@@ -856,7 +908,7 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
                                              "the round");
         } else {
             req->waiter->wire = wire;
-            st = srv_sync_submit(ctx, s, req, grad, &meta, key, with_params, r);
+            st = srv_sync_submit(ctx, s, req, grad, &meta, key, fp, with_params, r);
         }
         goto done;
     }
@@ -871,6 +923,7 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         int64_t age = step_now - meta.base_step;
         if (s->cfg.mode.max_staleness >= 0 && age > s->cfg.mode.max_staleness) {
             s->n_stale++;
+            obs_step_stale();
             st = api_problem_with(r, 409, "base_step", "step", step_now,
                                   "gradient is %lld steps stale (max_staleness %lld); pull the "
                                   "params and retry",
@@ -889,6 +942,7 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         .loss = meta.loss,
         .factor = factor,
         .key = key,
+        .fp = fp,
         .worker = meta.worker[0] ? meta.worker : NULL,
     };
     eng_step_out res;
@@ -1146,9 +1200,37 @@ static const handler_fn handlers[API_R_COUNT] = {
     [API_R_HISTORY] = h_history,
     [API_R_STATE_GET] = h_get_state,
     [API_R_STATE_PUT] = h_put_state,
+    [API_R_EVENTS] = obs_h_events,
+    [API_R_METRICS] = obs_h_metrics,
+    [API_R_DASHBOARD] = obs_h_dashboard,
+    [API_R_ASSET] = obs_h_asset,
 };
+
+/* Under fault injection or sync counting (OPTD_FAULT, OPTD_FAULT_COUNT_SYNCS:
+ * tests only, docs/storage.md) every answer carries storage's file
+ * operation counters as they were when the answer was made, so that a test
+ * can prove a write was synced before it was acknowledged. */
+static bool fault_counting(void)
+{
+    static int on = -1;
+    if (__atomic_load_n(&on, __ATOMIC_RELAXED) < 0) {
+        const char *f = getenv("OPTD_FAULT"), *c = getenv("OPTD_FAULT_COUNT_SYNCS");
+        __atomic_store_n(&on, (f && *f) || (c && strcmp(c, "1") == 0), __ATOMIC_RELAXED);
+    }
+    return __atomic_load_n(&on, __ATOMIC_RELAXED) > 0;
+}
 
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)
 {
-    return handlers[req->route->id](ctx, req, reply);
+    int st = handlers[req->route->id](ctx, req, reply);
+    if (st != SRV_SUSPENDED && fault_counting()) {
+        storage_fault_counts c;
+        storage_fault_stats(&c);
+        api_reply_header(reply, "Optd-Fault-Counts",
+                         "reads=%llu writes=%llu syncs=%llu truncates=%llu injected=%llu",
+                         (unsigned long long)c.reads, (unsigned long long)c.writes,
+                         (unsigned long long)c.syncs, (unsigned long long)c.truncates,
+                         (unsigned long long)c.injected);
+    }
+    return st;
 }

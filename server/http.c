@@ -12,7 +12,10 @@
  * matches that exactly (a '%' is not a name character, so any escape in a
  * name is a 400).  Query arguments stay decoded by libmicrohttpd.
  */
+#include "server/observe.h"
 #include "server/server.h"
+
+#include <cjson/cJSON.h>
 
 #include <arpa/inet.h>
 #include <limits.h>
@@ -49,6 +52,8 @@ typedef struct {
     struct timespec t0;
     char method[8];
     char *path;          /* the raw path (no query), as sent; owned       */
+    char rid[OBS_RID_MAX + 1]; /* X-Request-Id, the client's or ours     */
+    uint64_t bytes_out;  /* body bytes of the reply queued               */
 } conn_ctx;
 
 /* Requests parked in synchronous rounds right now (for the drain at stop). */
@@ -95,9 +100,34 @@ static void stream_free_cb(void *cls)
     free(b);
 }
 
+/* A problem built on another thread (a parked request's, answered by
+ * whoever closed its round) names that thread's request: name ours. */
+static void problem_own_id(conn_ctx *x, api_reply *r)
+{
+    if (!r->body || !r->content_type || strcmp(r->content_type, "application/problem+json") != 0)
+        return;
+    cJSON *doc = cJSON_ParseWithLength(r->body, r->len);
+    if (!doc)
+        return;
+    cJSON_DeleteItemFromObject(doc, "request_id");
+    cJSON_AddStringToObject(doc, "request_id", x->rid);
+    char *txt = cJSON_PrintUnformatted(doc);
+    cJSON_Delete(doc);
+    char *body = txt ? strdup(txt) : NULL;
+    cJSON_free(txt);
+    if (body) {
+        free(r->body);
+        r->body = body;
+        r->len = strlen(body);
+    }
+}
+
 static enum MHD_Result queue(struct MHD_Connection *c, conn_ctx *x, api_reply *r)
 {
     struct MHD_Response *resp;
+    if (x->parked)
+        problem_own_id(x, r);
+    x->bytes_out = r->stream_read ? (size_t)r->stream_len : r->body ? r->len : 0;
     if (r->stream_read) {
         stream_box *b = malloc(sizeof *b);
         resp = b ? MHD_create_response_from_callback(r->stream_len, 256 * 1024, stream_cb, b,
@@ -128,6 +158,7 @@ static enum MHD_Result queue(struct MHD_Connection *c, conn_ctx *x, api_reply *r
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, r->content_type);
     for (int i = 0; i < r->n_headers; i++)
         MHD_add_response_header(resp, r->headers[i].name, r->headers[i].value);
+    MHD_add_response_header(resp, "X-Request-Id", x->rid);
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
     x->status = r->status;
@@ -283,8 +314,12 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
     if (x->content_length > (long long)x->limit)
         return api_problem(r, 413, NULL, "body of %lld bytes exceeds the limit of %zu",
                            x->content_length, x->limit);
-    if (x->route->needs_auth && ctx->cfg->api_key[0]) {
-        if (!bearer_ok(hdr(c, MHD_HTTP_HEADER_AUTHORIZATION), ctx->cfg->api_key)) {
+    /* /metrics takes --metrics-token instead of the API key when one is set. */
+    const char *key = x->route->id == API_R_METRICS && ctx->cfg->metrics_token[0]
+                          ? ctx->cfg->metrics_token
+                          : ctx->cfg->api_key;
+    if (x->route->needs_auth && key[0]) {
+        if (!bearer_ok(hdr(c, MHD_HTTP_HEADER_AUTHORIZATION), key)) {
             api_problem(r, 401, NULL, "missing or wrong API key (Authorization: Bearer KEY)");
             api_reply_header(r, "WWW-Authenticate", "Bearer realm=\"optd\"");
             return 401;
@@ -292,8 +327,12 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
     }
     bool binary_ok = x->route->body == API_BODY_VECTOR || x->route->id == API_R_PARAMS_GET ||
                      x->route->id == API_R_STATE_GET;
-    /* /healthz answers any prober, whatever it accepts. */
-    int acc = x->route->id == API_R_HEALTHZ ? 0 : api_accept(hdr(c, MHD_HTTP_HEADER_ACCEPT), binary_ok);
+    /* /healthz answers any prober, whatever it accepts; /metrics, the event
+     * stream and the dashboard answer their one type. */
+    bool any_accept = x->route->id == API_R_HEALTHZ || x->route->id == API_R_METRICS ||
+                      x->route->id == API_R_EVENTS || x->route->id == API_R_DASHBOARD ||
+                      x->route->id == API_R_ASSET;
+    int acc = any_accept ? 0 : api_accept(hdr(c, MHD_HTTP_HEADER_ACCEPT), binary_ok);
     if (acc < 0)
         return api_problem(r, 406, "Accept",
                            binary_ok ? "this route answers application/json or "
@@ -396,6 +435,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     conn_ctx *x = *con_cls;
     if (!x)
         return MHD_NO; /* on_uri ran out of memory */
+    if (!x->started)
+        obs_request_id(hdr(c, "X-Request-Id"), x->rid);
+    api_request_id_set(x->rid);
     if (!x->started) {
         x->started = true;
         snprintf(x->method, sizeof x->method, "%s", method);
@@ -440,6 +482,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
             return queue(c, x, &r);
         }
     }
+    if (x->route->id == API_R_EVENTS) {
+        int ok = 0;
+        if (obs_events_open(ctx, c, x->name, hdr(c, "Last-Event-ID"), qry(c, "after"),
+                            qry(c, "live"), x->rid, &ok, &r) == 0) {
+            x->status = 200;
+            x->responded = true;
+            return ok ? MHD_YES : MHD_NO;
+        }
+        return queue(c, x, &r);
+    }
     srv_request req = {
         .route = x->route,
         .name = x->name,
@@ -453,7 +505,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         .conn = c,
         .waiter = &x->waiter,
     };
-    if (srv_handle(ctx, &req, &r) == SRV_SUSPENDED) {
+    double t_handle = obs_now();
+    int handled = srv_handle(ctx, &req, &r);
+    if (x->route->id == API_R_STEP)
+        obs_step_request(t_handle, obs_now());
+    if (handled == SRV_SUSPENDED) {
         x->parked = true;
         __atomic_add_fetch(&parked_now, 1, __ATOMIC_SEQ_CST);
         return MHD_YES;
@@ -475,6 +531,12 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double ms = (double)(t1.tv_sec - x->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - x->t0.tv_nsec) / 1e6;
+    int route = x->route ? (int)x->route->id : API_R_COUNT;
+    uint64_t bytes_in = x->content_length > 0 ? (uint64_t)x->content_length : x->len;
+    obs_request_done(route, x->status, bytes_in, x->bytes_out, ms / 1e3);
+    obs_access_log(x->rid[0] ? x->rid : "-", x->method[0] ? x->method : "-",
+                   x->route ? x->route->pattern : NULL, x->route ? x->name : NULL, x->status,
+                   bytes_in, x->bytes_out, ms / 1e3);
     if (!x->started)
         srv_log(SRV_LOG_WARN, "- %s refused by libmicrohttpd before routing (%.3fms)", x->path, ms);
     else
@@ -525,6 +587,9 @@ int srv_http_run(srv_ctx *ctx)
 
     ctx->suspend = suspend_conn;
     ctx->resume = resume_conn;
+    if (obs_init(ctx) != 0)
+        return -1;
+    obs_set_waiting_source(&parked_now);
     struct MHD_Daemon *d = MHD_start_daemon(
         flags, (uint16_t)cfg->port, NULL, NULL, on_request, ctx, MHD_OPTION_SOCK_ADDR, &ss,
         MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_URI_LOG_CALLBACK, on_uri, ctx,
@@ -533,6 +598,8 @@ int srv_http_run(srv_ctx *ctx)
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->max_connections_per_ip, MHD_OPTION_END);
     if (!d) {
         srv_log(SRV_LOG_ERROR, "cannot listen on %s:%d", cfg->bind, cfg->port);
+        obs_shutdown();
+        obs_close();
         return -1;
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
@@ -550,6 +617,7 @@ int srv_http_run(srv_ctx *ctx)
     sigwait(&set, &sig);
     srv_log(SRV_LOG_INFO, "signal %d: stopping (in-flight requests finish)", sig);
     MHD_quiesce_daemon(d);
+    obs_shutdown(); /* event streams end */
     /* Waiters of open rounds get 503; give their answers time to go out. */
     srv_sync_shutdown(ctx->sync);
     for (int i = 0; i < 200 && __atomic_load_n(&parked_now, __ATOMIC_SEQ_CST) > 0; i++) {
@@ -560,5 +628,6 @@ int srv_http_run(srv_ctx *ctx)
      * sweep once more so that no connection stays suspended. */
     srv_sync_shutdown(ctx->sync);
     MHD_stop_daemon(d); /* waits for handlers to return */
+    obs_close();
     return 0;
 }

@@ -6,6 +6,7 @@
  * while waiting.  A session is used only while acquired (refs > 0) and
  * locked; it is freed only when dead and unreferenced.
  */
+#include "server/observe.h"
 #include "server/server.h"
 
 #include <stdlib.h>
@@ -200,7 +201,10 @@ int srv_registry_acquire(srv_registry *r, const char *name, eng_session **out)
         s->refs++;
         pthread_mutex_unlock(&r->mu);
         if (load) {
+            double t0 = obs_now();
             int err = eng_session_load(r->db, r->pool, s);
+            if (err == ENG_OK)
+                obs_session_loaded(obs_now() - t0);
             if (err != ENG_OK) {
                 if (err != STORAGE_ENOTFOUND)
                     srv_log(SRV_LOG_ERROR, "loading session %s failed (%s): %s", name,
@@ -304,6 +308,7 @@ static void evict(srv_registry *r)
         __atomic_store_n(&s->dead, true, __ATOMIC_RELEASE);
         eng_unlock(s);
         srv_log(SRV_LOG_DEBUG, "evicted session %s", s->name);
+        obs_session_evicted();
         eng_session_free(s);
     }
 }

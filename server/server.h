@@ -36,6 +36,9 @@ typedef struct {
     size_t max_connections;        /* open connections in all               */
     size_t max_connections_per_ip; /* open connections from one address     */
     size_t idle_timeout_s;         /* a connection idle this long is closed */
+    char access_log[1024];         /* --access-log FILE: JSON lines; "" none */
+    char metrics_token[256];       /* /metrics token ("": --api-key's rule)  */
+    size_t metrics_sessions;       /* sessions with their own series (0: none) */
 } srv_config;
 
 /* Parses OPTD_* environment variables, then argv (flags win).  Returns 0,
@@ -131,10 +134,10 @@ void srv_sync_shutdown(srv_sync *sy);
 void srv_sync_free(srv_sync *sy);
 /* A gradient for the session's open round (session locked).  Returns an
  * HTTP status with the reply filled, or SRV_SUSPENDED when req->waiter was
- * parked until the round closes. */
+ * parked until the round closes.  fp: the keyed request's fingerprint. */
 int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const void *grad,
-                    const api_step_meta *meta, const char *key, bool with_params,
-                    api_reply *r);
+                    const api_step_meta *meta, const char *key, uint64_t fp,
+                    bool with_params, api_reply *r);
 /* Drops an open round (PATCH of the mode, DELETE): its waiters get status. */
 void srv_sync_abort(srv_ctx *ctx, eng_session *s, int status, const char *why);
 

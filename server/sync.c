@@ -12,6 +12,7 @@
  * Lock order: a session's lock, then sy->mu (to list the round); the reaper
  * takes sy->mu, lets it go, then takes the session's lock.
  */
+#include "server/observe.h"
 #include "server/server.h"
 
 #include <errno.h>
@@ -54,6 +55,7 @@ static void list_add(srv_sync *sy, eng_session *s, int64_t deadline)
     sy->open = e;
     s->round_listed = true;
     pthread_mutex_unlock(&sy->mu);
+    obs_rounds_open(1);
 }
 
 static void list_remove(srv_sync *sy, eng_session *s)
@@ -64,6 +66,7 @@ static void list_remove(srv_sync *sy, eng_session *s)
             round_entry *e = *pp;
             *pp = e->next;
             free(e);
+            obs_rounds_open(-1);
             break;
         }
     }
@@ -85,9 +88,11 @@ static int round_alloc(eng_session *s)
         s->round_sum = calloc(1, vec_bytes(s));
     free(s->round_workers);
     free(s->round_keys);
+    free(s->round_fps);
     s->round_workers = calloc(w, sizeof *s->round_workers);
     s->round_keys = calloc(w, sizeof *s->round_keys);
-    return s->round_sum && s->round_workers && s->round_keys ? 0 : -1;
+    s->round_fps = calloc(w, sizeof *s->round_fps);
+    return s->round_sum && s->round_workers && s->round_keys && s->round_fps ? 0 : -1;
 }
 
 /* Clears the round (session locked) and lets go of its session ref. */
@@ -129,8 +134,9 @@ static int round_close(srv_ctx *ctx, eng_session *s, bool want_binary, int wire,
 {
     size_t n = (size_t)s->cfg.size;
     const char **keys = calloc((size_t)s->round_count, sizeof *keys);
+    uint64_t *fps = calloc((size_t)s->round_count, sizeof *fps);
     int st;
-    if (!keys) {
+    if (!keys || !fps) {
         st = api_problem(r, 503, NULL, "out of memory closing the round");
     } else {
         /* mean: divide in the dtype, like a local mean of the gradients; in
@@ -139,15 +145,19 @@ static int round_close(srv_ctx *ctx, eng_session *s, bool want_binary, int wire,
             optim_vec_div(s->cfg.dtype, s->round_sum, n, s->round_count);
         size_t nk = 0;
         for (int64_t i = 0; i < s->round_count; i++)
-            if (s->round_keys[i][0])
+            if (s->round_keys[i][0]) {
+                fps[nk] = s->round_fps[i];
                 keys[nk++] = s->round_keys[i];
+            }
         double loss = s->round_loss_n ? s->round_loss_sum / (double)s->round_loss_n : NAN;
         eng_step_in in = {
             .grad = s->round_sum,
             .loss = loss,
             .factor = 1.0,
             .key = nk ? keys[0] : NULL,
+            .fp = nk ? fps[0] : 0,
             .more_keys = nk > 1 ? keys + 1 : NULL,
+            .more_fps = nk > 1 ? fps + 1 : NULL,
             .n_more_keys = nk > 1 ? nk - 1 : 0,
         };
         eng_step_out res;
@@ -178,6 +188,7 @@ static int round_close(srv_ctx *ctx, eng_session *s, bool want_binary, int wire,
     if (st >= 400)
         answer_waiters_problem(ctx, s, r);
     free(keys);
+    free(fps);
     round_reset(ctx, s);
     return st;
 }
@@ -188,7 +199,8 @@ static void accumulate(eng_session *s, const void *grad)
 }
 
 int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const void *grad,
-                    const api_step_meta *meta, const char *key, bool with_params, api_reply *r)
+                    const api_step_meta *meta, const char *key, uint64_t fp, bool with_params,
+                    api_reply *r)
 {
     int64_t step = (int64_t)s->st.step;
     if (!meta->worker[0])
@@ -214,6 +226,12 @@ int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const 
     for (int64_t i = 0; i < s->round_count; i++) {
         if (strcmp(s->round_workers[i], meta->worker) == 0) {
             if (key && strcmp(s->round_keys[i], key) == 0) {
+                if (s->round_fps[i] != fp)
+                    return api_problem(r, 422, "Idempotency-Key",
+                                       "Idempotency-Key %s was already used for a different "
+                                       "gradient in the round of step %lld; nothing was added "
+                                       "(use a new key for a new step)",
+                                       key, (long long)step);
                 rejoin = true;
                 break;
             }
@@ -233,7 +251,9 @@ int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const 
         accumulate(s, grad);
         snprintf(s->round_workers[s->round_count], API_WORKER_MAX + 1, "%s", meta->worker);
         snprintf(s->round_keys[s->round_count], API_IDEM_MAX + 1, "%s", key ? key : "");
+        s->round_fps[s->round_count] = key ? fp : 0;
         s->round_count++;
+        obs_events_round(s, "open");
         if (!isnan(meta->loss)) {
             s->round_loss_sum += meta->loss;
             s->round_loss_n++;
@@ -263,6 +283,7 @@ void srv_sync_abort(srv_ctx *ctx, eng_session *s, int status, const char *why)
         return;
     api_reply p = {0};
     api_problem_with(&p, status, NULL, "step", (int64_t)s->st.step, "%s", why);
+    obs_events_round(s, status == 504 ? "timed_out" : "aborted");
     answer_waiters_problem(ctx, s, &p);
     api_reply_free(&p);
     round_reset(ctx, s);

@@ -380,7 +380,7 @@ static void test_unknown_path_and_method(void **state)
     expect_json(s, NULL, "GET", "/v1/nope", NULL, 404, NULL);
     expect_json(s, NULL, "GET", "/v2/sessions", NULL, 404, NULL);
     expect_json(s, E64, "GET", "/v1/sessions/e64/bogus", NULL, 404, NULL);
-    expect_json(s, NULL, "GET", "/", NULL, 404, NULL);
+    expect_json(s, NULL, "GET", "/nothing-here", NULL, 404, NULL);
 
     struct {
         const char *method, *path;

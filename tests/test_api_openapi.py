@@ -309,6 +309,7 @@ int main(void)
         exe = os.path.join(tmp, "dump")
         subprocess.run(["cc", "-std=c11", "-D_POSIX_C_SOURCE=200809L", "-I", ROOT, src,
                         os.path.join(ROOT, "api", "routes.c"), os.path.join(ROOT, "api", "reply.c"),
+                        os.path.join(ROOT, "api", "numfmt.c"),
                         "-o", exe] + cflags + ["-lm"], check=True)
         return json.loads(subprocess.run([exe], check=True, stdout=subprocess.PIPE).stdout)
     finally:
@@ -508,6 +509,19 @@ SCENARIOS = [
     ("patch huge body", KEY, "PATCH", "/v1/sessions/t", [JSONCT, EXPECT100], BIG, 413),
     ("patch 404", KEY, "PATCH", "/v1/sessions/nope", [JSONCT], "{}", 404),
     ("patch 401", ANON, "PATCH", "/v1/sessions/t", [JSONCT], "{}", 401),
+
+    ("events history", KEY, "GET", "/v1/sessions/t/events?after=0&live=false", [], None, 200),
+    ("events resume", KEY, "GET", "/v1/sessions/t/events?live=false", ["Last-Event-ID: 1"], None,
+     200),
+    ("events bad id", KEY, "GET", "/v1/sessions/t/events", ["Last-Event-ID: x"], None, 400),
+    ("events 404", KEY, "GET", "/v1/sessions/nope/events", [], None, 404),
+    ("events 401", ANON, "GET", "/v1/sessions/t/events", [], None, 401),
+    ("metrics", KEY, "GET", "/metrics", [], None, 200),
+    ("metrics 401", ANON, "GET", "/metrics", [], None, 401),
+    ("dashboard", ANON, "GET", "/", ["Accept: text/html"], None, 200),
+    ("asset", ANON, "GET", "/assets/app.js", [], None, 200),
+    ("asset 404", ANON, "GET", "/assets/nope.js", [], None, 404),
+    ("asset bad name", ANON, "GET", "/assets/bad!name", [], None, 400),
 
     ("delete 406", KEY, "DELETE", "/v1/sessions/t", [TEXTACC], None, 406),
     ("delete 401", ANON, "DELETE", "/v1/sessions/t", [], None, 401),

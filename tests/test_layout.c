@@ -117,7 +117,7 @@ static void step_layout(optd_client *c, const char *name, const float *g, const 
             memcpy(body + k, g + toff(t), tsize[t] * sizeof(float));
             k += tsize[t];
         } else {
-            char one[8];
+            char one[16];
             snprintf(one, sizeof one, "%s%d", absent[0] ? "," : "", t);
             strcat(absent, one);
         }

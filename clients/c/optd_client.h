@@ -149,7 +149,7 @@ int optd_step_f64_opts(optd_client *c, const char *name, const double *grad, siz
                        long long *step_out, int *replayed, optd_error *err);
 
 /* Writes a fresh random 128-bit key as 32 hex digits + NUL into key[33].
- * 0, or -1 when /dev/urandom cannot be read. */
+ * 0, or -1 when getrandom(2) fails. */
 int optd_new_idempotency_key(char key[33]);
 
 /* ---------------------------------------------------------------- params */

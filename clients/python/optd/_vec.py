@@ -11,10 +11,14 @@ import array
 import math
 import sys
 
+from typing import Any, Optional
+
+_np: Optional[Any] = None
 try:
-    import numpy as _np
+    import numpy as _numpy
+    _np = _numpy
 except ImportError:  # the client works without NumPy, on array.array
-    _np = None
+    pass
 
 DTYPES = {
     # name: (array.array typecode, bytes per element, NumPy little-endian dtype)

@@ -191,7 +191,7 @@ class Client:
         _vec.check_dtype(dtype)
         if isinstance(optimizer, str):
             optimizer = {"type": optimizer}
-        doc = {"optimizer": optimizer, "dtype": dtype}
+        doc: Dict[str, Any] = {"optimizer": optimizer, "dtype": dtype}
         if params is not None:
             if size is not None or init is not None:
                 raise ValueError("give either params or size (+ init), not both")
@@ -383,7 +383,7 @@ class Session:
         """The step log's metrics after step ``after``, oldest first: a list
         of {step, time, lr, loss, grad_norm, update_norm, worker?}; at most
         ``limit`` entries when given."""
-        out = []
+        out: List[Dict[str, Any]] = []
         while limit is None or len(out) < limit:
             n = page_size if limit is None else min(page_size, limit - len(out))
             q = urllib.parse.urlencode({"after": str(after), "limit": str(n)})

@@ -1,7 +1,8 @@
 """The Python client installed as a user installs it: the README's install
 lines run as written (make wheel, a fresh venv with --system-site-packages,
 pip install of the wheel, offline), then the README's example run by the
-venv's interpreter, from outside the repository, against a real daemon."""
+venv's interpreter, from outside the repository, against a real daemon; and
+mypy (Debian's python3-mypy) type-checks a use of the installed package."""
 
 import os
 import re
@@ -18,7 +19,8 @@ README = os.path.join(REPO, "clients", "python", "README.md")
 def readme_block(marker, lang):
     """The first ```lang block after the line containing marker ("" for the
     first one in the file)."""
-    text = open(README, encoding="utf-8").read()
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
     start = text.index(marker) if marker else 0
     m = re.compile(r"^```%s\n(.*?)^```$" % lang, re.S | re.M).search(text, start)
     if not m:
@@ -79,6 +81,64 @@ class Install(unittest.TestCase):
         self.assertEqual(step, "100")
         self.assertEqual(float(lr), 1e-3)
         self.assertLess(float(loss), 0.1 ** 2 * 1000 / 2, "Adam lowered the loss")
+
+        # The installed package is typed (py.typed): mypy, run for the venv's
+        # interpreter, accepts a typed use and refuses a wrong one.
+        good = os.path.join(self.home, "typed_use.py")
+        with open(good, "w", encoding="utf-8") as f:
+            f.write(TYPED_USE)
+        bad = os.path.join(self.home, "wrong_use.py")
+        with open(bad, "w", encoding="utf-8") as f:
+            f.write(WRONG_USE)
+        # One run for both files; mypy's cache outlives the test (as npm's
+        # does for the JS suite), so later runs skip re-reading typeshed.
+        cache = os.path.join(tempfile.gettempdir(), "optd-mypy-%d" % os.getuid())
+        config = os.path.join(REPO, "clients", "python", "pyproject.toml")
+        r = subprocess.run(["/usr/bin/python3", "-m", "mypy", "--python-executable", py,
+                            "--config-file", config, "--cache-dir", cache, good, bad],
+                           cwd=self.home, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        out = r.stdout.decode(errors="replace")
+        self.assertNotEqual(r.returncode, 0, out)
+        self.assertNotIn("typed_use.py", out, "mypy refuses the typed use")
+        self.assertNotIn("missing library stubs or py.typed", out)
+        self.assertIn('Argument 1 to "create_session" of "Client" has incompatible type "int"', out)
+        self.assertIn('Argument "loss" to "step" of "Session" has incompatible type "str"', out)
+        # and the package's own hints agree with its code
+        r = subprocess.run(["/usr/bin/python3", "-m", "mypy", "--cache-dir", cache, "optd"],
+                           cwd=os.path.join(REPO, "clients", "python"), env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+        self.assertEqual(r.returncode, 0, r.stdout.decode(errors="replace"))
+
+
+TYPED_USE = """\
+from typing import Any, Dict, List, Optional
+
+import optd
+
+
+def train(url: str) -> Optional[int]:
+    client = optd.Client(url, api_key=None, retries=2, binary_threshold=16)
+    s: optd.Session = client.create_session("mlp", "adam", size=4, dtype="float64")
+    p = s.params()
+    s.step([0.1, 0.2, 0.3, 0.4], loss=0.5, base_step=0, worker="w0")
+    doc: Dict[str, Any] = s.update(lr=1e-4)
+    rows: List[Dict[str, Any]] = s.history(limit=10)
+    try:
+        client.session("gone")
+    except optd.NotFound as e:
+        print(e.status, e.kind, e.field, doc["step"], len(rows), p)
+    s.delete()
+    return s.last_step
+"""
+
+WRONG_USE = """\
+import optd
+
+client = optd.Client("http://127.0.0.1:8080")
+s = client.create_session(5, "adam", size=4)
+s.step([0.1], loss="high")
+"""
 
 
 if __name__ == "__main__":
