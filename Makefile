@@ -12,7 +12,9 @@
 #   make bench          every benchmark (bench-kernels, bench-http, bench-sync)
 #   make soak           mixed load with restarts for SOAK_SECONDS (60): RSS, fds, errors
 #   make bench-storage  where large vectors should live (docs/storage.md)
+#   make bench-remote   optd.torch.RemoteOptimizer's opt.step() against local torch.optim
 #   make bench-observe  step throughput with /metrics scraped and 10 event watchers
+#   make bench-travel   rollback/fork vs live steps, backup under load (bench/TRAVEL.md)
 #   make demo           the optimizer comparison on the digits data set, and the
 #                       optimizers' trajectories on Rosenbrock and Beale
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
@@ -32,7 +34,7 @@ SANFLAGS ?=
 DEPS_RUN   := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
               libcurl4-openssl-dev zlib1g-dev
 DEPS_BUILD := $(DEPS_RUN) libcmocka-dev sqlite3 ca-certificates
-DEPS_TEST  := curl python3 python3-numpy python3-torch python3-venv python3-pip python3-setuptools \
+DEPS_TEST  := curl python3 python3-numpy python3-torch python3-sklearn python3-venv python3-pip python3-setuptools \
               python3-wheel python3-mypy python3-yaml python3-jsonschema golang-go go-staticcheck nodejs \
               docker-compose prometheus chromium npm
 DEPS_BENCH := wrk nginx-light python3-torch
@@ -74,7 +76,8 @@ BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
         fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
-        bench-json bench-observe demo install uninstall wheel clean test-unit test-clients
+        bench-json bench-observe bench-travel bench-remote demo install uninstall wheel clean \
+        test-unit test-clients
 .DEFAULT_GOAL := all
 
 all build: $(OPTD) $(LIBOPTIM) $(LIBCLIENT) $(TESTS) $(BENCHES)
@@ -264,6 +267,10 @@ bench-observe: deps-bench build
 	sh bench/observe.sh
 bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
+bench-travel: build
+	$(BUILD)/bench/travel --optd $(BUILD)/optd
+bench-remote: build
+	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/remote_torch.py
 
 # A mixed-load soak with restarts: SOAK_SECONDS (60); not part of make test.
 SOAK_SECONDS ?= 60

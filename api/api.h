@@ -85,6 +85,11 @@ typedef enum {
     API_R_METRICS,
     API_R_DASHBOARD,
     API_R_ASSET,
+    API_R_CHECKPOINTS_GET,
+    API_R_CHECKPOINTS_POST,
+    API_R_ROLLBACK,
+    API_R_EXPORT_GET,
+    API_R_EXPORT_PUT,
     API_R_COUNT
 } api_route_id;
 
@@ -161,6 +166,14 @@ typedef struct {
                                overrides applied                           */
 } api_group;
 
+/* Kept checkpoints: one every every_steps updates, the keep newest of them
+ * kept (0, 0: none; docs/api.md "Time travel"). */
+#define API_RETAIN_KEEP_MAX 10000
+typedef struct {
+    int64_t every_steps;
+    int64_t keep;
+} api_retain;
+
 typedef struct {
     optim_dtype dtype;
     uint64_t size;
@@ -169,6 +182,7 @@ typedef struct {
     optim_clip clip;
     api_mode mode;
     int nonfinite;          /* API_NONFINITE_*                               */
+    api_retain retain;
     char *metadata;         /* canonical JSON object text or NULL; owned    */
     bool layout;            /* tensors/groups were given (kept in the
                                canonical config)                           */

@@ -28,6 +28,11 @@ const api_route api_routes[] = {
     {"GET", "/metrics", API_R_METRICS, API_BODY_NONE, true},
     {"GET", "/", API_R_DASHBOARD, API_BODY_NONE, false},
     {"GET", "/assets/{name}", API_R_ASSET, API_BODY_NONE, false},
+    {"GET", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_GET, API_BODY_NONE, true},
+    {"POST", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_POST, API_BODY_JSON, true},
+    {"POST", "/v1/sessions/{name}/rollback", API_R_ROLLBACK, API_BODY_JSON, true},
+    {"GET", "/v1/sessions/{name}/export", API_R_EXPORT_GET, API_BODY_NONE, true},
+    {"PUT", "/v1/sessions/{name}/export", API_R_EXPORT_PUT, API_BODY_BINARY, true},
 };
 const size_t api_route_count = sizeof api_routes / sizeof api_routes[0];
 

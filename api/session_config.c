@@ -601,6 +601,33 @@ static int decode_nonfinite(const cJSON *v, int *out, api_reply *r)
     return 0;
 }
 
+static int decode_retain(const cJSON *v, api_retain *out, api_reply *r)
+{
+    if (cJSON_IsNull(v)) {
+        out->every_steps = out->keep = 0;
+        return 0;
+    }
+    if (!cJSON_IsObject(v))
+        return bad(r, NULL, "retain", "must be {\"every_steps\": N, \"keep\": K} or null");
+    const cJSON *m;
+    cJSON_ArrayForEach(m, v)
+    {
+        if (strcmp(m->string, "every_steps") != 0 && strcmp(m->string, "keep") != 0)
+            return api_problem(r, 400, "retain", "unknown field \"retain.%s\" (every_steps, keep)",
+                               m->string);
+    }
+    int64_t n, k;
+    if (!json_int(cJSON_GetObjectItemCaseSensitive(v, "every_steps"), &n) || n < 1)
+        return bad(r, "retain", "every_steps", "must be a positive integer");
+    if (!json_int(cJSON_GetObjectItemCaseSensitive(v, "keep"), &k) || k < 1 ||
+        k > API_RETAIN_KEEP_MAX)
+        return api_problem(r, 400, "retain.keep", "retain.keep must be an integer from 1 to %d",
+                           API_RETAIN_KEEP_MAX);
+    out->every_steps = n;
+    out->keep = k;
+    return 0;
+}
+
 static int decode_metadata(const cJSON *v, char **out, api_reply *r)
 {
     if (cJSON_IsNull(v)) {
@@ -651,7 +678,8 @@ static void config_default(api_config *c)
 
 static const char *const create_keys[] = {"optimizer", "params", "size", "init", "dtype",
                                           "schedule", "clip", "mode", "nonfinite",
-                                          "metadata", "tensors", "groups", NULL};
+                                          "metadata", "tensors", "groups", "retain",
+                                          "fork", "replay", NULL};
 
 static bool key_known(const char *k, const char *const *keys)
 {
@@ -1051,6 +1079,8 @@ static int decode_config_obj(const cJSON *root, api_config *c, api_reply *r)
         st = decode_nonfinite(v, &c->nonfinite, r);
     if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "metadata")))
         st = decode_metadata(v, &c->metadata, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "retain")))
+        st = decode_retain(v, &c->retain, r);
     if (!st)
         st = check_combination(c, r);
     return st;
@@ -1071,6 +1101,11 @@ int api_decode_create(const char *body, size_t len, size_t max_params, api_confi
     {
         if (!key_known(m->string, create_keys)) {
             st = api_problem(r, 400, m->string, "unknown field \"%s\"", m->string);
+            break;
+        }
+        if (strcmp(m->string, "replay") == 0 || strcmp(m->string, "fork") == 0) {
+            st = api_problem(r, 400, m->string, "\"%s\" goes with a fork: {\"fork\": "
+                             "{\"from\": name, \"step\": t}}", m->string);
             break;
         }
     }
@@ -1137,7 +1172,7 @@ int api_decode_create(const char *body, size_t len, size_t max_params, api_confi
 }
 
 static const char *const patch_keys[] = {"optimizer", "schedule", "clip", "mode", "nonfinite",
-                                         "metadata", "groups", NULL};
+                                         "metadata", "groups", "retain", NULL};
 
 int api_decode_patch(const char *body, size_t len, api_config *cfg, api_reply *r)
 {
@@ -1175,6 +1210,8 @@ int api_decode_patch(const char *body, size_t len, api_config *cfg, api_reply *r
         st = decode_nonfinite(v, &cfg->nonfinite, r);
     if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "metadata")))
         st = decode_metadata(v, &cfg->metadata, r);
+    if (!st && (v = cJSON_GetObjectItemCaseSensitive(root, "retain")))
+        st = decode_retain(v, &cfg->retain, r);
     if (!st)
         st = check_combination(cfg, r);
     cJSON_Delete(root);
@@ -1316,6 +1353,12 @@ static cJSON *config_obj(const api_config *c)
         cJSON_AddItemToObject(root, "metadata", cJSON_Parse(c->metadata));
     else
         cJSON_AddNullToObject(root, "metadata");
+    /* Only when set: configs stored before it existed read back equal. */
+    if (c->retain.every_steps > 0) {
+        cJSON *rt = cJSON_AddObjectToObject(root, "retain");
+        cJSON_AddItemToObject(rt, "every_steps", int_num(c->retain.every_steps));
+        cJSON_AddItemToObject(rt, "keep", int_num(c->retain.keep));
+    }
     return root;
 }
 

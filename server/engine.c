@@ -1044,6 +1044,88 @@ int eng_session_load(storage *db, eng_pool *pool, eng_session *s)
     return err;
 }
 
+int eng_session_load_at(storage *db, eng_pool *pool, eng_session *s, int64_t id, int64_t step,
+                        const char *config, int64_t *seq_out)
+{
+    int64_t seq = seq_out && step < 0 ? *seq_out : 0;
+    char *at_cfg = NULL;
+    int err = storage_locate(db, id, step, &seq, &at_cfg);
+    if (err != STORAGE_OK)
+        return err;
+    api_config cfg;
+    const char *use = at_cfg ? at_cfg : config;
+    if (!use || api_config_from_json(use, &cfg)) {
+        free(at_cfg);
+        return STORAGE_ECORRUPT;
+    }
+    free(at_cfg);
+    err = shell_fill(s, &cfg);
+    api_config_free(&cfg);
+    if (err != ENG_OK)
+        return err;
+    replay_ctx rc = {s, pool};
+    err = storage_session_load_at(db, id, seq, install_ckpt, replay_row, &rc, NULL);
+    if (err == STORAGE_OK && eng_ensure_buffers(s) != ENG_OK)
+        err = STORAGE_ENOMEM;
+    if (err == STORAGE_OK && step >= 0 && (int64_t)s->st.step != step)
+        err = STORAGE_ECORRUPT;
+    if (err == STORAGE_OK && seq_out)
+        *seq_out = seq;
+    return err;
+}
+
+typedef struct {
+    storage *db;
+    eng_pool *pool;
+    eng_session *s;
+    int64_t rows;
+} relog_ctx;
+
+static int relog_row(void *ud, const storage_log_entry *e)
+{
+    relog_ctx *rc = ud;
+    rc->rows++;
+    return eng_apply_logged(rc->db, rc->pool, rc->s, e);
+}
+
+int eng_apply_logged(storage *db, eng_pool *pool, eng_session *s, const storage_log_entry *e)
+{
+    ENG_ASSERT_LOCKED(s);
+    if (e->kind == STORAGE_LOG_SKIP) {
+        /* its gradient was not kept: counted, as the original was */
+        s->n_skipped++;
+        return 0;
+    }
+    eng_step_in in = {.grad = e->grad, .loss = e->loss,
+                      .factor = isnan(e->factor) ? 1.0 : e->factor, .worker = e->worker};
+    uint32_t *absent = malloc((s->cfg.n_tensors ? s->cfg.n_tensors : 1) * sizeof *absent);
+    eng_group_hp *ghp = calloc(s->cfg.n_groups ? s->cfg.n_groups : 1, sizeof *ghp);
+    int err = absent && ghp ? extra_decode(s, e->extra, e->extra_len, absent, ghp, &in)
+                            : STORAGE_ENOMEM;
+    if (!err && (!e->grad ||
+                 e->grad_len != eng_present_size(s, in.absent, in.n_absent) *
+                                    optim_dtype_size(s->cfg.dtype)))
+        err = STORAGE_ECORRUPT;
+    if (!err) {
+        eng_step_out out;
+        err = eng_step(db, pool, s, &in, &out);
+    }
+    free(absent);
+    free(ghp);
+    return err;
+}
+
+int eng_relog(storage *db, eng_pool *pool, eng_session *s, int64_t src_id, int64_t after,
+              int64_t upto, int64_t *rows)
+{
+    ENG_ASSERT_LOCKED(s);
+    relog_ctx rc = {db, pool, s, 0};
+    int err = storage_log_read(db, src_id, after, upto, relog_row, &rc);
+    if (rows)
+        *rows = rc.rows;
+    return err;
+}
+
 int eng_session_create(storage *db, eng_session *s, int64_t now)
 {
     char *cfg_json = api_config_to_json(&s->cfg);
@@ -1055,7 +1137,8 @@ int eng_session_create(storage *db, eng_session *s, int64_t now)
     int k = checkpoint_pieces(s, &h, &recs, iov);
     s->created_ms = s->updated_ms = now;
     int err = k < 0 ? ENG_ENOMEM
-                    : storage_session_create(db, s->name, cfg_json, now, iov, k, &s->id);
+                    : storage_session_create_at(db, s->name, cfg_json, now, iov, k,
+                                                (int64_t)s->st.step, &s->id);
     free(recs);
     free(cfg_json);
     return err;
@@ -1063,10 +1146,19 @@ int eng_session_create(storage *db, eng_session *s, int64_t now)
 
 int eng_checkpoint(storage *db, eng_session *s, bool with_config)
 {
+    return eng_checkpoint_kind(db, s, with_config,
+                               with_config ? STORAGE_CKPT_ANCHOR : STORAGE_CKPT_AUTO, NULL);
+}
+
+int eng_checkpoint_kind(storage *db, eng_session *s, bool with_config, int kind,
+                        const char *label)
+{
     ENG_ASSERT_LOCKED(s);
-    char *cfg_json = with_config ? api_config_to_json(&s->cfg) : NULL;
-    if (with_config && !cfg_json)
+    char *cfg_json = api_config_to_json(&s->cfg);
+    if (!cfg_json)
         return ENG_ENOMEM;
+    storage_ckpt_meta m = {.kind = kind, .label = label, .config = cfg_json,
+                           .keep = s->cfg.retain.keep};
     ckpt_header h;
     void *recs;
     storage_iov iov[MAX_PIECES];
@@ -1075,8 +1167,8 @@ int eng_checkpoint(storage *db, eng_session *s, bool with_config)
      * checkpoint of steps already taken (eviction, shutdown) is not. */
     int64_t now = with_config ? now_ms() : s->updated_ms;
     int err = k < 0 ? ENG_ENOMEM
-                    : storage_checkpoint(db, s->id, cfg_json, iov, k, s->seq,
-                                         (int64_t)s->st.step, now);
+                    : storage_checkpoint_kept(db, s->id, with_config ? cfg_json : NULL, iov, k,
+                                              s->seq, (int64_t)s->st.step, now, &m);
     free(recs);
     free(cfg_json);
     if (err == STORAGE_OK) {
@@ -1101,7 +1193,7 @@ int eng_set_params(storage *db, eng_session *s, void *params)
     s->pbuf = nb;
     s->params = params;
     s->updated_ms = now_ms();
-    int err = eng_checkpoint(db, s, false);
+    int err = eng_checkpoint_kind(db, s, false, STORAGE_CKPT_ANCHOR, NULL);
     if (err != STORAGE_OK) {
         s->pbuf = old;
         s->params = old->data;
@@ -1155,18 +1247,28 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
         .n_more_keys = in->n_more_keys,
         .worker = in->worker,
     };
-    /* Checkpoint when the log since the last one outgrows the state. */
+    /* Checkpoint when the log since the last one outgrows the state, and
+     * every retain.every_steps updates (a kept one). */
     ckpt_header h;
     void *recs = NULL;
+    char *cfg_json = NULL;
     storage_iov iov[MAX_PIECES];
     int k = 0;
-    if (s->log_bytes + e.grad_len > CKPT_LOG_RATIO * eng_session_bytes(s))
+    bool periodic = s->cfg.retain.every_steps > 0 && out->kind == STORAGE_LOG_STEP &&
+                    s->st.step % (uint64_t)s->cfg.retain.every_steps == 0;
+    if (periodic || s->log_bytes + e.grad_len > CKPT_LOG_RATIO * eng_session_bytes(s)) {
         k = checkpoint_pieces(s, &h, &recs, iov);
-    err = k < 0 ? ENG_ENOMEM : storage_append(db, s->id, &e, iov, k);
+        if (k >= 0 && !(cfg_json = api_config_to_json(&s->cfg)))
+            k = -1;
+    }
+    storage_ckpt_meta m = {.kind = periodic ? STORAGE_CKPT_PERIODIC : STORAGE_CKPT_AUTO,
+                           .config = cfg_json, .keep = s->cfg.retain.keep};
+    err = k < 0 ? ENG_ENOMEM : storage_append_kept(db, s->id, &e, iov, k, &m);
     clock_gettime(CLOCK_MONOTONIC, &t2);
     out->commit_s = (double)(t2.tv_sec - t1.tv_sec) + (double)(t2.tv_nsec - t1.tv_nsec) / 1e9;
     out->checkpointed = k > 0;
     free(recs);
+    free(cfg_json);
     free(extra);
     if (err != STORAGE_OK)
         return err;

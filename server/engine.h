@@ -202,6 +202,21 @@ int eng_session_create(storage *db, eng_session *s, int64_t now_ms);
  * (checksums, a replay that diverges), ENOMEM, EIO... */
 int eng_session_load(storage *db, eng_pool *pool, eng_session *s);
 
+/* Fills a shell with session id's state after step (the nearest kept
+ * checkpoint at or before it, then replay), under the config that
+ * checkpoint was taken with (config, the session's current one, when the
+ * checkpoint predates that record).  *seq gets the log row of that step.
+ * STORAGE_ERANGE when step is outside the kept history.  With step < 0
+ * the state after log row *seq. */
+int eng_session_load_at(storage *db, eng_pool *pool, eng_session *s, int64_t id, int64_t step,
+                        const char *config, int64_t *seq);
+
+/* Feeds the rows after < seq <= upto of session src_id's log through
+ * eng_step of s (under s's config; each one logged in s), counting them
+ * in *rows.  A counterfactual replay. */
+int eng_relog(storage *db, eng_pool *pool, eng_session *s, int64_t src_id, int64_t after,
+              int64_t upto, int64_t *rows);
+
 /* The lr the next update would use. */
 double eng_next_lr(const eng_session *s);
 
@@ -247,6 +262,11 @@ int eng_step(storage *db, eng_pool *pool, eng_session *s, const eng_step_in *in,
  * nothing in memory changed; the caller decides whether to drop. */
 int eng_checkpoint(storage *db, eng_session *s, bool with_config);
 
+/* The same with the checkpoint's kind (STORAGE_CKPT_*) and label (NULL:
+ * none; one already used is STORAGE_EEXIST). */
+int eng_checkpoint_kind(storage *db, eng_session *s, bool with_config, int kind,
+                        const char *label);
+
 /* Replaces the params (n elements of the dtype, taken over: the engine owns
  * and frees the buffer) and checkpoints; on failure the old params stay. */
 int eng_set_params(storage *db, eng_session *s, void *params);
@@ -266,6 +286,17 @@ void eng_config_changed(eng_session *s);
 /* The whole optimizer state as a safetensors file (engine_state.c): a new
  * buffer of *len bytes. */
 int eng_state_export(const eng_session *s, char **body, size_t *len);
+/* The same with more tensors after the state's (their data copied in
+ * order) and more metadata pairs (key, value, ...). */
+int eng_state_export_with(const eng_session *s, const api_st_tensor *more, size_t n_more,
+                          const char *const *more_meta, size_t n_more_meta, char **body,
+                          size_t *len);
+
+/* One logged row (as storage_log_read gives it) through eng_step of s:
+ * its gradient, absent tensors and client-set group values, loss and
+ * factor; a skipped row only counts.  Logged in s. */
+int eng_apply_logged(storage *db, eng_pool *pool, eng_session *s, const storage_log_entry *e);
+
 /* Installs a parsed state file into s (same tensors, shapes and dtype;
  * state_json the file's "optd.state").  Checks everything first: on an
  * error (ENG_EDAMAGED with err filled, or ENOMEM) s is unchanged but for

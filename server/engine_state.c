@@ -102,8 +102,15 @@ static char *state_json(const eng_session *s)
 
 int eng_state_export(const eng_session *s, char **body, size_t *len)
 {
+    return eng_state_export_with(s, NULL, 0, NULL, 0, body, len);
+}
+
+int eng_state_export_with(const eng_session *s, const api_st_tensor *more, size_t n_more,
+                          const char *const *more_meta, size_t n_more_meta, char **body,
+                          size_t *len)
+{
     size_t nt = s->cfg.n_tensors, sz = optim_dtype_size(s->cfg.dtype);
-    size_t cap = nt * (1 + OPTIM_MAX_BUFFERS) + 1;
+    size_t cap = nt * (1 + OPTIM_MAX_BUFFERS) + 1 + n_more;
     api_st_tensor *t = calloc(cap, sizeof *t);
     char **names = calloc(cap, sizeof *names);
     char *cfg = api_config_to_json(&s->cfg), *st = state_json(s);
@@ -144,14 +151,25 @@ int eng_state_export(const eng_session *s, char **body, size_t *len)
         e->bytes = (size_t)s->cfg.size * sz;
         data += e->bytes;
     }
+    for (size_t i = 0; i < n_more && !err; i++) {
+        t[k++] = more[i];
+        data += more[i].bytes;
+    }
     size_t hl = 0;
     char *hdr = NULL;
+    const char **meta = calloc(6 + 2 * n_more_meta, sizeof *meta);
+    if (!meta)
+        err = ENG_ENOMEM;
     if (!err) {
-        const char *meta[] = {"optd.format", STATE_FORMAT, "optd.config", cfg, "optd.state", st};
-        hdr = api_st_header(t, k, meta, 3, &hl);
+        meta[0] = "optd.format", meta[1] = STATE_FORMAT, meta[2] = "optd.config", meta[3] = cfg;
+        meta[4] = "optd.state", meta[5] = st;
+        for (size_t i = 0; i < 2 * n_more_meta; i++)
+            meta[6 + i] = more_meta[i];
+        hdr = api_st_header(t, k, meta, 3 + n_more_meta, &hl);
         if (!hdr)
             err = ENG_ENOMEM;
     }
+    free(meta);
     char *out = err ? NULL : malloc(hl + data);
     if (!err && out) {
         memcpy(out, hdr, hl);

@@ -233,6 +233,11 @@ static void stream_done(void *ctx)
     free(ps);
 }
 
+int srv_reply_session(api_reply *r, int status, const eng_session *s)
+{
+    return reply_session(r, status, s);
+}
+
 /* {"step":t,"lr":x,"params":[...]} or the raw params (binary, in wire
  * form `wire`).  step is the step to report (a replay reports the step its
  * key applied); replayed adds "replayed":true. */
@@ -409,7 +414,10 @@ static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
     api_config cfg;
     api_init init;
     void *params = NULL;
-    int st = api_decode_create(req->body, req->body_len, ctx->cfg->max_params, &cfg, &init,
+    int st = srv_fork(ctx, req, r); /* travel.c; 0 when the body has no fork */
+    if (st)
+        return st;
+    st = api_decode_create(req->body, req->body_len, ctx->cfg->max_params, &cfg, &init,
                                &params, r);
     if (st)
         return st;
@@ -1121,7 +1129,8 @@ again:;
             st = err == ENG_EDAMAGED ? api_problem(r, 422, NULL, "%s; nothing was changed", why)
                                      : srv_engine_fail(r, err, "importing the state");
         } else if ((s->updated_ms = srv_now_ms(),
-                    err = eng_checkpoint(ctx->db, s, false)) != ENG_OK) {
+                    err = eng_checkpoint_kind(ctx->db, s, false, STORAGE_CKPT_ANCHOR, NULL)) !=
+                   ENG_OK) {
             srv_registry_drop(ctx->reg, s); /* memory is ahead of disk */
             st = srv_engine_fail(r, err, "saving the imported state");
         } else {
@@ -1204,6 +1213,11 @@ static const handler_fn handlers[API_R_COUNT] = {
     [API_R_METRICS] = obs_h_metrics,
     [API_R_DASHBOARD] = obs_h_dashboard,
     [API_R_ASSET] = obs_h_asset,
+    [API_R_CHECKPOINTS_GET] = srv_h_checkpoints_get,
+    [API_R_CHECKPOINTS_POST] = srv_h_checkpoints_post,
+    [API_R_ROLLBACK] = srv_h_rollback,
+    [API_R_EXPORT_GET] = srv_h_export_get,
+    [API_R_EXPORT_PUT] = srv_h_export_put,
 };
 
 /* Under fault injection or sync counting (OPTD_FAULT, OPTD_FAULT_COUNT_SYNCS:

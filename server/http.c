@@ -325,8 +325,9 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
             return 401;
         }
     }
+    bool file_get = x->route->id == API_R_STATE_GET || x->route->id == API_R_EXPORT_GET;
     bool binary_ok = x->route->body == API_BODY_VECTOR || x->route->id == API_R_PARAMS_GET ||
-                     x->route->id == API_R_STATE_GET;
+                     x->route->id == API_R_STATE_GET || file_get;
     /* /healthz answers any prober, whatever it accepts; /metrics, the event
      * stream and the dashboard answer their one type. */
     bool any_accept = x->route->id == API_R_HEALTHZ || x->route->id == API_R_METRICS ||
@@ -339,7 +340,7 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
                                        "application/octet-stream"
                                      : "this route answers application/json");
     x->want_binary = acc == 1;
-    if (x->route->id == API_R_STATE_GET) {
+    if (file_get) {
         /* The state is a safetensors file, whatever else is accepted. */
         const char *a = hdr(c, MHD_HTTP_HEADER_ACCEPT);
         if (a && *a && api_accept(a, true) != 1 && !strstr(a, "*/*") &&

@@ -75,6 +75,9 @@ int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "check") == 0)
         return check_main(argc, argv);
+    if (argc > 1 && (strcmp(argv[1], "export") == 0 || strcmp(argv[1], "import") == 0 ||
+                     strcmp(argv[1], "backup") == 0))
+        return srv_travel_main(argc, argv);
     srv_config cfg;
     int rc = srv_config_parse(&cfg, argc, argv);
     if (rc != 0)

@@ -121,6 +121,28 @@ int srv_reply_params(api_reply *r, int status, const eng_session *s, bool want_b
                      double lr, bool with_lr, bool with_params);
 /* Maps an engine error to its problem reply (logged); returns the status. */
 int srv_engine_fail(api_reply *r, int err, const char *what);
+/* The session document (status 200 or 201). */
+int srv_reply_session(api_reply *r, int status, const eng_session *s);
+
+/* travel.c: kept checkpoints, rollback, fork.  srv_fork answers a create
+ * whose body has "fork" and returns 0 (nothing done) for any other. */
+int srv_h_checkpoints_get(srv_ctx *ctx, const srv_request *req, api_reply *r);
+int srv_h_checkpoints_post(srv_ctx *ctx, const srv_request *req, api_reply *r);
+int srv_h_rollback(srv_ctx *ctx, const srv_request *req, api_reply *r);
+int srv_fork(srv_ctx *ctx, const srv_request *req, api_reply *r);
+/* travel_cli.c: optd export / import / backup (argv[1] is the command). */
+int srv_travel_main(int argc, char **argv);
+int srv_h_export_get(srv_ctx *ctx, const srv_request *req, api_reply *r);
+int srv_h_export_put(srv_ctx *ctx, const srv_request *req, api_reply *r);
+/* The export file of a session (locked), with its log when with_log; a new
+ * buffer.  Used by the route and by `optd export`. */
+int srv_export_session(storage *db, eng_pool *pool, eng_session *s, bool with_log, char **body,
+                       size_t *len);
+/* Creates session name from an export file (its log replayed and checked
+ * against the exported head), visible only when complete.  0 and *out (a
+ * new session, unlocked, not in a registry) or the problem's status. */
+int srv_import_session(storage *db, eng_pool *pool, const char *name, const char *body,
+                       size_t len, size_t max_params, eng_session **out, api_reply *r);
 /* eng_step, and on a failed commit the session is dropped (memory was
  * ahead of disk: the next request reloads it).  0 or the problem's status. */
 int srv_commit_update(srv_ctx *ctx, eng_session *s, const eng_step_in *in, eng_step_out *out,

@@ -39,7 +39,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#define SCHEMA_VERSION 4
+#define SCHEMA_VERSION 5
 #define OPTD_APPLICATION_ID 0x6f707464 /* "optd" */
 /* Vectors up to this size stay inline in SQLite: a small step costs one
  * commit (bench/storage.c; docs/storage.md has the figures). */
@@ -63,12 +63,27 @@ enum {
     Q_SESSION_SET_CONFIG,
     Q_CKPT_NEWEST,
     Q_CKPT_FILES,
-    Q_CKPT_DELETE,
     Q_CKPT_INSERT,
+    Q_CKPT_OLDEST,
+    Q_CKPT_DOOMED_FILES,
+    Q_CKPT_PRUNE,
+    Q_CKPT_FILES_AFTER,
+    Q_CKPT_DELETE_AFTER,
+    Q_CKPT_LIST,
+    Q_CKPT_STEP_SEQ,
+    Q_LOG_STEP_SEQ,
+    Q_LOG_DROP_FILES,
+    Q_LOG_FILES_AFTER,
+    Q_LOG_DELETE_AFTER,
+    Q_FILE_USED,
+    Q_IDEM_DELETE_AFTER,
+    Q_SESSION_RENAME,
+    Q_CKPT_AT,
+    Q_CKPT_LABEL_STEP,
     Q_LOG_AFTER,
     Q_LOG_INSERT,
     Q_LOG_DROP_GRAD,
-    Q_LOG_FILE_AFTER,
+    Q_LOG_DROP_ROWS,
     Q_IDEM_INSERT,
     Q_IDEM_GET,
     Q_IDEM_PRUNE,
@@ -84,6 +99,15 @@ enum {
     "          (SELECT step FROM checkpoints WHERE session_id = s.id"                     \
     "           ORDER BY seq DESC LIMIT 1), 0)"                                          \
     " FROM sessions s"
+
+#define TOP_PERIODIC                                                                      \
+    "(SELECT seq FROM checkpoints WHERE session_id = ?1 AND kind = 2 ORDER BY seq DESC LIMIT ?3)"
+#define DOOMED                                                                            \
+    "session_id = ?1 AND seq <> ?2 AND label IS NULL"                                     \
+    " AND NOT (kind = 2 AND seq IN " TOP_PERIODIC ")"                                     \
+    " AND NOT (kind = 1 AND seq >= (SELECT MIN(seq) FROM checkpoints WHERE session_id = ?1" \
+    " AND (seq = ?2 OR label IS NOT NULL OR (kind = 2 AND seq IN " TOP_PERIODIC "))))"
+#define OLDEST "(SELECT MIN(seq) FROM checkpoints WHERE session_id = ?1)"
 
 static const char *const sql_text[Q_COUNT] = {
     [Q_BEGIN] = "BEGIN IMMEDIATE",
@@ -102,29 +126,58 @@ static const char *const sql_text[Q_COUNT] = {
     [Q_SESSION_DELETE] = "DELETE FROM sessions WHERE id = ?1",
     [Q_SESSION_TOUCH] = "UPDATE sessions SET updated_ms = ?2 WHERE id = ?1",
     [Q_SESSION_SET_CONFIG] = "UPDATE sessions SET config = ?2, updated_ms = ?3 WHERE id = ?1",
-    [Q_CKPT_NEWEST] = "SELECT seq, len, crc, file, data FROM checkpoints WHERE session_id = ?1"
-                      " ORDER BY seq DESC LIMIT 1",
+    [Q_CKPT_NEWEST] = "SELECT seq, len, crc, file, data, config FROM checkpoints"
+                      " WHERE session_id = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT 1",
     [Q_CKPT_FILES] = "SELECT file FROM checkpoints WHERE session_id = ?1 AND file IS NOT NULL",
-    [Q_CKPT_DELETE] = "DELETE FROM checkpoints WHERE session_id = ?1",
-    [Q_CKPT_INSERT] = "INSERT INTO checkpoints(session_id, seq, step, len, crc, file, data)"
-                      " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    [Q_CKPT_INSERT] =
+        "INSERT INTO checkpoints(session_id, seq, step, len, crc, file, data, kind, label,"
+        " time_ms, config) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        " ON CONFLICT(session_id, seq) DO UPDATE SET step = excluded.step, len = excluded.len,"
+        " crc = excluded.crc, file = excluded.file, data = excluded.data,"
+        " kind = MAX(kind, excluded.kind), label = COALESCE(excluded.label, label),"
+        " time_ms = excluded.time_ms, config = COALESCE(excluded.config, config)",
+    [Q_CKPT_OLDEST] = "SELECT COALESCE(MIN(seq), -1) FROM checkpoints WHERE session_id = ?1",
+    /* Retention (docs/storage.md, "Kept checkpoints"): a new checkpoint
+     * (?2) keeps every labelled one, the ?3 newest periodic ones, and the
+     * anchors (states a replay cannot rebuild) from the oldest of those on;
+     * automatic ones go once superseded. */
+    [Q_CKPT_DOOMED_FILES] = "SELECT file FROM checkpoints WHERE file IS NOT NULL AND " DOOMED,
+    [Q_CKPT_PRUNE] = "DELETE FROM checkpoints WHERE " DOOMED,
+    [Q_CKPT_FILES_AFTER] = "SELECT file FROM checkpoints WHERE session_id = ?1 AND seq > ?2"
+                           " AND file IS NOT NULL",
+    [Q_CKPT_DELETE_AFTER] = "DELETE FROM checkpoints WHERE session_id = ?1 AND seq > ?2",
+    [Q_CKPT_LIST] = "SELECT seq, step, time_ms, kind, label, len FROM checkpoints"
+                    " WHERE session_id = ?1 ORDER BY seq",
+    [Q_CKPT_STEP_SEQ] = "SELECT MIN(seq) FROM checkpoints WHERE session_id = ?1 AND step = ?2",
+    [Q_LOG_STEP_SEQ] = "SELECT seq FROM steps WHERE session_id = ?1 AND kind = 0 AND step = ?2",
+    /* The log keeps its replay data back to the oldest checkpoint; only
+     * rows after the previous oldest one (?2) can still hold any. */
+    [Q_LOG_DROP_FILES] = "SELECT DISTINCT file FROM steps WHERE session_id = ?1 AND seq > ?2"
+                         " AND seq <= " OLDEST " AND file IS NOT NULL",
+    [Q_LOG_FILES_AFTER] = "SELECT DISTINCT file FROM steps WHERE session_id = ?1 AND seq > ?2"
+                          " AND file IS NOT NULL",
+    [Q_LOG_DELETE_AFTER] = "DELETE FROM steps WHERE session_id = ?1 AND seq > ?2",
+    [Q_FILE_USED] = "SELECT 1 FROM steps WHERE session_id = ?1 AND file = ?2 LIMIT 1",
+    [Q_IDEM_DELETE_AFTER] =
+        "DELETE FROM idem WHERE session_id = ?1 AND (step > ?2 OR (step = ?2 AND kind <> 0))",
+    [Q_SESSION_RENAME] = "UPDATE sessions SET name = ?2 WHERE id = ?1",
+    [Q_CKPT_LABEL_STEP] = "SELECT step FROM checkpoints WHERE session_id = ?1 AND label = ?2",
+    [Q_CKPT_AT] = "SELECT file, label FROM checkpoints WHERE session_id = ?1 AND seq = ?2",
     [Q_LOG_AFTER] =
         "SELECT seq, kind, step, time_ms, lr, factor, loss, grad_norm, update_norm, worker,"
         " grad, crc, len, file, off, extra FROM steps WHERE session_id = ?1 AND seq > ?2"
-        " ORDER BY seq",
+        " AND seq <= ?3 ORDER BY seq LIMIT ?4",
     [Q_LOG_INSERT] =
         "INSERT INTO steps(session_id, seq, kind, step, time_ms, lr, factor, loss, grad_norm,"
         " update_norm, worker, grad, crc, len, file, off, extra)"
         " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-    /* Only the rows after the newest checkpoint still hold replay data, so
-     * the scan stays bounded (run it before the checkpoint row changes). */
     [Q_LOG_DROP_GRAD] =
         "UPDATE steps SET grad = NULL, file = NULL, off = NULL, extra = NULL, crc = NULL"
-        " WHERE session_id = ?1 AND seq <= ?2"
-        " AND seq > COALESCE((SELECT MAX(seq) FROM checkpoints WHERE session_id = ?1), -1)"
+        " WHERE session_id = ?1 AND seq > ?2 AND seq <= " OLDEST
         " AND (grad IS NOT NULL OR file IS NOT NULL OR extra IS NOT NULL)",
-    [Q_LOG_FILE_AFTER] = "SELECT 1 FROM steps WHERE session_id = ?1 AND seq > ?2"
-                         " AND file IS NOT NULL LIMIT 1",
+    /* With a retention policy the rows behind the oldest checkpoint go
+     * (history included): the file stays bounded. */
+    [Q_LOG_DROP_ROWS] = "DELETE FROM steps WHERE session_id = ?1 AND seq < " OLDEST,
     [Q_IDEM_INSERT] = "INSERT OR IGNORE INTO idem(session_id, key, step, time_ms, kind, fp)"
                       " VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     [Q_IDEM_GET] =
@@ -196,11 +249,19 @@ static const char *const migrations[] = {
     "ALTER TABLE steps ADD COLUMN file TEXT;"
     "ALTER TABLE steps ADD COLUMN off INTEGER;"
     "ALTER TABLE steps ADD COLUMN extra BLOB;",
+    /* 4 -> 5: kept checkpoints: what each one is (STORAGE_CKPT_*), its
+     * label, time and the config it was taken under. */
+    "ALTER TABLE checkpoints ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE checkpoints ADD COLUMN label TEXT;"
+    "ALTER TABLE checkpoints ADD COLUMN time_ms INTEGER;"
+    "ALTER TABLE checkpoints ADD COLUMN config TEXT;"
+    "CREATE UNIQUE INDEX checkpoints_label ON checkpoints(session_id, label)"
+    "  WHERE label IS NOT NULL;",
 };
 
 /* ------------------------------------------------------- write jobs */
 
-enum { J_CREATE, J_APPEND, J_CHECKPOINT, J_DELETE, J_PRUNE };
+enum { J_CREATE, J_APPEND, J_CHECKPOINT, J_DELETE, J_PRUNE, J_ROLLBACK, J_RENAME };
 
 /* A new checkpoint, already in its file (or inline). */
 typedef struct {
@@ -210,6 +271,9 @@ typedef struct {
     uint32_t crc;
     char file[32];     /* "" when inline */
     void *inline_data; /* owned */
+    int kind;          /* STORAGE_CKPT_*                         */
+    const char *label; /* NULL when none (not owned)             */
+    const char *config; /* the config it was taken under, or NULL */
 } ckpt_ref;
 
 typedef struct job {
@@ -224,12 +288,15 @@ typedef struct job {
     int64_t grad_off;
     uint32_t grad_crc;
     int64_t min_ms, keep;
+    char seg[48];       /* the segment the gradient went to */
+    int64_t step;       /* rollback: the step to return to */
     /* outputs */
+    int64_t seq;        /* rollback: the log row it returned to */
     int err;
     char msg[512]; /* the failure's text, for the thread that queued it */
     char **old_files; /* files to unlink after the commit (owned) */
     int n_old;
-    bool drop_segment;
+    bool seg_reset; /* the session's next gradient starts a new segment */
     struct job *next;
     bool done;
 } job;
@@ -246,7 +313,15 @@ struct storage {
     ino_t ino;
     atomic_int gone;
     bool wal_trim; /* a write failed for space: truncate the WAL when one succeeds */
-    atomic_ullong gen; /* next checkpoint file number */
+    atomic_ullong gen; /* next checkpoint or segment file number */
+    /* per session, the segment its gradients go to now: a new one after
+     * each checkpoint, so that a segment goes once no kept row uses it */
+    pthread_mutex_t seg_mu;
+    struct {
+        int64_t id;
+        unsigned long long gen;
+    } *segs;
+    size_t n_segs, cap_segs;
     /* the group-commit queue */
     pthread_mutex_t q_mu;
     pthread_cond_t q_cv;
@@ -300,6 +375,7 @@ const char *storage_strerror(int err)
     case STORAGE_ELOCKED: return "database in use by another process";
     case STORAGE_EFOREIGN: return "not an optd database";
     case STORAGE_EMISMATCH: return "idempotency key reused with another body";
+    case STORAGE_ERANGE: return "not in the kept history";
     default: return "unknown storage error";
     }
 }
@@ -544,18 +620,55 @@ static void ckpt_ref_free(ckpt_ref *ck)
     ck->inline_data = NULL;
 }
 
-static void segment_name(int64_t id, char *buf, size_t n)
+/* The name of the segment session id's gradients go to now. */
+static int segment_name(storage *st, int64_t id, char *buf, size_t n)
 {
-    snprintf(buf, n, "s%" PRId64 ".seg", id);
+    pthread_mutex_lock(&st->seg_mu);
+    size_t i = 0;
+    while (i < st->n_segs && st->segs[i].id != id)
+        i++;
+    if (i == st->n_segs) {
+        if (st->n_segs == st->cap_segs) {
+            size_t cap = st->cap_segs ? 2 * st->cap_segs : 16;
+            void *ns = realloc(st->segs, cap * sizeof *st->segs);
+            if (!ns) {
+                pthread_mutex_unlock(&st->seg_mu);
+                set_error("out of memory");
+                return STORAGE_ENOMEM;
+            }
+            st->segs = ns;
+            st->cap_segs = cap;
+        }
+        st->segs[i].id = id;
+        st->segs[i].gen = atomic_fetch_add(&st->gen, 1);
+        st->n_segs++;
+    }
+    snprintf(buf, n, "s%" PRId64 "-%016llx.seg", id, st->segs[i].gen);
+    pthread_mutex_unlock(&st->seg_mu);
+    return STORAGE_OK;
+}
+
+/* The session's next gradient goes to a new segment. */
+static void segment_forget(storage *st, int64_t id)
+{
+    pthread_mutex_lock(&st->seg_mu);
+    for (size_t i = 0; i < st->n_segs; i++)
+        if (st->segs[i].id == id) {
+            st->segs[i] = st->segs[--st->n_segs];
+            break;
+        }
+    pthread_mutex_unlock(&st->seg_mu);
 }
 
 /* Appends a gradient to the session's segment (creating it: the directory
  * is then synced under FULL), fdatasync'd under FULL.  The caller holds the
  * session, so nobody else appends to this segment. */
-static int append_segment(storage *st, int64_t id, const void *p, size_t n, int64_t *off_out)
+static int append_segment(storage *st, int64_t id, const void *p, size_t n, char *name,
+                          size_t name_n, int64_t *off_out)
 {
-    char name[32];
-    segment_name(id, name, sizeof name);
+    int serr = segment_name(st, id, name, name_n);
+    if (serr != STORAGE_OK)
+        return serr;
     char *path = path_join(st->dir, name);
     if (!path) {
         set_error("out of memory");
@@ -799,7 +912,9 @@ static int sweep(storage *st)
             if (de->d_name[0] == '.')
                 continue;
             unsigned long long g;
-            if (sscanf(de->d_name, "k%16llx", &g) == 1 && g + 1 > next)
+            if ((sscanf(de->d_name, "k%16llx", &g) == 1 ||
+                 sscanf(de->d_name, "s%*[0-9]-%16llx", &g) == 1) &&
+                g + 1 > next)
                 next = g + 1;
             const char *key = de->d_name;
             if (n == 0 || !bsearch(&key, refs, n, sizeof *refs, cmp_str))
@@ -831,6 +946,7 @@ static int open_impl(const char *path, storage_durability d, bool for_check, sto
     atomic_init(&st->gen, 1);
     pthread_mutex_init(&st->db_mu, NULL);
     pthread_mutex_init(&st->q_mu, NULL);
+    pthread_mutex_init(&st->seg_mu, NULL);
     pthread_cond_init(&st->q_cv, NULL);
     st->queue_tail = &st->queue;
     st->path = dup_str(path);
@@ -889,8 +1005,13 @@ static int open_impl(const char *path, storage_durability d, bool for_check, sto
     }
     if (err == STORAGE_OK && mkdir(st->dir, 0755) != 0 && errno != EEXIST)
         err = io_fail(-errno, "creating the directory", st->dir);
-    if (err == STORAGE_OK && !for_check)
-        err = sweep(st);
+    if (err == STORAGE_OK && !for_check) {
+        /* A fork or import that a crash interrupted (under its temporary
+         * name) never happened; its files go with the sweep. */
+        rc = sqlite3_exec(st->db, "DELETE FROM sessions WHERE substr(name, 1, 1) = '~'", NULL,
+                          NULL, NULL);
+        err = rc == SQLITE_OK ? sweep(st) : sql_fail(st->db, rc);
+    }
     if (err != STORAGE_OK) {
         char keep[sizeof last_error];
         memcpy(keep, last_error, sizeof keep);
@@ -921,6 +1042,8 @@ void storage_close(storage *st)
         close(st->lock_fd); /* releases the lock */
     pthread_mutex_destroy(&st->db_mu);
     pthread_mutex_destroy(&st->q_mu);
+    pthread_mutex_destroy(&st->seg_mu);
+    free(st->segs);
     pthread_cond_destroy(&st->q_cv);
     free(st->path);
     free(st->dir);
@@ -941,34 +1064,96 @@ static int add_old_file(job *j, const char *name)
     return STORAGE_OK;
 }
 
-/* Inside a job: makes ck the session's only checkpoint, dropping the
- * replay data it covers and remembering the files it supersedes. */
+/* Runs s (bound) and adds each row's first column (a file name) to
+ * j's list of files to unlink after the commit. */
+static int collect_files(storage *st, job *j, sqlite3_stmt *s)
+{
+    int rc, err = STORAGE_OK;
+    while (err == STORAGE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW)
+        if (add_old_file(j, (const char *)sqlite3_column_text(s, 0)) != STORAGE_OK) {
+            set_error("out of memory");
+            err = STORAGE_ENOMEM;
+        }
+    if (err == STORAGE_OK && rc != SQLITE_DONE)
+        err = sql_fail(st->db, rc);
+    sqlite3_reset(s);
+    return err;
+}
+
+/* Of the segment files in j->old_files from index first on, keeps in the
+ * list (to be unlinked) only those no log row of session id uses any
+ * more. */
+static int keep_unused_segments(storage *st, job *j, int64_t id, int first)
+{
+    int w = first, err = STORAGE_OK;
+    for (int i = first; i < j->n_old; i++) {
+        sqlite3_stmt *s = stmt(st, Q_FILE_USED);
+        sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_text(s, 2, j->old_files[i], -1, SQLITE_STATIC);
+        int rc = sqlite3_step(s);
+        sqlite3_reset(s);
+        if (rc == SQLITE_DONE) {
+            j->old_files[w++] = j->old_files[i];
+            continue;
+        }
+        if (rc != SQLITE_ROW && err == STORAGE_OK)
+            err = sql_fail(st->db, rc);
+        free(j->old_files[i]);
+    }
+    j->n_old = w;
+    return err;
+}
+
+static int query_i64(storage *st, int which, int64_t a, int64_t b, int64_t *out, bool *null)
+{
+    sqlite3_stmt *s = stmt(st, which);
+    sqlite3_bind_int64(s, 1, a);
+    sqlite3_bind_int64(s, 2, b);
+    int rc = sqlite3_step(s);
+    int err = STORAGE_OK;
+    *null = true;
+    if (rc == SQLITE_ROW) {
+        *null = sqlite3_column_type(s, 0) == SQLITE_NULL;
+        *out = sqlite3_column_int64(s, 0);
+    } else if (rc != SQLITE_DONE) {
+        err = sql_fail(st->db, rc);
+    }
+    sqlite3_reset(s);
+    return err;
+}
+
+/* Inside a job: adds ck to the session's checkpoints, prunes what the
+ * retention (j->keep periodic ones) no longer keeps, drops the log's
+ * replay data behind the oldest checkpoint left, and remembers the files
+ * all this supersedes. */
 static int put_ckpt(storage *st, job *j, int64_t id, const ckpt_ref *ck)
 {
-    sqlite3_stmt *s = stmt(st, Q_LOG_DROP_GRAD);
-    sqlite3_bind_int64(s, 1, id);
-    sqlite3_bind_int64(s, 2, ck->seq);
-    int err = exec_stmt(st, s);
+    int64_t prev_oldest = -1;
+    bool null;
+    int err = query_i64(st, Q_CKPT_OLDEST, id, 0, &prev_oldest, &null);
     if (err == STORAGE_OK) {
-        s = stmt(st, Q_CKPT_FILES);
+        /* One at the same seq is replaced (its file goes). */
+        sqlite3_stmt *s = stmt(st, Q_CKPT_AT);
         sqlite3_bind_int64(s, 1, id);
-        int rc;
-        while (err == STORAGE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW)
-            if (add_old_file(j, (const char *)sqlite3_column_text(s, 0)) != STORAGE_OK) {
+        sqlite3_bind_int64(s, 2, ck->seq);
+        int rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW) {
+            if (ck->label && sqlite3_column_type(s, 1) != SQLITE_NULL) {
+                set_error("step %" PRId64 " has a checkpoint labelled \"%s\" already", ck->step,
+                          (const char *)sqlite3_column_text(s, 1));
+                err = STORAGE_EEXIST;
+            } else if (sqlite3_column_type(s, 0) != SQLITE_NULL &&
+                       add_old_file(j, (const char *)sqlite3_column_text(s, 0)) != STORAGE_OK) {
                 set_error("out of memory");
                 err = STORAGE_ENOMEM;
             }
-        if (err == STORAGE_OK && rc != SQLITE_DONE)
+        } else if (rc != SQLITE_DONE) {
             err = sql_fail(st->db, rc);
+        }
         sqlite3_reset(s);
     }
     if (err == STORAGE_OK) {
-        s = stmt(st, Q_CKPT_DELETE);
-        sqlite3_bind_int64(s, 1, id);
-        err = exec_stmt(st, s);
-    }
-    if (err == STORAGE_OK) {
-        s = stmt(st, Q_CKPT_INSERT);
+        sqlite3_stmt *s = stmt(st, Q_CKPT_INSERT);
         sqlite3_bind_int64(s, 1, id);
         sqlite3_bind_int64(s, 2, ck->seq);
         sqlite3_bind_int64(s, 3, ck->step);
@@ -978,24 +1163,140 @@ static int put_ckpt(storage *st, job *j, int64_t id, const ckpt_ref *ck)
             sqlite3_bind_text(s, 6, ck->file, -1, SQLITE_STATIC);
         else
             sqlite3_bind_blob64(s, 7, ck->inline_data, ck->len, SQLITE_STATIC);
+        sqlite3_bind_int(s, 8, ck->kind);
+        if (ck->label)
+            sqlite3_bind_text(s, 9, ck->label, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 10, j->now_ms);
+        if (ck->config)
+            sqlite3_bind_text(s, 11, ck->config, -1, SQLITE_STATIC);
         err = exec_stmt(st, s);
         if (err == STORAGE_EEXIST) {
-            set_error("session %" PRId64 " does not exist", id);
-            err = STORAGE_ENOTFOUND;
+            if (ck->label)
+                set_error("a checkpoint labelled \"%s\" exists", ck->label);
+            else
+                set_error("session %" PRId64 " does not exist", id);
+            err = ck->label ? STORAGE_EEXIST : STORAGE_ENOTFOUND;
         }
     }
     if (err == STORAGE_OK) {
-        /* The segment goes once no row after this checkpoint uses it. */
-        s = stmt(st, Q_LOG_FILE_AFTER);
+        sqlite3_stmt *s = stmt(st, Q_CKPT_DOOMED_FILES);
         sqlite3_bind_int64(s, 1, id);
         sqlite3_bind_int64(s, 2, ck->seq);
+        sqlite3_bind_int64(s, 3, j->keep);
+        err = collect_files(st, j, s);
+    }
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_CKPT_PRUNE);
+        sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_int64(s, 2, ck->seq);
+        sqlite3_bind_int64(s, 3, j->keep);
+        err = exec_stmt(st, s);
+    }
+    int first = j->n_old;
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_LOG_DROP_FILES);
+        sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_int64(s, 2, prev_oldest);
+        err = collect_files(st, j, s);
+    }
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_LOG_DROP_GRAD);
+        sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_int64(s, 2, prev_oldest);
+        err = exec_stmt(st, s);
+    }
+    if (err == STORAGE_OK && j->keep > 0) {
+        sqlite3_stmt *s = stmt(st, Q_LOG_DROP_ROWS);
+        sqlite3_bind_int64(s, 1, id);
+        err = exec_stmt(st, s);
+    }
+    if (err == STORAGE_OK)
+        err = keep_unused_segments(st, j, id, first);
+    j->seg_reset = true;
+    return err;
+}
+
+static int step_seq(storage *st, int64_t id, int64_t step, int64_t *seq);
+
+/* Inside a job: the session returns to the state after step j->step:
+ * every log row, checkpoint and idempotency key after that step's row
+ * goes; the nearest checkpoint at or before it stays, and its config
+ * becomes the session's. */
+static int run_rollback(storage *st, job *j)
+{
+    int64_t target = -1, c_seq = 0;
+    int err = step_seq(st, j->id, j->step, &target);
+    char *config = NULL;
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_CKPT_NEWEST);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_int64(s, 2, target);
         int rc = sqlite3_step(s);
-        if (rc == SQLITE_DONE)
-            j->drop_segment = true;
-        else if (rc != SQLITE_ROW)
+        if (rc == SQLITE_ROW) {
+            c_seq = sqlite3_column_int64(s, 0);
+            if (sqlite3_column_type(s, 5) != SQLITE_NULL &&
+                !(config = dup_str((const char *)sqlite3_column_text(s, 5)))) {
+                set_error("out of memory");
+                err = STORAGE_ENOMEM;
+            }
+        } else if (rc == SQLITE_DONE) {
+            set_error("no checkpoint at or before step %" PRId64 " is kept: the log behind "
+                      "the oldest kept checkpoint is compacted",
+                      j->step);
+            err = STORAGE_ERANGE;
+        } else {
             err = sql_fail(st->db, rc);
+        }
         sqlite3_reset(s);
     }
+    (void)c_seq;
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_CKPT_FILES_AFTER);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_int64(s, 2, target);
+        err = collect_files(st, j, s);
+    }
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_CKPT_DELETE_AFTER);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_int64(s, 2, target);
+        err = exec_stmt(st, s);
+    }
+    int first = j->n_old;
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_LOG_FILES_AFTER);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_int64(s, 2, target);
+        err = collect_files(st, j, s);
+    }
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_LOG_DELETE_AFTER);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_int64(s, 2, target);
+        err = exec_stmt(st, s);
+    }
+    if (err == STORAGE_OK)
+        err = keep_unused_segments(st, j, j->id, first);
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_IDEM_DELETE_AFTER);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_int64(s, 2, j->step);
+        err = exec_stmt(st, s);
+    }
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, config ? Q_SESSION_SET_CONFIG : Q_SESSION_TOUCH);
+        sqlite3_bind_int64(s, 1, j->id);
+        if (config) {
+            sqlite3_bind_text(s, 2, config, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(s, 3, j->now_ms);
+        } else {
+            sqlite3_bind_int64(s, 2, j->now_ms);
+        }
+        err = exec_stmt(st, s);
+    }
+    free(config);
+    j->seq = target;
+    j->seg_reset = true;
     return err;
 }
 
@@ -1015,20 +1316,20 @@ static int run_append(storage *st, job *j)
     bind_double_or_null(s, 10, e->update_norm);
     if (e->worker)
         sqlite3_bind_text(s, 11, e->worker, -1, SQLITE_STATIC);
-    /* The replay data is not needed when this row is checkpointed at once. */
-    if (e->grad && !j->ck.present) {
+    /* A row checkpointed at once keeps its replay data too: a rollback or
+     * fork from an older kept checkpoint replays it (put_ckpt drops it when
+     * nothing older is kept). */
+    if (e->grad) {
         if (!j->grad_in_file)
             sqlite3_bind_blob64(s, 12, e->grad, e->grad_len, SQLITE_STATIC);
         sqlite3_bind_int64(s, 13, j->grad_crc);
         sqlite3_bind_int64(s, 14, (sqlite3_int64)e->grad_len);
         if (j->grad_in_file) {
-            char name[32];
-            segment_name(j->id, name, sizeof name);
-            sqlite3_bind_text(s, 15, name, -1, SQLITE_TRANSIENT);
+            sqlite3_bind_text(s, 15, j->seg, -1, SQLITE_STATIC);
             sqlite3_bind_int64(s, 16, j->grad_off);
         }
     }
-    if (e->extra && !j->ck.present)
+    if (e->extra)
         sqlite3_bind_blob64(s, 17, e->extra, e->extra_len, SQLITE_STATIC);
     int err = exec_stmt(st, s);
     if (err == STORAGE_EEXIST)
@@ -1103,23 +1404,31 @@ static int run_job(storage *st, job *j)
             return sql_fail(st->db, rc);
         s = stmt(st, Q_CKPT_FILES);
         sqlite3_bind_int64(s, 1, j->id);
-        err = STORAGE_OK;
-        while (err == STORAGE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW)
-            if (add_old_file(j, (const char *)sqlite3_column_text(s, 0)) != STORAGE_OK) {
-                set_error("out of memory");
-                err = STORAGE_ENOMEM;
-            }
-        if (err == STORAGE_OK && rc != SQLITE_DONE)
-            err = sql_fail(st->db, rc);
-        sqlite3_reset(s);
+        err = collect_files(st, j, s);
+        if (err == STORAGE_OK) {
+            s = stmt(st, Q_LOG_FILES_AFTER);
+            sqlite3_bind_int64(s, 1, j->id);
+            sqlite3_bind_int64(s, 2, -1);
+            err = collect_files(st, j, s);
+        }
         if (err == STORAGE_OK) {
             s = stmt(st, Q_SESSION_DELETE);
             sqlite3_bind_int64(s, 1, j->id);
             err = exec_stmt(st, s);
         }
-        j->drop_segment = true;
+        j->seg_reset = true;
         return err;
     }
+    case J_ROLLBACK:
+        return run_rollback(st, j);
+    case J_RENAME:
+        s = stmt(st, Q_SESSION_RENAME);
+        sqlite3_bind_int64(s, 1, j->id);
+        sqlite3_bind_text(s, 2, j->name, -1, SQLITE_STATIC);
+        err = exec_stmt(st, s);
+        if (err == STORAGE_EEXIST)
+            set_error("a session named %s exists", j->name);
+        return err;
     case J_PRUNE:
         s = stmt(st, Q_IDEM_PRUNE);
         sqlite3_bind_int64(s, 1, j->id);
@@ -1237,10 +1546,15 @@ static void job_finish(storage *st, job *j, int err)
         for (int i = 0; i < j->n_old; i++)
             if (strcmp(j->old_files[i], j->ck.file) != 0)
                 unlink_in_dir(st, j->old_files[i]);
-        if (j->drop_segment) {
-            char name[32];
-            segment_name(j->id, name, sizeof name);
-            unlink_in_dir(st, name);
+        if (j->seg_reset) {
+            /* Its current segment, when no row uses it, is a tail that
+             * nothing reads. */
+            if (j->kind == J_DELETE) {
+                char name[48];
+                if (segment_name(st, j->id, name, sizeof name) == STORAGE_OK)
+                    unlink_in_dir(st, name);
+            }
+            segment_forget(st, j->id);
         }
     } else if (j->ck.present && j->ck.file[0]) {
         unlink_in_dir(st, j->ck.file);
@@ -1271,11 +1585,20 @@ void storage_session_info_free(storage_session_info *info)
 int storage_session_create(storage *st, const char *name, const char *config, int64_t now_ms,
                            const storage_iov *ckpt, int n_ckpt, int64_t *id_out)
 {
+    return storage_session_create_at(st, name, config, now_ms, ckpt, n_ckpt, 0, id_out);
+}
+
+int storage_session_create_at(storage *st, const char *name, const char *config, int64_t now_ms,
+                              const storage_iov *ckpt, int n_ckpt, int64_t step, int64_t *id_out)
+{
     int err = check_writable(st);
     if (err != STORAGE_OK)
         return err;
     job j = {.kind = J_CREATE, .name = name, .config = config, .now_ms = now_ms};
     err = write_ckpt(st, ckpt, n_ckpt, &j.ck);
+    j.ck.kind = STORAGE_CKPT_ANCHOR;
+    j.ck.config = config;
+    j.ck.step = step;
     if (err == STORAGE_OK)
         err = group_run(st, &j);
     if (err == STORAGE_OK && id_out)
@@ -1427,13 +1750,16 @@ static void read_entry(sqlite3_stmt *s, storage_log_entry *e)
 }
 
 /* Under db_mu inside a read transaction: the rows after seq. */
-static int fetch_rows(storage *st, int64_t id, int64_t seq, load_row **out, size_t *n_out)
+static int fetch_rows(storage *st, int64_t id, int64_t seq, int64_t upto, int limit,
+                      load_row **out, size_t *n_out)
 {
     load_row *rows = NULL;
     size_t n = 0, cap = 0;
     sqlite3_stmt *s = stmt(st, Q_LOG_AFTER);
     sqlite3_bind_int64(s, 1, id);
     sqlite3_bind_int64(s, 2, seq);
+    sqlite3_bind_int64(s, 3, upto);
+    sqlite3_bind_int(s, 4, limit);
     int rc, err = STORAGE_OK;
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
         if (n == cap) {
@@ -1556,7 +1882,15 @@ static int replay_rows(storage *st, load_row *rows, size_t n, storage_replay_fn 
 int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
                          storage_replay_fn replay, void *ud)
 {
+    return storage_session_load_at(st, id, INT64_MAX, ckpt, replay, ud, NULL);
+}
+
+int storage_session_load_at(storage *st, int64_t id, int64_t upto, storage_ckpt_fn ckpt,
+                            storage_replay_fn replay, void *ud, char **config)
+{
     clear_error();
+    if (config)
+        *config = NULL;
     storage_reader r = {.fd = -1};
     void *mem = NULL;
     bool has_crc = false;
@@ -1573,9 +1907,15 @@ int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
     if (err == STORAGE_OK) {
         sqlite3_stmt *s = stmt(st, Q_CKPT_NEWEST);
         sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_int64(s, 2, upto);
         int rc = sqlite3_step(s);
         if (rc == SQLITE_ROW) {
             seq = sqlite3_column_int64(s, 0);
+            if (config && sqlite3_column_type(s, 5) != SQLITE_NULL &&
+                !(*config = dup_str((const char *)sqlite3_column_text(s, 5)))) {
+                set_error("out of memory");
+                err = STORAGE_ENOMEM;
+            }
             r.len = (size_t)sqlite3_column_int64(s, 1);
             has_crc = sqlite3_column_type(s, 2) != SQLITE_NULL;
             want = (uint32_t)sqlite3_column_int64(s, 2);
@@ -1607,7 +1947,7 @@ int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
         sqlite3_reset(s);
     }
     if (err == STORAGE_OK)
-        err = fetch_rows(st, id, seq, &rows, &n_rows);
+        err = fetch_rows(st, id, seq, upto, -1, &rows, &n_rows);
     rollback(st);
     pthread_mutex_unlock(&st->db_mu);
 
@@ -1640,26 +1980,194 @@ int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
     return err;
 }
 
+#define LOG_BATCH 256
+
+int storage_log_read(storage *st, int64_t id, int64_t after, int64_t upto, storage_replay_fn fn,
+                     void *ud)
+{
+    clear_error();
+    int err = STORAGE_OK;
+    while (err == STORAGE_OK && after < upto) {
+        load_row *rows = NULL;
+        size_t n = 0;
+        pthread_mutex_lock(&st->db_mu);
+        err = exec_q(st, Q_BEGIN_READ);
+        if (err == STORAGE_OK)
+            err = fetch_rows(st, id, after, upto, LOG_BATCH, &rows, &n);
+        rollback(st);
+        pthread_mutex_unlock(&st->db_mu);
+        if (err != STORAGE_OK || n == 0)
+            break;
+        after = rows[n - 1].e.seq;
+        for (size_t i = 0; i < n && err == STORAGE_OK; i++)
+            if (rows[i].e.kind != STORAGE_LOG_SKIP && !rows[i].has_grad) {
+                set_error("log row %" PRId64 " has no gradient any more (compacted)",
+                          rows[i].e.seq);
+                err = STORAGE_ERANGE;
+            }
+        if (err == STORAGE_OK)
+            err = replay_rows(st, rows, n, fn, ud);
+        rows_free(rows, n);
+    }
+    return err;
+}
+
+int storage_ckpt_list(storage *st, int64_t id, storage_ckpt_list_fn fn, void *ud)
+{
+    clear_error();
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = stmt(st, Q_CKPT_LIST);
+    sqlite3_bind_int64(s, 1, id);
+    int rc, err = STORAGE_OK;
+    while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
+        storage_ckpt_info c = {
+            .seq = sqlite3_column_int64(s, 0),
+            .step = sqlite3_column_int64(s, 1),
+            .time_ms = sqlite3_column_int64(s, 2),
+            .kind = sqlite3_column_int(s, 3),
+            .label = (const char *)sqlite3_column_text(s, 4),
+            .bytes = sqlite3_column_int64(s, 5),
+        };
+        int r = fn(ud, &c);
+        if (r != 0) {
+            err = r;
+            break;
+        }
+    }
+    if (err == STORAGE_OK && rc != SQLITE_DONE)
+        err = sql_fail(st->db, rc);
+    sqlite3_reset(s);
+    pthread_mutex_unlock(&st->db_mu);
+    return err;
+}
+
+/* Under db_mu: the log row a step ends at (the update's row; for the
+ * first state of a session, its first checkpoint). */
+static int step_seq(storage *st, int64_t id, int64_t step, int64_t *seq)
+{
+    bool null = true;
+    int err = query_i64(st, Q_LOG_STEP_SEQ, id, step, seq, &null);
+    if (err == STORAGE_OK && null)
+        err = query_i64(st, Q_CKPT_STEP_SEQ, id, step, seq, &null);
+    if (err == STORAGE_OK && null) {
+        set_error("step %" PRId64 " is not in the session's log", step);
+        err = STORAGE_ERANGE;
+    }
+    return err;
+}
+
+int64_t storage_ckpt_step(storage *st, int64_t id, const char *label)
+{
+    clear_error();
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = stmt(st, Q_CKPT_LABEL_STEP);
+    sqlite3_bind_int64(s, 1, id);
+    sqlite3_bind_text(s, 2, label, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(s);
+    int64_t out = rc == SQLITE_ROW    ? sqlite3_column_int64(s, 0)
+                  : rc == SQLITE_DONE ? STORAGE_ENOTFOUND
+                                      : sql_fail(st->db, rc);
+    sqlite3_reset(s);
+    pthread_mutex_unlock(&st->db_mu);
+    return out;
+}
+
+int storage_locate(storage *st, int64_t id, int64_t step, int64_t *seq, char **config)
+{
+    clear_error();
+    *config = NULL;
+    pthread_mutex_lock(&st->db_mu);
+    int err = exec_q(st, Q_BEGIN_READ);
+    if (err == STORAGE_OK && step >= 0)
+        err = step_seq(st, id, step, seq);
+    if (err == STORAGE_OK) {
+        sqlite3_stmt *s = stmt(st, Q_CKPT_NEWEST);
+        sqlite3_bind_int64(s, 1, id);
+        sqlite3_bind_int64(s, 2, *seq);
+        int rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW) {
+            if (sqlite3_column_type(s, 5) != SQLITE_NULL &&
+                !(*config = dup_str((const char *)sqlite3_column_text(s, 5)))) {
+                set_error("out of memory");
+                err = STORAGE_ENOMEM;
+            }
+        } else if (rc == SQLITE_DONE) {
+            set_error("no checkpoint at or before step %" PRId64 " is kept (the log behind the "
+                      "oldest kept checkpoint is compacted)",
+                      step);
+            err = STORAGE_ERANGE;
+        } else {
+            err = sql_fail(st->db, rc);
+        }
+        sqlite3_reset(s);
+    }
+    rollback(st);
+    pthread_mutex_unlock(&st->db_mu);
+    return err;
+}
+
+int storage_rollback(storage *st, int64_t id, int64_t step, int64_t now_ms, int64_t *seq_out)
+{
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    job j = {.kind = J_ROLLBACK, .id = id, .step = step, .now_ms = now_ms};
+    err = group_run(st, &j);
+    if (err == STORAGE_OK && seq_out)
+        *seq_out = j.seq;
+    job_finish(st, &j, err);
+    return err;
+}
+
+int storage_session_rename(storage *st, int64_t id, const char *name)
+{
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    job j = {.kind = J_RENAME, .id = id, .name = name};
+    err = group_run(st, &j);
+    job_finish(st, &j, err);
+    return err;
+}
+
 /* ---------------------------------------------------------- step log */
 
 int storage_append(storage *st, int64_t id, const storage_log_entry *e, const storage_iov *ckpt,
                    int n_ckpt)
 {
+    return storage_append_kept(st, id, e, ckpt, n_ckpt, NULL);
+}
+
+static void ckpt_meta(job *j, const storage_ckpt_meta *m)
+{
+    if (!m)
+        return;
+    j->ck.kind = m->kind;
+    j->ck.label = m->label;
+    j->ck.config = m->config;
+    j->keep = m->keep;
+}
+
+int storage_append_kept(storage *st, int64_t id, const storage_log_entry *e,
+                        const storage_iov *ckpt, int n_ckpt, const storage_ckpt_meta *m)
+{
     int err = check_writable(st);
     if (err != STORAGE_OK)
         return err;
-    job j = {.kind = J_APPEND, .id = id, .e = e};
+    job j = {.kind = J_APPEND, .id = id, .e = e, .now_ms = e->time_ms};
     if (n_ckpt > 0) {
         err = write_ckpt(st, ckpt, n_ckpt, &j.ck);
+        ckpt_meta(&j, m);
         j.ck.seq = e->seq;
         j.ck.step = e->step;
-    } else if (e->grad) {
+    }
+    if (err == STORAGE_OK && e->grad) {
         j.grad_crc = storage_crc32(0, e->grad, e->grad_len);
         if (e->grad_len > INLINE_MAX) {
             /* The bytes reach the segment before the row exists; a failed
              * commit leaves an unreferenced tail that nothing reads. */
             j.grad_in_file = true;
-            err = append_segment(st, id, e->grad, e->grad_len, &j.grad_off);
+            err = append_segment(st, id, e->grad, e->grad_len, j.seg, sizeof j.seg, &j.grad_off);
         }
     }
     if (err == STORAGE_OK)
@@ -1671,11 +2179,21 @@ int storage_append(storage *st, int64_t id, const storage_log_entry *e, const st
 int storage_checkpoint(storage *st, int64_t id, const char *config, const storage_iov *ckpt,
                        int n_ckpt, int64_t ckpt_seq, int64_t step, int64_t now_ms)
 {
+    storage_ckpt_meta m = {.kind = config ? STORAGE_CKPT_ANCHOR : STORAGE_CKPT_AUTO,
+                           .config = config};
+    return storage_checkpoint_kept(st, id, config, ckpt, n_ckpt, ckpt_seq, step, now_ms, &m);
+}
+
+int storage_checkpoint_kept(storage *st, int64_t id, const char *config, const storage_iov *ckpt,
+                            int n_ckpt, int64_t ckpt_seq, int64_t step, int64_t now_ms,
+                            const storage_ckpt_meta *m)
+{
     int err = check_writable(st);
     if (err != STORAGE_OK)
         return err;
     job j = {.kind = J_CHECKPOINT, .id = id, .config = config, .now_ms = now_ms};
     err = write_ckpt(st, ckpt, n_ckpt, &j.ck);
+    ckpt_meta(&j, m);
     j.ck.seq = ckpt_seq;
     j.ck.step = step;
     if (err == STORAGE_OK)
@@ -1886,4 +2404,223 @@ int storage_check(const char *path, void *out_v)
     }
     storage_close(st);
     return problems;
+}
+
+/* ------------------------------------------------------------ backup */
+
+typedef struct {
+    char *name;
+    int fd;
+} backup_file;
+
+static void backup_files_close(backup_file *f, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (f[i].fd >= 0)
+            close(f[i].fd);
+        free(f[i].name);
+    }
+    free(f);
+}
+
+/* Under a read transaction of src: opens every file the snapshot
+ * references.  STORAGE_ENOTFOUND when one was removed meanwhile (a newer
+ * commit superseded it: the caller starts again). */
+static int backup_open_files(sqlite3 *src, const char *dir, backup_file **out, size_t *n_out)
+{
+    sqlite3_stmt *s;
+    int rc = sqlite3_prepare_v2(src,
+                                "SELECT file FROM checkpoints WHERE file IS NOT NULL"
+                                " UNION SELECT file FROM steps WHERE file IS NOT NULL",
+                                -1, &s, NULL);
+    if (rc != SQLITE_OK)
+        return sql_fail(src, rc);
+    backup_file *f = NULL;
+    size_t n = 0, cap = 0;
+    int err = STORAGE_OK;
+    while (err == STORAGE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            backup_file *nf = realloc(f, cap * sizeof *f);
+            if (!nf) {
+                set_error("out of memory");
+                err = STORAGE_ENOMEM;
+                break;
+            }
+            f = nf;
+        }
+        f[n].name = dup_str((const char *)sqlite3_column_text(s, 0));
+        char *p = f[n].name ? path_join(dir, f[n].name) : NULL;
+        f[n].fd = p ? open(p, O_RDONLY | O_CLOEXEC) : -1;
+        n++;
+        if (!p) {
+            set_error("out of memory");
+            err = STORAGE_ENOMEM;
+        } else if (f[n - 1].fd < 0) {
+            err = errno == ENOENT ? STORAGE_ENOTFOUND : io_fail(-errno, "opening", p);
+        }
+        free(p);
+    }
+    if (err == STORAGE_OK && rc != SQLITE_DONE)
+        err = sql_fail(src, rc);
+    sqlite3_finalize(s);
+    if (err != STORAGE_OK) {
+        backup_files_close(f, n);
+        return err;
+    }
+    *out = f;
+    *n_out = n;
+    return STORAGE_OK;
+}
+
+static int copy_fd(int in, const char *to)
+{
+    int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (out < 0)
+        return io_fail(-errno, "creating", to);
+    static _Thread_local char buf[1 << 16];
+    off_t off = 0;
+    int err = STORAGE_OK;
+    for (;;) {
+        ssize_t k = pread(in, buf, sizeof buf, off);
+        if (k < 0) {
+            err = io_fail(-errno, "reading a file for", to);
+            break;
+        }
+        if (k == 0)
+            break;
+        int r = fault_pwrite(out, buf, (size_t)k, off);
+        if (r) {
+            err = io_fail(r, "writing", to);
+            break;
+        }
+        off += k;
+    }
+    if (err == STORAGE_OK && fault_fsync(out) != 0)
+        err = io_fail(-errno, "syncing", to);
+    close(out);
+    return err;
+}
+
+int storage_backup(const char *path, const char *out, int64_t *bytes)
+{
+    clear_error();
+    struct stat sb;
+    size_t ol = strlen(out);
+    char *tmp = malloc(ol + 8), *odir = malloc(ol + 8), *dir = malloc(strlen(path) + 3);
+    if (!tmp || !odir || !dir) {
+        free(tmp);
+        free(odir);
+        free(dir);
+        set_error("out of memory");
+        return STORAGE_ENOMEM;
+    }
+    snprintf(tmp, ol + 8, "%s.tmp", out);
+    snprintf(odir, ol + 8, "%s.d", out);
+    snprintf(dir, strlen(path) + 3, "%s.d", path);
+    int err = STORAGE_OK;
+    if (stat(out, &sb) == 0 || stat(odir, &sb) == 0) {
+        set_error("%s (or %s) exists; a backup writes a new file", out, odir);
+        err = STORAGE_EEXIST;
+    }
+    sqlite3 *src = NULL, *dst = NULL;
+    backup_file *files = NULL;
+    size_t n_files = 0;
+    int64_t total = 0;
+    /* A file the snapshot references may be superseded and removed before
+     * it is opened: then start again with a newer snapshot. */
+    for (int attempt = 0; err == STORAGE_OK; attempt++) {
+        int rc = sqlite3_open_v2(path, &src, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+        if (rc != SQLITE_OK) {
+            err = sql_fail(src, rc);
+            break;
+        }
+        sqlite3_busy_timeout(src, 10000);
+        int64_t app = 0;
+        if ((err = query_int(src, "PRAGMA application_id", &app)) != STORAGE_OK)
+            break;
+        if (app != OPTD_APPLICATION_ID) {
+            set_error("%s is not an optd database", path);
+            err = STORAGE_EFOREIGN;
+            break;
+        }
+        rc = sqlite3_exec(src, "BEGIN; SELECT count(*) FROM sessions;", NULL, NULL, NULL);
+        if (rc != SQLITE_OK) {
+            err = sql_fail(src, rc);
+            break;
+        }
+        err = backup_open_files(src, dir, &files, &n_files);
+        if (err == STORAGE_ENOTFOUND && attempt < 20) {
+            sqlite3_exec(src, "ROLLBACK", NULL, NULL, NULL);
+            sqlite3_close(src);
+            src = NULL;
+            err = STORAGE_OK;
+            continue;
+        }
+        if (err != STORAGE_OK)
+            break;
+        unlink(tmp);
+        rc = sqlite3_open_v2(tmp, &dst, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
+        if (rc != SQLITE_OK) {
+            err = sql_fail(dst, rc);
+            break;
+        }
+        /* The copy is of the read transaction's snapshot: the same one
+         * whose files are open. */
+        sqlite3_backup *b = sqlite3_backup_init(dst, "main", src, "main");
+        if (!b) {
+            err = sql_fail(dst, sqlite3_errcode(dst));
+            break;
+        }
+        rc = sqlite3_backup_step(b, -1);
+        sqlite3_backup_finish(b);
+        if (rc != SQLITE_DONE) {
+            err = sql_fail(dst, rc);
+            break;
+        }
+        break;
+    }
+    if (src) {
+        sqlite3_exec(src, "ROLLBACK", NULL, NULL, NULL);
+        sqlite3_close(src);
+    }
+    if (dst) {
+        if (err == STORAGE_OK && sqlite3_exec(dst, "PRAGMA journal_mode=DELETE", NULL, NULL,
+                                              NULL) != SQLITE_OK)
+            err = sql_fail(dst, sqlite3_errcode(dst));
+        sqlite3_close(dst);
+    }
+    if (err == STORAGE_OK && mkdir(odir, 0755) != 0)
+        err = io_fail(-errno, "creating the directory", odir);
+    for (size_t i = 0; err == STORAGE_OK && i < n_files; i++) {
+        char *to = path_join(odir, files[i].name);
+        err = to ? copy_fd(files[i].fd, to) : STORAGE_ENOMEM;
+        if (to && stat(to, &sb) == 0)
+            total += sb.st_size;
+        free(to);
+    }
+    if (err == STORAGE_OK)
+        err = sync_dir(odir);
+    if (err == STORAGE_OK) {
+        int fd = open(tmp, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fault_fsync(fd) != 0)
+            err = io_fail(-errno, "syncing", tmp);
+        if (fd >= 0)
+            close(fd);
+        if (stat(tmp, &sb) == 0)
+            total += sb.st_size;
+    }
+    /* The database file appears last: a backup interrupted before this
+     * has no OUT, only OUT.tmp and a partial OUT.d. */
+    if (err == STORAGE_OK && rename(tmp, out) != 0)
+        err = io_fail(-errno, "renaming", tmp);
+    if (err != STORAGE_OK && err != STORAGE_EEXIST)
+        unlink(tmp);
+    backup_files_close(files, n_files);
+    if (err == STORAGE_OK && bytes)
+        *bytes = total;
+    free(tmp);
+    free(odir);
+    free(dir);
+    return err;
 }

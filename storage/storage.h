@@ -45,6 +45,8 @@
 #define STORAGE_EFOREIGN (-9) /* not an optd database (application_id), or
                                  a newer schema                           */
 #define STORAGE_EMISMATCH (-10) /* idempotency key reused with another body */
+#define STORAGE_ERANGE (-11)  /* a step outside the kept history (never
+                                 logged, rolled back, or compacted)      */
 
 typedef struct storage storage;
 
@@ -130,6 +132,17 @@ int storage_session_create(storage *st, const char *name, const char *config,
                            int64_t now_ms, const storage_iov *ckpt, int n_ckpt,
                            int64_t *id_out);
 
+/* The same for a session whose first state is at step (a fork, an
+ * import). */
+int storage_session_create_at(storage *st, const char *name, const char *config, int64_t now_ms,
+                              const storage_iov *ckpt, int n_ckpt, int64_t step,
+                              int64_t *id_out);
+
+/* Renames a session (a fork or import made under a temporary name starting
+ * with '~' becomes visible in one commit; storage_open deletes sessions
+ * left with such a name by a crash).  STORAGE_EEXIST if name is taken. */
+int storage_session_rename(storage *st, int64_t id, const char *name);
+
 /* Fills info (new strings; free with storage_session_info_free). */
 int storage_session_get(storage *st, const char *name, storage_session_info *info);
 
@@ -154,6 +167,76 @@ typedef int (*storage_replay_fn)(void *ud, const storage_log_entry *e);
 typedef int (*storage_ckpt_fn)(void *ud, storage_reader *r, size_t len, int64_t seq);
 int storage_session_load(storage *st, int64_t id, storage_ckpt_fn ckpt,
                          storage_replay_fn replay, void *ud);
+
+/* The same as of log row upto: the newest checkpoint at or before it and
+ * the rows after it up to upto.  *config (when not NULL) is a new string
+ * of the config that checkpoint was taken under, or NULL when it was
+ * written before optd recorded that (then the session's current one). */
+int storage_session_load_at(storage *st, int64_t id, int64_t upto, storage_ckpt_fn ckpt,
+                            storage_replay_fn replay, void *ud, char **config);
+
+/* The log row (seq) after which the session was at step, and the config
+ * of the nearest kept checkpoint at or before it (a new string, or NULL
+ * when it predates that record).  STORAGE_ERANGE when either is missing.
+ * With step < 0, *seq is the given row. */
+int storage_locate(storage *st, int64_t id, int64_t step, int64_t *seq, char **config);
+
+/* Calls fn for each log row with after < seq <= upto, in order, with its
+ * verified gradient; reads in batches (bounded memory).  A row whose
+ * replay data is gone (compacted) is STORAGE_ERANGE. */
+int storage_log_read(storage *st, int64_t id, int64_t after, int64_t upto, storage_replay_fn fn,
+                     void *ud);
+
+/* ------------------------------------------------- kept checkpoints
+ *
+ * Every checkpoint row says what it is.  A new checkpoint keeps every
+ * labelled one, the `keep` newest periodic ones, and the anchors from the
+ * oldest of those on; automatic ones go once superseded.  The log's replay
+ * data is kept back to the oldest checkpoint left and dropped behind it. */
+enum {
+    STORAGE_CKPT_AUTO = 0,     /* written to bound the log (or at eviction) */
+    STORAGE_CKPT_ANCHOR = 1,   /* a state no replay rebuilds: create, PATCH,
+                                  PUT params/state, fork, import           */
+    STORAGE_CKPT_PERIODIC = 2, /* the retention policy's every_steps        */
+    STORAGE_CKPT_LABEL = 3     /* asked for by name; kept until rolled back
+                                  past or the session goes                 */
+};
+
+typedef struct {
+    int kind;                  /* STORAGE_CKPT_*                             */
+    const char *label;         /* NULL when none                             */
+    const char *config;        /* canonical config in force, or NULL         */
+    int64_t keep;              /* periodic checkpoints to keep (0: none)     */
+} storage_ckpt_meta;
+
+typedef struct {
+    int64_t seq, step, time_ms, bytes;
+    int kind;
+    const char *label;         /* NULL when none; valid during the call      */
+} storage_ckpt_info;
+typedef int (*storage_ckpt_list_fn)(void *ud, const storage_ckpt_info *c);
+
+/* The step of the checkpoint labelled label, or STORAGE_ENOTFOUND (or
+ * another negative code). */
+int64_t storage_ckpt_step(storage *st, int64_t id, const char *label);
+
+/* Calls fn for each of the session's checkpoints, oldest first. */
+int storage_ckpt_list(storage *st, int64_t id, storage_ckpt_list_fn fn, void *ud);
+
+/* storage_append / storage_checkpoint with the checkpoint's meta (NULL:
+ * automatic, keep 0).  A label already used is STORAGE_EEXIST. */
+int storage_append_kept(storage *st, int64_t id, const storage_log_entry *e,
+                        const storage_iov *ckpt, int n_ckpt, const storage_ckpt_meta *m);
+int storage_checkpoint_kept(storage *st, int64_t id, const char *config, const storage_iov *ckpt,
+                            int n_ckpt, int64_t ckpt_seq, int64_t step, int64_t now_ms,
+                            const storage_ckpt_meta *m);
+
+/* Returns the session to the state after step: the log rows, checkpoints
+ * and idempotency keys after that step's row go, in one commit; the
+ * nearest kept checkpoint at or before it, and its config, stay (a load
+ * then replays to it).  *seq gets the row's seq.  STORAGE_ERANGE when no
+ * kept checkpoint lies at or before it or no row has that step. */
+int storage_rollback(storage *st, int64_t id, int64_t step, int64_t now_ms, int64_t *seq);
 
 /* ------------------------------------------------------- step log */
 
@@ -187,6 +270,16 @@ int storage_idem_prune(storage *st, int64_t id, int64_t min_ms, int64_t keep);
  * calls fn for each. */
 int storage_history(storage *st, int64_t id, int64_t after, int limit,
                     storage_replay_fn fn, void *ud);
+
+/* Online backup (optd backup): copies the database at path, while a
+ * daemon may be serving it, to out (a new file) and the vector files its
+ * rows reference to out.d/ -- one consistent snapshot: SQLite's backup API
+ * inside one read transaction, whose referenced files are all opened
+ * before the copy (a file superseded and removed meanwhile stays readable
+ * through its descriptor; one removed before it could be opened restarts
+ * with a newer snapshot).  out appears last (renamed from out.tmp).
+ * *bytes (may be NULL) gets the bytes written. */
+int storage_backup(const char *path, const char *out, int64_t *bytes);
 
 /* zlib's CRC-32 of n bytes, continuing from crc (0 to start): the checksum
  * of every stored vector, and the params digest on the wire (every client

@@ -476,8 +476,12 @@ static void test_idempotent_replay(void **state)
     optd_response_free(&r);
     tapi_snap before = tapi_snapshot(s->c, "idem");
 
-    /* The same key again, even with another gradient: nothing applied. */
+    /* The same key with another gradient is a client bug: 422, nothing
+     * applied.  The same request again is a retry: replayed. */
     r = tapi_req(s->c, "POST", "/v1/sessions/idem/step", k1, "{\"grad\":[5,5]}");
+    tapi_assert_problem(&r, 422, "Idempotency-Key");
+    optd_response_free(&r);
+    r = tapi_req(s->c, "POST", "/v1/sessions/idem/step", k1, "{\"grad\":[1,1]}");
     assert_int_equal(r.status, 200);
     rep = optd_response_header(&r, "Optd-Replayed");
     assert_non_null(rep);
@@ -490,15 +494,14 @@ static void test_idempotent_replay(void **state)
     tapi_assert_same(&before, &after);
     tapi_snap_free(&after);
 
-    /* Binary replay: Optd-Step is the recorded step. */
+    /* The key's request was JSON: the same gradient sent in binary is
+     * another request (the fingerprint covers the body as sent). */
     const char *kb[] = {"Content-Type: application/octet-stream",
                         "Accept: application/octet-stream", "Idempotency-Key: 3f2a9c0d11e84b7f",
                         NULL};
     double g[2] = {1, 1};
     r = tapi_req_bin(s->c, "POST", "/v1/sessions/idem/step", kb, g, sizeof g);
-    assert_int_equal(r.status, 200);
-    assert_int_equal(atoll(optd_response_header(&r, "Optd-Step")), 1);
-    assert_string_equal(optd_response_header(&r, "Optd-Replayed"), "true");
+    tapi_assert_problem(&r, 422, "Idempotency-Key");
     optd_response_free(&r);
     after = tapi_snapshot(s->c, "idem");
     tapi_assert_same(&before, &after);
@@ -513,6 +516,24 @@ static void test_idempotent_replay(void **state)
     assert_int_equal((long long)tapi_num(j, "step"), 2);
     cJSON_Delete(j);
     optd_response_free(&r);
+
+    /* Binary replay: Optd-Step is the recorded step. */
+    const char *kb2[] = {"Content-Type: application/octet-stream",
+                         "Accept: application/octet-stream", "Idempotency-Key: b-1", NULL};
+    r = tapi_req_bin(s->c, "POST", "/v1/sessions/idem/step", kb2, g, sizeof g);
+    assert_int_equal(r.status, 200);
+    assert_int_equal(atoll(optd_response_header(&r, "Optd-Step")), 3);
+    optd_response_free(&r);
+    before = tapi_snapshot(s->c, "idem");
+    r = tapi_req_bin(s->c, "POST", "/v1/sessions/idem/step", kb2, g, sizeof g);
+    assert_int_equal(r.status, 200);
+    assert_int_equal(atoll(optd_response_header(&r, "Optd-Step")), 3);
+    assert_string_equal(optd_response_header(&r, "Optd-Replayed"), "true");
+    optd_response_free(&r);
+    after = tapi_snapshot(s->c, "idem");
+    tapi_assert_same(&before, &after);
+    tapi_snap_free(&after);
+    tapi_snap_free(&before);
 }
 
 static void test_params_get_put(void **state)

@@ -2,7 +2,8 @@
  * test_client_c.c -- the C client library against the real daemon: typed
  * errors, create-or-verify, binary and JSON steps (the same bits either
  * way), idempotency keys reused by retries, params get/set, update,
- * delete, the API key, and retries across a daemon restart.
+ * delete, the API key, retries across a daemon restart, and sessions of
+ * named tensors and param groups with absent tensors on a step.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -187,6 +188,68 @@ static void test_step_f64_with_options(void **state)
     assert_int_equal(st, 2);
 }
 
+/* Named tensors and param groups on create; absent tensors and per-group
+ * lrs on a step, binary and JSON.  w is 2x3, b is 3: the vector is w, b. */
+static void test_tensors_groups_absent(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    const double w[6] = {0.5, -1, 2, 0.25, 3, -0.75}, b[3] = {1, 2, 3};
+    assert_int_equal(
+        optd_create_session(s->c, "layout",
+                            "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.1},\"dtype\":\"float64\","
+                            "\"params\":[0.5,-1,2,0.25,3,-0.75,1,2,3],"
+                            "\"tensors\":[{\"name\":\"layer.w\",\"shape\":[2,3]},"
+                            "{\"name\":\"layer.b\",\"shape\":[3]}],"
+                            "\"groups\":[{\"tensors\":[\"layer.w\"]},"
+                            "{\"tensors\":[\"layer.b\"],\"lr\":0.5}]}",
+                            &e),
+        1);
+    char *doc = optd_get_session(s->c, "layout", &e);
+    assert_non_null(doc);
+    assert_non_null(strstr(doc, "\"name\":\"layer.b\""));
+    free(doc);
+
+    /* binary: layer.b absent, grad holds layer.w's six values */
+    double g[6] = {1, 2, 3, 4, 5, 6}, p[9], lr[2] = {0.2, 0.3};
+    size_t absent_b = 1, absent_w = 0;
+    long long st;
+    optd_step_opts o = optd_step_opts_default();
+    o.absent = &absent_b;
+    o.n_absent = 1;
+    o.n_groups = 2;
+    o.group_lr = lr;
+    o.params_len = 9;
+    assert_int_equal(optd_step_f64_opts(s->c, "layout", g, 6, NULL, &o, p, &st, NULL, &e), 0);
+    assert_int_equal(st, 1);
+    for (int i = 0; i < 6; i++)
+        assert_true(p[i] == w[i] + -0.2 * g[i]);
+    for (int i = 0; i < 3; i++)
+        assert_true(p[6 + i] == b[i]);
+
+    /* JSON: layer.w absent; group 1 keeps the lr 0.3 of the last step */
+    double gb[3] = {0.5, -0.25, 1}, q[9];
+    optd_step_opts j = optd_step_opts_default();
+    j.json = 1;
+    j.absent = &absent_w;
+    j.n_absent = 1;
+    j.params_len = 9;
+    assert_int_equal(optd_step_f64_opts(s->c, "layout", gb, 3, NULL, &j, q, &st, NULL, &e), 0);
+    assert_int_equal(st, 2);
+    assert_memory_equal(q, p, 6 * sizeof(double));
+    for (int i = 0; i < 3; i++)
+        assert_true(q[6 + i] == b[i] + -0.3 * gb[i]);
+
+    /* refused before anything is sent */
+    double bad_lr[2] = {0.1, NAN};
+    j.n_groups = 2;
+    j.group_lr = bad_lr;
+    assert_int_equal(optd_step_f64_opts(s->c, "layout", gb, 3, NULL, &j, q, &st, NULL, &e), -1);
+    assert_int_equal(e.status, 0);
+    assert_int_equal(optd_get_params_f64(s->c, "layout", q, 9, &st, &e), 0);
+    assert_int_equal(st, 2);
+}
+
 static void test_idempotency_key_reuse(void **state)
 {
     suite *s = *state;
@@ -277,6 +340,58 @@ static void test_update_and_delete(void **state)
     assert_null(optd_get_session(s->c, "upd", &e));
     assert_int_equal(e.status, 404);
     assert_int_equal(optd_delete(s->c, "upd", &e), -1);
+    assert_int_equal(e.status, 404);
+}
+
+/* Checkpoints, rollback, fork (and replay), export and import. */
+static void test_time_travel(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(optd_create_session(s->c, "tv",
+                                         "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.1},"
+                                         "\"params\":[1,2,3,4],\"dtype\":\"float64\","
+                                         "\"retain\":{\"every_steps\":3,\"keep\":3}}",
+                                         &e),
+                     1);
+    double at[11][4];
+    for (int i = 0; i < 10; i++) {
+        double g[4] = {sin(i), cos(i), 0.5 - i * 0.1, 1};
+        long long st;
+        assert_int_equal(optd_step_f64(s->c, "tv", g, 4, NULL, at[i + 1], &st, &e), 0);
+        if (i == 4)
+            assert_int_equal(optd_checkpoint(s->c, "tv", "five", &e), 0);
+    }
+    assert_int_equal(optd_checkpoint(s->c, "tv", "bad label", &e), -1);
+    char *list = optd_checkpoints(s->c, "tv", &e);
+    assert_non_null(list);
+    assert_non_null(strstr(list, "\"five\""));
+    free(list);
+    double p[4];
+    assert_int_equal(optd_fork(s->c, "tv-f", "tv", 6, 1, NULL, &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "tv-f", p, 4, NULL, &e), 0);
+    assert_memory_equal(p, at[10], sizeof p);
+    assert_int_equal(optd_fork(s->c, "tv-g", "tv", 6, 1, "{\"optimizer\":{\"lr\":0.01}}", &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "tv-g", p, 4, NULL, &e), 0);
+    assert_memory_not_equal(p, at[10], sizeof p);
+    void *file;
+    size_t len;
+    assert_int_equal(optd_export(s->c, "tv", 1, &file, &len, &e), 0);
+    assert_int_equal(optd_import(s->c, "tv-i", file, len, &e), 0);
+    assert_int_equal(optd_import(s->c, "tv-i", file, len, &e), -1);
+    assert_int_equal(e.status, 409);
+    free(file);
+    assert_int_equal(optd_get_params_f64(s->c, "tv-i", p, 4, NULL, &e), 0);
+    assert_memory_equal(p, at[10], sizeof p);
+    assert_int_equal(optd_rollback(s->c, "tv", 7, &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "tv", p, 4, NULL, &e), 0);
+    assert_memory_equal(p, at[7], sizeof p);
+    assert_int_equal(optd_rollback_to(s->c, "tv", "five", &e), 0);
+    assert_int_equal(optd_get_params_f64(s->c, "tv", p, 4, NULL, &e), 0);
+    assert_memory_equal(p, at[5], sizeof p);
+    assert_int_equal(optd_rollback(s->c, "tv", 0, &e), -1);
+    assert_int_equal(e.status, 409);
+    assert_int_equal(optd_fork(s->c, "tv-x", "nope", -1, 0, NULL, &e), -1);
     assert_int_equal(e.status, 404);
 }
 
@@ -481,9 +596,11 @@ int main(void)
         cmocka_unit_test(test_create_verify_conflict),
         cmocka_unit_test(test_steps_binary_and_json_agree),
         cmocka_unit_test(test_step_f64_with_options),
+        cmocka_unit_test(test_tensors_groups_absent),
         cmocka_unit_test(test_idempotency_key_reuse),
         cmocka_unit_test(test_params_get_set),
         cmocka_unit_test(test_update_and_delete),
+        cmocka_unit_test(test_time_travel),
         cmocka_unit_test(test_accumulate_accepted),
         cmocka_unit_test(test_stale_error_carries_step),
         cmocka_unit_test(test_raw_request_headers),

@@ -3,7 +3,7 @@
  * on hand-computed bit patterns, and bfloat16 / float16 steps and params
  * against the real daemon (a 16-bit step is the full-width step of the
  * widened gradient; a 16-bit answer is the client's narrowing of the full
- * params).
+ * params), also with absent tensors and per-group values on the step.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -277,6 +277,82 @@ static void test_set_params(void **state)
     assert_memory_equal(again, want, sizeof again);
 }
 
+/* Absent tensors and per-group lrs on a 16-bit step: the gradient holds the
+ * present tensors only, the answer is every tensor's params in the form
+ * (params_len of them).  w is 2x3, b is 3: the vector is w, b. */
+static void test_absent_groups(void **state)
+{
+    suite *s = *state;
+    optd_error e;
+    assert_int_equal(
+        optd_create_session(s->c, "w16-layout",
+                            "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.1},\"dtype\":\"float64\","
+                            "\"params\":[0.5,-1,2,0.25,3,-0.75,1,2,3],"
+                            "\"tensors\":[{\"name\":\"layer.w\",\"shape\":[2,3]},"
+                            "{\"name\":\"layer.b\",\"shape\":[3]}],"
+                            "\"groups\":[{\"tensors\":[\"layer.w\"]},"
+                            "{\"tensors\":[\"layer.b\"],\"lr\":0.5}]}",
+                            &e),
+        1);
+    const double w[6] = {0.5, -1, 2, 0.25, 3, -0.75}, b[3] = {1, 2, 3};
+    /* bfloat16: layer.b absent, grad holds layer.w's six values (exact in
+     * 16 bits), each group with its own lr */
+    double g[6] = {1, 2, 3, 4, 5, 6}, got[9], full[9], want[9], lr[2] = {0.2, 0.3};
+    size_t absent_b = 1, absent_w = 0;
+    long long st = -1;
+    optd_step_opts o = optd_step_opts_default();
+    o.wire = OPTD_WIRE_BFLOAT16;
+    o.absent = &absent_b;
+    o.n_absent = 1;
+    o.n_groups = 2;
+    o.group_lr = lr;
+    o.params_len = 9;
+    assert_int_equal(optd_step_f64_opts(s->c, "w16-layout", g, 6, NULL, &o, got, &st, NULL, &e),
+                     0);
+    assert_int_equal(st, 1);
+    assert_int_equal(
+        optd_get_params_f64_wire(s->c, "w16-layout", full, 9, OPTD_WIRE_FULL, &st, &e), 0);
+    for (int i = 0; i < 6; i++)
+        assert_true(full[i] == w[i] + -0.2 * g[i]);
+    for (int i = 0; i < 3; i++)
+        assert_true(full[6 + i] == b[i]);
+    round_trip(full, want, 9, OPTD_WIRE_BFLOAT16);
+    assert_memory_equal(got, want, sizeof got);
+
+    /* float16: layer.w absent; group 1 keeps the lr 0.3 of the last step */
+    double gb[3] = {0.5, -0.25, 1}, prev[9];
+    memcpy(prev, full, sizeof prev);
+    optd_step_opts f = optd_step_opts_default();
+    f.wire = OPTD_WIRE_FLOAT16;
+    f.absent = &absent_w;
+    f.n_absent = 1;
+    f.params_len = 9;
+    assert_int_equal(optd_step_f64_opts(s->c, "w16-layout", gb, 3, NULL, &f, got, &st, NULL, &e),
+                     0);
+    assert_int_equal(st, 2);
+    assert_int_equal(
+        optd_get_params_f64_wire(s->c, "w16-layout", full, 9, OPTD_WIRE_FULL, NULL, &e), 0);
+    assert_memory_equal(full, prev, 6 * sizeof(double));
+    for (int i = 0; i < 3; i++)
+        assert_true(full[6 + i] == b[i] + -0.3 * gb[i]);
+    round_trip(full, want, 9, OPTD_WIRE_FLOAT16);
+    assert_memory_equal(got, want, sizeof got);
+
+    /* without params_len the answer (9 values) is not the 3 expected: an
+     * error, though the step itself was applied */
+    f.params_len = 0;
+    assert_int_equal(optd_step_f64_opts(s->c, "w16-layout", gb, 3, NULL, &f, got, &st, NULL, &e),
+                     -1);
+    assert_int_equal(e.status, 200);
+    /* a gradient of the wrong length for the present tensors changes nothing */
+    f.params_len = 9;
+    assert_int_equal(optd_step_f64_opts(s->c, "w16-layout", g, 6, NULL, &f, got, &st, NULL, &e),
+                     -1);
+    assert_int_equal(e.status, 422);
+    assert_int_equal(optd_get_params_f64(s->c, "w16-layout", full, 9, &st, &e), 0);
+    assert_int_equal(st, 3);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -284,6 +360,7 @@ int main(void)
         cmocka_unit_test(test_f64_steps),
         cmocka_unit_test(test_client_default_f32),
         cmocka_unit_test(test_set_params),
+        cmocka_unit_test(test_absent_groups),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
 }

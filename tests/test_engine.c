@@ -276,14 +276,17 @@ static void test_body_bound(void **state)
     memcpy(body, "{\"grad\":[", 9);
     memcpy(body + big - 2, "]}", 2);
     body[big] = '\0';
-    optd_response r = tapi_req(c, "POST", "/v1/sessions/small/step", NULL, body);
+    /* Expect: 100-continue, so that the client waits for the early answer
+     * instead of racing it with the whole body. */
+    const char *json[] = {"Expect: 100-continue", NULL};
+    optd_response r = tapi_req(c, "POST", "/v1/sessions/small/step", json, body);
     tapi_assert_problem(&r, 413, NULL);
     optd_response_free(&r);
-    const char *chunked[] = {"Transfer-Encoding: chunked", NULL};
+    const char *chunked[] = {"Transfer-Encoding: chunked", "Expect: 100-continue", NULL};
     r = tapi_req(c, "POST", "/v1/sessions/small/step", chunked, body);
     tapi_assert_problem(&r, 413, NULL);
     optd_response_free(&r);
-    const char *bin[] = {"Content-Type: application/octet-stream", NULL};
+    const char *bin[] = {"Content-Type: application/octet-stream", "Expect: 100-continue", NULL};
     r = tapi_req_bin(c, "POST", "/v1/sessions/small/step", bin, body, 1u << 20);
     tapi_assert_problem(&r, 413, NULL);
     optd_response_free(&r);

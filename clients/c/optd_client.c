@@ -7,8 +7,10 @@
 
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -716,6 +718,169 @@ int optd_delete(optd_client *c, const char *name, optd_error *err)
     return 0;
 }
 
+/* --------------------------------------------------------- time travel */
+
+/* POST or PUT a JSON body to the session's path + suffix; the answer's
+ * body (a new string) on a 2xx when want_body, else NULL with 0. */
+static int post_json(optd_client *c, const char *method, const char *name, const char *suffix,
+                     const char *json, char **body_out, optd_error *err)
+{
+    err_clear(err);
+    if (body_out)
+        *body_out = NULL;
+    char *path = session_path(c, name, suffix, err);
+    if (!path)
+        return -1;
+    optd_response r;
+    int rc = call(c, method, path, NULL, json, json ? strlen(json) : 0, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status < 200 || r.status > 299)
+        return fail_with(&r, err);
+    if (body_out) {
+        *body_out = r.body;
+        r.body = NULL;
+    }
+    optd_response_free(&r);
+    return 0;
+}
+
+int optd_rollback(optd_client *c, const char *name, long long step, optd_error *err)
+{
+    char body[48];
+    snprintf(body, sizeof body, "{\"step\":%lld}", step);
+    return post_json(c, "POST", name, "/rollback", body, NULL, err);
+}
+
+static int label_ok(const char *label, optd_error *err)
+{
+    size_t n = label ? strlen(label) : 0;
+    for (size_t i = 0; i < n; i++)
+        if (!(isalnum((unsigned char)label[i]) || label[i] == '.' || label[i] == '_' ||
+              label[i] == '-'))
+            n = 0;
+    if (n < 1 || n > 128) {
+        err_set(err, 0, "a label is 1-128 characters of A-Z a-z 0-9 . _ -");
+        return -1;
+    }
+    return 0;
+}
+
+int optd_rollback_to(optd_client *c, const char *name, const char *label, optd_error *err)
+{
+    err_clear(err);
+    if (label_ok(label, err))
+        return -1;
+    char body[200];
+    snprintf(body, sizeof body, "{\"label\":\"%s\"}", label);
+    return post_json(c, "POST", name, "/rollback", body, NULL, err);
+}
+
+int optd_checkpoint(optd_client *c, const char *name, const char *label, optd_error *err)
+{
+    err_clear(err);
+    if (label_ok(label, err))
+        return -1;
+    char body[200];
+    snprintf(body, sizeof body, "{\"label\":\"%s\"}", label);
+    return post_json(c, "POST", name, "/checkpoints", body, NULL, err);
+}
+
+char *optd_checkpoints(optd_client *c, const char *name, optd_error *err)
+{
+    char *out = NULL;
+    post_json(c, "GET", name, "/checkpoints", NULL, &out, err);
+    return out;
+}
+
+int optd_fork(optd_client *c, const char *name, const char *from, long long step, int replay,
+              const char *changes_json, optd_error *err)
+{
+    err_clear(err);
+    if (!from || !*from || strchr(from, '"') || strchr(from, '\\')) {
+        err_set(err, 0, "no parent session name");
+        return -1;
+    }
+    /* changes_json is an object: its members go beside "fork". */
+    const char *rest = "";
+    if (changes_json) {
+        const char *p = changes_json;
+        while (*p == ' ' || *p == '\n' || *p == '\t')
+            p++;
+        if (*p != '{') {
+            err_set(err, 0, "changes_json must be a JSON object");
+            return -1;
+        }
+        rest = p + 1;
+        while (*rest == ' ' || *rest == '\n' || *rest == '\t')
+            rest++;
+        if (*rest == '}')
+            rest = "";
+        else
+            rest = p + 1;
+    }
+    size_t n = strlen(from) + strlen(changes_json ? changes_json : "") + 96;
+    char *body = malloc(n);
+    if (!body) {
+        err_set(err, 0, "out of memory");
+        return -1;
+    }
+    int k = snprintf(body, n, "{\"fork\":{\"from\":\"%s\"", from);
+    if (step >= 0)
+        k += snprintf(body + k, n - (size_t)k, ",\"step\":%lld", step);
+    k += snprintf(body + k, n - (size_t)k, "}%s", replay ? ",\"replay\":true" : "");
+    if (*rest)
+        snprintf(body + k, n - (size_t)k, ",%s", rest);
+    else
+        snprintf(body + k, n - (size_t)k, "}");
+    int rc = post_json(c, "PUT", name, "", body, NULL, err);
+    free(body);
+    return rc;
+}
+
+int optd_export(optd_client *c, const char *name, int with_log, void **out, size_t *len,
+                optd_error *err)
+{
+    err_clear(err);
+    *out = NULL;
+    *len = 0;
+    char *path = session_path(c, name, with_log ? "/export?log=true" : "/export", err);
+    if (!path)
+        return -1;
+    const char *h[] = {"Accept: application/octet-stream", NULL};
+    optd_response r;
+    int rc = call(c, "GET", path, h, NULL, 0, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status != 200)
+        return fail_with(&r, err);
+    *out = r.body;
+    *len = r.len;
+    r.body = NULL;
+    optd_response_free(&r);
+    return 0;
+}
+
+int optd_import(optd_client *c, const char *name, const void *file, size_t len, optd_error *err)
+{
+    err_clear(err);
+    char *path = session_path(c, name, "/export", err);
+    if (!path)
+        return -1;
+    const char *h[] = {"Content-Type: application/octet-stream", NULL};
+    optd_response r;
+    int rc = call(c, "PUT", path, h, file, len, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status != 201)
+        return fail_with(&r, err);
+    optd_response_free(&r);
+    return 0;
+}
+
 /* --------------------------------------------------------------- steps */
 
 optd_step_opts optd_step_opts_default(void)
@@ -796,6 +961,49 @@ static int json_to_vector(const cJSON *arr, void *out, size_t n, size_t esize)
     return i == n ? 0 : -1;
 }
 
+static int cmp_size(const void *a, const void *b)
+{
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Appends tensor indices as "0-57,60" (sorted, runs folded). */
+static int put_ranges(growbuf *b, const size_t *idx, size_t n)
+{
+    size_t *v = malloc(n * sizeof *v);
+    if (!v)
+        return -1;
+    memcpy(v, idx, n * sizeof *v);
+    qsort(v, n, sizeof *v, cmp_size);
+    int bad = 0;
+    char tmp[48];
+    for (size_t i = 0; i < n && !bad;) {
+        size_t j = i;
+        while (j + 1 < n && v[j + 1] <= v[j] + 1)
+            j++;
+        int k = v[j] == v[i] ? snprintf(tmp, sizeof tmp, "%s%zu", i ? "," : "", v[i])
+                             : snprintf(tmp, sizeof tmp, "%s%zu-%zu", i ? "," : "", v[i], v[j]);
+        bad = grow_put(b, tmp, (size_t)k);
+        i = j + 1;
+    }
+    free(v);
+    return bad;
+}
+
+/* Appends "prefix: v0,v1,..." with 17 significant digits (exact doubles). */
+static int put_group_header(growbuf *b, const char *prefix, const double *v, size_t n)
+{
+    if (grow_put(b, prefix, strlen(prefix)))
+        return -1;
+    char tmp[40];
+    for (size_t i = 0; i < n; i++) {
+        int k = snprintf(tmp, sizeof tmp, "%s%.17g", i ? "," : "", v[i]);
+        if (grow_put(b, tmp, (size_t)k))
+            return -1;
+    }
+    return 0;
+}
+
 static int step_common(optd_client *c, const char *name, const void *grad, size_t n,
                        size_t esize, const double *loss, const optd_step_opts *opts,
                        void *params_out, long long *step_out, int *replayed, optd_error *err)
@@ -822,10 +1030,25 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         err_set(err, 0, "getrandom failed: no idempotency key");
         return -1;
     }
+    if (o.n_absent && !o.absent) {
+        err_set(err, 0, "n_absent without absent indices");
+        return -1;
+    }
+    for (size_t i = 0; i < o.n_groups; i++) {
+        const double *vs[] = {o.group_lr, o.group_momentum, o.group_beta1};
+        for (size_t k = 0; k < sizeof vs / sizeof vs[0]; k++) {
+            if (vs[k] && !isfinite(vs[k][i])) {
+                err_set(err, 0, "group %zu: a hyperparameter is not finite", i);
+                return -1;
+            }
+        }
+    }
+    size_t pn = o.params_len ? o.params_len : n;
     char *path = session_path(c, name, params_out ? "/step" : "/step?params=false", err);
     if (!path)
         return -1;
 
+    growbuf h_absent = {0}, h_glr = {0}, h_gmom = {0}, h_gb1 = {0};
     char h_key[KEY_BUF + 32], h_loss[64], h_base[64], h_worker[200], h_dt[48], h_pdt[48];
     unsigned char *half = NULL;
     const char *hdrs[MAX_EXTRA_HEADERS];
@@ -891,6 +1114,37 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
             hdrs[nh++] = h_worker;
         }
     }
+    /* Absent tensors and group values travel in headers, whichever the body. */
+    int bad = 0;
+    if (o.n_absent) {
+        bad = grow_put(&h_absent, "Optd-Absent: ", 13) ||
+              put_ranges(&h_absent, o.absent, o.n_absent);
+        hdrs[nh++] = h_absent.data;
+    }
+    if (!bad && o.n_groups && o.group_lr) {
+        bad = put_group_header(&h_glr, "Optd-Group-Lr: ", o.group_lr, o.n_groups);
+        hdrs[nh++] = h_glr.data;
+    }
+    if (!bad && o.n_groups && o.group_momentum) {
+        bad = put_group_header(&h_gmom, "Optd-Group-Momentum: ", o.group_momentum,
+                               o.n_groups);
+        hdrs[nh++] = h_gmom.data;
+    }
+    if (!bad && o.n_groups && o.group_beta1) {
+        bad = put_group_header(&h_gb1, "Optd-Group-Beta1: ", o.group_beta1, o.n_groups);
+        hdrs[nh++] = h_gb1.data;
+    }
+    if (bad) {
+        free(h_absent.data);
+        free(h_glr.data);
+        free(h_gmom.data);
+        free(h_gb1.data);
+        free(jb.data);
+        free(half);
+        free(path);
+        err_set(err, 0, "out of memory");
+        return -1;
+    }
     hdrs[nh] = NULL;
 
     optd_response r;
@@ -898,6 +1152,10 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
     free(path);
     free(jb.data);
     free(half);
+    free(h_absent.data);
+    free(h_glr.data);
+    free(h_gmom.data);
+    free(h_gb1.data);
     if (rc)
         return -1;
     if (r.status != 200 && r.status != 202)
@@ -921,14 +1179,14 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
     if (ret == 0 && params_out) {
         if (is_json) {
             if (!root ||
-                json_to_vector(cJSON_GetObjectItemCaseSensitive(root, "params"), params_out, n,
+                json_to_vector(cJSON_GetObjectItemCaseSensitive(root, "params"), params_out, pn,
                                esize)) {
-                err_set(err, r.status, "the step answer has no params array of %zu numbers", n);
+                err_set(err, r.status, "the step answer has no params array of %zu numbers", pn);
                 ret = -1;
             }
-        } else if (answer_params(&r, params_out, n, esize)) {
+        } else if (pn > SIZE_MAX / esize || answer_params(&r, params_out, pn, esize)) {
             err_set(err, r.status, "the step answer has %zu bytes; expected %zu values", r.len,
-                    n);
+                    pn);
             ret = -1;
         }
     }

@@ -121,6 +121,22 @@ typedef struct {
     int json;                    /* non-zero: send and receive JSON        */
     const char *idempotency_key; /* NULL: a fresh random key              */
     optd_wire wire;              /* OPTD_WIRE_DEFAULT: the client's form  */
+    /* Tensors without a gradient (torch: p.grad is None), by index: their
+     * params, buffers and step counts stay as they are, and grad holds the
+     * other tensors' gradients only, in tensor order.  NULL/0: none. */
+    const size_t *absent;
+    size_t n_absent;
+    /* Client-driven hyperparameters, n_groups values each, in group order:
+     * they become the groups' values from this step on.  NULL: not sent.
+     * They travel in headers (Optd-Group-Lr, -Momentum, -Beta1), as the
+     * absent tensors do (Optd-Absent), whichever the body's form. */
+    size_t n_groups;
+    const double *group_lr;
+    const double *group_momentum;
+    const double *group_beta1; /* betas[0] */
+    /* Elements params_out holds, 0: n.  A step with absent tensors answers
+     * every tensor's params: give the session's size here. */
+    size_t params_len;
 } optd_step_opts;
 
 /* The options that send nothing extra (base_step -1, random key). */
@@ -174,6 +190,30 @@ int optd_set_params_f32_wire(optd_client *c, const char *name, const float *para
                              optd_wire wire, optd_error *err);
 int optd_set_params_f64_wire(optd_client *c, const char *name, const double *params,
                              size_t n, optd_wire wire, optd_error *err);
+
+/* --------------------------------------------------------- time travel */
+
+/* POST /v1/sessions/{name}/rollback: the session returns to what it was
+ * after step (or at its checkpoint labelled label).  0 or -1. */
+int optd_rollback(optd_client *c, const char *name, long long step, optd_error *err);
+int optd_rollback_to(optd_client *c, const char *name, const char *label, optd_error *err);
+/* Keeps the current state as a checkpoint labelled label.  0 or -1. */
+int optd_checkpoint(optd_client *c, const char *name, const char *label, optd_error *err);
+/* GET /v1/sessions/{name}/checkpoints: the JSON document (caller frees),
+ * or NULL. */
+char *optd_checkpoints(optd_client *c, const char *name, optd_error *err);
+/* Creates session name from session from as it was after step (< 0: its
+ * current step), with the members of changes_json (a JSON object of what
+ * PATCH takes, or NULL) and, when replay is non-zero, a replay of from's
+ * logged gradients after step under the new config.  0 or -1. */
+int optd_fork(optd_client *c, const char *name, const char *from, long long step, int replay,
+              const char *changes_json, optd_error *err);
+/* The whole session as one file (with its log when with_log): *out is a
+ * new buffer of *len bytes (caller frees).  0 or -1. */
+int optd_export(optd_client *c, const char *name, int with_log, void **out, size_t *len,
+                optd_error *err);
+/* Creates session name from an export file.  0 or -1. */
+int optd_import(optd_client *c, const char *name, const void *file, size_t len, optd_error *err);
 
 /* ------------------------------------------------------------ raw calls */
 

@@ -8,6 +8,7 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"sort"
 	"strconv"
 	"sync"
 )
@@ -67,6 +68,83 @@ type StepOptions struct {
 	// WireFloat16 (always binary), or in the session's dtype (WireFull); the
 	// zero value leaves it to the client (WithWire).
 	Wire Wire
+	// Absent lists the tensors (by index) that have no gradient this step:
+	// their params, buffers and step counts stay as they are, and grad holds
+	// only the other tensors' gradients, concatenated in tensor order.
+	Absent []int
+	// Groups, one per param group in order, carries client-driven
+	// hyperparameters: they become the groups' values from this step on.
+	// Every group must set the same fields.
+	Groups []GroupStep
+}
+
+// GroupStep is what one step may set in one group.
+type GroupStep struct {
+	LR       *float64
+	Momentum *float64
+	Beta1    *float64 // betas[0] (OneCycleLR cycles it)
+}
+
+// Headers of a step, JSON or binary: the absent tensors ("0-57,60") and one
+// value per group, comma-separated, for each client-driven hyperparameter.
+const (
+	HeaderAbsent        = "Optd-Absent"
+	HeaderGroupLR       = "Optd-Group-Lr"
+	HeaderGroupMomentum = "Optd-Group-Momentum"
+	HeaderGroupBeta1    = "Optd-Group-Beta1"
+)
+
+// IndexRanges writes tensor indices as the Optd-Absent list: "0-57,60".
+func IndexRanges(idx []int) string {
+	v := append([]int(nil), idx...)
+	sort.Ints(v)
+	var b []byte
+	for i := 0; i < len(v); {
+		j := i
+		for j+1 < len(v) && v[j+1] <= v[j]+1 {
+			j++
+		}
+		if len(b) > 0 {
+			b = append(b, ',')
+		}
+		b = strconv.AppendInt(b, int64(v[i]), 10)
+		if v[j] != v[i] {
+			b = strconv.AppendInt(append(b, '-'), int64(v[j]), 10)
+		}
+		i = j + 1
+	}
+	return string(b)
+}
+
+func checkStepExtras(o *StepOptions) error {
+	for _, a := range o.Absent {
+		if a < 0 {
+			return fmt.Errorf("optd: absent tensor index %d is negative", a)
+		}
+	}
+	for i, g := range o.Groups {
+		if (g.LR != nil) != (o.Groups[0].LR != nil) || (g.Momentum != nil) != (o.Groups[0].Momentum != nil) ||
+			(g.Beta1 != nil) != (o.Groups[0].Beta1 != nil) {
+			return fmt.Errorf("optd: groups[%d] sets other fields than groups[0]: every group must set the same", i)
+		}
+		for _, p := range []*float64{g.LR, g.Momentum, g.Beta1} {
+			if p != nil && (math.IsNaN(*p) || math.IsInf(*p, 0)) {
+				return fmt.Errorf("optd: groups[%d] has a value that is not finite", i)
+			}
+		}
+	}
+	return nil
+}
+
+func groupHeader(groups []GroupStep, get func(GroupStep) *float64) string {
+	var b []byte
+	for i, g := range groups {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = strconv.AppendFloat(b, *get(g), 'g', 17, 64)
+	}
+	return string(b)
 }
 
 // Session returns a handle on the session name without contacting the daemon.
@@ -412,6 +490,9 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 			return nil, err
 		}
 	}
+	if err := checkStepExtras(&o); err != nil {
+		return nil, err
+	}
 	key := o.IdempotencyKey
 	if key == "" {
 		key = NewIdempotencyKey()
@@ -461,6 +542,22 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 			req.header[HeaderWorker] = o.Worker
 		}
 	}
+	// Absent tensors and group values travel in headers, whichever the body.
+	if len(o.Absent) > 0 {
+		req.header[HeaderAbsent] = IndexRanges(o.Absent)
+	}
+	if len(o.Groups) > 0 {
+		g := o.Groups[0]
+		if g.LR != nil {
+			req.header[HeaderGroupLR] = groupHeader(o.Groups, func(g GroupStep) *float64 { return g.LR })
+		}
+		if g.Momentum != nil {
+			req.header[HeaderGroupMomentum] = groupHeader(o.Groups, func(g GroupStep) *float64 { return g.Momentum })
+		}
+		if g.Beta1 != nil {
+			req.header[HeaderGroupBeta1] = groupHeader(o.Groups, func(g GroupStep) *float64 { return g.Beta1 })
+		}
+	}
 	resp, err := s.c.do(ctx, req)
 	if err != nil {
 		return nil, err
@@ -489,14 +586,16 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 		}
 		info.Step, out = body.Step, body.Params
 	} else if !o.NoParams {
-		if !w.half() && len(resp.body) != len(grad)*dt.size() {
+		// With absent tensors grad is shorter than the params answered; a
+		// 16-bit answer is 2 bytes a value whatever the session's dtype.
+		if len(o.Absent) == 0 && !w.half() && len(resp.body) != len(grad)*dt.size() {
 			return nil, fmt.Errorf("optd: step answered %d bytes of params for %d %s elements",
 				len(resp.body), len(grad), dt)
 		}
 		if out, err = decodeAnswer[T](resp); err != nil {
 			return nil, err
 		}
-		if len(out) != len(grad) {
+		if (len(o.Absent) == 0 && len(out) != len(grad)) || len(out) < len(grad) {
 			return nil, fmt.Errorf("optd: step answered %d bytes of params for %d %s elements",
 				len(resp.body), len(grad), dt)
 		}

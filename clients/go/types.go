@@ -43,8 +43,56 @@ type SessionConfig struct {
 	Schedule  map[string]any
 	Clip      map[string]any
 	Mode      map[string]any
-	Nonfinite string // "error" (default) or "skip"
-	Metadata  any    // any JSON object, kept with the session
+	Nonfinite string  // "error" (default) or "skip"
+	Metadata  any     // any JSON object, kept with the session
+	Retain    *Retain // kept checkpoints; nil: none
+	// Tensors, when given, is the layout: the vector is their concatenation
+	// in this order (Size may then be 0). Without it the session is one
+	// tensor named "params".
+	Tensors []Tensor
+	// Groups are torch's param groups: each lists its tensors by name and
+	// may override any hyperparameter of Optimizer. Without them, one group.
+	Groups []Group
+}
+
+// Retain is a retention policy: a checkpoint after every EverySteps-th
+// update, the Keep newest of them kept (rollback and fork reach back to the
+// oldest).
+type Retain struct {
+	EverySteps int64 `json:"every_steps"`
+	Keep       int64 `json:"keep"`
+}
+
+// Checkpoint is one kept checkpoint of a session.
+type Checkpoint struct {
+	Step  int64   `json:"step"`
+	Time  string  `json:"time"`
+	Label *string `json:"label"`
+	Kind  string  `json:"kind"` // "periodic", "label", "anchor" or "auto"
+	Bytes int64   `json:"bytes"`
+}
+
+// Tensor is one named tensor of a session's layout.
+type Tensor struct {
+	Name  string `json:"name"`
+	Shape []int  `json:"shape"`
+}
+
+// Group is one param group on create: its tensors and the hyperparameters
+// it overrides (torch's names: "lr", "weight_decay", "betas", ...).
+type Group struct {
+	Tensors   []string
+	Overrides map[string]any
+}
+
+// MarshalJSON writes {"tensors": [...], <overrides>...}.
+func (g Group) MarshalJSON() ([]byte, error) {
+	m := make(map[string]any, len(g.Overrides)+1)
+	for k, v := range g.Overrides {
+		m[k] = v
+	}
+	m["tensors"] = g.Tensors
+	return json.Marshal(m)
 }
 
 // MarshalJSON writes the create body. float32 parameters are written as the
@@ -61,10 +109,13 @@ func (c SessionConfig) MarshalJSON() ([]byte, error) {
 		Mode      map[string]any  `json:"mode,omitempty"`
 		Nonfinite string          `json:"nonfinite,omitempty"`
 		Metadata  any             `json:"metadata,omitempty"`
+		Retain    *Retain         `json:"retain,omitempty"`
+		Tensors   []Tensor        `json:"tensors,omitempty"`
+		Groups    []Group         `json:"groups,omitempty"`
 	}
 	b := body{Optimizer: c.Optimizer, DType: c.DType, Size: c.Size, Init: c.Init,
 		Schedule: c.Schedule, Clip: c.Clip, Mode: c.Mode, Nonfinite: c.Nonfinite,
-		Metadata: c.Metadata}
+		Metadata: c.Metadata, Retain: c.Retain, Tensors: c.Tensors, Groups: c.Groups}
 	var err error
 	switch {
 	case c.Params != nil && c.ParamsF32 != nil:
@@ -142,6 +193,25 @@ type SessionInfo struct {
 	} `json:"counters"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+	// Tensors is the layout; Groups the param groups with every effective
+	// hyperparameter and the group's current lr.
+	Tensors []TensorInfo `json:"tensors"`
+	Groups  []GroupInfo  `json:"groups"`
+}
+
+// TensorInfo is one tensor of a session: its place in the vector.
+type TensorInfo struct {
+	Name   string `json:"name"`
+	Shape  []int  `json:"shape"`
+	Offset int    `json:"offset"`
+	Size   int    `json:"size"`
+}
+
+// GroupInfo is one param group of a session.
+type GroupInfo struct {
+	Tensors   []string       `json:"tensors"`
+	Optimizer map[string]any `json:"optimizer"`
+	LR        float64        `json:"lr"`
 }
 
 // SessionSummary is one entry of the session list.

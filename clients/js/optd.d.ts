@@ -45,11 +45,26 @@ export interface CreateOptions {
   mode?: Typed;
   nonfinite?: 'error' | 'skip';
   metadata?: Record<string, unknown> | null;
+  retain?: { every_steps: number; keep: number } | null;
+  /** The layout: ordered tensors; the vector is their concatenation. */
+  tensors?: { name: string; shape: number[] }[];
+  /** torch's param groups: tensor names plus hyperparameter overrides. */
+  groups?: ({ tensors: string[] } & Record<string, unknown>)[];
+}
+
+/** What one step may carry per group (a scheduler's current values). */
+export interface GroupStep {
+  lr?: number;
+  momentum?: number;
+  /** betas[0] (OneCycleLR cycles it) */
+  beta1?: number;
 }
 
 export interface UpdateChanges {
   /** Hyperparameters to change, e.g. `{lr: 1e-4}`. */
   optimizer?: Record<string, unknown>;
+  /** One object per group, in group order: what to change in it ({} = nothing). */
+  groups?: Record<string, unknown>[];
   schedule?: Typed | null;
   clip?: Typed | null;
   mode?: Typed;
@@ -67,6 +82,10 @@ export interface StepOptions {
   idempotencyKey?: string;
   /** This call's 16-bit form; null: the session's dtype; default: the client's. */
   wire?: Wire | null;
+  /** Tensors without a gradient (indices or names); grad holds only the others. */
+  absent?: (number | string)[];
+  /** One entry per group: its lr / momentum / beta1 from this step on. */
+  groups?: GroupStep[];
 }
 
 export interface StepResult {
@@ -185,6 +204,14 @@ export class OptdError extends Error {
   readonly kind: ErrorKind;
 }
 
+export interface Checkpoint {
+  step: number;
+  time: string;
+  label: string | null;
+  kind: 'auto' | 'anchor' | 'periodic' | 'label';
+  bytes?: number;
+}
+
 export class Client {
   constructor(url: string, options?: ClientOptions);
   readonly url: string;
@@ -195,6 +222,8 @@ export class Client {
   binaryThreshold: number;
   wire: Wire | null;
   createSession(name: string, options: CreateOptions): Promise<Session>;
+  fork(name: string, from: string, options?: { step?: number; replay?: boolean } & UpdateChanges): Promise<Session>;
+  importSession(name: string, data: Uint8Array | ArrayBuffer): Promise<Session>;
   session(name: string): Session;
   sessions(options?: { pageSize?: number; after?: string | null }): AsyncGenerator<SessionSummary, void, undefined>;
   optimizers(): Promise<Record<string, unknown>>;
@@ -211,6 +240,9 @@ export class Session {
   lastLr: number | null;
   readonly dtype: DType | null;
   readonly size: number | null;
+  /** The layout and the groups, from the last session document seen. */
+  tensors?: { name: string; shape: number[]; offset: number; size: number }[];
+  groups?: { tensors: string[]; optimizer: Record<string, unknown>; lr: number }[];
   info(): Promise<SessionDoc>;
   step(grad: Vector, options?: StepOptions): Promise<Params | null>;
   stepResult(grad: Vector, options?: StepOptions): Promise<StepResult>;
@@ -218,6 +250,10 @@ export class Session {
   setParams(v: Vector, options?: { json?: boolean; wire?: Wire | null }): Promise<number | null>;
   update(changes: UpdateChanges): Promise<SessionDoc>;
   history(options?: { after?: number; limit?: number; pageSize?: number }): Promise<HistoryStep[]>;
+  checkpoint(label: string): Promise<Checkpoint>;
+  checkpoints(): Promise<{ checkpoints: Checkpoint[]; oldest_step?: number; step: number }>;
+  rollback(target: { step?: number; label?: string }): Promise<SessionDoc>;
+  export(options?: { log?: boolean }): Promise<Uint8Array>;
   delete(): Promise<void>;
 }
 

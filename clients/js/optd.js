@@ -451,7 +451,7 @@ export class Client {
    */
   async createSession(name, opts = {}) {
     checkName(name);
-    const { optimizer, params, size, init, dtype, schedule, clip, mode, nonfinite, metadata } = opts;
+    const { optimizer, params, size, init, dtype, schedule, clip, mode, nonfinite, metadata, retain, tensors, groups } = opts;
     const body = {};
     let vec = null;
     if (optimizer !== undefined) body.optimizer = typeof optimizer === 'string' ? { type: optimizer } : optimizer;
@@ -468,11 +468,49 @@ export class Client {
     if (mode !== undefined) body.mode = mode;
     if (nonfinite !== undefined) body.nonfinite = nonfinite;
     if (metadata !== undefined) body.metadata = metadata;
+    if (retain !== undefined) body.retain = retain;
+    // The layout: ordered {name, shape} (the vector is their concatenation;
+    // size may then be left out) and torch's param groups, each listing its
+    // tensors by name and overriding any hyperparameter.
+    if (tensors !== undefined) body.tensors = tensors.map((t) => ({ name: t.name, shape: [...t.shape] }));
+    if (groups !== undefined) body.groups = groups;
     const { status, doc } = await this._json('PUT', `/v1/sessions/${name}`, vec ? jsonWithVector('params', vec, body) : body, [
       200, 201,
     ]);
     const s = new Session(this, name, doc);
     s.created = status === 201;
+    return s;
+  }
+
+  /**
+   * Creates session `name` from session `from` as it was after `step`
+   * (default: its current step), sharing nothing with it.  `changes` are
+   * what PATCH takes ({optimizer: {lr}}, schedule, retain, ...); `replay:
+   * true` re-applies `from`'s logged gradients after `step` under the new
+   * config (a counterfactual run).  Resolves to the new Session.
+   */
+  async fork(name, from, { step, replay = false, ...changes } = {}) {
+    checkName(name);
+    const body = { ...changes, fork: { from: checkName(from) } };
+    if (step !== undefined) body.fork.step = step;
+    if (replay) body.replay = true;
+    const { doc } = await this._json('PUT', `/v1/sessions/${name}`, body, [201]);
+    const s = new Session(this, name, doc);
+    s.created = true;
+    return s;
+  }
+
+  /** Creates session `name` from an export file (Session.export). */
+  async importSession(name, data) {
+    checkName(name);
+    const doc = await this._request('PUT', `/v1/sessions/${name}/export`, {
+      headers: { Accept: JSON_TYPE, 'Content-Type': BINARY_TYPE },
+      body: data,
+      ok: [201],
+      handle: async (res) => res.json(),
+    });
+    const s = new Session(this, name, doc);
+    s.created = true;
     return s;
   }
 
@@ -510,6 +548,63 @@ export class Client {
   }
 }
 
+/** Headers of a step (JSON or binary): the absent tensors, and per group (in
+ * group order, comma-separated) the client-driven hyperparameters. */
+const STEP_HEADERS = {
+  absent: 'Optd-Absent',
+  lr: 'Optd-Group-Lr',
+  momentum: 'Optd-Group-Momentum',
+  beta1: 'Optd-Group-Beta1',
+};
+const GROUP_STEP_KEYS = ['lr', 'momentum', 'beta1'];
+
+function checkAbsent(absent) {
+  if (!Array.isArray(absent)) throw new TypeError('absent must be an array of tensor indices or names');
+  for (const a of absent) {
+    const ok = typeof a === 'string' ? a.length > 0 : Number.isInteger(a) && a >= 0;
+    if (!ok) throw new TypeError(`absent lists tensor indices or names, not ${JSON.stringify(a)}`);
+  }
+  return absent;
+}
+
+/** "0-57,60" from tensor indices. */
+export function indexRanges(indices) {
+  const v = [...new Set(indices)].sort((a, b) => a - b);
+  const out = [];
+  for (const i of v) {
+    const last = out[out.length - 1];
+    if (last && last[1] === i - 1) last[1] = i;
+    else out.push([i, i]);
+  }
+  return out.map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(',');
+}
+
+/** One object per group, each with the same keys among lr, momentum, beta1. */
+function checkStepGroups(groups) {
+  if (!Array.isArray(groups)) throw new TypeError('groups must be an array with one object per group');
+  const keys = Object.keys(groups[0] || {}).sort().join();
+  groups.forEach((g, i) => {
+    for (const [k, v] of Object.entries(g)) {
+      if (!GROUP_STEP_KEYS.includes(k)) throw new TypeError(`groups[${i}]: a step carries only lr, momentum, beta1, not ${k}`);
+      if (typeof v !== 'number' || !Number.isFinite(v)) throw new TypeError(`groups[${i}].${k} must be a finite number`);
+    }
+    if (Object.keys(g).sort().join() !== keys) throw new TypeError('every group of a step must carry the same hyperparameters');
+  });
+  return groups;
+}
+
+/** 17 significant digits: every double reads back exactly. */
+function exact(x) {
+  return x.toPrecision(17);
+}
+
+function groupHeaders(groups) {
+  checkStepGroups(groups);
+  const h = {};
+  for (const k of Object.keys(groups[0])) h[STEP_HEADERS[k]] = groups.map((g) => exact(g[k])).join(',');
+  return h;
+}
+
 export class Session {
   constructor(client, name, doc = null) {
     this.client = client;
@@ -538,6 +633,22 @@ export class Session {
   _remember(doc) {
     this._dtype = doc.dtype;
     this._size = doc.size;
+    /** The layout [{name, shape, offset, size}] and the param groups, from
+     * the last session document seen. */
+    if (doc.tensors) this.tensors = doc.tensors;
+    if (doc.groups) this.groups = doc.groups;
+  }
+
+  /** Absent tensors as indices (the binary form carries indices only). */
+  async _indices(absent) {
+    checkAbsent(absent);
+    if (absent.some((a) => typeof a === 'string') && !this.tensors) await this.info();
+    return absent.map((a) => {
+      if (typeof a === 'number') return a;
+      const i = (this.tensors || []).findIndex((t) => t.name === a);
+      if (i < 0) throw new RangeError(`session ${this.name} has no tensor named ${JSON.stringify(a)}`);
+      return i;
+    });
   }
 
   /** dtype and size are needed to encode and decode binary vectors. */
@@ -586,7 +697,7 @@ export class Session {
    * skipped}: status 200 (applied, replayed or skipped) or 202 (accumulated,
    * `pending` gradients waiting for the update).
    */
-  async stepResult(grad, { loss, baseStep, worker, params = true, json, idempotencyKey, wire } = {}) {
+  async stepResult(grad, { loss, baseStep, worker, params = true, json, idempotencyKey, wire, absent, groups } = {}) {
     const w = this._wire(wire, json);
     const { dtype } = await this._meta();
     const g = toTypedArray(grad, dtype);
@@ -600,6 +711,9 @@ export class Session {
     }
     const key = idempotencyKey ?? (await newIdempotencyKey());
     const headers = { [HEADERS.idempotencyKey]: key };
+    // Absent tensors and group values travel in headers, whichever the body.
+    if (absent && absent.length) headers[STEP_HEADERS.absent] = indexRanges(await this._indices(absent));
+    if (groups && groups.length) Object.assign(headers, groupHeaders(groups));
     let body;
     if (binary) {
       headers['Content-Type'] = BINARY_TYPE;
@@ -734,6 +848,38 @@ export class Session {
       cursor = doc.next;
     }
     return out;
+  }
+
+  /** Keeps the current state as a checkpoint labelled `label`. */
+  async checkpoint(label) {
+    const { doc } = await this.client._json('POST', `${this.path}/checkpoints`, { label }, [201]);
+    return doc;
+  }
+
+  /** {checkpoints: [{step, time, label, kind, bytes}], oldest_step, step}. */
+  async checkpoints() {
+    const { doc } = await this.client._json('GET', `${this.path}/checkpoints`);
+    return doc;
+  }
+
+  /**
+   * Returns the session to what it was after `step` (or at the checkpoint
+   * `label`): later steps, checkpoints and idempotency keys are gone.
+   * Resolves to the session document.
+   */
+  async rollback({ step, label } = {}) {
+    if ((step === undefined) === (label === undefined)) throw new TypeError('give step or label');
+    const { doc } = await this.client._json('POST', `${this.path}/rollback`, step !== undefined ? { step } : { label });
+    this.lastStep = doc.step;
+    return doc;
+  }
+
+  /** The whole session as one file (with `log: true`, its log too). */
+  async export({ log = false } = {}) {
+    return this.client._request('GET', `${this.path}/export?log=${log ? 'true' : 'false'}`, {
+      headers: { Accept: BINARY_TYPE },
+      handle: async (res) => new Uint8Array(await res.arrayBuffer()),
+    });
   }
 
   /** Deletes the session and its state. */

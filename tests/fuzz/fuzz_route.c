@@ -45,7 +45,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int rc = api_route_match(method, path, &route, name, &r);
     if (rc == 0) {
         FUZZ_REQUIRE(route != NULL, "matched without a route");
-        FUZZ_REQUIRE(strcmp(route->method, method) == 0, "%s matched a %s route", method,
+        /* HEAD is served by the GET routes (api.h). */
+        const char *want = strcmp(method, "HEAD") == 0 ? "GET" : method;
+        FUZZ_REQUIRE(strcmp(route->method, want) == 0, "%s matched a %s route", method,
                      route->method);
         if (strstr(route->pattern, "{name}"))
             FUZZ_REQUIRE(name_ok(name), "route %s took the name \"%s\"", route->pattern, name);

@@ -24,6 +24,16 @@ _BINARY = "application/octet-stream"
 
 #: A per-call ``wire`` left out: the client's own choice.
 _CLIENT_WIRE = object()
+#: Headers of a step (JSON or binary) that carry the absent tensors and the
+#: groups' client-driven hyperparameters (one value per group, in group order).
+STEP_HEADERS = {
+    "absent": "Optd-Absent",
+    "lr": "Optd-Group-Lr",
+    "momentum": "Optd-Group-Momentum",
+    "beta1": "Optd-Group-Beta1",
+}
+#: What a step may carry per group.
+GROUP_STEP_KEYS = ("lr", "momentum", "beta1")
 
 
 def new_idempotency_key() -> str:
@@ -73,6 +83,54 @@ def _json_doc(resp):
         raise OptdError(resp.status, title="bad answer",
                         detail="expected a JSON body, got %d bytes" % len(resp.body))
     return doc
+
+
+def _ranges(indices):
+    """Sorted tensor indices as the Optd-Absent list: "0-57,60"."""
+    out = []
+    for i in sorted(set(indices)):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in out)
+
+
+def _check_absent(absent):
+    """absent as a list of tensor indices (ints) or names (strs)."""
+    out = []
+    for a in absent:
+        if isinstance(a, bool) or not isinstance(a, (int, str)):
+            raise ValueError("absent lists tensor indices or names, not %r" % (a,))
+        if isinstance(a, int) and a < 0:
+            raise ValueError("absent tensor index %d is negative" % a)
+        out.append(a)
+    return out
+
+
+def _check_step_groups(groups):
+    """Validates the per-group hyperparameters of a step: a list with one
+    dict per group, each holding some of lr, momentum, beta1."""
+    if not isinstance(groups, (list, tuple)):
+        raise ValueError("groups must be a list with one dict per group")
+    out = []
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict):
+            raise ValueError("groups[%d] must be a dict" % i)
+        bad = sorted(set(g) - set(GROUP_STEP_KEYS))
+        if bad:
+            raise ValueError("groups[%d]: a step carries only %s, not %s"
+                             % (i, ", ".join(GROUP_STEP_KEYS), ", ".join(bad)))
+        d = {}
+        for k, v in g.items():
+            d[k] = float(v)
+            if not math.isfinite(d[k]):
+                raise ValueError("groups[%d].%s must be finite" % (i, k))
+        out.append(d)
+    keys = [sorted(g) for g in out]
+    if any(k != keys[0] for k in keys):
+        raise ValueError("every group of a step must carry the same hyperparameters")
+    return out
 
 
 def _int_header(resp, name):
@@ -176,7 +234,10 @@ class Client:
                        schedule: Optional[Dict[str, Any]] = None,
                        clip: Optional[Dict[str, Any]] = None,
                        mode: Optional[Dict[str, Any]] = None, nonfinite: Optional[str] = None,
-                       metadata: Optional[Dict[str, Any]] = None) -> "Session":
+                       metadata: Optional[Dict[str, Any]] = None,
+                       retain: Optional[Dict[str, int]] = None,
+                       tensors: Optional[Sequence[Any]] = None,
+                       groups: Optional[Sequence[Dict[str, Any]]] = None) -> "Session":
         """Creates the session, or verifies that it exists with this config.
 
         ``optimizer``: {"type": "adam", "lr": 1e-3, ...} with torch.optim's
@@ -184,7 +245,11 @@ class Client:
         the initial parameters) or ``size`` and ``init`` ({"type": "zeros"},
         {"type": "normal", "std": s, "seed": n}, {"type": "uniform", ...};
         zeros when left out).  The rest is left to the daemon's defaults when
-        None.  Returns the Session; ``session.created`` says whether this call
+        None.  ``tensors``: the layout, ordered {"name", "shape"} dicts (or
+        (name, shape) pairs) whose concatenation is the vector; ``size`` may
+        then be left out.  ``groups``: torch's param_groups, dicts listing
+        their "tensors" by name, each may override any hyperparameter of
+        the optimizer.  Returns the Session; ``session.created`` says whether this call
         created it (201) or found it (200, its params kept as they are).  A
         session of the same name with a different config raises Conflict.
         """
@@ -200,16 +265,48 @@ class Client:
                 raise ValueError("params contain NaN or Inf")
             doc["params"] = codec.to_list(params)
         else:
-            if size is None:
-                raise ValueError("give params, or size (+ init)")
-            doc["size"] = int(size)
+            if size is None and tensors is None:
+                raise ValueError("give params, or size (+ init), or tensors")
+            if size is not None:
+                doc["size"] = int(size)
             doc["init"] = init if init is not None else {"type": "zeros"}
+        if tensors is not None:
+            doc["tensors"] = [
+                {"name": t["name"], "shape": [int(d) for d in t["shape"]]}
+                if isinstance(t, dict) else {"name": t[0], "shape": [int(d) for d in t[1]]}
+                for t in tensors]
+        if groups is not None:
+            doc["groups"] = [dict(g) for g in groups]
         for key, value in (("schedule", schedule), ("clip", clip), ("mode", mode),
-                           ("nonfinite", nonfinite), ("metadata", metadata)):
+                           ("nonfinite", nonfinite), ("metadata", metadata),
+                           ("retain", retain)):
             if value is not None:
                 doc[key] = value
         resp = self._send_json("PUT", _path(name), doc)
         return Session(self, _json_doc(resp), created=resp.status == 201)
+
+    def fork(self, name: str, source: str, step: Optional[int] = None, replay: bool = False,
+             **changes: Any) -> "Session":
+        """Creates session ``name`` from session ``source`` as it was after
+        ``step`` (default: its current step), sharing nothing with it.
+        ``changes`` are what PATCH takes (optimizer={"lr": ...}, schedule=...,
+        retain=...).  ``replay=True`` re-applies the source's logged
+        gradients after ``step`` under the new config (a counterfactual
+        run), answering when done."""
+        fork: Dict[str, Any] = {"from": _check_name(source)}
+        if step is not None:
+            fork["step"] = int(step)
+        doc = dict(changes, fork=fork)
+        if replay:
+            doc["replay"] = True
+        resp = self._send_json("PUT", _path(name), doc)
+        return Session(self, _json_doc(resp), created=True)
+
+    def import_session(self, name: str, data: bytes) -> "Session":
+        """Creates session ``name`` from an export file (Session.export)."""
+        resp = self._request("PUT", _path(name, "/export"), body=bytes(data),
+                             headers={"Content-Type": _BINARY, "Accept": _JSON})
+        return Session(self, _json_doc(resp), created=True)
 
 
 class Session:
@@ -228,6 +325,10 @@ class Session:
         self.name = doc["name"]
         self.dtype = doc["dtype"]
         self.size = int(doc["size"])
+        #: the layout: [{"name", "shape", "offset", "size"}, ...]
+        self.tensors = doc.get("tensors")
+        #: the param groups: [{"tensors": [...], "optimizer": {...}, "lr": x}, ...]
+        self.groups = doc.get("groups")
         self.created = created
         self.last_step = doc.get("step")
         self.last_lr = None
@@ -260,10 +361,21 @@ class Session:
 
     def step(self, grad: Vector, loss: Optional[float] = None, base_step: Optional[int] = None,
              worker: Optional[str] = None, params: bool = True, json: Optional[bool] = None,
-             idempotency_key: Optional[str] = None,
+             idempotency_key: Optional[str] = None, absent: Optional[Sequence[Any]] = None,
+             groups: Optional[Sequence[Dict[str, Any]]] = None,
              wire: Any = _CLIENT_WIRE) -> Optional[Vector]:
         """Applies one gradient; returns the new params (None with
-        params=False).
+        params=False): always the whole vector.
+
+        ``absent``: tensors without a gradient (indices or names; torch's
+        ``p.grad is None``): their params, buffers and step counts stay as
+        they are, and ``grad`` holds only the present tensors' gradients,
+        concatenated in tensor order.  ``groups``: one dict per group with
+        the client-driven hyperparameters of this step (``lr``,
+        ``momentum``, ``beta1``: betas[0]); they become the group's values
+        from this step on (change anything else with update(groups=...)).
+        Both travel in headers (Optd-Absent, Optd-Group-Lr, ...), whichever
+        the body's form.
 
         ``loss`` is recorded in the history (and drives reduce_on_plateau);
         ``base_step`` is the step the gradient was computed at (for the
@@ -276,6 +388,8 @@ class Session:
         client's) sends the gradient and receives the params in 16 bits.
         """
         key = idempotency_key or new_idempotency_key()
+        absent = _check_absent(absent) if absent else None
+        groups = _check_step_groups(groups) if groups else None
         n = self._codec.length(grad)
         wire = self._wire(wire, json)
         binary = wire is not None or self._binary(n, json)
@@ -290,6 +404,12 @@ class Session:
             binary = True
         path = _path(self.name, "/step") + ("" if params else "?params=false")
         headers = {HEADERS["idempotency_key"]: key}
+        if absent:
+            headers[STEP_HEADERS["absent"]] = _ranges(self._tensor_indices(absent))
+        if groups:
+            for k in groups[0]:
+                # %.17g: every double reads back exactly
+                headers[STEP_HEADERS[k]] = ",".join("%.17g" % g[k] for g in groups)
         if binary:
             headers.update({"Content-Type": _BINARY, "Accept": _BINARY})
             if wire is not None:
@@ -328,6 +448,43 @@ class Session:
             self.last_lr = doc["lr"]
         return self._codec.from_list(doc["params"]) if params else None
 
+    def _tensor_indices(self, absent):
+        """Names in absent turned into tensor indices (the binary form
+        carries indices only)."""
+        index = {t["name"]: i for i, t in enumerate(self.tensors or ())}
+        out = []
+        for a in absent:
+            if isinstance(a, str):
+                if a not in index:
+                    raise ValueError("session %s has no tensor named %r" % (self.name, a))
+                a = index[a]
+            out.append(a)
+        return out
+
+    def state(self) -> bytes:
+        """GET /state: the whole optimizer state -- params, every buffer per
+        tensor, per-tensor steps and scalars -- as a safetensors file
+        (optd._safetensors reads it)."""
+        resp = self.client._request("GET", _path(self.name, "/state"),
+                                    headers={"Accept": _BINARY})
+        _raise_for(resp)
+        return resp.body
+
+    def load_state(self, data: bytes) -> Dict[str, Any]:
+        """PUT /state: replaces params, buffers and per-tensor state with a
+        file from state() (the hyperparameters are kept).  Returns the
+        session document."""
+        resp = self.client._request("PUT", _path(self.name, "/state"), body=bytes(data),
+                                    headers={"Content-Type": _BINARY, "Accept": _JSON})
+        doc = _json_doc(resp)
+        self._refresh(doc)
+        return doc
+
+    def _refresh(self, doc):
+        self.last_step = doc.get("step", self.last_step)
+        self.tensors = doc.get("tensors", self.tensors)
+        self.groups = doc.get("groups", self.groups)
+
     def params(self, json: Optional[bool] = None, wire: Any = _CLIENT_WIRE) -> Vector:
         """The current params (and last_step); ``wire`` as for step()."""
         wire = self._wire(wire, json)
@@ -363,19 +520,20 @@ class Session:
 
     def update(self, lr: Optional[float] = None, **changes: Any) -> Dict[str, Any]:
         """Changes the session mid-run (PATCH): optimizer={"lr": ...},
-        schedule=..., clip=..., mode=..., metadata=...; ``lr=x`` is short for
+        groups=[{...}, {}, ...] (one dict per group: the hyperparameters to
+        change in it), schedule=..., clip=..., mode=..., metadata=...; ``lr=x`` is short for
         optimizer={"lr": x}.  Returns the session document."""
         if lr is not None:
             changes["optimizer"] = dict(changes.get("optimizer") or {}, lr=lr)
         doc = _json_doc(self.client._send_json("PATCH", _path(self.name), changes))
-        self.last_step = doc.get("step", self.last_step)
+        self._refresh(doc)
         return doc
 
     def info(self) -> Dict[str, Any]:
         """The session document: config with every default, step, next lr,
         state, counters, timestamps."""
         doc = self.client._get_json(_path(self.name))
-        self.last_step = doc.get("step", self.last_step)
+        self._refresh(doc)
         return doc
 
     def history(self, after: int = 0, limit: Optional[int] = None,
@@ -393,6 +551,37 @@ class Session:
             if after is None:
                 break
         return out
+
+    def checkpoint(self, label: str) -> Dict[str, Any]:
+        """Keeps the current state as a checkpoint labelled ``label``
+        (unique in the session); returns {step, time, label, kind}."""
+        return _json_doc(self.client._send_json("POST", _path(self.name, "/checkpoints"),
+                                                {"label": label}))
+
+    def checkpoints(self) -> Dict[str, Any]:
+        """{"checkpoints": [{step, time, label, kind, bytes}...], "oldest_step",
+        "step"}: the kept checkpoints, oldest first."""
+        return self.client._get_json(_path(self.name, "/checkpoints"))
+
+    def rollback(self, step: Optional[int] = None, label: Optional[str] = None) -> Dict[str, Any]:
+        """Returns the session to what it was after ``step`` (or at the
+        checkpoint ``label``); later steps, checkpoints and idempotency keys
+        are gone.  Returns the session document."""
+        if (step is None) == (label is None):
+            raise ValueError("give step or label")
+        body: Dict[str, Any] = {"label": label} if step is None else {"step": int(step)}
+        doc = _json_doc(self.client._send_json("POST", _path(self.name, "/rollback"), body))
+        self.last_step = doc.get("step")
+        return doc
+
+    def export(self, log: bool = False) -> bytes:
+        """The whole session as one file (safetensors: state, config, layout;
+        with ``log=True`` the log too), for Client.import_session."""
+        resp = self.client._request("GET", _path(self.name, "/export?log=%s" %
+                                                 ("true" if log else "false")),
+                                    headers={"Accept": _BINARY})
+        _raise_for(resp)
+        return resp.body
 
     def delete(self) -> None:
         """Deletes the session and its state."""

@@ -374,13 +374,17 @@ class TestClient(DaemonCase):
         key = optd.new_idempotency_key()
         self.assertEqual(len(key), 32)
         self.assertNotEqual(key, optd.new_idempotency_key())
-        p1 = s.step([1.0, 2.0], idempotency_key=key)
+        p1 = s.step([1.0, 2.0], idempotency_key=key, json=True)
         self.assertFalse(s.last_replayed)
-        for j in (True, False):
-            p2 = s.step([1.0, 2.0], idempotency_key=key, json=j)
-            self.assertTrue(s.last_replayed)
-            self.assertEqual(s.last_step, 1)
-            self.assertEqual(list(p2), list(p1))
+        p2 = s.step([1.0, 2.0], idempotency_key=key, json=True)
+        self.assertTrue(s.last_replayed)
+        self.assertEqual(s.last_step, 1)
+        self.assertEqual(list(p2), list(p1))
+        # The key on another request (the same gradient as a binary body)
+        # is refused, and nothing is applied.
+        with self.assertRaises(optd.Unprocessable) as cm:
+            s.step([1.0, 2.0], idempotency_key=key, json=False)
+        self.assertEqual(cm.exception.field, "Idempotency-Key")
         s.step([1.0, 2.0])                            # a new key: applied
         self.assertEqual((s.last_step, s.last_replayed), (2, False))
         self.assertEqual(list(s.params()), [-2.0, -4.0])
@@ -407,6 +411,52 @@ class TestClient(DaemonCase):
         self.assertEqual(len(direct.history()), 2)
 
 
+class TestTravel(DaemonCase):
+    """Checkpoints, rollback, fork (and replay), export and import."""
+
+    def setUp(self):
+        self.c = optd.Client(self.daemon.url, retries=2, backoff=0.01)
+
+    def tearDown(self):
+        self.c.close()
+
+    def test_rollback_fork_export(self):
+        name = uniq("tv")
+        s = self.c.create_session(name, ADAM, size=8, init={"type": "normal", "seed": 4},
+                                  retain={"every_steps": 3, "keep": 3})
+        grads = [random_grad(8, i) for i in range(10)]
+        at = {}
+        for i, g in enumerate(grads):
+            s.step(g, params=False)
+            at[i + 1] = bits(s.params(), "float32")
+            if i == 4:
+                self.assertEqual(s.checkpoint("five")["step"], 5)
+        kinds = [c["kind"] for c in s.checkpoints()["checkpoints"]]
+        self.assertIn("label", kinds)
+        self.assertIn("periodic", kinds)
+        # fork at 6 with the same config and replay = the head
+        f = self.c.fork(uniq("tvf"), name, step=6, replay=True)
+        self.assertEqual(bits(f.params(), "float32"), at[10])
+        # fork under another lr differs
+        g2 = self.c.fork(uniq("tvg"), name, step=6, replay=True, optimizer={"lr": 0.001})
+        self.assertNotEqual(bits(g2.params(), "float32"), at[10])
+        # export with the log, import elsewhere: the same, and the same history
+        data = s.export(log=True)
+        t = self.c.import_session(uniq("tvi"), data)
+        self.assertEqual(bits(t.params(), "float32"), at[10])
+        # rollback by step and by label
+        self.assertEqual(s.rollback(step=7)["step"], 7)
+        self.assertEqual(bits(s.params(), "float32"), at[7])
+        self.assertEqual(s.rollback(label="five")["step"], 5)
+        self.assertEqual(bits(s.params(), "float32"), at[5])
+        with self.assertRaises(optd.Conflict):
+            s.rollback(step=0)
+        with self.assertRaises(optd.NotFound):
+            self.c.fork(uniq("tvx"), "no-such-session")
+        with self.assertRaises(ValueError):
+            s.rollback()
+
+
 class TestRestart(DaemonCase):
     def test_retry_across_restart_never_applies_twice(self):
         # Enough retries to outlast a restart (a long one under valgrind).
@@ -416,7 +466,7 @@ class TestRestart(DaemonCase):
         s = c.create_session("restart", {"type": "sgd", "lr": 1.0}, params=[0.0, 0.0],
                              dtype="float64")
         key = optd.new_idempotency_key()
-        s.step([1.0, 1.0], idempotency_key=key)
+        s.step([1.0, 1.0], idempotency_key=key, json=False)
         self.assertEqual(s.last_step, 1)
 
         # The answer "was lost": the daemon restarts, the client's

@@ -211,6 +211,30 @@ class WireSteps(DaemonCase):
         finally:
             wc.close()
 
+    def test_absent_tensors_and_group_lrs_in_16_bits(self):
+        # w is 2x3, b is 3: the vector is w then b
+        w, b = [0.5, -1, 2, 0.25, 3, -0.75], [1.0, 2.0, 3.0]
+        s = self.c.create_session("w16-layout-%d" % next(_names), {"type": "sgd", "lr": 0.1},
+                                  params=w + b, dtype="float64",
+                                  tensors=[("layer.w", [2, 3]), ("layer.b", [3])],
+                                  groups=[{"tensors": ["layer.w"]},
+                                          {"tensors": ["layer.b"], "lr": 0.5}])
+        # bfloat16: layer.b absent, grad holds layer.w's six values (exact
+        # in 16 bits), each group with its own lr; all nine params answered
+        g = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        got = s.step(g, absent=[1], groups=[{"lr": 0.2}, {"lr": 0.3}], wire="bfloat16")
+        full = s.params(wire=None)
+        self.assertEqual(list(full), [x + -0.2 * d for x, d in zip(w, g)] + b)
+        self.assertEqual(got.tobytes(), _wire.round_trip(full, "bfloat16", "float64").tobytes())
+        # float16: layer.w absent; group 1 keeps the lr 0.3 of the last step
+        gb = [0.5, -0.25, 1.0]
+        got = s.step(gb, absent=["layer.w"], wire="float16")
+        full2 = s.params(wire=None)
+        self.assertEqual(list(full2[:6]), list(full[:6]))
+        self.assertEqual(list(full2[6:]), [x + -0.3 * d for x, d in zip(b, gb)])
+        self.assertEqual(got.tobytes(), _wire.round_trip(full2, "float16", "float64").tobytes())
+        self.assertEqual(s.last_step, 2)
+
     def test_set_params_in_16_bits(self):
         a, _ = self.pair("float64", n=5)
         values = [1.0, 65519.0, 2.0 ** -24, -0.1, 1.0 + 2.0 ** -11]
