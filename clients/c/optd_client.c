@@ -38,6 +38,7 @@ struct optd_client {
     long backoff0_ms, backoff_max_ms;
     long connect_ms, request_ms;
     bool no_params_check;
+    optd_wire wire;           /* never OPTD_WIRE_DEFAULT */
     char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -78,6 +79,7 @@ optd_client *optd_client_new(const char *base_url, const char *api_key)
     c->backoff_max_ms = OPTD_DEFAULT_MAX_BACKOFF_MS;
     c->connect_ms = 5000;
     c->request_ms = 60000;
+    c->wire = OPTD_WIRE_FULL;
     return c;
 }
 
@@ -104,6 +106,160 @@ void optd_client_set_timeouts(optd_client *c, long connect_ms, long request_ms)
 {
     c->connect_ms = connect_ms > 0 ? connect_ms : 5000;
     c->request_ms = request_ms > 0 ? request_ms : 60000;
+}
+
+int optd_client_set_wire(optd_client *c, optd_wire wire)
+{
+    if ((unsigned)wire > OPTD_WIRE_FLOAT16)
+        return -1;
+    c->wire = wire == OPTD_WIRE_DEFAULT ? OPTD_WIRE_FULL : wire;
+    return 0;
+}
+
+/* ------------------------------------------------- 16-bit wire forms
+ *
+ * bfloat16 is the top half of a float32; float16 is IEEE binary16.  The
+ * rounding is the daemon's: from float32 (a double is rounded to float
+ * first), to nearest with ties to even; NaN stays a quiet NaN with its sign
+ * and top payload bits; past float16's range is Inf.  Widening is exact.
+ */
+
+static uint32_t f32_bits(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+static float bits_f32(uint32_t u)
+{
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+uint16_t optd_f32_to_bf16(float x)
+{
+    uint32_t u = f32_bits(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x0040u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+float optd_bf16_to_f32(uint16_t h)
+{
+    return bits_f32((uint32_t)h << 16);
+}
+
+uint16_t optd_f32_to_f16(float x)
+{
+    uint32_t u = f32_bits(x);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u) /* rounds to 65520 or more */
+        return (uint16_t)(sign | 0x7c00u);
+    if (a < 0x38800000u) {
+        /* Below 2^-14: a subnormal float16 or zero; value * 2^24 is the
+         * significand shifted right by 126 - exponent. */
+        uint32_t e = a >> 23;
+        if (e < 102) /* below 2^-25, or a float32 subnormal */
+            return (uint16_t)sign;
+        uint32_t sig = (a & 0x7fffffu) | 0x800000u;
+        uint32_t shift = 126 - e;
+        uint32_t q = sig >> shift;
+        uint32_t r = sig & ((1u << shift) - 1);
+        uint32_t half = 1u << (shift - 1);
+        if (r > half || (r == half && (q & 1u)))
+            q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t h = (((a >> 23) - 112) << 10) | ((a >> 13) & 0x3ffu);
+    uint32_t rem = a & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
+        h++; /* a carry into the exponent is right */
+    return (uint16_t)(sign | h);
+}
+
+float optd_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1fu;
+    uint32_t m = h & 0x3ffu;
+    if (e == 0) {
+        if (m == 0)
+            return bits_f32(sign);
+        e = 113; /* normalise the subnormal */
+        while (!(m & 0x400u)) {
+            m <<= 1;
+            e--;
+        }
+        return bits_f32(sign | (e << 23) | ((m & 0x3ffu) << 13));
+    }
+    if (e == 31)
+        return bits_f32(sign | 0x7f800000u | (m << 13));
+    return bits_f32(sign | ((e + 112) << 23) | (m << 13));
+}
+
+static bool wire_half(optd_wire w)
+{
+    return w == OPTD_WIRE_BFLOAT16 || w == OPTD_WIRE_FLOAT16;
+}
+
+/* A call's form: its own, else the client's.  -1 for a bad value. */
+static int wire_for(const optd_client *c, optd_wire w)
+{
+    if ((unsigned)w > OPTD_WIRE_FLOAT16)
+        return -1;
+    return w == OPTD_WIRE_DEFAULT ? (int)c->wire : (int)w;
+}
+
+/* n values (esize 4: float, 8: double) narrowed to w.  Returns a new
+ * buffer of 2n bytes (caller frees), or NULL when out of memory. */
+static unsigned char *narrow_vec(const void *v, size_t n, size_t esize, optd_wire w)
+{
+    unsigned char *out = malloc(n ? 2 * n : 1);
+    if (!out)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        float f = esize == 4 ? ((const float *)v)[i] : (float)((const double *)v)[i];
+        uint16_t h = w == OPTD_WIRE_BFLOAT16 ? optd_f32_to_bf16(f) : optd_f32_to_f16(f);
+        memcpy(out + 2 * i, &h, 2);
+    }
+    return out;
+}
+
+/* Copies a binary params answer of n elements into out (esize 4 or 8),
+ * widened when the answer's Optd-Dtype names a 16-bit form.  0, or -1 when
+ * its length is not n elements. */
+static int answer_params(const optd_response *r, void *out, size_t n, size_t esize)
+{
+    const char *form = optd_response_header(r, OPTD_HEADER_DTYPE);
+    optd_wire w = OPTD_WIRE_FULL;
+    if (form && strcmp(form, "bfloat16") == 0)
+        w = OPTD_WIRE_BFLOAT16;
+    else if (form && strcmp(form, "float16") == 0)
+        w = OPTD_WIRE_FLOAT16;
+    if (!wire_half(w)) {
+        if (r->len != n * esize)
+            return -1;
+        memcpy(out, r->body, r->len);
+        return 0;
+    }
+    if (r->len != 2 * n)
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, r->body + 2 * i, 2);
+        float f = w == OPTD_WIRE_BFLOAT16 ? optd_bf16_to_f32(h) : optd_f16_to_f32(h);
+        if (esize == 4)
+            ((float *)out)[i] = f;
+        else
+            ((double *)out)[i] = f;
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------ errors */
@@ -730,7 +886,8 @@ int optd_import(optd_client *c, const char *name, const void *file, size_t len, 
 
 optd_step_opts optd_step_opts_default(void)
 {
-    optd_step_opts o = {.base_step = -1, .worker = NULL, .json = 0, .idempotency_key = NULL};
+    optd_step_opts o = {.base_step = -1, .worker = NULL, .json = 0, .idempotency_key = NULL,
+                        .wire = OPTD_WIRE_DEFAULT};
     return o;
 }
 
@@ -899,6 +1056,13 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         err_set(err, 0, "gradient too large");
         return -1;
     }
+    int wire = wire_for(c, o.wire);
+    if (wire < 0 || (wire_half((optd_wire)wire) && o.json)) {
+        err_set(err, 0, wire < 0 ? "unknown wire form %d"
+                                 : "a 16-bit wire form travels only as a binary body, not JSON",
+                (int)o.wire);
+        return -1;
+    }
     char key[KEY_BUF];
     if (o.idempotency_key) {
         snprintf(key, sizeof key, "%s", o.idempotency_key);
@@ -925,7 +1089,8 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         return -1;
 
     growbuf h_absent = {0}, h_glr = {0}, h_gmom = {0}, h_gb1 = {0};
-    char h_key[KEY_BUF + 32], h_loss[64], h_base[64], h_worker[200];
+    char h_key[KEY_BUF + 32], h_loss[64], h_base[64], h_worker[200], h_dt[48], h_pdt[48];
+    unsigned char *half = NULL;
     const char *hdrs[MAX_EXTRA_HEADERS];
     size_t nh = 0;
     snprintf(h_key, sizeof h_key, OPTD_HEADER_IDEMPOTENCY_KEY ": %s", key);
@@ -962,6 +1127,20 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         /* The daemon refuses a body declared in the session's other dtype
          * (422), which byte counts alone cannot always tell. */
         hdrs[nh++] = esize == 4 ? OPTD_HEADER_DTYPE ": float32" : OPTD_HEADER_DTYPE ": float64";
+        if (wire_half((optd_wire)wire)) {
+            if (!(half = narrow_vec(grad, n, esize, (optd_wire)wire))) {
+                free(path);
+                err_set(err, 0, "out of memory");
+                return -1;
+            }
+            const char *form = wire == OPTD_WIRE_BFLOAT16 ? "bfloat16" : "float16";
+            snprintf(h_dt, sizeof h_dt, OPTD_HEADER_DTYPE ": %s", form);
+            snprintf(h_pdt, sizeof h_pdt, OPTD_HEADER_PARAMS_DTYPE ": %s", form);
+            hdrs[nh - 1] = h_dt;
+            hdrs[nh++] = h_pdt;
+            body = half;
+            blen = 2 * n;
+        }
         if (loss) {
             snprintf(h_loss, sizeof h_loss, OPTD_HEADER_LOSS ": %.17g", *loss);
             hdrs[nh++] = h_loss;
@@ -1001,6 +1180,7 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         free(h_gmom.data);
         free(h_gb1.data);
         free(jb.data);
+        free(half);
         free(path);
         err_set(err, 0, "out of memory");
         return -1;
@@ -1011,6 +1191,7 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
     int rc = call(c, "POST", path, hdrs, body ? body : "", blen, &r, err, NULL);
     free(path);
     free(jb.data);
+    free(half);
     free(h_absent.data);
     free(h_glr.data);
     free(h_gmom.data);
@@ -1043,14 +1224,15 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
                 err_set(err, r.status, "the step answer has no params array of %zu numbers", pn);
                 ret = -1;
             }
-        } else if (pn > SIZE_MAX / esize || r.len != pn * esize) {
-            err_set(err, r.status, "the step answer has %zu bytes; expected %zu", r.len,
-                    pn * esize);
+        } else if (pn > SIZE_MAX / esize || answer_params(&r, params_out, pn, esize)) {
+            err_set(err, r.status, "the step answer has %zu bytes; expected %zu values", r.len,
+                    pn);
             ret = -1;
-        } else {
-            memcpy(params_out, r.body, r.len);
         }
-        if (ret == 0 && check_digest(c, &r, params_out, pn * esize, err))
+        /* The digest covers the params in the session's dtype: a 16-bit
+         * answer is a rounding of them and is not checked. */
+        if (ret == 0 && !wire_half((optd_wire)wire) &&
+            check_digest(c, &r, params_out, pn * esize, err))
             ret = -1;
     }
     if (ret >= 0 && !have_step && ret == 0) {
@@ -1097,13 +1279,22 @@ int optd_step_f64(optd_client *c, const char *name, const double *grad, size_t n
 /* -------------------------------------------------------------- params */
 
 static int get_params(optd_client *c, const char *name, void *out, size_t n, size_t esize,
-                      long long *step_out, optd_error *err)
+                      optd_wire w, long long *step_out, optd_error *err)
 {
     err_clear(err);
+    int wire = wire_for(c, w);
+    if (wire < 0) {
+        err_set(err, 0, "unknown wire form %d", (int)w);
+        return -1;
+    }
     char *path = session_path(c, name, "/params", err);
     if (!path)
         return -1;
-    const char *hdrs[] = {"Accept: application/octet-stream", NULL};
+    const char *hdrs[] = {"Accept: application/octet-stream",
+                          wire == OPTD_WIRE_BFLOAT16  ? OPTD_HEADER_PARAMS_DTYPE ": bfloat16"
+                          : wire == OPTD_WIRE_FLOAT16 ? OPTD_HEADER_PARAMS_DTYPE ": float16"
+                                                      : NULL,
+                          NULL};
     optd_response r;
     int rc = call(c, "GET", path, hdrs, NULL, 0, &r, err, NULL);
     free(path);
@@ -1112,9 +1303,9 @@ static int get_params(optd_client *c, const char *name, void *out, size_t n, siz
     if (r.status != 200)
         return fail_with(&r, err);
     long long step = -1;
-    if (n > SIZE_MAX / esize || r.len != n * esize) {
-        err_set(err, r.status, "the params answer has %zu bytes; expected %zu elements of %zu",
-                r.len, n, esize);
+    if (n > SIZE_MAX / esize || answer_params(&r, out, n, esize)) {
+        err_set(err, r.status, "the params answer has %zu bytes; expected %zu elements", r.len,
+                n);
         optd_response_free(&r);
         return -1;
     }
@@ -1123,8 +1314,9 @@ static int get_params(optd_client *c, const char *name, void *out, size_t n, siz
         optd_response_free(&r);
         return -1;
     }
-    memcpy(out, r.body, r.len);
-    if (check_digest(c, &r, r.body, r.len, err)) {
+    /* The digest covers the params in the session's dtype: a 16-bit answer
+     * is a rounding of them and is not checked. */
+    if (!wire_half((optd_wire)wire) && check_digest(c, &r, r.body, r.len, err)) {
         optd_response_free(&r);
         return -1;
     }
@@ -1135,22 +1327,39 @@ static int get_params(optd_client *c, const char *name, void *out, size_t n, siz
 }
 
 static int set_params(optd_client *c, const char *name, const void *params, size_t n,
-                      size_t esize, optd_error *err)
+                      size_t esize, optd_wire w, optd_error *err)
 {
     err_clear(err);
     if (n > SIZE_MAX / esize) {
         err_set(err, 0, "params too large");
         return -1;
     }
-    char *path = session_path(c, name, "/params", err);
-    if (!path)
+    int wire = wire_for(c, w);
+    if (wire < 0) {
+        err_set(err, 0, "unknown wire form %d", (int)w);
         return -1;
+    }
+    unsigned char *half = NULL;
+    if (wire_half((optd_wire)wire) && !(half = narrow_vec(params, n, esize, (optd_wire)wire))) {
+        err_set(err, 0, "out of memory");
+        return -1;
+    }
+    char *path = session_path(c, name, "/params", err);
+    if (!path) {
+        free(half);
+        return -1;
+    }
     const char *hdrs[] = {"Content-Type: application/octet-stream",
-                          esize == 4 ? OPTD_HEADER_DTYPE ": float32" : OPTD_HEADER_DTYPE ": float64",
+                          wire == OPTD_WIRE_BFLOAT16  ? OPTD_HEADER_DTYPE ": bfloat16"
+                          : wire == OPTD_WIRE_FLOAT16 ? OPTD_HEADER_DTYPE ": float16"
+                          : esize == 4                ? OPTD_HEADER_DTYPE ": float32"
+                                                      : OPTD_HEADER_DTYPE ": float64",
                           NULL};
     optd_response r;
-    int rc = call(c, "PUT", path, hdrs, params ? params : "", n * esize, &r, err, NULL);
+    int rc = half ? call(c, "PUT", path, hdrs, half, 2 * n, &r, err, NULL)
+                  : call(c, "PUT", path, hdrs, params ? params : "", n * esize, &r, err, NULL);
     free(path);
+    free(half);
     if (rc)
         return -1;
     if (r.status < 200 || r.status > 299)
@@ -1162,25 +1371,49 @@ static int set_params(optd_client *c, const char *name, const void *params, size
 int optd_get_params_f32(optd_client *c, const char *name, float *out, size_t n,
                         long long *step_out, optd_error *err)
 {
-    return get_params(c, name, out, n, sizeof(float), step_out, err);
+    return get_params(c, name, out, n, sizeof(float), OPTD_WIRE_DEFAULT, step_out, err);
 }
 
 int optd_get_params_f64(optd_client *c, const char *name, double *out, size_t n,
                         long long *step_out, optd_error *err)
 {
-    return get_params(c, name, out, n, sizeof(double), step_out, err);
+    return get_params(c, name, out, n, sizeof(double), OPTD_WIRE_DEFAULT, step_out, err);
 }
 
 int optd_set_params_f32(optd_client *c, const char *name, const float *params, size_t n,
                         optd_error *err)
 {
-    return set_params(c, name, params, n, sizeof(float), err);
+    return set_params(c, name, params, n, sizeof(float), OPTD_WIRE_DEFAULT, err);
 }
 
 int optd_set_params_f64(optd_client *c, const char *name, const double *params, size_t n,
                         optd_error *err)
 {
-    return set_params(c, name, params, n, sizeof(double), err);
+    return set_params(c, name, params, n, sizeof(double), OPTD_WIRE_DEFAULT, err);
+}
+
+int optd_get_params_f32_wire(optd_client *c, const char *name, float *out, size_t n,
+                             optd_wire wire, long long *step_out, optd_error *err)
+{
+    return get_params(c, name, out, n, sizeof(float), wire, step_out, err);
+}
+
+int optd_get_params_f64_wire(optd_client *c, const char *name, double *out, size_t n,
+                             optd_wire wire, long long *step_out, optd_error *err)
+{
+    return get_params(c, name, out, n, sizeof(double), wire, step_out, err);
+}
+
+int optd_set_params_f32_wire(optd_client *c, const char *name, const float *params, size_t n,
+                             optd_wire wire, optd_error *err)
+{
+    return set_params(c, name, params, n, sizeof(float), wire, err);
+}
+
+int optd_set_params_f64_wire(optd_client *c, const char *name, const double *params,
+                             size_t n, optd_wire wire, optd_error *err)
+{
+    return set_params(c, name, params, n, sizeof(double), wire, err);
 }
 
 const char *optd_error_kind(const optd_error *err)

@@ -19,6 +19,7 @@
 #define OPTD_CLIENT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -79,6 +80,33 @@ void optd_client_set_params_check(optd_client *c, int on);
  * request 60000). */
 void optd_client_set_timeouts(optd_client *c, long connect_ms, long request_ms);
 
+/* The form binary vectors travel in.  bfloat16 and float16 take half of
+ * float32's bytes: a gradient is narrowed by the client (first to float32,
+ * then to nearest with ties to even; NaN stays a quiet NaN; float16 keeps
+ * subnormals and turns values from 65520 on into Inf) and widened exactly
+ * by the daemon to the session's dtype; params come back narrowed the same
+ * way and are widened exactly into the caller's floats or doubles.  A 16-bit
+ * body does not say the session's dtype, so a call of either width works on
+ * a session of either dtype. */
+typedef enum {
+    OPTD_WIRE_DEFAULT = 0, /* per call: the client's choice (set_wire)     */
+    OPTD_WIRE_FULL,        /* the session's dtype: the client's default    */
+    OPTD_WIRE_BFLOAT16,
+    OPTD_WIRE_FLOAT16,
+} optd_wire;
+#define OPTD_HEADER_PARAMS_DTYPE "Optd-Params-Dtype"
+
+/* The form every step and params call of c uses unless it names its own.
+ * 0, or -1 for a value outside optd_wire (nothing changes). */
+int optd_client_set_wire(optd_client *c, optd_wire wire);
+
+/* One value in a 16-bit form, as bit patterns; narrowing rounds to nearest,
+ * ties to even, widening is exact. */
+uint16_t optd_f32_to_bf16(float x);
+float optd_bf16_to_f32(uint16_t h);
+uint16_t optd_f32_to_f16(float x);
+float optd_f16_to_f32(uint16_t h);
+
 /* ------------------------------------------------------------- sessions */
 
 /* PUT /v1/sessions/{name} with config_json as the body.  Create-or-verify:
@@ -102,6 +130,7 @@ typedef struct {
     const char *worker;          /* Optd-Worker; NULL: not sent            */
     int json;                    /* non-zero: send and receive JSON        */
     const char *idempotency_key; /* NULL: a fresh random key              */
+    optd_wire wire;              /* OPTD_WIRE_DEFAULT: the client's form  */
     /* Tensors without a gradient (torch: p.grad is None), by index: their
      * params, buffers and step counts stay as they are, and grad holds the
      * other tensors' gradients only, in tensor order.  NULL/0: none. */
@@ -162,6 +191,15 @@ int optd_set_params_f32(optd_client *c, const char *name, const float *params, s
                         optd_error *err);
 int optd_set_params_f64(optd_client *c, const char *name, const double *params, size_t n,
                         optd_error *err);
+/* The same in a given form (OPTD_WIRE_DEFAULT: the client's). */
+int optd_get_params_f32_wire(optd_client *c, const char *name, float *out, size_t n,
+                             optd_wire wire, long long *step_out, optd_error *err);
+int optd_get_params_f64_wire(optd_client *c, const char *name, double *out, size_t n,
+                             optd_wire wire, long long *step_out, optd_error *err);
+int optd_set_params_f32_wire(optd_client *c, const char *name, const float *params, size_t n,
+                             optd_wire wire, optd_error *err);
+int optd_set_params_f64_wire(optd_client *c, const char *name, const double *params,
+                             size_t n, optd_wire wire, optd_error *err);
 
 /* --------------------------------------------------------- time travel */
 

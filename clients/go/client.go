@@ -68,6 +68,7 @@ type Client struct {
 	backoffMax time.Duration
 	timeout    time.Duration
 	noVerify   bool
+	wire       Wire // WithWire: the form vectors travel in by default
 }
 
 // Option configures a Client.

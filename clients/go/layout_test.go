@@ -105,3 +105,58 @@ func TestTensorsAndGroups(t *testing.T) {
 		t.Fatal("groups setting different fields were sent")
 	}
 }
+
+func TestAbsentAndGroupsOn16BitWire(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t)
+	c := optd.NewClient(d.URL)
+	ctx := ctxT(t)
+	s, err := c.CreateSession(ctx, "layout-wire", layoutConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// bfloat16: layer.b absent, grad holds layer.w's six values (exact in
+	// 16 bits), each group with its own lr; the answer is all nine params.
+	g := []float64{1, 2, 3, 4, 5, 6}
+	p, err := s.StepF64(ctx, g, &optd.StepOptions{Absent: []int{1}, Wire: optd.WireBFloat16,
+		Groups: []optd.GroupStep{{LR: f64(0.2)}, {LR: f64(0.3)}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, err := s.ParamsF64Wire(ctx, optd.WireFull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range g {
+		if full[i] != layoutW[i]+-0.2*g[i] {
+			t.Fatalf("layer.w[%d] = %v", i, full[i])
+		}
+	}
+	if !reflect.DeepEqual(full[6:], layoutB) {
+		t.Fatalf("absent layer.b moved: %v", full[6:])
+	}
+	if bitsOf(p) != bitsOf(roundTrip(t, full, optd.WireBFloat16)) {
+		t.Fatalf("bfloat16 answer %v for params %v", p, full)
+	}
+	// float16: layer.w absent; group 1 keeps the lr 0.3 of the last step.
+	gb := []float64{0.5, -0.25, 1}
+	q, err := s.StepF64(ctx, gb, &optd.StepOptions{Absent: []int{0}, Wire: optd.WireFloat16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	full2, err := s.ParamsF64Wire(ctx, optd.WireFull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(full2[:6], full[:6]) {
+		t.Fatalf("absent layer.w moved: %v", full2[:6])
+	}
+	for i := range gb {
+		if full2[6+i] != layoutB[i]+-0.3*gb[i] {
+			t.Fatalf("layer.b[%d] = %v", i, full2[6+i])
+		}
+	}
+	if bitsOf(q) != bitsOf(roundTrip(t, full2, optd.WireFloat16)) {
+		t.Fatalf("float16 answer %v for params %v", q, full2)
+	}
+}

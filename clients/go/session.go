@@ -64,6 +64,10 @@ type StepOptions struct {
 	// IdempotencyKey replaces the fresh random key of this call; reuse one to
 	// retry a step yourself after a call gave up (see NewIdempotencyKey).
 	IdempotencyKey string
+	// Wire sends the gradient and receives the params in WireBFloat16 or
+	// WireFloat16 (always binary), or in the session's dtype (WireFull); the
+	// zero value leaves it to the client (WithWire).
+	Wire Wire
 	// Absent lists the tensors (by index) that have no gradient this step:
 	// their params, buffers and step counts stay as they are, and grad holds
 	// only the other tensors' gradients, concatenated in tensor order.
@@ -357,23 +361,44 @@ func (s *Session) StepF64(ctx context.Context, grad []float64, opts *StepOptions
 
 // ParamsF32 fetches the parameters of a float32 session (LastStep: their step).
 func (s *Session) ParamsF32(ctx context.Context) ([]float32, error) {
-	return params[float32](ctx, s, Float32)
+	return params[float32](ctx, s, Float32, WireDefault)
 }
 
 // ParamsF64 fetches the parameters of a float64 session.
 func (s *Session) ParamsF64(ctx context.Context) ([]float64, error) {
-	return params[float64](ctx, s, Float64)
+	return params[float64](ctx, s, Float64, WireDefault)
+}
+
+// ParamsF32Wire is ParamsF32 with the params received in w (WireFull: in
+// the session's dtype whatever the client's default).
+func (s *Session) ParamsF32Wire(ctx context.Context, w Wire) ([]float32, error) {
+	return params[float32](ctx, s, Float32, w)
+}
+
+// ParamsF64Wire is ParamsF64 with the params received in w.
+func (s *Session) ParamsF64Wire(ctx context.Context, w Wire) ([]float64, error) {
+	return params[float64](ctx, s, Float64, w)
 }
 
 // SetParamsF32 overwrites the parameters of a float32 session; the
 // optimizer state and step count stay.
 func (s *Session) SetParamsF32(ctx context.Context, p []float32) error {
-	return setParams(ctx, s, encodeF32(p), Float32)
+	return setParams(ctx, s, p, Float32, WireDefault)
 }
 
 // SetParamsF64 overwrites the parameters of a float64 session.
 func (s *Session) SetParamsF64(ctx context.Context, p []float64) error {
-	return setParams(ctx, s, encodeF64(p), Float64)
+	return setParams(ctx, s, p, Float64, WireDefault)
+}
+
+// SetParamsF32Wire is SetParamsF32 with the params sent in w.
+func (s *Session) SetParamsF32Wire(ctx context.Context, p []float32, w Wire) error {
+	return setParams(ctx, s, p, Float32, w)
+}
+
+// SetParamsF64Wire is SetParamsF64 with the params sent in w.
+func (s *Session) SetParamsF64Wire(ctx context.Context, p []float64, w Wire) error {
+	return setParams(ctx, s, p, Float64, w)
 }
 
 // ------------------------------------------------------------- internals
@@ -451,8 +476,16 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 	if opts != nil {
 		o = *opts
 	}
-	if o.JSON {
-		// A JSON body has no dtype of its own: ask (once) which the session has.
+	w, err := s.c.wireFor(o.Wire)
+	if err != nil {
+		return nil, err
+	}
+	if w.half() && o.JSON {
+		return nil, fmt.Errorf("optd: %s travels only as a binary body; leave JSON unset", w)
+	}
+	if o.JSON || w.half() {
+		// A JSON or 16-bit body does not carry the session's dtype: ask
+		// (once) which the session has.
 		if err := s.checkDType(ctx, dt); err != nil {
 			return nil, err
 		}
@@ -492,6 +525,13 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 	} else {
 		req.body, req.contentType, req.accept = encode(grad), "application/octet-stream", "application/octet-stream"
 		req.header[HeaderDType] = string(dt)
+		if w.half() {
+			if req.body, err = EncodeWire(grad, w); err != nil {
+				return nil, err
+			}
+			req.header[HeaderDType] = string(w)
+			req.header[HeaderParamsDType] = string(w)
+		}
 		if o.Loss != nil {
 			req.header[HeaderLoss] = strconv.FormatFloat(*o.Loss, 'g', -1, 64)
 		}
@@ -546,18 +586,25 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 		}
 		info.Step, out = body.Step, body.Params
 	} else if !o.NoParams {
-		// With absent tensors grad is shorter than the params answered.
-		if len(o.Absent) == 0 && len(resp.body) != len(grad)*dt.size() {
+		// With absent tensors grad is shorter than the params answered; a
+		// 16-bit answer is 2 bytes a value whatever the session's dtype.
+		if len(o.Absent) == 0 && !w.half() && len(resp.body) != len(grad)*dt.size() {
 			return nil, fmt.Errorf("optd: step answered %d bytes of params for %d %s elements",
 				len(resp.body), len(grad), dt)
 		}
-		if out, err = decode[T](resp.body); err != nil {
+		if out, err = decodeAnswer[T](resp); err != nil {
 			return nil, err
+		}
+		if (len(o.Absent) == 0 && len(out) != len(grad)) || len(out) < len(grad) {
+			return nil, fmt.Errorf("optd: step answered %d bytes of params for %d %s elements",
+				len(resp.body), len(grad), dt)
 		}
 	}
 	if o.NoParams {
 		out = nil
-	} else if out != nil {
+	} else if out != nil && !w.half() {
+		// The digest covers the params in the session's dtype; a 16-bit
+		// answer, a rounding of them, is not checked.
 		raw := resp.body
 		if o.JSON {
 			raw = encode(out)
@@ -572,29 +619,53 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 	return out, nil
 }
 
-func params[T float](ctx context.Context, s *Session, dt DType) ([]T, error) {
+func params[T float](ctx context.Context, s *Session, dt DType, w Wire) ([]T, error) {
+	w, err := s.c.wireFor(w)
+	if err != nil {
+		return nil, err
+	}
 	if err := s.checkDType(ctx, dt); err != nil {
 		return nil, err
 	}
-	resp, err := s.c.do(ctx, &request{method: http.MethodGet, path: sessionPath(s.name) + "/params",
-		accept: "application/octet-stream"})
+	req := &request{method: http.MethodGet, path: sessionPath(s.name) + "/params",
+		accept: "application/octet-stream"}
+	if w.half() {
+		req.header = map[string]string{HeaderParamsDType: string(w)}
+	}
+	resp, err := s.c.do(ctx, req)
 	if err != nil {
 		return nil, err
 	}
-	out, err := decode[T](resp.body)
+	out, err := decodeAnswer[T](resp)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.c.checkDigest(resp, resp.body); err != nil {
-		return nil, err
+	if !w.half() {
+		if err := s.c.checkDigest(resp, resp.body); err != nil {
+			return nil, err
+		}
 	}
 	s.noteStep(resp)
 	return out, nil
 }
 
-func setParams(ctx context.Context, s *Session, body []byte, dt DType) error {
+func setParams[T float](ctx context.Context, s *Session, p []T, dt DType, w Wire) error {
+	w, err := s.c.wireFor(w)
+	if err != nil {
+		return err
+	}
+	body, form := encode(p), string(dt)
+	if w.half() {
+		if err := s.checkDType(ctx, dt); err != nil {
+			return err
+		}
+		if body, err = EncodeWire(p, w); err != nil {
+			return err
+		}
+		form = string(w)
+	}
 	resp, err := s.c.do(ctx, &request{method: http.MethodPut, path: sessionPath(s.name) + "/params",
-		body: body, contentType: "application/octet-stream", header: map[string]string{HeaderDType: string(dt)}})
+		body: body, contentType: "application/octet-stream", header: map[string]string{HeaderDType: form}})
 	if err != nil {
 		return err
 	}

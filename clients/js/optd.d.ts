@@ -28,7 +28,12 @@ export interface ClientOptions {
   fetch?: typeof globalThis.fetch;
   /** Check answers' params against Optd-Params-Crc32; default true. */
   verifyParams?: boolean;
+  /** Send gradients and receive params in 16 bits (always binary); default null: the session's dtype. */
+  wire?: Wire | null;
 }
+
+/** A 16-bit wire form. */
+export type Wire = 'bfloat16' | 'float16';
 
 export interface CreateOptions {
   /** `{type: 'adam', lr: 1e-3, ...}` or just the type name. */
@@ -77,6 +82,8 @@ export interface StepOptions {
   /** true: JSON both ways; false: binary; default: by binaryThreshold. */
   json?: boolean;
   idempotencyKey?: string;
+  /** This call's 16-bit form; null: the session's dtype; default: the client's. */
+  wire?: Wire | null;
   /** Tensors without a gradient (indices or names); grad holds only the others. */
   absent?: (number | string)[];
   /** One entry per group: its lr / momentum / beta1 from this step on. */
@@ -174,6 +181,14 @@ export function decodeVector(buf: ArrayBuffer | ArrayBufferView, dtype: DType, h
 export function newIdempotencyKey(): Promise<string>;
 /** zlib's CRC-32 of bytes, as 8 lowercase hex digits. */
 export function crc32Hex(bytes: Uint8Array): string;
+export const WIRES: readonly Wire[];
+export const PARAMS_DTYPE_HEADER: string;
+export function f32ToBf16(bits: number): number;
+export function bf16ToF32(bits: number): number;
+export function f32ToF16(bits: number): number;
+export function f16ToF32(bits: number): number;
+export function narrowVector(v: Vector, wire: Wire): Uint8Array;
+export function widenVector(buf: ArrayBuffer | ArrayBufferView, wire: Wire, dtype: DType): Params;
 
 export class OptdError extends Error {
   constructor(o?: {
@@ -219,6 +234,7 @@ export class Client {
   maxBackoffMs: number;
   binaryThreshold: number;
   verifyParams: boolean;
+  wire: Wire | null;
   createSession(name: string, options: CreateOptions): Promise<Session>;
   fork(name: string, from: string, options?: { step?: number; replay?: boolean } & UpdateChanges): Promise<Session>;
   importSession(name: string, data: Uint8Array | ArrayBuffer): Promise<Session>;
@@ -244,8 +260,8 @@ export class Session {
   info(): Promise<SessionDoc>;
   step(grad: Vector, options?: StepOptions): Promise<Params | null>;
   stepResult(grad: Vector, options?: StepOptions): Promise<StepResult>;
-  params(options?: { json?: boolean }): Promise<Params>;
-  setParams(v: Vector, options?: { json?: boolean }): Promise<number | null>;
+  params(options?: { json?: boolean; wire?: Wire | null }): Promise<Params>;
+  setParams(v: Vector, options?: { json?: boolean; wire?: Wire | null }): Promise<number | null>;
   update(changes: UpdateChanges): Promise<SessionDoc>;
   history(options?: { after?: number; limit?: number; pageSize?: number }): Promise<HistoryStep[]>;
   checkpoint(label: string): Promise<Checkpoint>;

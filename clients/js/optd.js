@@ -116,6 +116,113 @@ export function decodeVector(buf, dtype, hostLittleEndian = HOST_LITTLE_ENDIAN) 
   return out;
 }
 
+// ------------------------------------------------------ 16-bit wire forms
+//
+// bfloat16 is the top half of a float32; float16 is IEEE binary16.  The
+// rounding is the daemon's (optim/vec.c): a value is first rounded to float32
+// (as Math.fround does), then to 16 bits, to nearest with ties to even.  NaN
+// stays a quiet NaN (sign and top payload bits kept), values beyond float16's
+// range become Inf, subnormals are kept.  Widening is exact.
+
+/** The 16-bit wire forms a client may ask for. */
+export const WIRES = Object.freeze(['bfloat16', 'float16']);
+/** The request header naming the form of a binary answer's params. */
+export const PARAMS_DTYPE_HEADER = 'Optd-Params-Dtype';
+
+function checkWire(wire) {
+  if (wire !== null && !WIRES.includes(wire)) {
+    throw new TypeError(`wire must be null, "bfloat16" or "float16", not ${JSON.stringify(wire)}`);
+  }
+  return wire;
+}
+
+/** float32 bits -> bfloat16 bits, rounded to nearest even. */
+export function f32ToBf16(u) {
+  u >>>= 0;
+  if ((u & 0x7fffffff) >>> 0 > 0x7f800000) return ((u >>> 16) | 0x0040) & 0xffff;
+  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+/** bfloat16 bits -> float32 bits (exact). */
+export function bf16ToF32(h) {
+  return ((h & 0xffff) << 16) >>> 0;
+}
+
+/** float32 bits -> float16 bits, rounded to nearest even. */
+export function f32ToF16(u) {
+  u >>>= 0;
+  const sign = (u >>> 16) & 0x8000;
+  const a = u & 0x7fffffff;
+  if (a > 0x7f800000) return sign | 0x7e00 | ((a >>> 13) & 0x3ff);
+  if (a >= 0x477ff000) return sign | 0x7c00; // rounds to 65520 or more: Inf
+  if (a < 0x38800000) {
+    // Below 2^-14: a subnormal float16 (or zero); value * 2^24 = sig >> shift.
+    const e = a >>> 23;
+    if (e < 102) return sign; // below 2^-25, or a float32 subnormal
+    const sig = (a & 0x7fffff) | 0x800000;
+    const shift = 126 - e;
+    let q = sig >>> shift;
+    const r = sig & ((1 << shift) - 1);
+    const half = 1 << (shift - 1);
+    if (r > half || (r === half && (q & 1))) q += 1;
+    return sign | q;
+  }
+  let h = (((a >>> 23) - 112) << 10) | ((a >>> 13) & 0x3ff);
+  const rem = a & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && (h & 1))) h += 1; // a carry into the exponent is right
+  return sign | h;
+}
+
+/** float16 bits -> float32 bits (exact). */
+export function f16ToF32(h) {
+  const sign = (h & 0x8000) << 16;
+  const e = (h >>> 10) & 0x1f;
+  let m = h & 0x3ff;
+  if (e === 0) {
+    if (m === 0) return sign >>> 0;
+    let ex = 113; // normalise the subnormal
+    while (!(m & 0x400)) {
+      m <<= 1;
+      ex -= 1;
+    }
+    return (sign | (ex << 23) | ((m & 0x3ff) << 13)) >>> 0;
+  }
+  if (e === 31) return (sign | 0x7f800000 | (m << 13)) >>> 0;
+  return (sign | ((e + 112) << 23) | (m << 13)) >>> 0;
+}
+
+/**
+ * A vector (typed array or array of numbers) as the little-endian bytes of
+ * `wire` ("bfloat16" or "float16").
+ */
+export function narrowVector(v, wire) {
+  const narrow = checkWire(wire) === 'bfloat16' ? f32ToBf16 : f32ToF16;
+  const f = v instanceof Float32Array ? v : toTypedArray(v, 'float32');
+  const u = new Uint32Array(f.buffer, f.byteOffset, f.length);
+  const out = new Uint8Array(f.length * 2);
+  for (let i = 0; i < f.length; i++) {
+    const h = narrow(u[i]);
+    out[2 * i] = h & 0xff;
+    out[2 * i + 1] = h >>> 8;
+  }
+  return out;
+}
+
+/** A typed array of `dtype` from the little-endian bytes of `wire`. */
+export function widenVector(buf, wire, dtype) {
+  const widen = checkWire(wire) === 'bfloat16' ? bf16ToF32 : f16ToF32;
+  const { Array: T } = dtypeInfo(dtype);
+  const u8 = buf instanceof Uint8Array ? buf : new Uint8Array(buf);
+  if (u8.byteLength % 2 !== 0) {
+    throw new RangeError(`binary body of ${u8.byteLength} bytes is not a whole number of ${wire}`);
+  }
+  const n = u8.byteLength / 2;
+  const u = new Uint32Array(n);
+  for (let i = 0; i < n; i++) u[i] = widen(u8[2 * i] | (u8[2 * i + 1] << 8));
+  const f = new Float32Array(u.buffer);
+  return T === Float32Array ? f : new T(f);
+}
+
 function allFinite(t) {
   for (let i = 0; i < t.length; i++) if (!Number.isFinite(t[i])) return false;
   return true;
@@ -292,6 +399,9 @@ export class Client {
    * @param {boolean} [o.verifyParams=true] check the params of every answer
    *        against its Optd-Params-Crc32 (CRC-32 of the params in the
    *        session's dtype); a mismatch throws ParamsDigestMismatch
+   * @param {string|null} [o.wire=null] "bfloat16" or "float16": gradients
+   *        are sent and params received in that 16-bit form (always binary);
+   *        null: the session's dtype.  Each call may override it.
    */
   constructor(url, o = {}) {
     if (typeof url !== 'string' || !/^https?:\/\//i.test(url)) {
@@ -305,6 +415,7 @@ export class Client {
     this.maxBackoffMs = o.maxBackoffMs ?? DEFAULTS.maxBackoffMs;
     this.binaryThreshold = o.binaryThreshold ?? DEFAULTS.binaryThreshold;
     this.verifyParams = o.verifyParams ?? true;
+    this.wire = checkWire(o.wire ?? null);
     this._fetch = o.fetch ?? globalThis.fetch;
     if (typeof this._fetch !== 'function') throw new TypeError('no fetch on this platform: pass options.fetch');
   }
@@ -587,6 +698,13 @@ export class Session {
     return { dtype: this._dtype, size: this._size };
   }
 
+  /** The 16-bit form of one call: its own `wire` when given, else the client's. */
+  _wire(wire, json) {
+    const w = checkWire(wire === undefined ? this.client.wire : wire);
+    if (w !== null && json === true) throw new RangeError(`${w} travels only as a binary body; leave json out`);
+    return w;
+  }
+
   _binary(n, json) {
     if (json === true) return false;
     if (json === false) return true;
@@ -606,7 +724,9 @@ export class Session {
    * baseStep (staleness bound), worker, params (default true), json (true:
    * JSON body and answer; false: binary; default: binary above the client's
    * binaryThreshold), idempotencyKey (default: a fresh one, reused by this
-   * call's retries).  `lastStep` and `lastLr` are updated; `stepResult` gives
+   * call's retries), wire ("bfloat16" / "float16": the gradient is sent and
+   * the params received in 16 bits; null: the session's dtype; default the
+   * client's).  `lastStep` and `lastLr` are updated; `stepResult` gives
    * the full answer.
    */
   async step(grad, opts = {}) {
@@ -618,11 +738,12 @@ export class Session {
    * skipped}: status 200 (applied, replayed or skipped) or 202 (accumulated,
    * `pending` gradients waiting for the update).
    */
-  async stepResult(grad, { loss, baseStep, worker, params = true, json, idempotencyKey, absent, groups } = {}) {
+  async stepResult(grad, { loss, baseStep, worker, params = true, json, idempotencyKey, wire, absent, groups } = {}) {
+    const w = this._wire(wire, json);
     const { dtype } = await this._meta();
     const g = toTypedArray(grad, dtype);
     const finite = allFinite(g);
-    let binary = this._binary(g.length, json);
+    let binary = w !== null || this._binary(g.length, json);
     if (!finite) {
       // JSON cannot carry NaN or Inf; the daemon must see them to refuse or
       // skip them as the session's nonfinite policy says.
@@ -638,11 +759,12 @@ export class Session {
     if (binary) {
       headers['Content-Type'] = BINARY_TYPE;
       headers.Accept = BINARY_TYPE;
-      headers[HEADERS.dtype] = dtype;
+      headers[HEADERS.dtype] = w ?? dtype;
+      if (w !== null) headers[PARAMS_DTYPE_HEADER] = w;
       if (loss !== undefined && loss !== null) headers[HEADERS.loss] = String(loss);
       if (baseStep !== undefined && baseStep !== null) headers[HEADERS.baseStep] = String(baseStep);
       if (worker !== undefined && worker !== null) headers[HEADERS.worker] = String(worker);
-      body = encodeVector(g, dtype);
+      body = w === null ? encodeVector(g, dtype) : narrowVector(g, w);
     } else {
       headers['Content-Type'] = JSON_TYPE;
       headers.Accept = JSON_TYPE;
@@ -683,11 +805,19 @@ export class Session {
     let lr = hl === null ? null : Number(hl);
     let params = null;
     let raw = null;
+    let half = false; // a 16-bit answer rounds the params: the digest is not checked
     if (ct.startsWith(BINARY_TYPE)) {
       const buf = await res.arrayBuffer();
       if (wantParams) {
-        raw = new Uint8Array(buf);
-        params = decodeVector(buf, dtype);
+        // Optd-Dtype names the form the params came in.
+        const form = res.headers.get(HEADERS.dtype);
+        if (WIRES.includes(form)) {
+          params = widenVector(buf, form, dtype);
+          half = true;
+        } else {
+          raw = new Uint8Array(buf);
+          params = decodeVector(buf, dtype);
+        }
         if (this._size !== null && params.length !== this._size) {
           throw new RangeError(`answer has ${params.length} params; the session has ${this._size}`);
         }
@@ -700,7 +830,7 @@ export class Session {
       if (wantParams && doc.params) params = toTypedArray(doc.params, dtype);
     }
     const expected = res.headers.get(HEADERS.paramsCrc32);
-    if (params && expected !== null && this.client.verifyParams) {
+    if (params && !half && expected !== null && this.client.verifyParams) {
       const actual = crc32Hex(raw ?? encodeVector(params, dtype));
       if (actual !== expected.toLowerCase()) {
         throw new ParamsDigestMismatch({ status: res.status, expected, actual });
@@ -709,28 +839,38 @@ export class Session {
     return { status: res.status, step, lr, params, headers: res.headers };
   }
 
-  /** The current params as a typed array of the session's dtype. */
-  async params({ json } = {}) {
+  /**
+   * The current params as a typed array of the session's dtype; `wire` as
+   * for step (received in 16 bits, widened).
+   */
+  async params({ json, wire } = {}) {
+    const w = this._wire(wire, json);
     const { dtype, size } = await this._meta();
-    const binary = this._binary(size, json);
+    const binary = w !== null || this._binary(size, json);
+    const headers = { Accept: binary ? BINARY_TYPE : JSON_TYPE };
+    if (w !== null) headers[PARAMS_DTYPE_HEADER] = w;
     const r = await this.client._request('GET', `${this.path}/params`, {
-      headers: { Accept: binary ? BINARY_TYPE : JSON_TYPE },
+      headers,
       handle: (res) => this._readParams(res, dtype),
     });
     this.lastStep = r.step;
     return r.params;
   }
 
-  /** Overwrites the params (the optimizer state stays).  Resolves to the step. */
-  async setParams(v, { json } = {}) {
+  /**
+   * Overwrites the params (the optimizer state stays).  Resolves to the step.
+   * `wire` as for step (sent in 16 bits).
+   */
+  async setParams(v, { json, wire } = {}) {
+    const w = this._wire(wire, json);
     const { dtype } = await this._meta();
     const t = toTypedArray(v, dtype);
-    const binary = this._binary(t.length, json) || !allFinite(t);
+    const binary = w !== null || this._binary(t.length, json) || !allFinite(t);
     const r = await this.client._request('PUT', `${this.path}/params`, {
       headers: binary
-        ? { 'Content-Type': BINARY_TYPE, Accept: JSON_TYPE, [HEADERS.dtype]: dtype }
+        ? { 'Content-Type': BINARY_TYPE, Accept: JSON_TYPE, [HEADERS.dtype]: w ?? dtype }
         : { 'Content-Type': JSON_TYPE, Accept: JSON_TYPE },
-      body: binary ? encodeVector(t, dtype) : jsonWithVector('params', t),
+      body: w !== null ? narrowVector(t, w) : binary ? encodeVector(t, dtype) : jsonWithVector('params', t),
       handle: (res) => this._readParams(res, dtype, false),
     });
     this.lastStep = r.step;

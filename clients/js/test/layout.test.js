@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 
-import { Client, indexRanges } from '../optd.js';
+import { Client, indexRanges, narrowVector, widenVector } from '../optd.js';
 import { startDaemon } from './daemon.js';
 
 let d;
@@ -82,6 +82,25 @@ test('binary step: absent by index, each group with its own lr', async () => {
   // The lrs stay the groups' values from then on.
   const q = await s.step([...g, 1, 1, 1], { json: false });
   assert.deepEqual([...q.slice(6)], B.map((x) => x + -0.3 * 1));
+});
+
+test('a 16-bit step with absent tensors and group lrs answers every tensor in 16 bits', async () => {
+  const s = await create('js-absent-wire');
+  const g = [1, 2, 3, 4, 5, 6]; // exact in bfloat16
+  const p = await s.step(g, { absent: [1], groups: [{ lr: 0.2 }, { lr: 0.3 }], wire: 'bfloat16' });
+  assert.equal(p.length, 9);
+  const full = await s.params({ wire: null, json: false });
+  assert.deepEqual([...full.slice(0, 6)], W.map((x, i) => x + -0.2 * g[i]));
+  assert.deepEqual([...full.slice(6)], B);
+  assert.deepEqual([...p], [...widenVector(narrowVector(full, 'bfloat16'), 'bfloat16', 'float64')]);
+  // float16, layer.w absent: group 1 keeps the lr 0.3 of the last step.
+  const gb = [0.5, -0.25, 1];
+  const q = await s.step(gb, { absent: ['layer.w'], wire: 'float16' });
+  const full2 = await s.params({ wire: null, json: false });
+  assert.deepEqual([...full2.slice(0, 6)], [...full.slice(0, 6)]);
+  assert.deepEqual([...full2.slice(6)], B.map((x, i) => x + -0.3 * gb[i]));
+  assert.deepEqual([...q], [...widenVector(narrowVector(full2, 'float16'), 'float16', 'float64')]);
+  assert.equal(s.lastStep, 2);
 });
 
 test('bad absent or groups are refused before anything is sent', async () => {

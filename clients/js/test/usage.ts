@@ -17,6 +17,7 @@ import Default, {
   type SessionDoc,
   type StepResult,
 } from 'optd-client';
+import { WIRES, narrowVector, widenVector, type Wire } from 'optd-client';
 
 export async function train(url: string): Promise<number | null> {
   const c: Client = new Default(url, { apiKey: 'k', retries: DEFAULTS.retries, binaryThreshold: 16 });
@@ -49,6 +50,9 @@ export async function train(url: string): Promise<number | null> {
     }
   }
   await s.setParams(back);
+  const w: Wire = WIRES[0];
+  const half: Params = await new Client(url, { wire: 'float16' }).session('mlp').params({ wire: w });
+  await s.step(widenVector(narrowVector(half, 'bfloat16'), 'bfloat16', 'float32'), { wire: null });
   await s.delete();
   console.log(created, steps.length, t.length, (await c.health()).status);
   return s.lastStep;

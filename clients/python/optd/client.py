@@ -8,7 +8,7 @@ import urllib.parse
 import zlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
-from . import _vec
+from . import _vec, _wire
 from ._constants import BACKOFF, BINARY_THRESHOLD, HEADERS, MAX_BACKOFF, NAME_PATTERN, RETRIES
 from ._http import Transport
 from .errors import OptdError, ParamsDigestMismatch, from_problem
@@ -23,6 +23,8 @@ Vector = Union[Sequence[float], Any]
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 
+#: A per-call ``wire`` left out: the client's own choice.
+_CLIENT_WIRE = object()
 #: Headers of a step (JSON or binary) that carry the absent tensors and the
 #: groups' client-driven hyperparameters (one value per group, in group order).
 STEP_HEADERS = {
@@ -164,6 +166,11 @@ class Client:
     ``verify_params``: check the params of every answer against its
     Optd-Params-Crc32 (the CRC-32 of the params in the session's dtype) and
     raise ParamsDigestMismatch when they differ.
+    ``wire``: None sends and receives vectors in the session's dtype;
+    "bfloat16" or "float16" sends gradients and receives params in that
+    16-bit form (half of float32's bytes, always as a binary body), rounded
+    to nearest even from float32 exactly as the daemon does.  Each call can
+    override it with its own ``wire=``.
 
     A client keeps one keep-alive connection; threads may share it (their
     requests take turns), or make one client each to run in parallel.
@@ -172,7 +179,8 @@ class Client:
     def __init__(self, url: str = "http://127.0.0.1:8080", api_key: Optional[str] = None,
                  timeout: float = 60.0, retries: int = RETRIES, backoff: float = BACKOFF,
                  max_backoff: float = MAX_BACKOFF, numpy: Optional[bool] = None,
-                 binary_threshold: int = BINARY_THRESHOLD, verify_params: bool = True) -> None:
+                 binary_threshold: int = BINARY_THRESHOLD, verify_params: bool = True,
+                 wire: Optional[str] = None) -> None:
         self.url = url
         self.verify_params = bool(verify_params)
         self._t = Transport(url, api_key=api_key, timeout=timeout, retries=retries,
@@ -181,6 +189,7 @@ class Client:
         if self.use_numpy and not _vec.numpy_available():
             raise ValueError("numpy=True but NumPy cannot be imported")
         self.binary_threshold = int(binary_threshold)
+        self.wire = _wire.check_wire(wire)
 
     def __repr__(self) -> str:
         return "optd.Client(%r)" % (self.url,)
@@ -351,10 +360,27 @@ class Session:
             return n > self.client.binary_threshold
         return not json
 
+    def _wire(self, wire, json):
+        """The 16-bit form a call uses (None: the session's dtype)."""
+        wire = self.client.wire if wire is _CLIENT_WIRE else _wire.check_wire(wire)
+        if wire is not None and json:
+            raise ValueError("%s travels only as a binary body; leave json out" % wire)
+        return wire
+
+    def _from_binary(self, resp):
+        """The params of a binary answer, widened from the form its
+        Optd-Dtype names.  The digest covers the params in the session's
+        dtype: a 16-bit answer, a rounding of them, is not checked."""
+        form = resp.header(HEADERS["dtype"])
+        if form in _wire.WIRES:
+            return _wire.widen(resp.body, form, self.dtype, self._codec.use_numpy)
+        return self._received(resp, self._codec.from_bytes(resp.body), resp.body)
+
     def step(self, grad: Vector, loss: Optional[float] = None, base_step: Optional[int] = None,
              worker: Optional[str] = None, params: bool = True, json: Optional[bool] = None,
              idempotency_key: Optional[str] = None, absent: Optional[Sequence[Any]] = None,
-             groups: Optional[Sequence[Dict[str, Any]]] = None) -> Optional[Vector]:
+             groups: Optional[Sequence[Dict[str, Any]]] = None,
+             wire: Any = _CLIENT_WIRE) -> Optional[Vector]:
         """Applies one gradient; returns the new params (None with
         params=False): always the whole vector.
 
@@ -374,13 +400,16 @@ class Session:
         vectors longer than the client's binary_threshold as raw bytes and
         shorter ones as JSON; True / False force one.  Every call carries an
         Idempotency-Key -- a fresh one unless given -- reused by the
-        client's retries, so a gradient is never applied twice.
+        client's retries, so a gradient is never applied twice.  ``wire``
+        ("bfloat16" / "float16"; None for the session's dtype; default the
+        client's) sends the gradient and receives the params in 16 bits.
         """
         key = idempotency_key or new_idempotency_key()
         absent = _check_absent(absent) if absent else None
         groups = _check_step_groups(groups) if groups else None
         n = self._codec.length(grad)
-        binary = self._binary(n, json)
+        wire = self._wire(wire, json)
+        binary = wire is not None or self._binary(n, json)
         loss = None if loss is None else float(loss)
         if loss is not None and not math.isfinite(loss):
             raise ValueError("loss must be finite, not %r (leave it out instead)" % loss)
@@ -399,8 +428,13 @@ class Session:
                 # %.17g: every double reads back exactly
                 headers[STEP_HEADERS[k]] = ",".join("%.17g" % g[k] for g in groups)
         if binary:
-            body = self._codec.to_bytes(grad)
             headers.update({"Content-Type": _BINARY, "Accept": _BINARY})
+            if wire is not None:
+                body = _wire.narrow(grad, wire, self._codec.use_numpy)
+                headers[HEADERS["dtype"]] = wire
+                headers[_wire.PARAMS_DTYPE] = wire
+            else:
+                body = self._codec.to_bytes(grad)
             if loss is not None:
                 headers[HEADERS["loss"]] = repr(loss)
             if base_step is not None:
@@ -424,8 +458,7 @@ class Session:
         self.last_replayed = resp.header(HEADERS["replayed"]) == "true"
         self.pending = _int_header(resp, HEADERS["pending"]) or 0
         if binary:
-            return self._received(resp, self._codec.from_bytes(resp.body), resp.body) \
-                if params else None
+            return self._from_binary(resp) if params else None
         doc = _json_doc(resp)
         self.last_step = doc.get("step", self.last_step)
         if "lr" in doc:
@@ -475,23 +508,33 @@ class Session:
         self.tensors = doc.get("tensors", self.tensors)
         self.groups = doc.get("groups", self.groups)
 
-    def params(self, json: Optional[bool] = None) -> Vector:
-        """The current params (and last_step)."""
-        if self._binary(self.size, json):
-            resp = self.client._request("GET", _path(self.name, "/params"),
-                                        headers={"Accept": _BINARY})
+    def params(self, json: Optional[bool] = None, wire: Any = _CLIENT_WIRE) -> Vector:
+        """The current params (and last_step); ``wire`` as for step()."""
+        wire = self._wire(wire, json)
+        if wire is not None or self._binary(self.size, json):
+            headers = {"Accept": _BINARY}
+            if wire is not None:
+                headers[_wire.PARAMS_DTYPE] = wire
+            resp = self.client._request("GET", _path(self.name, "/params"), headers=headers)
             _raise_for(resp)
             self.last_step = _int_header(resp, HEADERS["step"])
-            return self._received(resp, self._codec.from_bytes(resp.body), resp.body)
+            return self._from_binary(resp)
         resp = self.client._request("GET", _path(self.name, "/params"),
                                     headers={"Accept": _JSON})
         doc = _json_doc(resp)
         self.last_step = doc["step"]
         return self._received(resp, self._codec.from_list(doc["params"]))
 
-    def set_params(self, params: Vector, json: Optional[bool] = None) -> None:
-        """Overwrites the params (optimizer state and step are kept)."""
-        if self._binary(self._codec.length(params), json):
+    def set_params(self, params: Vector, json: Optional[bool] = None,
+                   wire: Any = _CLIENT_WIRE) -> None:
+        """Overwrites the params (optimizer state and step are kept);
+        ``wire`` as for step()."""
+        wire = self._wire(wire, json)
+        if wire is not None:
+            resp = self.client._request(
+                "PUT", _path(self.name, "/params"), body=_wire.narrow(params, wire, self._codec.use_numpy),
+                headers={"Content-Type": _BINARY, "Accept": _JSON, HEADERS["dtype"]: wire})
+        elif self._binary(self._codec.length(params), json):
             resp = self.client._request(
                 "PUT", _path(self.name, "/params"), body=self._codec.to_bytes(params),
                 headers={"Content-Type": _BINARY, "Accept": _JSON})
