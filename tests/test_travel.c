@@ -7,8 +7,11 @@
  * parent's log); a replay under another lr equals a local run of the
  * optim/ kernels on the logged gradients; forks share nothing with their
  * parent; retention keeps `keep` checkpoints and compacts the log behind
- * them (measured); kill -9 during rollback, fork and replay loses nothing
- * acknowledged and shows nothing half-done.  All against the real daemon.
+ * them (measured); an export with its log imports bit for bit; optd backup
+ * of a served database opens elsewhere as a consistent snapshot; kill -9
+ * during rollback, fork with replay, import and compacting steps loses
+ * nothing acknowledged and shows nothing half-done.  All against the real
+ * daemon.
  */
 #define _GNU_SOURCE
 #include <setjmp.h>
