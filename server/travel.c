@@ -281,13 +281,95 @@ static const char *const fork_refused[] = {"params", "size", "init", "dtype", "t
 
 /* Fills cfg (a copy of the fork's config at t) with the body's PATCH-like
  * fields; 0 or the problem's status. */
+/* The optimizer's type in a fork body's "optimizer" ("adam" or
+ * {"type": "adam", ...}), or NULL when it names none. */
+static const char *body_type(const cJSON *opt)
+{
+    if (cJSON_IsString(opt))
+        return opt->valuestring;
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(opt, "type");
+    return cJSON_IsString(t) ? t->valuestring : NULL;
+}
+
+/* A fork to another optimizer type: the config becomes the parent's with
+ * this optimizer (its hyperparameters from the body, the rest torch's
+ * defaults), and the state keeps the params (and a pending accumulation)
+ * and the session's step, while the optimizer's own state starts afresh:
+ * no buffers, every tensor's step 0 (torch: a new optimizer over the same
+ * parameters). */
+static int fork_new_optimizer(const cJSON *opt, eng_session *s, api_reply *r)
+{
+    char *cur = api_config_to_json(&s->cfg);
+    cJSON *doc = cur ? cJSON_Parse(cur) : NULL;
+    free(cur);
+    if (!doc)
+        return api_problem(r, 503, NULL, "out of memory");
+    cJSON *o = cJSON_IsString(opt) ? cJSON_CreateObject() : cJSON_Duplicate(opt, 1);
+    if (o && cJSON_IsString(opt))
+        cJSON_AddStringToObject(o, "type", opt->valuestring);
+    cJSON_ReplaceItemInObjectCaseSensitive(doc, "optimizer", o);
+    char *text = cJSON_PrintUnformatted(doc);
+    cJSON_Delete(doc);
+    if (!text)
+        return api_problem(r, 503, NULL, "out of memory");
+    /* Decoded as a create would be (the same messages), then checked as a
+     * stored config (the layout and the groups' overrides must fit). */
+    api_config probe, next;
+    api_init init;
+    void *params = NULL;
+    cJSON *check = cJSON_Parse(text);
+    if (check) {
+        cJSON_DeleteItemFromObjectCaseSensitive(check, "groups");
+        cJSON_DeleteItemFromObjectCaseSensitive(check, "tensors");
+        cJSON_DeleteItemFromObjectCaseSensitive(check, "retain");
+    }
+    char *ctext = check ? cJSON_PrintUnformatted(check) : NULL;
+    cJSON_Delete(check);
+    int st = ctext ? api_decode_create(ctext, strlen(ctext), SIZE_MAX, &probe, &init, &params, r)
+                   : api_problem(r, 503, NULL, "out of memory");
+    cJSON_free(ctext);
+    free(params);
+    if (st) {
+        cJSON_free(text);
+        return st;
+    }
+    api_config_free(&probe);
+    int bad = api_config_from_json(text, &next);
+    cJSON_free(text);
+    if (bad)
+        return api_problem(r, 400, "optimizer",
+                           "the parent's groups set hyperparameters the new optimizer does not "
+                           "have; fork with the same optimizer type, or PATCH the groups first");
+    api_config_free(&s->cfg);
+    s->cfg = next;
+    for (size_t t = 0; t < s->cfg.n_tensors; t++)
+        memset(&s->tst[t], 0, sizeof s->tst[t]);
+    for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++) {
+        free(s->st.buf[i]);
+        s->st.buf[i] = NULL;
+    }
+    s->client_hp = false;
+    optim_plateau_init(&s->cfg.sched, s->cfg.opt.lr, &s->plateau);
+    return 0;
+}
+
 static int fork_config(cJSON *root, eng_session *s, api_reply *r)
 {
+    const cJSON *jo = cJSON_GetObjectItemCaseSensitive(root, "optimizer");
+    const char *type = jo ? body_type(jo) : NULL;
+    bool new_type = type && strcmp(type, optim_info_of(s->cfg.opt.kind)->name) != 0;
+    if (new_type) {
+        int st = fork_new_optimizer(jo, s, r);
+        if (st)
+            return st;
+    }
     cJSON *patch = cJSON_Duplicate(root, 1);
     if (!patch)
         return api_problem(r, 503, NULL, "out of memory");
     cJSON_DeleteItemFromObjectCaseSensitive(patch, "fork");
     cJSON_DeleteItemFromObjectCaseSensitive(patch, "replay");
+    if (new_type)
+        cJSON_DeleteItemFromObjectCaseSensitive(patch, "optimizer");
     char *text = cJSON_PrintUnformatted(patch);
     cJSON_Delete(patch);
     if (!text)

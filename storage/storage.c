@@ -157,7 +157,10 @@ static const char *const sql_text[Q_COUNT] = {
     [Q_LOG_FILES_AFTER] = "SELECT DISTINCT file FROM steps WHERE session_id = ?1 AND seq > ?2"
                           " AND file IS NOT NULL",
     [Q_LOG_DELETE_AFTER] = "DELETE FROM steps WHERE session_id = ?1 AND seq > ?2",
-    [Q_FILE_USED] = "SELECT 1 FROM steps WHERE session_id = ?1 AND file = ?2 LIMIT 1",
+    /* Rows at or behind the oldest checkpoint hold no file: the scan covers
+     * the kept window only, not the whole history. */
+    [Q_FILE_USED] = "SELECT 1 FROM steps WHERE session_id = ?1 AND seq > " OLDEST
+                    " AND file = ?2 LIMIT 1",
     [Q_IDEM_DELETE_AFTER] =
         "DELETE FROM idem WHERE session_id = ?1 AND (step > ?2 OR (step = ?2 AND kind <> 0))",
     [Q_SESSION_RENAME] = "UPDATE sessions SET name = ?2 WHERE id = ?1",

@@ -7,8 +7,11 @@
  * parent's log); a replay under another lr equals a local run of the
  * optim/ kernels on the logged gradients; forks share nothing with their
  * parent; retention keeps `keep` checkpoints and compacts the log behind
- * them (measured); kill -9 during rollback, fork and replay loses nothing
- * acknowledged and shows nothing half-done.  All against the real daemon.
+ * them (measured); an export with its log imports bit for bit; optd backup
+ * of a served database opens elsewhere as a consistent snapshot; kill -9
+ * during rollback, fork with replay, import and compacting steps loses
+ * nothing acknowledged and shows nothing half-done.  All against the real
+ * daemon.
  */
 #define _GNU_SOURCE
 #include <setjmp.h>
@@ -372,8 +375,50 @@ static void test_replay_other_lr(void **state)
     assert_memory_not_equal(p.params, params, sizeof params);
     tapi_snap_free(&p);
     tapi_snap_free(&f);
+    /* another optimizer on the same gradients, from step 10 on: the
+     * parent's params at 10, a fresh SGD state */
+    tapi_create(c, "c10", "{\"fork\":{\"from\":\"cp\",\"step\":10}}", 201);
+    tapi_snap at10 = tapi_snapshot(c, "c10");
+    tapi_create(c, "cs", "{\"fork\":{\"from\":\"cp\",\"step\":10},\"replay\":true,"
+                         "\"optimizer\":{\"type\":\"sgd\",\"lr\":0.05,\"momentum\":0.9}}",
+                201);
+    float sp[N];
+    memcpy(sp, at10.params, sizeof sp);
+    optim_hparams sh;
+    optim_hparams_default(OPTIM_SGD, &sh);
+    sh.lr = 0.05;
+    sh.momentum = 0.9;
+    optim_state ss;
+    memset(&ss, 0, sizeof ss);
+    optim_state_init(&sh, &ss);
+    unsigned sneed = optim_buffers_needed(&sh);
+    for (unsigned b = 0; b < OPTIM_MAX_BUFFERS; b++)
+        if (sneed & (1u << b)) {
+            ss.buf[b] = malloc(sizeof sp);
+            optim_buffer_init(&sh, b, OPTIM_F32, ss.buf[b], N);
+        }
+    for (int i = 10; i < 25; i++) {
+        float g[N];
+        grad_of(i, g, N);
+        optim_step(&sh, &ss, OPTIM_F32, sp, g, N);
+    }
+    for (unsigned b = 0; b < OPTIM_MAX_BUFFERS; b++)
+        free(ss.buf[b]);
+    tapi_snap cs = tapi_snapshot(c, "cs");
+    assert_int_equal(cs.session_step, 25);
+    assert_memory_equal(cs.params, sp, sizeof sp);
+    tapi_snap_free(&cs);
+    tapi_snap_free(&at10);
+    /* a type whose hyperparameters do not fit is refused, naming them */
+    optd_response r = tapi_req(c, "PUT", "/v1/sessions/cx", NULL,
+                               "{\"fork\":{\"from\":\"cp\"},\"optimizer\":{\"type\":\"sgd\","
+                               "\"lr\":0.1,\"betas\":[0.9,0.99]}}");
+    tapi_assert_problem(&r, 400, NULL);
+    optd_response_free(&r);
     del(c, "cp");
     del(c, "cf");
+    del(c, "c10");
+    del(c, "cs");
 }
 
 /* ------------------------------------------------------------ retention */
