@@ -203,7 +203,7 @@ tsan: deps-tsan
 # sanitized (under make asan it passes on to ASan's allocator).
 $(BUILD)/tests/failmalloc.so: tests/support/shim/failmalloc.c
 	@mkdir -p $(dir $@)
-	$(CC) -std=c11 $(WARN) -g -O1 -fPIC -shared -o $@ $< -ldl
+	$(CC) -std=c11 $(WARN) -g -O1 -fno-omit-frame-pointer -fPIC -shared -o $@ $< -ldl
 all build: $(BUILD)/tests/failmalloc.so
 
 # The daemon under injected I/O faults at every N of its scenario
