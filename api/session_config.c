@@ -13,6 +13,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* cJSON_AddItemTo* leave the item to the caller when they fail (out of
+ * memory copying the key): it is freed here instead of leaking. */
+static void add_item(cJSON *obj, const char *key, cJSON *item)
+{
+    if (!cJSON_AddItemToObject(obj, key, item))
+        cJSON_Delete(item);
+}
+
+static void add_elem(cJSON *arr, cJSON *item)
+{
+    if (!cJSON_AddItemToArray(arr, item))
+        cJSON_Delete(item);
+}
+
 #define MODE_DEFAULT_TIMEOUT_MS 30000
 
 static void layout_free(api_config *c)
@@ -839,7 +853,7 @@ static int overrides_apply(const cJSON *obj, const optim_hparams *base, optim_hp
         specs_encode(all, info->hps, info->n_hps, eff);
         for (size_t i = 0; i < info->n_hps; i++)
             if (cJSON_GetObjectItemCaseSensitive(obj, info->hps[i].name))
-                cJSON_AddItemToObject(out, info->hps[i].name,
+                add_item(out, info->hps[i].name,
                                       cJSON_Duplicate(cJSON_GetObjectItem(all, info->hps[i].name),
                                                       1));
         char *t = cJSON_PrintUnformatted(out);
@@ -1044,7 +1058,7 @@ static int patch_groups(const cJSON *v, api_config *c, api_reply *r)
         cJSON_ArrayForEach(m, jo)
         {
             cJSON_DeleteItemFromObjectCaseSensitive(merged, m->string);
-            cJSON_AddItemToObject(merged, m->string, cJSON_Duplicate(m, 1));
+            add_item(merged, m->string, cJSON_Duplicate(m, 1));
         }
         char *canon = NULL;
         int st = overrides_apply(merged, &c->opt, &c->groups[g].opt, &canon, field, r);
@@ -1273,8 +1287,8 @@ static void specs_encode(cJSON *obj, const optim_hp_spec *specs, size_t n, const
             break;
         case OPTIM_HP_PAIR:
             v = cJSON_CreateArray();
-            cJSON_AddItemToArray(v, num(((const double *)(b + s->offset))[0]));
-            cJSON_AddItemToArray(v, num(((const double *)(b + s->offset))[1]));
+            add_elem(v, num(((const double *)(b + s->offset))[0]));
+            add_elem(v, num(((const double *)(b + s->offset))[1]));
             break;
         case OPTIM_HP_ENUM:
             v = cJSON_CreateString(s->choices[*(const int *)(b + s->offset)]);
@@ -1283,11 +1297,11 @@ static void specs_encode(cJSON *obj, const optim_hp_spec *specs, size_t n, const
             v = cJSON_CreateArray();
             size_t cnt = *(const size_t *)(b + s->count_offset);
             for (size_t k = 0; k < cnt; k++)
-                cJSON_AddItemToArray(v, int_num(((const int64_t *)(b + s->offset))[k]));
+                add_elem(v, int_num(((const int64_t *)(b + s->offset))[k]));
             break;
         }
         }
-        cJSON_AddItemToObject(obj, s->name, v);
+        add_item(obj, s->name, v);
     }
 }
 
@@ -1295,7 +1309,7 @@ static cJSON *config_obj(const api_config *c)
 {
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "dtype", optim_dtype_name(c->dtype));
-    cJSON_AddItemToObject(root, "size", int_num((int64_t)c->size));
+    add_item(root, "size", int_num((int64_t)c->size));
     const optim_info *oi = optim_info_of(c->opt.kind);
     cJSON *o = cJSON_AddObjectToObject(root, "optimizer");
     cJSON_AddStringToObject(o, "type", oi->name);
@@ -1332,25 +1346,25 @@ static cJSON *config_obj(const api_config *c)
             cJSON_AddStringToObject(t, "name", c->tensors[i].name);
             cJSON *sh = cJSON_AddArrayToObject(t, "shape");
             for (int d = 0; d < c->tensors[i].ndim; d++)
-                cJSON_AddItemToArray(sh, int_num(c->tensors[i].shape[d]));
-            cJSON_AddItemToArray(ts, t);
+                add_elem(sh, int_num(c->tensors[i].shape[d]));
+            add_elem(ts, t);
         }
         cJSON *gs = cJSON_AddArrayToObject(root, "groups");
         for (size_t g = 0; g < c->n_groups; g++) {
             cJSON *o = cJSON_CreateObject();
             cJSON *names = cJSON_AddArrayToObject(o, "tensors");
             for (size_t k = 0; k < c->groups[g].n_tensors; k++)
-                cJSON_AddItemToArray(names,
+                add_elem(names,
                                      cJSON_CreateString(c->tensors[c->groups[g].tensors[k]].name));
             cJSON *ov = cJSON_Parse(c->groups[g].overrides);
             for (cJSON *m = ov ? ov->child : NULL; m; m = m->next)
-                cJSON_AddItemToObject(o, m->string, cJSON_Duplicate(m, 1));
+                add_item(o, m->string, cJSON_Duplicate(m, 1));
             cJSON_Delete(ov);
-            cJSON_AddItemToArray(gs, o);
+            add_elem(gs, o);
         }
     }
     if (c->metadata)
-        cJSON_AddItemToObject(root, "metadata", cJSON_Parse(c->metadata));
+        add_item(root, "metadata", cJSON_Parse(c->metadata));
     else
         cJSON_AddNullToObject(root, "metadata");
     /* Only when set: configs stored before it existed read back equal. */
@@ -1527,15 +1541,15 @@ static cJSON *catalogue_params(const optim_hp_spec *specs, size_t n, const void 
         if (specs[i].required)
             cJSON_AddTrueToObject(p, "required");
         else
-            cJSON_AddItemToObject(p, "default",
+            add_item(p, "default",
                                   cJSON_Duplicate(cJSON_GetObjectItem(vals, specs[i].name), 1));
         if (specs[i].type == OPTIM_HP_ENUM) {
             cJSON *ch = cJSON_AddArrayToObject(p, "choices");
             for (int k = 0; specs[i].choices[k]; k++)
-                cJSON_AddItemToArray(ch, cJSON_CreateString(specs[i].choices[k]));
+                add_elem(ch, cJSON_CreateString(specs[i].choices[k]));
         }
         cJSON_AddStringToObject(p, "doc", specs[i].doc ? specs[i].doc : "");
-        cJSON_AddItemToArray(arr, p);
+        add_elem(arr, p);
     }
     cJSON_Delete(vals);
     return arr;
@@ -1552,11 +1566,11 @@ char *api_catalogue_json(void)
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "type", oi->name);
         cJSON_AddStringToObject(o, "doc", oi->doc ? oi->doc : "");
-        cJSON_AddItemToObject(o, "hyperparameters", catalogue_params(oi->hps, oi->n_hps, &hp));
+        add_item(o, "hyperparameters", catalogue_params(oi->hps, oi->n_hps, &hp));
         cJSON *bufs = cJSON_AddArrayToObject(o, "state");
         for (unsigned s = 0; optim_buffer_name((optim_kind)k, s); s++)
-            cJSON_AddItemToArray(bufs, cJSON_CreateString(optim_buffer_name((optim_kind)k, s)));
-        cJSON_AddItemToArray(opts, o);
+            add_elem(bufs, cJSON_CreateString(optim_buffer_name((optim_kind)k, s)));
+        add_elem(opts, o);
     }
     cJSON *scheds = cJSON_AddArrayToObject(root, "schedules");
     for (int k = 0; k < OPTIM_SCHED_KIND_COUNT; k++) {
@@ -1568,8 +1582,8 @@ char *api_catalogue_json(void)
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "type", si->name);
         cJSON_AddStringToObject(o, "doc", si->doc ? si->doc : "");
-        cJSON_AddItemToObject(o, "hyperparameters", catalogue_params(si->hps, si->n_hps, &s));
-        cJSON_AddItemToArray(scheds, o);
+        add_item(o, "hyperparameters", catalogue_params(si->hps, si->n_hps, &s));
+        add_elem(scheds, o);
     }
     cJSON *clips = cJSON_AddArrayToObject(root, "clips");
     for (int k = 1; k <= 2; k++) {
@@ -1579,8 +1593,8 @@ char *api_catalogue_json(void)
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "type", ci->name);
         cJSON_AddStringToObject(o, "doc", ci->doc ? ci->doc : "");
-        cJSON_AddItemToObject(o, "hyperparameters", catalogue_params(ci->hps, ci->n_hps, &c));
-        cJSON_AddItemToArray(clips, o);
+        add_item(o, "hyperparameters", catalogue_params(ci->hps, ci->n_hps, &c));
+        add_elem(clips, o);
     }
     api_mode m;
     mode_default(&m);
@@ -1589,15 +1603,15 @@ char *api_catalogue_json(void)
     cJSON_AddStringToObject(ma, "type", "async");
     cJSON_AddStringToObject(ma, "doc", "each gradient is applied on arrival, serialised per "
                                        "session; optional staleness bound and damping");
-    cJSON_AddItemToObject(ma, "hyperparameters", catalogue_params(async_specs, N_ASYNC, &m));
-    cJSON_AddItemToArray(modes, ma);
+    add_item(ma, "hyperparameters", catalogue_params(async_specs, N_ASYNC, &m));
+    add_elem(modes, ma);
     optim_specs_default(sync_specs, N_SYNC, &m);
     cJSON *ms = cJSON_CreateObject();
     cJSON_AddStringToObject(ms, "type", "sync");
     cJSON_AddStringToObject(ms, "doc", "round t closes when N distinct workers have sent a "
                                        "gradient for step t; one update with their mean or sum");
-    cJSON_AddItemToObject(ms, "hyperparameters", catalogue_params(sync_specs, N_SYNC, &m));
-    cJSON_AddItemToArray(modes, ms);
+    add_item(ms, "hyperparameters", catalogue_params(sync_specs, N_SYNC, &m));
+    add_elem(modes, ms);
     char *s = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     char *d = s ? dup_str(s) : NULL;

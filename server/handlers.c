@@ -43,6 +43,20 @@ static int reply_cjson(api_reply *r, int status, cJSON *doc)
     return reply_json_text(r, status, d);
 }
 
+/* cJSON_AddItemTo* leave the item to the caller when they fail (out of
+ * memory copying the key): it is freed here instead of leaking. */
+static void add_item(cJSON *obj, const char *key, cJSON *item)
+{
+    if (!cJSON_AddItemToObject(obj, key, item))
+        cJSON_Delete(item);
+}
+
+static void add_elem(cJSON *arr, cJSON *item)
+{
+    if (!cJSON_AddItemToArray(arr, item))
+        cJSON_Delete(item);
+}
+
 static cJSON *raw_double(double x)
 {
     char tmp[40];
@@ -112,13 +126,13 @@ static cJSON *session_doc(const eng_session *s)
         return NULL;
     cJSON *out = cJSON_CreateObject();
     cJSON_AddStringToObject(out, "name", s->name);
-    cJSON_AddItemToObject(out, "step", raw_int((int64_t)s->st.step));
-    cJSON_AddItemToObject(out, "lr", raw_double(eng_next_lr(s)));
+    add_item(out, "step", raw_int((int64_t)s->st.step));
+    add_item(out, "lr", raw_double(eng_next_lr(s)));
     cJSON *item = doc->child;
     while (item) {
         cJSON *next = item->next;
         cJSON_DetachItemViaPointer(doc, item);
-        cJSON_AddItemToObject(out, item->string, item);
+        add_item(out, item->string, item);
         item = next;
     }
     cJSON_Delete(doc);
@@ -133,11 +147,11 @@ static cJSON *session_doc(const eng_session *s)
         cJSON_AddStringToObject(t, "name", T->name);
         cJSON *sh = cJSON_AddArrayToObject(t, "shape");
         for (int d = 0; d < T->ndim; d++)
-            cJSON_AddItemToArray(sh, raw_int(T->shape[d]));
-        cJSON_AddItemToObject(t, "offset", raw_int((int64_t)T->offset));
-        cJSON_AddItemToObject(t, "size", raw_int((int64_t)T->size));
-        cJSON_AddItemToObject(t, "step", raw_int((int64_t)s->tst[i].step));
-        cJSON_AddItemToArray(ts, t);
+            add_elem(sh, raw_int(T->shape[d]));
+        add_item(t, "offset", raw_int((int64_t)T->offset));
+        add_item(t, "size", raw_int((int64_t)T->size));
+        add_item(t, "step", raw_int((int64_t)s->tst[i].step));
+        add_elem(ts, t);
     }
     cJSON *gs = cJSON_AddArrayToObject(out, "groups");
     for (size_t g = 0; g < s->cfg.n_groups; g++) {
@@ -145,7 +159,7 @@ static cJSON *session_doc(const eng_session *s)
         cJSON *o = cJSON_CreateObject();
         cJSON *names = cJSON_AddArrayToObject(o, "tensors");
         for (size_t k = 0; k < G->n_tensors; k++)
-            cJSON_AddItemToArray(names, cJSON_CreateString(s->cfg.tensors[G->tensors[k]].name));
+            add_elem(names, cJSON_CreateString(s->cfg.tensors[G->tensors[k]].name));
         api_config one;
         memset(&one, 0, sizeof one);
         one.opt = G->opt;
@@ -158,35 +172,35 @@ static cJSON *session_doc(const eng_session *s)
         cJSON *oj = cj ? cJSON_Parse(cj) : NULL;
         free(cj);
         if (oj)
-            cJSON_AddItemToObject(o, "optimizer", oj);
-        cJSON_AddItemToObject(o, "lr", raw_double(cur.lr));
-        cJSON_AddItemToArray(gs, o);
+            add_item(o, "optimizer", oj);
+        add_item(o, "lr", raw_double(cur.lr));
+        add_elem(gs, o);
     }
     cJSON *state = cJSON_AddObjectToObject(out, "state");
     cJSON *bufs = cJSON_AddArrayToObject(state, "buffers");
     for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
         if (s->st.buf[i])
-            cJSON_AddItemToArray(bufs, cJSON_CreateString(optim_buffer_name(s->cfg.opt.kind, i)));
-    cJSON_AddItemToObject(state, "last_lr", raw_double(s->last_lr));
-    cJSON_AddItemToObject(state, "last_loss", raw_double(s->last_loss));
-    cJSON_AddItemToObject(state, "pending_accumulation", raw_int(s->accum_count));
+            add_elem(bufs, cJSON_CreateString(optim_buffer_name(s->cfg.opt.kind, i)));
+    add_item(state, "last_lr", raw_double(s->last_lr));
+    add_item(state, "last_loss", raw_double(s->last_loss));
+    add_item(state, "pending_accumulation", raw_int(s->accum_count));
     if (s->cfg.mode.type == API_MODE_SYNC) {
         /* The open round: who has sent, how many are awaited. */
         cJSON *round = cJSON_AddObjectToObject(out, "round");
-        cJSON_AddItemToObject(round, "step", raw_int((int64_t)s->st.step));
-        cJSON_AddItemToObject(round, "received", raw_int(s->round_count));
-        cJSON_AddItemToObject(round, "awaiting", raw_int(s->cfg.mode.workers - s->round_count));
+        add_item(round, "step", raw_int((int64_t)s->st.step));
+        add_item(round, "received", raw_int(s->round_count));
+        add_item(round, "awaiting", raw_int(s->cfg.mode.workers - s->round_count));
         cJSON *ws = cJSON_AddArrayToObject(round, "workers");
         for (int64_t i = 0; i < s->round_count; i++)
-            cJSON_AddItemToArray(ws, cJSON_CreateString(s->round_workers[i]));
+            add_elem(ws, cJSON_CreateString(s->round_workers[i]));
     }
     cJSON *cnt = cJSON_AddObjectToObject(out, "counters");
-    cJSON_AddItemToObject(cnt, "applied", raw_int(s->n_applied));
-    cJSON_AddItemToObject(cnt, "rejected_stale", raw_int(s->n_stale));
-    cJSON_AddItemToObject(cnt, "timed_out", raw_int(s->n_timeout));
-    cJSON_AddItemToObject(cnt, "skipped_nonfinite", raw_int(s->n_skipped));
-    cJSON_AddItemToObject(out, "created_at", timestamp(s->created_ms));
-    cJSON_AddItemToObject(out, "updated_at", timestamp(s->updated_ms));
+    add_item(cnt, "applied", raw_int(s->n_applied));
+    add_item(cnt, "rejected_stale", raw_int(s->n_stale));
+    add_item(cnt, "timed_out", raw_int(s->n_timeout));
+    add_item(cnt, "skipped_nonfinite", raw_int(s->n_skipped));
+    add_item(out, "created_at", timestamp(s->created_ms));
+    add_item(out, "updated_at", timestamp(s->updated_ms));
     return out;
 }
 
@@ -374,18 +388,18 @@ static int h_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
         cJSON *cfg = cJSON_Parse(infos[i].config);
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "name", infos[i].name);
-        cJSON_AddItemToObject(o, "step", raw_int(infos[i].step));
+        add_item(o, "step", raw_int(infos[i].step));
         if (cfg) {
             cJSON *opt = cJSON_GetObjectItem(cfg, "optimizer");
-            cJSON_AddItemToObject(o, "optimizer",
+            add_item(o, "optimizer",
                                   cJSON_Duplicate(cJSON_GetObjectItem(opt, "type"), 1));
-            cJSON_AddItemToObject(o, "dtype", cJSON_Duplicate(cJSON_GetObjectItem(cfg, "dtype"), 1));
-            cJSON_AddItemToObject(o, "size", cJSON_Duplicate(cJSON_GetObjectItem(cfg, "size"), 1));
+            add_item(o, "dtype", cJSON_Duplicate(cJSON_GetObjectItem(cfg, "dtype"), 1));
+            add_item(o, "size", cJSON_Duplicate(cJSON_GetObjectItem(cfg, "size"), 1));
             cJSON_Delete(cfg);
         }
-        cJSON_AddItemToObject(o, "created_at", timestamp(infos[i].created_ms));
-        cJSON_AddItemToObject(o, "updated_at", timestamp(infos[i].updated_ms));
-        cJSON_AddItemToArray(arr, o);
+        add_item(o, "created_at", timestamp(infos[i].created_ms));
+        add_item(o, "updated_at", timestamp(infos[i].updated_ms));
+        add_elem(arr, o);
     }
     if (n == limit)
         cJSON_AddStringToObject(doc, "next", infos[n - 1].name);
@@ -1027,15 +1041,15 @@ static int history_row(void *ud, const storage_log_entry *e)
 {
     history_acc *h = ud;
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddItemToObject(o, "step", raw_int(e->step));
-    cJSON_AddItemToObject(o, "time", timestamp(e->time_ms));
-    cJSON_AddItemToObject(o, "lr", raw_double(e->lr));
-    cJSON_AddItemToObject(o, "loss", raw_double(e->loss));
-    cJSON_AddItemToObject(o, "grad_norm", raw_double(e->grad_norm));
-    cJSON_AddItemToObject(o, "update_norm", raw_double(e->update_norm));
+    add_item(o, "step", raw_int(e->step));
+    add_item(o, "time", timestamp(e->time_ms));
+    add_item(o, "lr", raw_double(e->lr));
+    add_item(o, "loss", raw_double(e->loss));
+    add_item(o, "grad_norm", raw_double(e->grad_norm));
+    add_item(o, "update_norm", raw_double(e->update_norm));
     if (e->worker)
         cJSON_AddStringToObject(o, "worker", e->worker);
-    cJSON_AddItemToArray(h->arr, o);
+    add_elem(h->arr, o);
     h->last = e->step;
     return 0;
 }
@@ -1068,7 +1082,7 @@ static int h_history(srv_ctx *ctx, const srv_request *req, api_reply *r)
         return srv_engine_fail(r, err, "reading the history");
     }
     if (cJSON_GetArraySize(h.arr) == limit)
-        cJSON_AddItemToObject(doc, "next", raw_int(h.last));
+        add_item(doc, "next", raw_int(h.last));
     else
         cJSON_AddNullToObject(doc, "next");
     return reply_cjson(r, 200, doc);
@@ -1271,6 +1285,12 @@ int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply)
         reply->n_headers = 0;
         st = api_problem(reply, 503, NULL, "out of memory while reading the request; nothing "
                                            "was changed");
+    } else if (api_json_failures() != json_failed && st >= 200 && st < 300) {
+        /* The answer's document could lack members: never send it. */
+        reply->n_headers = 0;
+        st = api_problem(reply, 503, NULL, "out of memory while writing the answer (the "
+                                           "request may have been carried out; it is safe to "
+                                           "retry)");
     }
     if (st != SRV_SUSPENDED && fault_counting()) {
         storage_fault_counts c;

@@ -1094,7 +1094,10 @@ static void test_malloc_loop(void **state)
         k = 1;
     int runs = 0;
     long long t0 = tapi_now_ms();
-    const char *from = getenv("OPTD_FAILMALLOC_FROM"); /* to resume a long loop by hand */
+    /* A part of a long loop, by hand: OPTD_FAILMALLOC_FROM / _TO. */
+    const char *from = getenv("OPTD_FAILMALLOC_FROM"), *to = getenv("OPTD_FAILMALLOC_TO");
+    if (to && atoll(to) < total)
+        total = atoll(to);
     for (long long n = from ? atoll(from) : 1; n <= total; n += k) {
         malloc_run(n);
         runs++;

@@ -36,8 +36,11 @@ static void (*next_free)(void *);
 static long long fail_at = -1; /* -1: inert; 0: count only; N: fail the Nth */
 static atomic_llong counted;
 static atomic_llong failed;
-static __thread int in_scope;
-static __thread int resolving;
+/* initial-exec: no call into the dynamic linker to reach them, which
+ * matters when malloc is called while the linker itself is at work (under
+ * ASan, from its interceptors' set-up). */
+static __thread int in_scope __attribute__((tls_model("initial-exec")));
+static int resolving; /* only during the first, single-threaded set-up */
 
 /* dlsym may allocate before the next definitions are known: those few
  * early blocks come from here and are never freed. */
