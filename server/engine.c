@@ -179,11 +179,6 @@ void eng_pool_free(eng_pool *p)
     free(p);
 }
 
-int eng_pool_threads(const eng_pool *p)
-{
-    return p ? p->threads : 1;
-}
-
 void eng_pool_run(eng_pool *p, void (*fn)(void *arg, size_t b0, size_t b1), void *arg,
                   size_t nblocks)
 {
@@ -266,21 +261,6 @@ size_t eng_session_bytes(const eng_session *s)
     if (s->accum)
         total += v;
     return total + bookkeeping_bytes(&s->cfg);
-}
-
-size_t eng_config_bytes(const api_config *cfg)
-{
-    size_t v = (size_t)cfg->size * optim_dtype_size(cfg->dtype);
-    unsigned need = 0;
-    for (size_t g = 0; g < cfg->n_groups; g++)
-        need |= optim_buffers_needed(&cfg->groups[g].opt);
-    size_t total = v;
-    for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
-        if (need & (1u << i))
-            total += v;
-    if (cfg->mode.accumulate > 1)
-        total += v;
-    return total + bookkeeping_bytes(cfg);
 }
 
 void eng_session_free(eng_session *s)
@@ -1320,6 +1300,14 @@ int eng_params_own(eng_session *s)
     return ENG_OK;
 }
 
+void eng_wire_copy(optim_dtype dt, const void *src, optim_wire w, void *dst, size_t n)
+{
+    if ((w == OPTIM_WIRE_F32 && dt == OPTIM_F32) || (w == OPTIM_WIRE_F64 && dt == OPTIM_F64))
+        memcpy(dst, src, n * optim_dtype_size(dt));
+    else
+        optim_vec_to_wire(dt, src, w, dst, n);
+}
+
 void *eng_params_wire(const eng_session *s, optim_wire w, size_t *len)
 {
     size_t n = (size_t)s->cfg.size;
@@ -1327,11 +1315,7 @@ void *eng_params_wire(const eng_session *s, optim_wire w, size_t *len)
     void *b = malloc(bytes ? bytes : 1);
     if (!b)
         return NULL;
-    if ((w == OPTIM_WIRE_F32 && s->cfg.dtype == OPTIM_F32) ||
-        (w == OPTIM_WIRE_F64 && s->cfg.dtype == OPTIM_F64))
-        memcpy(b, s->params, bytes);
-    else
-        optim_vec_to_wire(s->cfg.dtype, s->params, w, b, n);
+    eng_wire_copy(s->cfg.dtype, s->params, w, b, n);
     *len = bytes;
     return b;
 }

@@ -61,7 +61,6 @@ const char *eng_strerror(int err);
 typedef struct eng_pool eng_pool;
 eng_pool *eng_pool_new(int threads);
 void eng_pool_free(eng_pool *p);
-int eng_pool_threads(const eng_pool *p);
 /* Calls fn(arg, b0, b1) on disjoint contiguous shares of [0, nblocks) and
  * returns when all are done.  When the pool is busy with another session's
  * step, or nblocks is small, the caller does all of it alone: the result is
@@ -183,8 +182,6 @@ void eng_unlock(eng_session *s);
 /* Bytes of the session's state in memory (params, buffers, accumulation,
  * bookkeeping): what --cache-mb counts. */
 size_t eng_session_bytes(const eng_session *s);
-/* Bytes a session of this config will hold (before creating it). */
-size_t eng_config_bytes(const api_config *cfg);
 
 /* A session at step 0 from cfg (deep-copied) and params (copied; NULL:
  * filled per init).  Not in storage yet.  NULL when out of memory. */
@@ -312,8 +309,10 @@ void eng_params_unpin(eng_pbuf *b);
  * when an answer still holds them).  ENG_OK or ENG_ENOMEM, nothing changed. */
 int eng_params_own(eng_session *s);
 
-/* Answer bodies: the params as a new buffer in wire form w (binary), or
- * appended to a JSON buffer. */
+/* n elements of dtype dt at src into dst in wire form w (a copy when w is
+ * dt itself). */
+void eng_wire_copy(optim_dtype dt, const void *src, optim_wire w, void *dst, size_t n);
+/* Answer bodies: the params as a new buffer in wire form w (binary). */
 void *eng_params_wire(const eng_session *s, optim_wire w, size_t *len);
 
 #endif /* ENGINE_H */

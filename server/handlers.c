@@ -160,15 +160,13 @@ static cJSON *session_doc(const eng_session *s)
         cJSON *names = cJSON_AddArrayToObject(o, "tensors");
         for (size_t k = 0; k < G->n_tensors; k++)
             add_elem(names, cJSON_CreateString(s->cfg.tensors[G->tensors[k]].name));
-        api_config one;
-        memset(&one, 0, sizeof one);
-        one.opt = G->opt;
-        optim_hparams cur;
+        /* The group's hyperparameters as its next update uses them, with
+         * its base lr (before the schedule); "lr" below is the scheduled one. */
+        optim_hparams cur, shown;
         eng_group_hparams(s, g, &cur);
-        /* The group's hyperparameters as its next update uses them. */
-        one.opt = cur;
-        one.opt.lr = s->gcur[g].has[ENG_HP_LR] ? s->gcur[g].v[ENG_HP_LR] : G->opt.lr;
-        char *cj = api_hparams_to_json(&one.opt);
+        shown = cur;
+        shown.lr = s->gcur[g].has[ENG_HP_LR] ? s->gcur[g].v[ENG_HP_LR] : G->opt.lr;
+        char *cj = api_hparams_to_json(&shown);
         cJSON *oj = cj ? cJSON_Parse(cj) : NULL;
         free(cj);
         if (oj)
@@ -233,11 +231,7 @@ static size_t stream_read(void *ctx, uint64_t pos, char *out, size_t max)
         return 0;
     if (count > ps->n - first)
         count = ps->n - first;
-    const char *src = (const char *)ps->buf->data + first * ds;
-    if (es == ds && ((ps->wire == OPTIM_WIRE_F32) == (ps->dtype == OPTIM_F32)))
-        memcpy(out, src, count * es);
-    else
-        optim_vec_to_wire(ps->dtype, src, ps->wire, out, count);
+    eng_wire_copy(ps->dtype, (const char *)ps->buf->data + first * ds, ps->wire, out, count);
     return count * es;
 }
 

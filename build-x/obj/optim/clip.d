@@ -1,2 +1,0 @@
-build-x/obj/optim/clip.o: optim/clip.c optim/optim.h
-optim/optim.h:

@@ -1,2 +1,0 @@
-build-x/obj/optim/optimizers.o: optim/optimizers.c optim/optim.h
-optim/optim.h:

@@ -1,2 +1,0 @@
-build-x/obj/optim/schedule.o: optim/schedule.c optim/optim.h
-optim/optim.h:

@@ -1,2 +1,0 @@
-build-x/obj/optim/vec.o: optim/vec.c optim/optim.h
-optim/optim.h:

@@ -1,9 +1,0 @@
-build-x/obj/server/registry.o: server/registry.c server/observe.h \
- server/server.h api/api.h optim/optim.h server/engine.h \
- storage/storage.h
-server/observe.h:
-server/server.h:
-api/api.h:
-optim/optim.h:
-server/engine.h:
-storage/storage.h:

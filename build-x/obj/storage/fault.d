@@ -1,4 +1,0 @@
-build-x/obj/storage/fault.o: storage/fault.c storage/internal.h \
- storage/storage.h
-storage/internal.h:
-storage/storage.h:

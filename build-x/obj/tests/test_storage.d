@@ -1,2 +1,0 @@
-build-x/obj/tests/test_storage.o: tests/test_storage.c storage/storage.h
-storage/storage.h:
