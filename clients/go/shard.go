@@ -9,12 +9,14 @@ package optd
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 )
 
 // The blocks and lanes of the daemon's reductions (optim/vec.c).
@@ -30,43 +32,41 @@ func ShardName(name string, i int) string { return name + ".shard" + strconv.Ito
 // carries: a retry of the step sends every shard the same key again.
 func ShardKey(key string, i int) string { return key + "." + strconv.Itoa(i) }
 
-// SplitRanges cuts n elements into k contiguous ranges, the first n%k of
-// them one element longer: shard i holds [offs[i], offs[i+1]).
+// SplitRanges cuts n elements into k contiguous ranges: shard i holds
+// [offs[i], offs[i+1]) with offs[i] = i*n/k rounded down (the Python client's
+// rule).
 func SplitRanges(n, k int) []int {
 	offs := make([]int, k+1)
-	for i := 0; i < k; i++ {
-		l := n / k
-		if i < n%k {
-			l++
-		}
-		offs[i+1] = offs[i] + l
+	for i := 0; i <= k; i++ {
+		offs[i] = i * n / k
 	}
 	return offs
 }
 
 // SplitTensors cuts a layout's tensors (their sizes, in order) into k
 // contiguous runs of whole tensors: shard i holds tensors [cut[i], cut[i+1]).
-// Run i ends at the first tensor boundary at or past i+1 k-ths of the
-// elements, leaving at least one tensor to each later run. There must be at
-// least k tensors.
+// Cut i (1..k-1) is the tensor boundary nearest to i*total/k (the lower one
+// on a tie) after cut i-1, leaving at least one tensor to each later run.
+// There must be at least k tensors.
 func SplitTensors(sizes []int, k int) []int {
+	nt := len(sizes)
+	ends := make([]int, nt) // elements before tensor j
 	total := 0
-	for _, s := range sizes {
-		total += s
+	for j, sz := range sizes {
+		ends[j] = total
+		total += sz
 	}
 	cut := make([]int, k+1)
-	cut[k] = len(sizes)
-	t, acc := 0, 0
-	for i := 0; i < k-1; i++ {
-		target := float64(total) * float64(i+1) / float64(k)
-		// at least one tensor for this run
-		acc += sizes[t]
-		t++
-		for t < len(sizes)-(k-1-i) && float64(acc) < target {
-			acc += sizes[t]
-			t++
+	cut[k] = nt
+	for i := 1; i < k; i++ {
+		target := float64(i*total) / float64(k)
+		best := -1
+		for j := cut[i-1] + 1; j <= nt-(k-i); j++ {
+			if best < 0 || math.Abs(float64(ends[j])-target) < math.Abs(float64(ends[best])-target) {
+				best = j
+			}
 		}
-		cut[i+1] = t
+		cut[i] = best
 	}
 	return cut
 }
@@ -167,11 +167,12 @@ func gradNorm[T float](grad []T, sizes []int, normType float64) (float64, bool) 
 // Inf: refused before anything is sent, as a single session refuses it.
 var ErrNonFinite = errors.New("optd: the gradient has NaN or Inf elements")
 
-// ShardStepError is a sharded step that some shards did not answer (after
-// their own retries): Failed lists them and Errs says why. The other shards
-// applied it. Step again with the same gradient and StepOptions
-// IdempotencyKey = Key: only the failed shards are sent it again, with
-// their keys, so no shard applies it twice.
+// ShardStepError is a sharded step that some shards did not apply within
+// the session's retry window (SetRetryFor): Failed lists them and Errs says
+// why. The other shards applied it. Step again with the same gradient and
+// StepOptions IdempotencyKey = Key: only the failed shards are sent it
+// again, with their keys, so no shard applies it twice. Until then the
+// handle refuses steps with other keys.
 type ShardStepError struct {
 	Key    string
 	Failed []int
@@ -187,6 +188,25 @@ func (e *ShardStepError) Error() string {
 	return b.String()
 }
 
+// ShardMeta is the metadata member every shard keeps its place in, as the
+// Python client writes it: {"index", "count", "offset", "size" (the whole
+// vector's), "groups" (the indices of the whole model's groups the shard
+// holds), "layout" (whether the model has tensors)}.
+const ShardMeta = "optd_shard"
+
+type shardMeta struct {
+	Index  int   `json:"index"`
+	Count  int   `json:"count"`
+	Offset int   `json:"offset"`
+	Size   int   `json:"size"`
+	Groups []int `json:"groups"`
+	Layout bool  `json:"layout"`
+}
+
+// DefaultShardRetryFor is how long a sharded step keeps retrying the shards
+// that failed transiently (no answer, 502, 503, 504), each alone with its key.
+const DefaultShardRetryFor = 60 * time.Second
+
 // ShardedSession is one logical session whose vector is split over the
 // sessions ShardName(name, i) on K daemons. It is safe for concurrent use,
 // but steps are applied one at a time.
@@ -196,10 +216,13 @@ type ShardedSession struct {
 	offs     []int // shard i holds [offs[i], offs[i+1])
 	sizes    []int // the whole vector's tensors, for the norm's blocks
 	dtype    DType
-	normType float64
+	normType float64 // 0: no clipping by norm, no Optd-Grad-Norm
 
-	mu      sync.Mutex // one step at a time
-	pending *shardPending
+	groups [][]int // per shard: the whole model's groups it holds
+
+	mu       sync.Mutex // one step at a time
+	retryFor time.Duration
+	pending  *shardPending
 }
 
 // shardPending is a step some shards have not applied yet.
@@ -213,49 +236,60 @@ type shardPending struct {
 }
 
 // newSharded builds the handle from each shard's session as its daemon
-// describes it.
+// describes it, and the place each shard's metadata records.
 func newSharded(name string, shards []*Session, infos []*SessionInfo) (*ShardedSession, error) {
-	s := &ShardedSession{name: name, shards: shards, offs: make([]int, len(infos)+1),
-		dtype: infos[0].DType, normType: 2}
+	k := len(infos)
+	s := &ShardedSession{name: name, shards: shards, offs: make([]int, k+1),
+		dtype: infos[0].DType, retryFor: DefaultShardRetryFor}
+	var layout bool
+	for i, in := range infos {
+		var doc map[string]json.RawMessage
+		var m shardMeta
+		if json.Unmarshal(in.Metadata, &doc) != nil || doc[ShardMeta] == nil ||
+			json.Unmarshal(doc[ShardMeta], &m) != nil || m.Index != i || m.Count != k {
+			return nil, fmt.Errorf("optd: %s is not shard %d of %d", shards[i].Name(), i, k)
+		}
+		if in.DType != s.dtype {
+			return nil, fmt.Errorf("optd: shard %d of %s is %s, shard 0 is %s", i, name, in.DType, s.dtype)
+		}
+		if m.Offset != s.offs[i] {
+			return nil, fmt.Errorf("optd: shard %d of %s starts at %d, shard %d ends at %d", i, name, m.Offset, i-1, s.offs[i])
+		}
+		s.offs[i+1] = m.Offset + in.Size
+		s.offs[k] = m.Size
+		layout = m.Layout
+		s.groups = append(s.groups, m.Groups)
+		for _, t := range in.Tensors {
+			s.sizes = append(s.sizes, t.Size)
+		}
+	}
+	if s.offs[k] != s.offs[k-1]+infos[k-1].Size {
+		return nil, fmt.Errorf("optd: the shards of %s hold %d elements, their metadata says %d", name, s.offs[k-1]+infos[k-1].Size, s.offs[k])
+	}
+	if !layout {
+		s.sizes = []int{s.offs[k]}
+	}
 	if c := infos[0].Clip; c != nil && c["type"] == "norm" {
+		s.normType = 2
 		switch v := c["norm_type"].(type) {
 		case float64:
 			s.normType = v
 		case string:
-			if v == "inf" {
+			if v == "inf" || v == "Infinity" {
 				s.normType = math.Inf(1)
 			}
 		}
-	}
-	// Without a layout each shard is one tensor "params" and the whole
-	// vector is one tensor too; with one, the shards' tensors in order are
-	// the whole layout.
-	plain := true
-	for _, in := range infos {
-		if len(in.Tensors) != 1 || in.Tensors[0].Name != "params" {
-			plain = false
+		m := infos[0].Mode
+		if acc, _ := m["accumulate"].(float64); m["type"] == "sync" || acc > 1 {
+			return nil, fmt.Errorf("optd: a sharded session cannot clip by norm in sync mode or with accumulation: the norm is the round's or the mean's")
 		}
-	}
-	for i, in := range infos {
-		if in.DType != s.dtype {
-			return nil, fmt.Errorf("optd: shard %d of %s is %s, shard 0 is %s", i, name, in.DType, s.dtype)
-		}
-		s.offs[i+1] = s.offs[i] + in.Size
-		if !plain {
-			for _, t := range in.Tensors {
-				s.sizes = append(s.sizes, t.Size)
-			}
-		}
-	}
-	if plain {
-		s.sizes = []int{s.offs[len(infos)]}
 	}
 	return s, nil
 }
 
 // OpenSharded returns the sharded session name whose shards live on the
-// daemons of clients, in shard order (one session per daemon), from what
-// the daemons say about them.
+// daemons of clients, in shard order, from what the daemons say about them
+// (each shard's metadata member ShardMeta).
 func OpenSharded(ctx context.Context, clients []*Client, name string) (*ShardedSession, error) {
 	if len(clients) == 0 {
 		return nil, fmt.Errorf("optd: a sharded session needs at least one daemon")
@@ -275,12 +309,15 @@ func OpenSharded(ctx context.Context, clients []*Client, name string) (*ShardedS
 }
 
 // CreateSharded creates (or verifies, as CreateSession does) the sharded
-// session name over the daemons of clients, shard i on clients[i]. The
-// initial params (Params, ParamsF32, or Size with InitZeros) are split by
-// ranges; a layout (Tensors) is split at tensor boundaries and each shard
-// gets its tensors and the groups restricted to them (a group with none of
-// them is left out). A seeded init would draw every shard's own numbers: give
-// the params instead.
+// session name over the daemons of clients, shard i on clients[i], as the
+// Python client does: every shard is created with a zeros init and its own
+// size (or tensors), then given its range of the initial params (Params or
+// ParamsF32, sent binary) while it is at step 0. A layout (Tensors) is
+// split at tensor boundaries (SplitTensors) and each shard gets its tensors
+// and the groups restricted to them (a group with none of them is left out);
+// without one the vector is split by SplitRanges. A seeded init would draw
+// every shard's own numbers: give the params instead. Metadata, if any, must
+// be a JSON object; every shard gets it with its place added (ShardMeta).
 func CreateSharded(ctx context.Context, clients []*Client, name string, cfg SessionConfig) (*ShardedSession, error) {
 	k := len(clients)
 	if k == 0 {
@@ -289,6 +326,19 @@ func CreateSharded(ctx context.Context, clients []*Client, name string, cfg Sess
 	if cfg.Init != nil && cfg.Init.Type != "zeros" {
 		return nil, fmt.Errorf("optd: a sharded session takes Params or InitZeros, not a %q init", cfg.Init.Type)
 	}
+	if (cfg.Params != nil || cfg.ParamsF32 != nil) && (cfg.Size != 0 || cfg.Init != nil) {
+		return nil, fmt.Errorf("optd: give either Params or Size (+ Init), not both")
+	}
+	meta := map[string]any{}
+	if cfg.Metadata != nil {
+		raw, err := json.Marshal(cfg.Metadata)
+		if err == nil {
+			err = json.Unmarshal(raw, &meta)
+		}
+		if err != nil || meta == nil {
+			return nil, fmt.Errorf("optd: the metadata of a sharded session must be a JSON object")
+		}
+	}
 	n := cfg.Size
 	if cfg.Params != nil {
 		n = len(cfg.Params)
@@ -296,10 +346,11 @@ func CreateSharded(ctx context.Context, clients []*Client, name string, cfg Sess
 		n = len(cfg.ParamsF32)
 	}
 	cfgs := make([]SessionConfig, k)
+	groupsOf := make([][]int, k)
 	var offs []int
 	if len(cfg.Tensors) > 0 {
 		if len(cfg.Tensors) < k {
-			return nil, fmt.Errorf("optd: %d tensors cannot be split over %d shards", len(cfg.Tensors), k)
+			return nil, fmt.Errorf("optd: %d tensors cannot make %d shards: each shard holds whole tensors", len(cfg.Tensors), k)
 		}
 		sizes := make([]int, len(cfg.Tensors))
 		total := 0
@@ -310,12 +361,10 @@ func CreateSharded(ctx context.Context, clients []*Client, name string, cfg Sess
 			}
 			total += sizes[i]
 		}
-		if n == 0 {
-			n = total
+		if n != 0 && n != total {
+			return nil, fmt.Errorf("optd: the tensors hold %d elements, the params (or size) %d", total, n)
 		}
-		if n != total {
-			return nil, fmt.Errorf("optd: the tensors hold %d elements, the params %d", total, n)
-		}
+		n = total
 		cut := SplitTensors(sizes, k)
 		offs = make([]int, k+1)
 		for i := 0; i < k; i++ {
@@ -329,7 +378,12 @@ func CreateSharded(ctx context.Context, clients []*Client, name string, cfg Sess
 				l += sizes[j]
 			}
 			offs[i+1] = offs[i] + l
-			for _, g := range cfg.Groups {
+			if cfg.Groups == nil {
+				groupsOf[i] = []int{0}
+			} else {
+				groupsOf[i] = []int{}
+			}
+			for gi, g := range cfg.Groups {
 				var ts []string
 				for _, name := range g.Tensors {
 					if mine[name] {
@@ -338,41 +392,51 @@ func CreateSharded(ctx context.Context, clients []*Client, name string, cfg Sess
 				}
 				if len(ts) > 0 {
 					c.Groups = append(c.Groups, Group{Tensors: ts, Overrides: g.Overrides})
+					groupsOf[i] = append(groupsOf[i], gi)
 				}
 			}
+			c.Size = 0 // the tensors say it
 			cfgs[i] = c
 		}
 	} else {
+		if cfg.Groups != nil {
+			return nil, fmt.Errorf("optd: groups need tensors")
+		}
 		if n < k {
-			return nil, fmt.Errorf("optd: %d params cannot be split over %d shards", n, k)
+			return nil, fmt.Errorf("optd: %d values cannot make %d shards", n, k)
 		}
 		offs = SplitRanges(n, k)
 		for i := range cfgs {
 			cfgs[i] = cfg
+			cfgs[i].Size = offs[i+1] - offs[i]
+			groupsOf[i] = []int{0}
 		}
 	}
 	for i := range cfgs {
 		c := &cfgs[i]
-		switch {
-		case cfg.Params != nil:
-			c.Params = cfg.Params[offs[i]:offs[i+1]]
-		case cfg.ParamsF32 != nil:
-			c.ParamsF32 = cfg.ParamsF32[offs[i]:offs[i+1]]
-		default:
-			c.Size = offs[i+1] - offs[i]
+		c.Params, c.ParamsF32, c.Init = nil, nil, InitZeros()
+		m := make(map[string]any, len(meta)+1)
+		for key, v := range meta {
+			m[key] = v
 		}
-		if len(c.Tensors) > 0 && c.Size != 0 {
-			c.Size = 0 // the tensors say it
-		}
+		m[ShardMeta] = shardMeta{Index: i, Count: k, Offset: offs[i], Size: n, Groups: groupsOf[i],
+			Layout: len(cfg.Tensors) > 0}
+		c.Metadata = m
 	}
 	shards := make([]*Session, k)
 	infos := make([]*SessionInfo, k)
 	err := eachShard(k, func(i int) error {
 		s, err := clients[i].CreateSession(ctx, ShardName(name, i), cfgs[i])
 		if err != nil {
-			return fmt.Errorf("shard %d: %w", i, err)
+			return fmt.Errorf("optd: shard %d: %w", i, err)
 		}
 		shards[i] = s
+		if s.Created() || s.LastStep() == 0 {
+			err = setShardParams(ctx, s, &cfg, offs[i], offs[i+1])
+			if err != nil {
+				return fmt.Errorf("optd: shard %d: %w", i, err)
+			}
+		}
 		infos[i], err = s.Info(ctx)
 		return err
 	})
@@ -380,6 +444,32 @@ func CreateSharded(ctx context.Context, clients []*Client, name string, cfg Sess
 		return nil, err
 	}
 	return newSharded(name, shards, infos)
+}
+
+// setShardParams sends shard s its range [lo, hi) of cfg's initial params
+// in the session's dtype (float64 values rounded to float32 as the daemon
+// rounds those of a create body).
+func setShardParams(ctx context.Context, s *Session, cfg *SessionConfig, lo, hi int) error {
+	f64 := cfg.DType == Float64
+	switch {
+	case cfg.Params != nil && f64:
+		return setParams(ctx, s, cfg.Params[lo:hi], Float64, WireFull)
+	case cfg.Params != nil:
+		v := make([]float32, hi-lo)
+		for i := range v {
+			v[i] = float32(cfg.Params[lo+i])
+		}
+		return setParams(ctx, s, v, Float32, WireFull)
+	case cfg.ParamsF32 != nil && f64:
+		v := make([]float64, hi-lo)
+		for i := range v {
+			v[i] = float64(cfg.ParamsF32[lo+i])
+		}
+		return setParams(ctx, s, v, Float64, WireFull)
+	case cfg.ParamsF32 != nil:
+		return setParams(ctx, s, cfg.ParamsF32[lo:hi], Float32, WireFull)
+	}
+	return nil
 }
 
 // eachShard runs f(0..k-1) concurrently and returns the first error.
@@ -414,13 +504,50 @@ func (s *ShardedSession) Offsets() []int { return append([]int(nil), s.offs...) 
 // Size is the number of elements of the whole vector.
 func (s *ShardedSession) Size() int { return s.offs[len(s.offs)-1] }
 
+// SetRetryFor sets how long a step keeps retrying the shards that failed
+// transiently, each alone with its key (DefaultShardRetryFor; 0: give up
+// after the clients' own retries).
+func (s *ShardedSession) SetRetryFor(d time.Duration) {
+	s.mu.Lock()
+	s.retryFor = d
+	s.mu.Unlock()
+}
+
+// PendingKey is the key of a step some shards applied and others did not
+// (see ShardStepError), or "".
+func (s *ShardedSession) PendingKey() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending == nil {
+		return ""
+	}
+	return s.pending.key
+}
+
+func (s *ShardedSession) nGroups() int {
+	n := 0
+	for _, gs := range s.groups {
+		for _, g := range gs {
+			if g+1 > n {
+				n = g + 1
+			}
+		}
+	}
+	return n
+}
+
 // ShardStepOptions are the optional parts of a sharded step.
 type ShardStepOptions struct {
 	Loss     *float64 // sent to every shard
+	BaseStep *int64   // sent to every shard
+	Worker   string   // sent to every shard
 	NoParams bool     // do not send the params back (the call returns nil)
 	// IdempotencyKey replaces the step's fresh random key; reuse the Key of
-	// a *ShardStepError to finish that step.
+	// a *ShardStepError to finish that step. Shard i uses ShardKey(key, i).
 	IdempotencyKey string
+	// Groups, one per group of the whole model: each shard gets the values
+	// of the groups it holds.
+	Groups []GroupStep
 }
 
 // ShardStepInfo describes the answer of a sharded step.
@@ -465,9 +592,17 @@ func shardStep[T float](ctx context.Context, s *ShardedSession, grad []T, dt DTy
 	if len(grad) != s.Size() {
 		return nil, info, fmt.Errorf("optd: a gradient of %d elements for a sharded session of %d", len(grad), s.Size())
 	}
-	norm, finite := gradNorm(grad, s.sizes, s.normType)
-	if !finite {
-		return nil, info, ErrNonFinite
+	if len(o.Groups) > 0 && len(o.Groups) != s.nGroups() {
+		return nil, info, fmt.Errorf("optd: %d group values for a model of %d groups", len(o.Groups), s.nGroups())
+	}
+	for _, v := range grad {
+		if f := float64(v); math.IsNaN(f) || math.IsInf(f, 0) {
+			return nil, info, ErrNonFinite
+		}
+	}
+	norm := math.NaN()
+	if s.normType != 0 {
+		norm, _ = gradNorm(grad, s.sizes, s.normType)
 	}
 	key := o.IdempotencyKey
 	if key == "" {
@@ -486,41 +621,67 @@ func shardStep[T float](ctx context.Context, s *ShardedSession, grad []T, dt DTy
 	} else if math.Float64bits(p.norm) != math.Float64bits(norm) {
 		return nil, info, fmt.Errorf("optd: sharded step %s is being retried with another gradient", key)
 	}
-	errs := make([]error, k)
-	var wg sync.WaitGroup
-	for i := 0; i < k; i++ {
-		if p.done[i] {
-			continue
+	one := func(i int) error {
+		so := &StepOptions{Loss: o.Loss, BaseStep: o.BaseStep, Worker: o.Worker, NoParams: o.NoParams,
+			IdempotencyKey: ShardKey(key, i), Wire: WireFull}
+		if s.normType != 0 {
+			so.GradNorm = &p.norm
 		}
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			so := &StepOptions{Loss: o.Loss, NoParams: o.NoParams, IdempotencyKey: ShardKey(key, i),
-				GradNorm: &p.norm, Wire: WireFull}
-			out, err := step(ctx, s.shards[i], grad[s.offs[i]:s.offs[i+1]], dt, so)
-			if err != nil {
-				errs[i] = fmt.Errorf("shard %d: %w", i, err)
-				return
+		if len(o.Groups) > 0 {
+			for _, g := range s.groups[i] {
+				so.Groups = append(so.Groups, o.Groups[g])
 			}
-			st := s.shards[i].LastStepInfo()
-			if out != nil {
-				p.params[i] = encode(out)
-			}
-			p.steps[i], p.replays[i], p.done[i] = st.Step, st.Replayed, true
-		}(i)
-	}
-	wg.Wait()
-	var failed []int
-	var ferrs []error
-	for i, e := range errs {
-		if e != nil {
-			failed = append(failed, i)
-			ferrs = append(ferrs, e)
 		}
+		out, err := step(ctx, s.shards[i], grad[s.offs[i]:s.offs[i+1]], dt, so)
+		if err != nil {
+			return fmt.Errorf("shard %d: %w", i, err)
+		}
+		st := s.shards[i].LastStepInfo()
+		if out != nil {
+			p.params[i] = encode(out)
+		}
+		p.steps[i], p.replays[i], p.done[i] = st.Step, st.Replayed, true
+		return nil
 	}
-	if len(failed) > 0 {
-		s.pending = p
-		return nil, info, &ShardStepError{Key: key, Failed: failed, Errs: ferrs}
+	// Rounds: every shard not done, at once; the ones that failed
+	// transiently again, alone, until the retry window closes.
+	deadline := time.Now().Add(s.retryFor)
+	wait := 100 * time.Millisecond
+	for {
+		errs := make([]error, k)
+		var wg sync.WaitGroup
+		for i := 0; i < k; i++ {
+			if !p.done[i] {
+				wg.Add(1)
+				go func(i int) { defer wg.Done(); errs[i] = one(i) }(i)
+			}
+		}
+		wg.Wait()
+		var failed []int
+		var ferrs []error
+		retry := true
+		for i, e := range errs {
+			if e != nil {
+				failed = append(failed, i)
+				ferrs = append(ferrs, e)
+				retry = retry && shardTransient(ctx, e)
+			}
+		}
+		if len(failed) == 0 {
+			break
+		}
+		if !retry || time.Now().Add(wait).After(deadline) || sleepCtx(ctx, wait) != nil {
+			s.pending = nil
+			for _, d := range p.done {
+				if d { // some shards applied it: it must be finished with its key
+					s.pending = p
+				}
+			}
+			return nil, info, &ShardStepError{Key: key, Failed: failed, Errs: ferrs}
+		}
+		if wait *= 2; wait > 2*time.Second {
+			wait = 2 * time.Second
+		}
 	}
 	s.pending = nil
 	info = ShardStepInfo{Step: p.steps[0], GradNorm: norm, Replayed: p.replays, Steps: p.steps}
@@ -541,6 +702,20 @@ func shardStep[T float](ctx context.Context, s *ShardedSession, grad []T, dt DTy
 		out = append(out, v...)
 	}
 	return out, info, nil
+}
+
+// shardTransient says whether a shard's failed step may succeed when sent
+// again with its key: no answer at all, or 502, 503, 504.
+func shardTransient(ctx context.Context, err error) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Status == 502 || e.Status == 503 || e.Status == 504
+	}
+	var dm *DigestMismatchError
+	return !errors.As(err, &dm)
 }
 
 func shardParams[T float](ctx context.Context, s *ShardedSession, dt DType) ([]T, []int64, error) {

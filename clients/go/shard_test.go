@@ -1,6 +1,7 @@
 package optd_test
 
 import (
+	"encoding/json"
 	"errors"
 	"math"
 	"math/rand"
@@ -81,7 +82,7 @@ func TestGradNormIsTheDaemons(t *testing.T) {
 }
 
 func TestSplitRules(t *testing.T) {
-	if got := optd.SplitRanges(10, 3); !equalInts(got, []int{0, 4, 7, 10}) {
+	if got := optd.SplitRanges(10, 3); !equalInts(got, []int{0, 3, 6, 10}) {
 		t.Errorf("SplitRanges(10, 3) = %v", got)
 	}
 	if got := optd.SplitTensors([]int{5, 5, 5, 5, 5, 5}, 3); !equalInts(got, []int{0, 2, 4, 6}) {
@@ -151,17 +152,30 @@ func TestShardedMatchesSingleSession(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		restarted := make(chan *daemon, 1)
 		switch step {
 		case 30:
 			proxy.mu.Lock()
 			proxy.drop = 1
 			proxy.mu.Unlock()
+		case 50:
+			// killed in the middle of the run and back 0.4 s later: the
+			// step retries shard 1 alone until it answers
+			ds[1].kill9(t)
+			go func() {
+				time.Sleep(400 * time.Millisecond)
+				restarted <- startDaemonAt(t, ds[1].DB, ds[1].Port)
+			}()
 		case 60:
+			sh.SetRetryFor(0)
 			ds[2].kill9(t)
 		}
 		got, info, err := sh.StepF32(ctx, g, nil)
 		if step == 30 && (err != nil || !info.Replayed[1] || info.Replayed[0]) {
 			t.Fatalf("step 30, answer of shard 1 lost: %v, replayed %v", err, info.Replayed)
+		}
+		if step == 50 {
+			ds[1] = <-restarted
 		}
 		if step == 60 {
 			var se *optd.ShardStepError
@@ -169,7 +183,7 @@ func TestShardedMatchesSingleSession(t *testing.T) {
 				t.Fatalf("step 60 with shard 2's daemon killed: %v", err)
 			}
 			// a new step may not start while this one is unfinished
-			if _, _, err := sh.StepF32(ctx, g, nil); err == nil {
+			if _, _, err := sh.StepF32(ctx, g, nil); err == nil || sh.PendingKey() != se.Key {
 				t.Fatalf("a new step ran with step %s unfinished", se.Key)
 			}
 			ds[2] = startDaemonAt(t, ds[2].DB, ds[2].Port)
@@ -238,7 +252,7 @@ func TestShardedLayout(t *testing.T) {
 	r := rand.New(rand.NewSource(5))
 	p0 := randGradF32(r, n, 1)
 	cfg := optd.SessionConfig{Optimizer: map[string]any{"type": "adamw", "lr": 0.01},
-		Clip: map[string]any{"type": "norm", "max_norm": 0.1, "norm_type": "inf"},
+		Clip:      map[string]any{"type": "norm", "max_norm": 0.1, "norm_type": "inf"},
 		ParamsF32: p0, Tensors: tensors, Groups: groups}
 	ref, err := optd.NewClient(ds[0].URL).CreateSession(ctx, "ref", cfg)
 	if err != nil {
@@ -259,6 +273,11 @@ func TestShardedLayout(t *testing.T) {
 	if len(in.Tensors) != 2 || in.Tensors[0].Name != "b1" || len(in.Groups) != 2 ||
 		len(in.Groups[0].Tensors) != 1 || in.Groups[0].Tensors[0] != "w2" {
 		t.Fatalf("shard 1: tensors %v groups %v", in.Tensors, in.Groups)
+	}
+	var meta map[string]map[string]any
+	if err := json.Unmarshal(in.Metadata, &meta); err != nil || meta["optd_shard"]["offset"] != 10000.0 ||
+		meta["optd_shard"]["layout"] != true || meta["optd_shard"]["count"] != 3.0 {
+		t.Fatalf("shard 1's metadata: %s", in.Metadata)
 	}
 	for step := 1; step <= 20; step++ {
 		g := randGradF32(r, n, 2)
