@@ -411,6 +411,7 @@ class TestCluster(unittest.TestCase):
                            capture_output=True, text=True, timeout=120)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn("moved %d of %d sessions" % (len(moved), N_SESSIONS), r.stdout)
+        print("cluster: " + r.stdout.strip().splitlines()[-1], file=sys.stderr)
 
         held = self.where()
         for i in range(N_SESSIONS):
