@@ -259,6 +259,8 @@ class TestCluster(unittest.TestCase):
     def assert_problem_503(self, st, h, body, node):
         self.assertEqual(st, 503, body)
         self.assertEqual(h.get("content-type"), "application/problem+json")
+        self.assertEqual(h.get("retry-after"), "1")
+        self.assertNotIn("optd-node", h)  # HAProxy's own answer, no node's
         doc = json.loads(body)
         self.assertEqual(doc["status"], 503)
         self.assertEqual(doc["type"], "urn:optd:problem:node-unavailable")
