@@ -259,6 +259,8 @@ class TestCluster(unittest.TestCase):
     def assert_problem_503(self, st, h, body, node):
         self.assertEqual(st, 503, body)
         self.assertEqual(h.get("content-type"), "application/problem+json")
+        self.assertEqual(h.get("retry-after"), "1")
+        self.assertNotIn("optd-node", h)  # HAProxy's own answer, no node's
         doc = json.loads(body)
         self.assertEqual(doc["status"], 503)
         self.assertEqual(doc["type"], "urn:optd:problem:node-unavailable")
@@ -416,6 +418,12 @@ class TestCluster(unittest.TestCase):
         held = self.where()
         for i in range(N_SESSIONS):
             self.assertEqual(held["s%03d" % i], [owner[i]], "s%03d" % i)
+        # The merged listing of every node: one line per session, on its owner.
+        r = subprocess.run([sys.executable, REBALANCE, "--list"] + nodes,
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertEqual(r.stdout.splitlines(),
+                         ["s%03d %d %s" % (i, self.steps[i], owner[i]) for i in range(N_SESSIONS)])
         for i in range(N_SESSIONS):
             self.assertEqual(self.check_exact(i), owner[i])
             self.step(i, owner[i])
