@@ -228,6 +228,21 @@ class TestGradNorm(unittest.TestCase):
         with self.assertRaises(ValueError):
             optd.grad_norm([1.0], norm_type=3)
 
+    def test_check_values_of_docs_api_md(self):
+        # docs/api.md "The exact norm" lists these as the daemon answers them
+        i = np.arange(100000, dtype=np.uint64)
+        x = ((i * np.uint64(2654435761)) % np.uint64(2 ** 32)).astype(np.float64)
+        g = (x / 2.0 ** 32 - 0.5).astype(np.float32)
+        self.assertEqual(optd.grad_norm(g), 91.287529596558954)
+        self.assertEqual(optd.grad_norm(g, "float32", [30000, 70000]), 91.287529596558969)
+        acc = 0.0
+        for v in g.tolist():
+            acc = acc + v * v
+        self.assertEqual(float(np.sqrt(acc)), 91.287529596562734)  # another order
+        self.assertEqual(float(np.sqrt(np.sum(g.astype(np.float64) ** 2))), 91.287529596559096)
+        self.assertEqual(optd.grad_norm(g, norm_type=1), 25000.155304304324)
+        self.assertEqual(optd.grad_norm(g, norm_type=float("inf")), 0.5)
+
     def test_cuts(self):
         self.assertEqual(sharded_module._cuts_by_tensors([10, 10, 10, 10, 10, 10], 3), [2, 4])
         self.assertEqual(sharded_module._cuts_by_tensors([100, 1, 1, 1], 3), [1, 2])
