@@ -1,10 +1,12 @@
 """ShardedSession against real daemons: a model split over three daemons
 equals the same model in one session on a fourth, bit for bit at every
 step (Adam, clipping by norm, a schedule), through a kill -9 of one shard's
-daemon and an answer lost on the way back from another; with a layout the
+daemon before a step reaches it and another after it committed a step but
+before it answered, and an answer lost on the way back from another shard; with a layout the
 cuts fall on tensor boundaries and each shard gets its groups.  optd.grad_norm
 equals the daemon's own norm."""
 
+import socket
 import threading
 import time
 import unittest
@@ -14,7 +16,7 @@ import numpy as np
 import optd
 from optd import sharded as sharded_module
 
-from .daemon import SLOW, Daemon, LossyRelay
+from .daemon import SLOW, Daemon, LossyRelay, _read_message
 
 STEPS = 100
 SIZE = 3 * 8192 + 777  # several blocks; shard ranges cut blocks anywhere
@@ -27,14 +29,62 @@ def grads(seed, n, dtype):
         yield (g * 10.0 ** rng.uniform(-4.5, -1.0)).astype(dtype)  # norms ~0.03 to ~90
 
 
+class CrashRelay(LossyRelay):
+    """A relay whose armed connection has its request delivered and the
+    daemon's whole answer read -- the step is committed -- and then calls
+    crash() (kill -9 of the daemon) before closing the client's connection
+    without the answer.  While the daemon is down, connections are closed at
+    once (the client sees a reset and retries)."""
+
+    def __init__(self, upstream_port):
+        super().__init__(upstream_port)
+        self.crash = None
+        self.crashed = threading.Event()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            self._socks += [client, up]
+            with self._lock:
+                crash, self.crash = self.crash, None
+            if crash:
+                threading.Thread(target=self._crash_after_commit, args=(client, up, crash),
+                                 daemon=True).start()
+            else:
+                for a, b in ((client, up), (up, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _crash_after_commit(self, client, up, crash):
+        try:
+            req, _ = _read_message(client, b"")
+            up.sendall(req)
+            answer, _ = _read_message(up, b"")
+            assert answer is not None and b" 200 " in answer.split(b"\r\n")[0], answer
+            crash()
+        finally:
+            client.close()
+            up.close()
+            self.crashed.set()
+
+
 class ShardCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.daemons = [Daemon().start() for _ in range(4)]
+        cls.crash_relay = CrashRelay(cls.daemons[1].port)
         cls.relay = LossyRelay(cls.daemons[2].port)
 
     @classmethod
     def tearDownClass(cls):
+        cls.crash_relay.close()
         cls.relay.close()
         bad = []
         for d in cls.daemons:
@@ -46,8 +96,9 @@ class ShardCase(unittest.TestCase):
             raise AssertionError("\n".join(bad))
 
     def clients(self, retries=4):
-        # shard 2 goes through the relay that can lose an answer
-        urls = [self.daemons[0].url, self.daemons[1].url, self.relay.url]
+        # shard 1 goes through the relay that can crash its daemon after a
+        # commit, shard 2 through the one that can lose an answer
+        urls = [self.daemons[0].url, self.crash_relay.url, self.relay.url]
         cs = [optd.Client(u, retries=retries, backoff=0.05, max_backoff=0.5) for u in urls]
         single = optd.Client(self.daemons[3].url)
         for c in cs + [single]:
@@ -103,6 +154,37 @@ class TestSharded(ShardCase):
                 victim.start(port)
                 th.join()
                 self.assertNotIn("e", out)
+                p = out["p"]
+            elif t == 55:
+                # kill -9 of shard 1's daemon with the step in flight: the
+                # daemon committed it, then died before its answer left.
+                # The client retries shard 1 alone with its key while the
+                # daemon is down; restarted on its database, it answers
+                # from the key: applied once.
+                victim = self.daemons[1]
+                port = victim.port
+                self.crash_relay.crashed.clear()
+                self.crash_relay.crash = victim.kill
+                sh.shards[1].client.close()  # a new connection takes the armed path
+                out = {}
+
+                def run():
+                    try:
+                        out["p"] = sh.step(g, loss=1.0 / (t + 1))
+                    except Exception as e:  # noqa: BLE001 -- checked below
+                        out["e"] = e
+
+                th = threading.Thread(target=run)
+                th.start()
+                self.assertTrue(self.crash_relay.crashed.wait(60))
+                self.assertIsNone(victim.proc)  # killed
+                time.sleep(0.5 if not SLOW else 3)
+                self.assertTrue(th.is_alive(), out)  # retrying shard 1
+                victim.start(port)
+                th.join()
+                self.assertNotIn("e", out)
+                self.assertTrue(sh.shards[1].last_replayed)
+                self.assertFalse(sh.shards[0].last_replayed)
                 p = out["p"]
             elif t == 70:
                 # shard 2's answer is lost after its daemon committed: the
