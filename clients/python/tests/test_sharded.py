@@ -312,6 +312,28 @@ class TestSharded(ShardCase):
         self.assertEqual(sh.steps(), [6] * 3)
         self.assertEqual(sh.last_lr, one.last_lr)
 
+    def test_gave_up_then_same_key(self):
+        # a shard down longer than retry_for: ShardStepFailed names who
+        # applied; the same key sent again later applies only the missing one
+        cs, _ = self.clients(retries=1)
+        sh = optd.ShardedSession.create(cs, "gu", {"type": "sgd", "lr": 0.5}, size=300,
+                                        retry_for=0.5)
+        self.addCleanup(sh.close)
+        g = np.ones(300, dtype=np.float32)
+        victim = self.daemons[1]
+        port = victim.port
+        victim.kill()
+        with self.assertRaises(optd.ShardStepFailed) as cm:
+            sh.step(g, idempotency_key="gu-1")
+        e = cm.exception
+        self.assertEqual((e.key, sorted(e.failed), sorted(e.applied)), ("gu-1", [1], [0, 2]))
+        victim.start(port)
+        p = sh.step(g, idempotency_key=e.key)
+        self.assertEqual([s.last_replayed for s in sh.shards], [True, False, True])
+        np.testing.assert_array_equal(p, np.full(300, -0.5, dtype=np.float32))
+        self.assertEqual(sh.steps(), [1, 1, 1])
+        self.assertEqual([self.applied(s) for s in sh.shards], [1, 1, 1])
+
     def test_refusals_send_nothing(self):
         cs, _ = self.clients()
         sh = optd.ShardedSession.create(cs, "r", {"type": "sgd", "lr": 0.1}, size=100, dtype="float32",
