@@ -1,10 +1,13 @@
 """ShardedSession against real daemons: a model split over three daemons
 equals the same model in one session on a fourth, bit for bit at every
 step (Adam, clipping by norm, a schedule), through a kill -9 of one shard's
-daemon and an answer lost on the way back from another; with a layout the
+daemon before a step reaches it and another after it committed a step but
+before it answered, and an answer lost on the way back from another shard;
+synchronous rounds of two workers per shard equal the one session's; with a layout the
 cuts fall on tensor boundaries and each shard gets its groups.  optd.grad_norm
 equals the daemon's own norm."""
 
+import socket
 import threading
 import time
 import unittest
@@ -14,7 +17,7 @@ import numpy as np
 import optd
 from optd import sharded as sharded_module
 
-from .daemon import SLOW, Daemon, LossyRelay
+from .daemon import SLOW, Daemon, LossyRelay, _read_message
 
 STEPS = 100
 SIZE = 3 * 8192 + 777  # several blocks; shard ranges cut blocks anywhere
@@ -27,14 +30,62 @@ def grads(seed, n, dtype):
         yield (g * 10.0 ** rng.uniform(-4.5, -1.0)).astype(dtype)  # norms ~0.03 to ~90
 
 
+class CrashRelay(LossyRelay):
+    """A relay whose armed connection has its request delivered and the
+    daemon's whole answer read -- the step is committed -- and then calls
+    crash() (kill -9 of the daemon) before closing the client's connection
+    without the answer.  While the daemon is down, connections are closed at
+    once (the client sees a reset and retries)."""
+
+    def __init__(self, upstream_port):
+        super().__init__(upstream_port)
+        self.crash = None
+        self.crashed = threading.Event()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            self._socks += [client, up]
+            with self._lock:
+                crash, self.crash = self.crash, None
+            if crash:
+                threading.Thread(target=self._crash_after_commit, args=(client, up, crash),
+                                 daemon=True).start()
+            else:
+                for a, b in ((client, up), (up, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _crash_after_commit(self, client, up, crash):
+        try:
+            req, _ = _read_message(client, b"")
+            up.sendall(req)
+            answer, _ = _read_message(up, b"")
+            assert answer is not None and b" 200 " in answer.split(b"\r\n")[0], answer
+            crash()
+        finally:
+            client.close()
+            up.close()
+            self.crashed.set()
+
+
 class ShardCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.daemons = [Daemon().start() for _ in range(4)]
+        cls.crash_relay = CrashRelay(cls.daemons[1].port)
         cls.relay = LossyRelay(cls.daemons[2].port)
 
     @classmethod
     def tearDownClass(cls):
+        cls.crash_relay.close()
         cls.relay.close()
         bad = []
         for d in cls.daemons:
@@ -46,8 +97,9 @@ class ShardCase(unittest.TestCase):
             raise AssertionError("\n".join(bad))
 
     def clients(self, retries=4):
-        # shard 2 goes through the relay that can lose an answer
-        urls = [self.daemons[0].url, self.daemons[1].url, self.relay.url]
+        # shard 1 goes through the relay that can crash its daemon after a
+        # commit, shard 2 through the one that can lose an answer
+        urls = [self.daemons[0].url, self.crash_relay.url, self.relay.url]
         cs = [optd.Client(u, retries=retries, backoff=0.05, max_backoff=0.5) for u in urls]
         single = optd.Client(self.daemons[3].url)
         for c in cs + [single]:
@@ -103,6 +155,37 @@ class TestSharded(ShardCase):
                 victim.start(port)
                 th.join()
                 self.assertNotIn("e", out)
+                p = out["p"]
+            elif t == 55:
+                # kill -9 of shard 1's daemon with the step in flight: the
+                # daemon committed it, then died before its answer left.
+                # The client retries shard 1 alone with its key while the
+                # daemon is down; restarted on its database, it answers
+                # from the key: applied once.
+                victim = self.daemons[1]
+                port = victim.port
+                self.crash_relay.crashed.clear()
+                self.crash_relay.crash = victim.kill
+                sh.shards[1].client.close()  # a new connection takes the armed path
+                out = {}
+
+                def run():
+                    try:
+                        out["p"] = sh.step(g, loss=1.0 / (t + 1))
+                    except Exception as e:  # noqa: BLE001 -- checked below
+                        out["e"] = e
+
+                th = threading.Thread(target=run)
+                th.start()
+                self.assertTrue(self.crash_relay.crashed.wait(60))
+                self.assertIsNone(victim.proc)  # killed
+                time.sleep(0.5 if not SLOW else 3)
+                self.assertTrue(th.is_alive(), out)  # retrying shard 1
+                victim.start(port)
+                th.join()
+                self.assertNotIn("e", out)
+                self.assertTrue(sh.shards[1].last_replayed)
+                self.assertFalse(sh.shards[0].last_replayed)
                 p = out["p"]
             elif t == 70:
                 # shard 2's answer is lost after its daemon committed: the
@@ -184,6 +267,73 @@ class TestSharded(ShardCase):
         doc = one.history(after=29, limit=1)[0]
         self.assertEqual(doc["grad_norm"], optd.grad_norm(g, "float64", sizes, 1))
 
+    def test_sync_rounds_per_shard(self):
+        # two workers, each with its own ShardedSession over the same
+        # shards, in synchronous rounds of 2: every shard averages its
+        # range of the two gradients, as the one session does the whole
+        cs, single_c = self.clients()
+        n = 20000
+        p0 = np.random.default_rng(8).standard_normal(n).astype(np.float32)
+        opt = {"type": "adam", "lr": 0.01}
+        mode = {"type": "sync", "workers": 2}
+        sh = optd.ShardedSession.create(cs, "syn", opt, params=p0, mode=mode,
+                                        schedule={"type": "step", "step_size": 3, "gamma": 0.5})
+        self.addCleanup(sh.close)
+        other = optd.ShardedSession.open([c.url for c in cs], "syn")
+        self.addCleanup(other.close)
+        one = single_c.create_session("syn", opt, params=p0, mode=mode,
+                                      schedule={"type": "step", "step_size": 3, "gamma": 0.5})
+        one_b = optd.Client(self.daemons[3].url).session("syn")
+        self.addCleanup(one_b.client.close)
+        gen = grads(11, n, np.float32)
+        for r in range(6):
+            ga, gb = next(gen), next(gen)
+            out = {}
+
+            def send(tag, fn, g, worker):
+                try:
+                    out[tag] = fn(g, worker=worker)
+                except Exception as e:  # noqa: BLE001 -- checked below
+                    out[tag] = e
+
+            jobs = [("sa", sh.step, ga, "a"), ("sb", other.step, gb, "b"),
+                    ("oa", one.step, ga, "a"), ("ob", one_b.step, gb, "b")]
+            ths = [threading.Thread(target=send, args=j) for j in jobs]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join(120)
+            for tag, v in out.items():
+                self.assertNotIsInstance(v, Exception, "%s: %r" % (tag, v))
+            self.assertEqual(len(out), 4)
+            np.testing.assert_array_equal(out["sa"], out["oa"], "round %d" % (r + 1))
+            np.testing.assert_array_equal(out["sb"], out["oa"])
+            np.testing.assert_array_equal(out["ob"], out["oa"])
+        self.assertEqual(sh.steps(), [6] * 3)
+        self.assertEqual(sh.last_lr, one.last_lr)
+
+    def test_gave_up_then_same_key(self):
+        # a shard down longer than retry_for: ShardStepFailed names who
+        # applied; the same key sent again later applies only the missing one
+        cs, _ = self.clients(retries=1)
+        sh = optd.ShardedSession.create(cs, "gu", {"type": "sgd", "lr": 0.5}, size=300,
+                                        retry_for=0.5)
+        self.addCleanup(sh.close)
+        g = np.ones(300, dtype=np.float32)
+        victim = self.daemons[1]
+        port = victim.port
+        victim.kill()
+        with self.assertRaises(optd.ShardStepFailed) as cm:
+            sh.step(g, idempotency_key="gu-1")
+        e = cm.exception
+        self.assertEqual((e.key, sorted(e.failed), sorted(e.applied)), ("gu-1", [1], [0, 2]))
+        victim.start(port)
+        p = sh.step(g, idempotency_key=e.key)
+        self.assertEqual([s.last_replayed for s in sh.shards], [True, False, True])
+        np.testing.assert_array_equal(p, np.full(300, -0.5, dtype=np.float32))
+        self.assertEqual(sh.steps(), [1, 1, 1])
+        self.assertEqual([self.applied(s) for s in sh.shards], [1, 1, 1])
+
     def test_refusals_send_nothing(self):
         cs, _ = self.clients()
         sh = optd.ShardedSession.create(cs, "r", {"type": "sgd", "lr": 0.1}, size=100, dtype="float32",
@@ -227,6 +377,21 @@ class TestGradNorm(unittest.TestCase):
             optd.grad_norm(np.array([1.0, np.inf]))
         with self.assertRaises(ValueError):
             optd.grad_norm([1.0], norm_type=3)
+
+    def test_check_values_of_docs_api_md(self):
+        # docs/api.md "The exact norm" lists these as the daemon answers them
+        i = np.arange(100000, dtype=np.uint64)
+        x = ((i * np.uint64(2654435761)) % np.uint64(2 ** 32)).astype(np.float64)
+        g = (x / 2.0 ** 32 - 0.5).astype(np.float32)
+        self.assertEqual(optd.grad_norm(g), 91.287529596558954)
+        self.assertEqual(optd.grad_norm(g, "float32", [30000, 70000]), 91.287529596558969)
+        acc = 0.0
+        for v in g.tolist():
+            acc = acc + v * v
+        self.assertEqual(float(np.sqrt(acc)), 91.287529596562734)  # another order
+        self.assertEqual(float(np.sqrt(np.sum(g.astype(np.float64) ** 2))), 91.287529596559096)
+        self.assertEqual(optd.grad_norm(g, norm_type=1), 25000.155304304324)
+        self.assertEqual(optd.grad_norm(g, norm_type=float("inf")), 0.5)
 
     def test_cuts(self):
         self.assertEqual(sharded_module._cuts_by_tensors([10, 10, 10, 10, 10, 10], 3), [2, 4])
