@@ -2,8 +2,8 @@
  * test_client_c_shard.c -- the C client's sharded sessions against three
  * real daemons: the client's gradient norm is the daemon's bit for bit;
  * Adam clipped by norm over three shards equals one session holding the
- * whole vector at every one of 100 steps, through a lost answer and a
- * shard's daemon killed with SIGKILL and restarted, with nothing applied
+ * whole vector at every one of 100 steps, through a lost answer and two
+ * shard daemons killed with SIGKILL and restarted, with nothing applied
  * twice; a layout is split on tensor boundaries with its groups restricted;
  * bad input is refused before anything is sent.
  */
@@ -15,9 +15,11 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cjson/cJSON.h>
 
@@ -172,14 +174,36 @@ static void test_norm_is_the_daemons(void **state)
     assert_false(finite);
 }
 
+/* A sharded step on a thread of its own: the daemons are restarted from
+ * the main thread (a daemon dies with the thread that started it). */
+typedef struct {
+    optd_sharded *sh;
+    const float *g;
+    size_t n;
+    const char *key;
+    float *out;
+    long long step;
+    optd_error e;
+    int rc;
+} step_job;
+
+static void *step_main(void *arg)
+{
+    step_job *j = arg;
+    j->rc = optd_sharded_step_f32(j->sh, j->g, j->n, NULL, j->key, j->out, &j->step, &j->e);
+    return NULL;
+}
+
 #define ADAM_CLIP                                                                             \
     "\"optimizer\":{\"type\":\"adam\",\"lr\":0.01,\"weight_decay\":0.01},"                   \
     "\"clip\":{\"type\":\"norm\",\"max_norm\":0.5}"
 
 /* Three shards against one session: 100 steps bit for bit.  At step 30
  * shard 1 has already applied the step under its key (an answer lost on
- * the way back): it answers from the key.  At step 60 shard 2's daemon is
- * killed with SIGKILL: the step fails on shard 2 alone, a new step is
+ * the way back): it answers from the key.  At step 50 shard 1's daemon is
+ * killed with SIGKILL and restarted 0.4 s later: the step retries shard 1
+ * alone until it answers.  At step 60 (no retry window) shard 2's daemon
+ * is killed: the step fails on shard 2 alone, a new step is
  * refused, the daemon restarts on its database and the step finished with
  * its key reaches shard 2 only.  Every shard ends with 100 updates. */
 static void test_sharded_matches_single(void **state)
@@ -201,8 +225,8 @@ static void test_sharded_matches_single(void **state)
     free(body);
     free(params);
     assert_int_equal(optd_sharded_size(sh), N);
-    assert_int_equal(optd_sharded_offset(sh, 1), N / 3 + 1); /* 19385 % 3 == 2 */
-    assert_int_equal(optd_sharded_offset(sh, 2), 2 * (N / 3) + 2);
+    assert_int_equal(optd_sharded_offset(sh, 1), N / 3); /* i * N / k */
+    assert_int_equal(optd_sharded_offset(sh, 2), 2 * N / 3);
 
     for (int step = 1; step <= 100; step++) {
         fill(g, N, 5, (uint64_t)step, 2.0);
@@ -228,9 +252,28 @@ static void test_sharded_matches_single(void **state)
                              0);
             assert_int_equal(st, 30);
         }
-        if (step == 60)
+        if (step == 60) {
+            optd_sharded_set_retry_for(sh, 0);
             assert_int_equal(tdaemon_kill9(&s->d[2]), 0);
-        int rc = optd_sharded_step_f32(sh, g, N, NULL, key, got, &st, &e);
+        }
+        int rc;
+        if (step == 50) {
+            /* killed mid-run and back 0.4 s later: the step retries shard
+             * 1 alone until it answers */
+            assert_int_equal(tdaemon_kill9(&s->d[1]), 0);
+            step_job j = {sh, g, N, NULL, got, -1, {0}, -1};
+            pthread_t th;
+            assert_int_equal(pthread_create(&th, NULL, step_main, &j), 0);
+            struct timespec ts = {0, 400 * 1000000L};
+            nanosleep(&ts, NULL);
+            assert_int_equal(tdaemon_restart(&s->d[1]), 0);
+            pthread_join(th, NULL);
+            rc = j.rc;
+            st = j.step;
+            e = j.e;
+        } else {
+            rc = optd_sharded_step_f32(sh, g, N, NULL, key, got, &st, &e);
+        }
         if (step == 60) {
             assert_int_equal(rc, -1);
             assert_int_equal(e.status, 0); /* no answer from shard 2 */
@@ -322,6 +365,15 @@ static void test_layout_split(void **state)
     const cJSON *g0 = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(gs, 0), "tensors");
     assert_int_equal(cJSON_GetArraySize(g0), 1);
     assert_string_equal(cJSON_GetArrayItem(g0, 0)->valuestring, "w2");
+    const cJSON *place = cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(j, "metadata"), OPTD_SHARD_META);
+    assert_true(tapi_num(place, "index") == 1 && tapi_num(place, "count") == K);
+    assert_true(tapi_num(place, "offset") == 10000 && tapi_num(place, "size") == N);
+    assert_true(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(place, "layout")));
+    const cJSON *held = cJSON_GetObjectItemCaseSensitive(place, "groups");
+    assert_int_equal(cJSON_GetArraySize(held), 2);
+    assert_true(cJSON_GetArrayItem(held, 0)->valuedouble == 0 &&
+                cJSON_GetArrayItem(held, 1)->valuedouble == 1);
     cJSON_Delete(j);
 
     for (int step = 1; step <= 20; step++) {
