@@ -16,6 +16,7 @@
 #   make bench-remote   optd.torch.RemoteOptimizer's opt.step() against local torch.optim
 #   make bench-observe  step throughput with /metrics scraped and 10 event watchers
 #   make bench-travel   rollback/fork vs live steps, backup under load (bench/TRAVEL.md)
+#   make bench-shard    a 1e7 Adam step over 3 daemons vs 1 (bench/SHARD.md)
 #   make demo           the optimizer comparison on the digits data set, and the
 #                       optimizers' trajectories on Rosenbrock and Beale
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
@@ -38,7 +39,7 @@ DEPS_BUILD := $(DEPS_RUN) libcmocka-dev sqlite3 ca-certificates
 DEPS_TEST  := curl python3 python3-numpy python3-torch python3-sklearn python3-venv python3-pip python3-setuptools \
               python3-wheel python3-mypy python3-yaml python3-jsonschema golang-go go-staticcheck nodejs \
               docker-compose prometheus chromium npm
-DEPS_BENCH := wrk nginx-light python3-torch
+DEPS_BENCH := wrk nginx-light python3-torch python3-numpy
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
 DEPS_FUZZ  := clang libclang-rt-14-dev
 DEPS_TSAN  := libtsan2
@@ -77,7 +78,7 @@ BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
         fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
-        bench-json bench-observe bench-travel bench-remote bench-engine demo install uninstall \
+        bench-json bench-observe bench-travel bench-shard bench-remote bench-engine demo install uninstall \
         wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
@@ -280,6 +281,8 @@ bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
 bench-travel: build
 	$(BUILD)/bench/travel --optd $(BUILD)/optd
+bench-shard: deps-bench build
+	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/shard.py $(BENCH_SHARD_ARGS)
 bench-remote: build
 	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/remote_torch.py
 
