@@ -338,7 +338,8 @@ static void test_sharded_matches_single(void **state)
 
 /* A layout is split on tensor boundaries; each shard gets its tensors and
  * the groups restricted to them; the run equals the single session's with
- * norm_type inf (the norm of per-tensor blocks). */
+ * norm_type inf (the norm of per-tensor blocks), with client-driven group
+ * lrs too. */
 static void test_layout_split(void **state)
 {
     suite *s = *state;
@@ -393,14 +394,28 @@ static void test_layout_split(void **state)
                 cJSON_GetArrayItem(held, 1)->valuedouble == 1);
     cJSON_Delete(j);
 
+    /* from step 11 on, client-driven group lrs: each shard is sent its
+     * groups' values (shard 0 holds group 0 only) */
+    const double lrs[2] = {0.005, 0.03};
+    optd_step_opts o = optd_step_opts_default();
+    o.worker = "w7";
     for (int step = 1; step <= 20; step++) {
         fill(g, N, 9, (uint64_t)step, 2.0);
-        assert_int_equal(optd_step_f32(s->c[0], "lref", g, N, NULL, want, NULL, &e), 0);
+        if (step == 11) {
+            o.n_groups = 2;
+            o.group_lr = lrs;
+        }
+        assert_int_equal(
+            optd_step_f32_opts(s->c[0], "lref", g, N, NULL, &o, want, NULL, NULL, &e), 0);
         long long st;
-        if (optd_sharded_step_f32(sh, g, N, NULL, NULL, got, &st, &e))
+        if (optd_sharded_step_f32_opts(sh, g, N, NULL, &o, got, &st, &e))
             fail_msg("layout step %d: %d %s", step, e.status, e.detail);
         assert_same_bits(got, want, N, "layout params", step);
     }
+    /* the whole model's groups, or nothing */
+    o.n_groups = 1;
+    assert_int_equal(optd_sharded_step_f32_opts(sh, g, N, NULL, &o, got, NULL, &e), -1);
+    assert_string_equal(e.field, "groups");
     optd_sharded_free(sh);
 }
 

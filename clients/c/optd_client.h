@@ -300,6 +300,17 @@ int optd_sharded_step_f32(optd_sharded *s, const float *grad, size_t n, const do
 int optd_sharded_step_f64(optd_sharded *s, const double *grad, size_t n, const double *loss,
                           const char *key, double *params_out, long long *step_out,
                           optd_error *err);
+/* The same with options (opts may be NULL): idempotency_key, base_step
+ * and worker (sent to every shard) and group values (n_groups: the whole
+ * model's groups; each shard is sent the values of the groups it holds).
+ * json, absent tensors, a 16-bit wire, grad_norm and params_len are
+ * refused. */
+int optd_sharded_step_f32_opts(optd_sharded *s, const float *grad, size_t n,
+                               const double *loss, const optd_step_opts *opts,
+                               float *params_out, long long *step_out, optd_error *err);
+int optd_sharded_step_f64_opts(optd_sharded *s, const double *grad, size_t n,
+                               const double *loss, const optd_step_opts *opts,
+                               double *params_out, long long *step_out, optd_error *err);
 /* How long a step keeps retrying the shards that failed transiently (no
  * answer, 502, 503, 504), each alone with its key, before it fails and
  * leaves the step pending (default OPTD_SHARD_RETRY_FOR_MS; 0: give up

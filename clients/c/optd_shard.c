@@ -38,6 +38,9 @@ struct optd_sharded {
     size_t n_sizes;
     size_t esize;               /* 4 or 8                                    */
     double norm_type;           /* 0: no clipping by norm                    */
+    size_t **groups;            /* per shard: the model's groups it holds    */
+    size_t *n_groups;
+    size_t n_model_groups;
     long retry_for_ms;
     /* The unfinished step, when pending. */
     bool pending;
@@ -115,6 +118,10 @@ void optd_sharded_free(optd_sharded *s)
         return;
     for (size_t i = 0; s->names && i < s->k; i++)
         free(s->names[i]);
+    for (size_t i = 0; s->groups && i < s->k; i++)
+        free(s->groups[i]);
+    free(s->groups);
+    free(s->n_groups);
     free(s->names);
     free(s->clients);
     free(s->offs);
@@ -167,7 +174,10 @@ static optd_sharded *sharded_new(optd_client *const *clients, size_t k, const ch
     s->offs = calloc(k + 1, sizeof *s->offs);
     s->done = calloc(k, sizeof *s->done);
     s->steps = calloc(k, sizeof *s->steps);
-    if (!s->clients || !s->names || !s->offs || !s->done || !s->steps)
+    s->groups = calloc(k, sizeof *s->groups);
+    s->n_groups = calloc(k, sizeof *s->n_groups);
+    if (!s->clients || !s->names || !s->offs || !s->done || !s->steps || !s->groups ||
+        !s->n_groups)
         goto oom;
     for (size_t i = 0; i < k; i++) {
         s->clients[i] = clients[i];
@@ -302,6 +312,18 @@ static int read_layout(optd_sharded *s, cJSON *const *docs, optd_error *err)
         s->offs[i + 1] = s->offs[i] + (size_t)size->valuedouble;
         total = (size_t)num_or(m, "size", 0);
         layout = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "layout"));
+        const cJSON *held = cJSON_GetObjectItemCaseSensitive(m, "groups"), *gv;
+        if (!(s->groups[i] = calloc((size_t)cJSON_GetArraySize(held) + 1, sizeof **s->groups))) {
+            shard_err(err, 0, NULL, "out of memory");
+            return -1;
+        }
+        cJSON_ArrayForEach(gv, held)
+        {
+            size_t gi = cJSON_IsNumber(gv) && gv->valuedouble >= 0 ? (size_t)gv->valuedouble : 0;
+            s->groups[i][s->n_groups[i]++] = gi;
+            if (gi + 1 > s->n_model_groups)
+                s->n_model_groups = gi + 1;
+        }
         const cJSON *t;
         cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(docs[i], "tensors"))
         {
@@ -758,10 +780,27 @@ void optd_sharded_set_retry_for(optd_sharded *s, long ms)
 typedef struct {
     const void *grad;
     const double *loss;
+    const optd_step_opts *opts; /* the whole model's; may be NULL            */
     bool want_params;
     optd_error *errs;
     int *rc;
 } step_job;
+
+/* The values of shard i's groups, from the whole model's (NULL stays
+ * NULL).  A new array, or NULL when out of memory (*oom set). */
+static double *shard_groups(const optd_sharded *s, size_t i, const double *all, bool *oom)
+{
+    if (!all)
+        return NULL;
+    double *v = malloc((s->n_groups[i] ? s->n_groups[i] : 1) * sizeof *v);
+    if (!v) {
+        *oom = true;
+        return NULL;
+    }
+    for (size_t g = 0; g < s->n_groups[i]; g++)
+        v[g] = all[s->groups[i][g]];
+    return v;
+}
 
 static void step_one(optd_sharded *s, size_t i, void *arg)
 {
@@ -772,6 +811,25 @@ static void step_one(optd_sharded *s, size_t i, void *arg)
     o.idempotency_key = key;
     o.grad_norm = s->norm_type != 0 ? &s->norm : NULL;
     o.wire = OPTD_WIRE_FULL;
+    bool oom = false;
+    if (j->opts) {
+        o.base_step = j->opts->base_step;
+        o.worker = j->opts->worker;
+        if (j->opts->n_groups) {
+            o.n_groups = s->n_groups[i];
+            o.group_lr = shard_groups(s, i, j->opts->group_lr, &oom);
+            o.group_momentum = shard_groups(s, i, j->opts->group_momentum, &oom);
+            o.group_beta1 = shard_groups(s, i, j->opts->group_beta1, &oom);
+        }
+    }
+    if (oom) {
+        shard_err(&j->errs[i], 0, NULL, "out of memory");
+        j->rc[i] = -1;
+        free((void *)o.group_lr);
+        free((void *)o.group_momentum);
+        free((void *)o.group_beta1);
+        return;
+    }
     size_t n = s->offs[i + 1] - s->offs[i];
     const char *g = (const char *)j->grad + s->offs[i] * s->esize;
     unsigned char *out = j->want_params ? s->answers + s->offs[i] * s->esize : NULL;
@@ -781,6 +839,9 @@ static void step_one(optd_sharded *s, size_t i, void *arg)
                                       &o, (double *)out, &step, NULL, &j->errs[i])
                  : optd_step_f32_opts(s->clients[i], s->names[i], (const float *)g, n, j->loss,
                                       &o, (float *)out, &step, NULL, &j->errs[i]);
+    free((void *)o.group_lr);
+    free((void *)o.group_momentum);
+    free((void *)o.group_beta1);
     if (rc == 0) {
         s->steps[i] = step;
         s->done[i] = true;
@@ -791,11 +852,23 @@ static void step_one(optd_sharded *s, size_t i, void *arg)
 }
 
 static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esize,
-                        const double *loss, const char *key, void *params_out,
+                        const double *loss, const optd_step_opts *opts, void *params_out,
                         long long *step_out, optd_error *err)
 {
     if (err)
         memset(err, 0, sizeof *err);
+    const char *key = opts ? opts->idempotency_key : NULL;
+    if (opts && (opts->json || opts->n_absent || opts->grad_norm || opts->params_len ||
+                 (opts->wire != OPTD_WIRE_DEFAULT && opts->wire != OPTD_WIRE_FULL))) {
+        shard_err(err, 0, NULL, "a sharded step takes a key, base_step, worker and group values; "
+                                "not json, absent tensors, a wire form, grad_norm or params_len");
+        return -1;
+    }
+    if (opts && opts->n_groups && opts->n_groups != s->n_model_groups) {
+        shard_err(err, 0, "groups", "%zu group values for a model of %zu groups", opts->n_groups,
+                  s->n_model_groups);
+        return -1;
+    }
     if (esize != s->esize) {
         shard_err(err, 0, "dtype", "the sharded session is %s", s->esize == 8 ? "float64" : "float32");
         return -1;
@@ -861,7 +934,7 @@ static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esiz
         if (!n_want)
             break;
         /* The answers are kept for a retry, so params are always asked for. */
-        step_job j = {grad, loss, true, errs, rc};
+        step_job j = {grad, loss, opts, true, errs, rc};
         if (each_shard(s, want, step_one, &j)) {
             shard_err(err, 0, NULL, "out of memory");
             goto done;
@@ -917,14 +990,32 @@ int optd_sharded_step_f32(optd_sharded *s, const float *grad, size_t n, const do
                           const char *key, float *params_out, long long *step_out,
                           optd_error *err)
 {
-    return sharded_step(s, grad, n, 4, loss, key, params_out, step_out, err);
+    optd_step_opts o = optd_step_opts_default();
+    o.idempotency_key = key;
+    return sharded_step(s, grad, n, 4, loss, &o, params_out, step_out, err);
+}
+
+int optd_sharded_step_f32_opts(optd_sharded *s, const float *grad, size_t n,
+                               const double *loss, const optd_step_opts *opts,
+                               float *params_out, long long *step_out, optd_error *err)
+{
+    return sharded_step(s, grad, n, 4, loss, opts, params_out, step_out, err);
 }
 
 int optd_sharded_step_f64(optd_sharded *s, const double *grad, size_t n, const double *loss,
                           const char *key, double *params_out, long long *step_out,
                           optd_error *err)
 {
-    return sharded_step(s, grad, n, 8, loss, key, params_out, step_out, err);
+    optd_step_opts o = optd_step_opts_default();
+    o.idempotency_key = key;
+    return sharded_step(s, grad, n, 8, loss, &o, params_out, step_out, err);
+}
+
+int optd_sharded_step_f64_opts(optd_sharded *s, const double *grad, size_t n,
+                               const double *loss, const optd_step_opts *opts,
+                               double *params_out, long long *step_out, optd_error *err)
+{
+    return sharded_step(s, grad, n, 8, loss, opts, params_out, step_out, err);
 }
 
 /* ----------------------------------------------------------- params */

@@ -243,7 +243,8 @@ func TestShardedMatchesSingleSession(t *testing.T) {
 
 // With a layout the split falls on tensor boundaries, each shard gets its
 // tensors and the groups restricted to them, and the run still equals the
-// single session's (a norm of per-tensor blocks, norm_type inf here).
+// single session's (a norm of per-tensor blocks, norm_type inf here), with
+// client-driven group lrs too.
 func TestShardedLayout(t *testing.T) {
 	t.Parallel()
 	ds := []*daemon{startDaemon(t), startDaemon(t), startDaemon(t)}
@@ -283,17 +284,26 @@ func TestShardedLayout(t *testing.T) {
 		meta["optd_shard"]["layout"] != true || meta["optd_shard"]["count"] != 3.0 {
 		t.Fatalf("shard 1's metadata: %s", in.Metadata)
 	}
+	// From step 11 on, client-driven group lrs: each shard is sent its
+	// groups' values (shard 0 holds group 0 only).
+	var values []optd.GroupStep
 	for step := 1; step <= 20; step++ {
+		if step == 11 {
+			values = []optd.GroupStep{{LR: optd.Ptr(0.005)}, {LR: optd.Ptr(0.03)}}
+		}
 		g := randGradF32(r, n, 2)
-		want, err := ref.StepF32(ctx, g, nil)
+		want, err := ref.StepF32(ctx, g, &optd.StepOptions{Groups: values, Worker: "w7"})
 		if err != nil {
 			t.Fatal(err)
 		}
-		got, _, err := sh.StepF32(ctx, g, nil)
+		got, _, err := sh.StepF32(ctx, g, &optd.ShardStepOptions{Groups: values, Worker: "w7"})
 		if err != nil {
 			t.Fatal(err)
 		}
 		sameBits32(t, "layout step "+strconv.Itoa(step), got, want)
+	}
+	if _, _, err := sh.StepF32(ctx, randGradF32(r, n, 1), &optd.ShardStepOptions{Groups: values[:1]}); err == nil {
+		t.Errorf("one group value for a model of two")
 	}
 }
 
