@@ -443,3 +443,12 @@ sys.stdout.write(np.asarray(sh.step(g), dtype='<f4').tobytes().hex())
 	}
 	sameBits32(t, "made by Go, stepped by Python", got, want)
 }
+
+// go test -run '^$' -bench GradNorm -benchtime 3x: 1e7 float32 elements.
+func BenchmarkGradNormF32(b *testing.B) {
+	g := randGradF32(rand.New(rand.NewSource(1)), 10_000_000, 1)
+	b.SetBytes(int64(4 * len(g)))
+	for i := 0; i < b.N; i++ {
+		optd.GradNormF32(g, []int{len(g)}, 2)
+	}
+}
