@@ -912,7 +912,6 @@ static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esiz
         snprintf(s->key, sizeof s->key, "%s", key);
         s->norm = norm;
         memset(s->done, 0, s->k * sizeof *s->done);
-        s->pending = true;
     }
     bool *want = calloc(s->k, sizeof *want);
     optd_error *errs = calloc(s->k, sizeof *errs);
@@ -957,17 +956,12 @@ static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esiz
                 snprintf(d, sizeof d, "shard %zu: %.480s", bad, errs[bad].detail);
                 memcpy(err->detail, d, sizeof d);
             }
-            /* pending only when some shard applied it */
-            s->pending = false;
-            for (size_t i = 0; i < s->k; i++)
-                s->pending = s->pending || s->done[i];
             goto done;
         }
         struct timespec ts = {wait / 1000, (wait % 1000) * 1000000L};
         nanosleep(&ts, NULL);
         wait = wait >= 1000 ? 2000 : wait * 2;
     }
-    s->pending = false;
     for (size_t i = 1; i < s->k; i++)
         if (s->steps[i] != s->steps[0]) {
             shard_err(err, 0, NULL, "the shards are at different steps (%lld, %lld)",
@@ -980,6 +974,14 @@ static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esiz
         *step_out = s->steps[0];
     ret = 0;
 done:
+    /* A failed step stays pending when some shards applied it and others
+     * did not. */
+    {
+        size_t n_done = 0;
+        for (size_t i = 0; i < s->k; i++)
+            n_done += s->done[i];
+        s->pending = ret && n_done > 0 && n_done < s->k;
+    }
     free(want);
     free(errs);
     free(rc);
