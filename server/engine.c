@@ -674,10 +674,12 @@ static int apply(eng_pool *pool, eng_session *s, const eng_step_in *in, bool ref
 
     res->kind = STORAGE_LOG_STEP;
     update_job uj = {.s = s, .g = g, .gmode = G_DIRECT, .zero_after = zero_after};
-    if (s->cfg.clip.kind == OPTIM_CLIP_NORM && in->has_norm) {
+    if (s->cfg.clip.kind == OPTIM_CLIP_NORM && in->has_norm && s->cfg.mode.accumulate <= 1) {
         /* The norm of the whole vector this gradient is a part of, given
-         * by the client (the handler refuses it with accumulation); the
-         * finiteness above is still this part's own. */
+         * by the client; the finiteness above is still this part's own.
+         * The handler refuses it with accumulation; a logged one replayed
+         * under accumulation (a fork that changed the mode) leaves the
+         * mean's own norm. */
         norm = in->grad_norm;
         res->grad_norm = norm;
     }

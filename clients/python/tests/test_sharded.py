@@ -2,7 +2,8 @@
 equals the same model in one session on a fourth, bit for bit at every
 step (Adam, clipping by norm, a schedule), through a kill -9 of one shard's
 daemon before a step reaches it and another after it committed a step but
-before it answered, and an answer lost on the way back from another shard; with a layout the
+before it answered, and an answer lost on the way back from another shard;
+synchronous rounds of two workers per shard equal the one session's; with a layout the
 cuts fall on tensor boundaries and each shard gets its groups.  optd.grad_norm
 equals the daemon's own norm."""
 
@@ -265,6 +266,73 @@ class TestSharded(ShardCase):
         # took: the whole-vector blocking would have been a different one
         doc = one.history(after=29, limit=1)[0]
         self.assertEqual(doc["grad_norm"], optd.grad_norm(g, "float64", sizes, 1))
+
+    def test_sync_rounds_per_shard(self):
+        # two workers, each with its own ShardedSession over the same
+        # shards, in synchronous rounds of 2: every shard averages its
+        # range of the two gradients, as the one session does the whole
+        cs, single_c = self.clients()
+        n = 20000
+        p0 = np.random.default_rng(8).standard_normal(n).astype(np.float32)
+        opt = {"type": "adam", "lr": 0.01}
+        mode = {"type": "sync", "workers": 2}
+        sh = optd.ShardedSession.create(cs, "syn", opt, params=p0, mode=mode,
+                                        schedule={"type": "step", "step_size": 3, "gamma": 0.5})
+        self.addCleanup(sh.close)
+        other = optd.ShardedSession.open([c.url for c in cs], "syn")
+        self.addCleanup(other.close)
+        one = single_c.create_session("syn", opt, params=p0, mode=mode,
+                                      schedule={"type": "step", "step_size": 3, "gamma": 0.5})
+        one_b = optd.Client(self.daemons[3].url).session("syn")
+        self.addCleanup(one_b.client.close)
+        gen = grads(11, n, np.float32)
+        for r in range(6):
+            ga, gb = next(gen), next(gen)
+            out = {}
+
+            def send(tag, fn, g, worker):
+                try:
+                    out[tag] = fn(g, worker=worker)
+                except Exception as e:  # noqa: BLE001 -- checked below
+                    out[tag] = e
+
+            jobs = [("sa", sh.step, ga, "a"), ("sb", other.step, gb, "b"),
+                    ("oa", one.step, ga, "a"), ("ob", one_b.step, gb, "b")]
+            ths = [threading.Thread(target=send, args=j) for j in jobs]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join(120)
+            for tag, v in out.items():
+                self.assertNotIsInstance(v, Exception, "%s: %r" % (tag, v))
+            self.assertEqual(len(out), 4)
+            np.testing.assert_array_equal(out["sa"], out["oa"], "round %d" % (r + 1))
+            np.testing.assert_array_equal(out["sb"], out["oa"])
+            np.testing.assert_array_equal(out["ob"], out["oa"])
+        self.assertEqual(sh.steps(), [6] * 3)
+        self.assertEqual(sh.last_lr, one.last_lr)
+
+    def test_gave_up_then_same_key(self):
+        # a shard down longer than retry_for: ShardStepFailed names who
+        # applied; the same key sent again later applies only the missing one
+        cs, _ = self.clients(retries=1)
+        sh = optd.ShardedSession.create(cs, "gu", {"type": "sgd", "lr": 0.5}, size=300,
+                                        retry_for=0.5)
+        self.addCleanup(sh.close)
+        g = np.ones(300, dtype=np.float32)
+        victim = self.daemons[1]
+        port = victim.port
+        victim.kill()
+        with self.assertRaises(optd.ShardStepFailed) as cm:
+            sh.step(g, idempotency_key="gu-1")
+        e = cm.exception
+        self.assertEqual((e.key, sorted(e.failed), sorted(e.applied)), ("gu-1", [1], [0, 2]))
+        victim.start(port)
+        p = sh.step(g, idempotency_key=e.key)
+        self.assertEqual([s.last_replayed for s in sh.shards], [True, False, True])
+        np.testing.assert_array_equal(p, np.full(300, -0.5, dtype=np.float32))
+        self.assertEqual(sh.steps(), [1, 1, 1])
+        self.assertEqual([self.applied(s) for s in sh.shards], [1, 1, 1])
 
     def test_refusals_send_nothing(self):
         cs, _ = self.clients()
