@@ -2,10 +2,13 @@
  * test_client_c_shard.c -- the C client's sharded sessions against three
  * real daemons: the client's gradient norm is the daemon's bit for bit;
  * Adam clipped by norm over three shards equals one session holding the
- * whole vector at every one of 100 steps, through a lost answer and a
- * shard's daemon killed with SIGKILL and restarted, with nothing applied
+ * whole vector at every one of 100 steps, through a lost answer and two
+ * shard daemons killed with SIGKILL and restarted, with nothing applied
  * twice; a layout is split on tensor boundaries with its groups restricted;
- * bad input is refused before anything is sent.
+ * bad input is refused before anything is sent; sharded sessions made by
+ * the Python client are stepped by this one and the other way round (the
+ * suite runs /usr/bin/python3 with clients/python, from the repository
+ * root).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -15,9 +18,12 @@
 #include <cmocka.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <cjson/cJSON.h>
 
@@ -165,11 +171,44 @@ static void test_norm_is_the_daemons(void **state)
             fail_msg("%s: client norm %.17g, daemon's %.17g", cases[k].name, mine, theirs);
     }
     free(params);
+
+    /* docs/api.md's check values */
+    enum { M = 100000 };
+    static float h[M];
+    for (uint64_t i = 0; i < M; i++)
+        h[i] = (float)((double)((i * 2654435761u) % 4294967296u) / 4294967296.0 - 0.5);
+    size_t one = M, two[2] = {30000, 70000};
+    int fin;
+    assert_true(optd_grad_norm_f32(h, &one, 1, 2.0, &fin) == 91.287529596558954);
+    assert_true(optd_grad_norm_f32(h, two, 2, 2.0, &fin) == 91.287529596558969);
+    assert_true(optd_grad_norm_f32(h, &one, 1, 1.0, &fin) == 25000.155304304324);
+    assert_true(optd_grad_norm_f32(h, two, 2, INFINITY, &fin) == 0.5);
+
     g[7] = NAN;
     int finite = 1;
     size_t n = 10;
     (void)optd_grad_norm_f32(g, &n, 1, 2.0, &finite);
     assert_false(finite);
+}
+
+/* A sharded step on a thread of its own: the daemons are restarted from
+ * the main thread (a daemon dies with the thread that started it). */
+typedef struct {
+    optd_sharded *sh;
+    const float *g;
+    size_t n;
+    const char *key;
+    float *out;
+    long long step;
+    optd_error e;
+    int rc;
+} step_job;
+
+static void *step_main(void *arg)
+{
+    step_job *j = arg;
+    j->rc = optd_sharded_step_f32(j->sh, j->g, j->n, NULL, j->key, j->out, &j->step, &j->e);
+    return NULL;
 }
 
 #define ADAM_CLIP                                                                             \
@@ -178,8 +217,10 @@ static void test_norm_is_the_daemons(void **state)
 
 /* Three shards against one session: 100 steps bit for bit.  At step 30
  * shard 1 has already applied the step under its key (an answer lost on
- * the way back): it answers from the key.  At step 60 shard 2's daemon is
- * killed with SIGKILL: the step fails on shard 2 alone, a new step is
+ * the way back): it answers from the key.  At step 50 shard 1's daemon is
+ * killed with SIGKILL and restarted 0.4 s later: the step retries shard 1
+ * alone until it answers.  At step 60 (no retry window) shard 2's daemon
+ * is killed: the step fails on shard 2 alone, a new step is
  * refused, the daemon restarts on its database and the step finished with
  * its key reaches shard 2 only.  Every shard ends with 100 updates. */
 static void test_sharded_matches_single(void **state)
@@ -201,8 +242,8 @@ static void test_sharded_matches_single(void **state)
     free(body);
     free(params);
     assert_int_equal(optd_sharded_size(sh), N);
-    assert_int_equal(optd_sharded_offset(sh, 1), N / 3 + 1); /* 19385 % 3 == 2 */
-    assert_int_equal(optd_sharded_offset(sh, 2), 2 * (N / 3) + 2);
+    assert_int_equal(optd_sharded_offset(sh, 1), N / 3); /* i * N / k */
+    assert_int_equal(optd_sharded_offset(sh, 2), 2 * N / 3);
 
     for (int step = 1; step <= 100; step++) {
         fill(g, N, 5, (uint64_t)step, 2.0);
@@ -228,9 +269,28 @@ static void test_sharded_matches_single(void **state)
                              0);
             assert_int_equal(st, 30);
         }
-        if (step == 60)
+        if (step == 60) {
+            optd_sharded_set_retry_for(sh, 0);
             assert_int_equal(tdaemon_kill9(&s->d[2]), 0);
-        int rc = optd_sharded_step_f32(sh, g, N, NULL, key, got, &st, &e);
+        }
+        int rc;
+        if (step == 50) {
+            /* killed mid-run and back 0.4 s later: the step retries shard
+             * 1 alone until it answers */
+            assert_int_equal(tdaemon_kill9(&s->d[1]), 0);
+            step_job j = {sh, g, N, NULL, got, -1, {0}, -1};
+            pthread_t th;
+            assert_int_equal(pthread_create(&th, NULL, step_main, &j), 0);
+            struct timespec ts = {0, 400 * 1000000L};
+            nanosleep(&ts, NULL);
+            assert_int_equal(tdaemon_restart(&s->d[1]), 0);
+            pthread_join(th, NULL);
+            rc = j.rc;
+            st = j.step;
+            e = j.e;
+        } else {
+            rc = optd_sharded_step_f32(sh, g, N, NULL, key, got, &st, &e);
+        }
         if (step == 60) {
             assert_int_equal(rc, -1);
             assert_int_equal(e.status, 0); /* no answer from shard 2 */
@@ -278,7 +338,8 @@ static void test_sharded_matches_single(void **state)
 
 /* A layout is split on tensor boundaries; each shard gets its tensors and
  * the groups restricted to them; the run equals the single session's with
- * norm_type inf (the norm of per-tensor blocks). */
+ * norm_type inf (the norm of per-tensor blocks), with client-driven group
+ * lrs too. */
 static void test_layout_split(void **state)
 {
     suite *s = *state;
@@ -322,16 +383,39 @@ static void test_layout_split(void **state)
     const cJSON *g0 = cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(gs, 0), "tensors");
     assert_int_equal(cJSON_GetArraySize(g0), 1);
     assert_string_equal(cJSON_GetArrayItem(g0, 0)->valuestring, "w2");
+    const cJSON *place = cJSON_GetObjectItemCaseSensitive(
+        cJSON_GetObjectItemCaseSensitive(j, "metadata"), OPTD_SHARD_META);
+    assert_true(tapi_num(place, "index") == 1 && tapi_num(place, "count") == K);
+    assert_true(tapi_num(place, "offset") == 10000 && tapi_num(place, "size") == N);
+    assert_true(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(place, "layout")));
+    const cJSON *held = cJSON_GetObjectItemCaseSensitive(place, "groups");
+    assert_int_equal(cJSON_GetArraySize(held), 2);
+    assert_true(cJSON_GetArrayItem(held, 0)->valuedouble == 0 &&
+                cJSON_GetArrayItem(held, 1)->valuedouble == 1);
     cJSON_Delete(j);
 
+    /* from step 11 on, client-driven group lrs: each shard is sent its
+     * groups' values (shard 0 holds group 0 only) */
+    const double lrs[2] = {0.005, 0.03};
+    optd_step_opts o = optd_step_opts_default();
+    o.worker = "w7";
     for (int step = 1; step <= 20; step++) {
         fill(g, N, 9, (uint64_t)step, 2.0);
-        assert_int_equal(optd_step_f32(s->c[0], "lref", g, N, NULL, want, NULL, &e), 0);
+        if (step == 11) {
+            o.n_groups = 2;
+            o.group_lr = lrs;
+        }
+        assert_int_equal(
+            optd_step_f32_opts(s->c[0], "lref", g, N, NULL, &o, want, NULL, NULL, &e), 0);
         long long st;
-        if (optd_sharded_step_f32(sh, g, N, NULL, NULL, got, &st, &e))
+        if (optd_sharded_step_f32_opts(sh, g, N, NULL, &o, got, &st, &e))
             fail_msg("layout step %d: %d %s", step, e.status, e.detail);
         assert_same_bits(got, want, N, "layout params", step);
     }
+    /* the whole model's groups, or nothing */
+    o.n_groups = 1;
+    assert_int_equal(optd_sharded_step_f32_opts(sh, g, N, NULL, &o, got, NULL, &e), -1);
+    assert_string_equal(e.field, "groups");
     optd_sharded_free(sh);
 }
 
@@ -381,6 +465,137 @@ static void test_bad_input(void **state)
     optd_sharded_free(sh);
 }
 
+/* g(t, i) = (((7t + 13i) mod 17) - 8) / 8: exact in every language. */
+static void cross_grad(float *g, size_t n, int t)
+{
+    for (size_t i = 0; i < n; i++)
+        g[i] = (float)((double)((7 * (size_t)t + 13 * i) % 17) - 8.0) / 8.0f;
+}
+
+/* Runs /usr/bin/python3 with clients/python importable (from the
+ * repository root, as tests/run.sh runs the suites) and the script;
+ * returns its stdout (caller frees). */
+static char *run_python(const char *script)
+{
+    char tmpl[] = "/tmp/optd-shard-py.XXXXXX";
+    int fd = mkstemp(tmpl);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    fputs(script, f);
+    fclose(f);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "PYTHONPATH=clients/python /usr/bin/python3 %s", tmpl);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t cap = 1 << 20, len = 0;
+    char *out = malloc(cap);
+    size_t k;
+    while ((k = fread(out + len, 1, cap - 1 - len, p)) > 0)
+        len += k;
+    out[len] = '\0';
+    int st = pclose(p);
+    unlink(tmpl);
+    if (st != 0)
+        fail_msg("python3 %s exited with %d: %s", tmpl, st, out);
+    return out;
+}
+
+#define CROSS_LAYOUT                                                                          \
+    "\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},"                                         \
+    "\"clip\":{\"type\":\"norm\",\"max_norm\":0.5},"                                          \
+    "\"tensors\":[{\"name\":\"a\",\"shape\":[5000]},{\"name\":\"b\",\"shape\":[3000]},"       \
+    "{\"name\":\"c\",\"shape\":[2000]},{\"name\":\"d\",\"shape\":[100]}],"                    \
+    "\"groups\":[{\"tensors\":[\"a\",\"c\"]},{\"tensors\":[\"b\",\"d\"],\"lr\":0.02}]"
+
+/* The Python client's sharded sessions and this one's are the same thing:
+ * a session Python made and stepped, C steps on; one C made and stepped,
+ * Python steps on; both equal a single session bit for bit. */
+static void test_python_compatible(void **state)
+{
+    suite *s = *state;
+    enum { N = 10100 };
+    static float p0[N], g[N], want[N], got[N];
+    cross_grad(p0, N, 0);
+    char *params = json_floats(p0, N);
+    size_t cap = strlen(params) + 1024;
+    char *body = malloc(cap);
+    snprintf(body, cap, "{" CROSS_LAYOUT ",\"params\":%s}", params);
+    free(params);
+    optd_error e;
+    if (optd_create_session(s->c[0], "xref", body, &e) != 1)
+        fail_msg("create xref: %d %s", e.status, e.detail);
+
+    char script[4096];
+    snprintf(script, sizeof script,
+             "import numpy as np, optd\n"
+             "def grad(t):\n"
+             "    i = np.arange(%d, dtype=np.int64)\n"
+             "    return ((((7 * t + 13 * i) %% 17) - 8) / 8).astype(np.float32)\n"
+             "urls = ['%s', '%s', '%s']\n"
+             "sh = optd.ShardedSession.create(urls, 'bypy', {'type': 'adam', 'lr': 0.01},\n"
+             "    params=grad(0), clip={'type': 'norm', 'max_norm': 0.5},\n"
+             "    tensors=[('a', [5000]), ('b', [3000]), ('c', [2000]), ('d', [100])],\n"
+             "    groups=[{'tensors': ['a', 'c']}, {'tensors': ['b', 'd'], 'lr': 0.02}])\n"
+             "for t in (1, 2, 3):\n"
+             "    sh.step(grad(t))\n"
+             "print(sh.last_step)\n",
+             N, tdaemon_url(&s->d[0]), tdaemon_url(&s->d[1]), tdaemon_url(&s->d[2]));
+    char *out = run_python(script);
+    assert_string_equal(out, "3\n");
+    free(out);
+
+    optd_sharded *sh = optd_sharded_open(s->c, K, "bypy", &e);
+    if (!sh)
+        fail_msg("open bypy: %d %s", e.status, e.detail);
+    for (int t = 1; t <= 6; t++) {
+        cross_grad(g, N, t);
+        assert_int_equal(optd_step_f32(s->c[0], "xref", g, N, NULL, want, NULL, &e), 0);
+        if (t <= 3)
+            continue;
+        long long st;
+        if (optd_sharded_step_f32(sh, g, N, NULL, NULL, got, &st, &e))
+            fail_msg("bypy step %d: %d %s", t, e.status, e.detail);
+        assert_int_equal(st, t);
+        assert_same_bits(got, want, N, "made by Python, stepped by C", t);
+    }
+    optd_sharded_free(sh);
+
+    /* made by C at the reference's params (step 6), stepped by Python;
+     * a fresh Adam from these params is a second reference session */
+    free(body);
+    params = json_floats(want, N);
+    cap = strlen(params) + 1024;
+    body = malloc(cap);
+    snprintf(body, cap, "{" CROSS_LAYOUT ",\"params\":%s}", params);
+    free(params);
+    sh = optd_sharded_create(s->c, K, "byc", body, &e);
+    if (!sh)
+        fail_msg("create byc: %d %s", e.status, e.detail);
+    optd_sharded_free(sh);
+    assert_int_equal(optd_create_session(s->c[0], "xref2", body, &e), 1);
+    free(body);
+    cross_grad(g, N, 7);
+    assert_int_equal(optd_step_f32(s->c[0], "xref2", g, N, NULL, want, NULL, &e), 0);
+    snprintf(script, sizeof script,
+             "import numpy as np, optd, sys\n"
+             "i = np.arange(%d, dtype=np.int64)\n"
+             "g = ((((7 * 7 + 13 * i) %% 17) - 8) / 8).astype(np.float32)\n"
+             "sh = optd.ShardedSession.open(['%s', '%s', '%s'], 'byc')\n"
+             "p = sh.step(g)\n"
+             "sys.stdout.write(np.asarray(p, dtype='<f4').tobytes().hex())\n",
+             N, tdaemon_url(&s->d[0]), tdaemon_url(&s->d[1]), tdaemon_url(&s->d[2]));
+    out = run_python(script);
+    assert_int_equal(strlen(out), N * 8);
+    for (size_t i = 0; i < N; i++) {
+        unsigned char b[4];
+        for (int k = 0; k < 4; k++)
+            sscanf(out + 8 * i + 2 * k, "%2hhx", &b[k]);
+        memcpy(&got[i], b, 4);
+    }
+    free(out);
+    assert_same_bits(got, want, N, "made by C, stepped by Python", 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -388,6 +603,7 @@ int main(void)
         cmocka_unit_test(test_sharded_matches_single),
         cmocka_unit_test(test_layout_split),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_python_compatible),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
 }

@@ -247,6 +247,13 @@ int optd_import(optd_client *c, const char *name, const void *file, size_t len, 
  * from one thread at a time; it is not thread-safe itself. */
 typedef struct optd_sharded optd_sharded;
 
+/* The metadata member every shard keeps its place in (as the Python
+ * client writes it): {"index", "count", "offset", "size" (the whole
+ * vector's), "groups" (the indices of the whole model's groups the shard
+ * holds), "layout" (whether the model has tensors)}.  Other members of a
+ * create body's "metadata" object go to every shard as they are. */
+#define OPTD_SHARD_META "optd_shard"
+
 /* The norm (norm_type 1, 2 or INFINITY) of a gradient made of n_sizes
  * tensors of sizes[] elements in order, as the daemon computes it: each
  * tensor cut into blocks of 8192 elements, each block reduced in double
@@ -281,7 +288,8 @@ size_t optd_sharded_offset(const optd_sharded *s, size_t i);
  * Idempotency-Key (NULL: a fresh one).  params_out (n, may be NULL) gets
  * the joined params, *step_out (may be NULL) the shards' common step.
  * 0, or -1 with err set.  When some shards failed (after their client's
- * retries), the others have applied the step: optd_sharded_pending_key
+ * retries and the retry window, optd_sharded_set_retry_for), the others
+ * have applied the step: optd_sharded_pending_key
  * then gives its key, and a step with that key and the same gradient sends
  * it to the failed shards alone; a step with another key is refused until
  * then.  A gradient with NaN or Inf fails with err->field "grad" and sends
@@ -292,6 +300,23 @@ int optd_sharded_step_f32(optd_sharded *s, const float *grad, size_t n, const do
 int optd_sharded_step_f64(optd_sharded *s, const double *grad, size_t n, const double *loss,
                           const char *key, double *params_out, long long *step_out,
                           optd_error *err);
+/* The same with options (opts may be NULL): idempotency_key, base_step
+ * and worker (sent to every shard) and group values (n_groups: the whole
+ * model's groups; each shard is sent the values of the groups it holds).
+ * json, absent tensors, a 16-bit wire, grad_norm and params_len are
+ * refused. */
+int optd_sharded_step_f32_opts(optd_sharded *s, const float *grad, size_t n,
+                               const double *loss, const optd_step_opts *opts,
+                               float *params_out, long long *step_out, optd_error *err);
+int optd_sharded_step_f64_opts(optd_sharded *s, const double *grad, size_t n,
+                               const double *loss, const optd_step_opts *opts,
+                               double *params_out, long long *step_out, optd_error *err);
+/* How long a step keeps retrying the shards that failed transiently (no
+ * answer, 502, 503, 504), each alone with its key, before it fails and
+ * leaves the step pending (default OPTD_SHARD_RETRY_FOR_MS; 0: give up
+ * after the clients' own retries). */
+#define OPTD_SHARD_RETRY_FOR_MS 60000
+void optd_sharded_set_retry_for(optd_sharded *s, long ms);
 /* The key of the unfinished step, or NULL.  The string belongs to s. */
 const char *optd_sharded_pending_key(const optd_sharded *s);
 /* Whether shard i has the unfinished step (1), has not (0). */

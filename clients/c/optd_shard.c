@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define SHARD_NAME_MAX 160
 #define SHARD_KEY_MAX 240
@@ -36,7 +37,11 @@ struct optd_sharded {
     size_t *sizes;              /* the whole vector's tensors, for the norm  */
     size_t n_sizes;
     size_t esize;               /* 4 or 8                                    */
-    double norm_type;
+    double norm_type;           /* 0: no clipping by norm                    */
+    size_t **groups;            /* per shard: the model's groups it holds    */
+    size_t *n_groups;
+    size_t n_model_groups;
+    long retry_for_ms;
     /* The unfinished step, when pending. */
     bool pending;
     char key[SHARD_KEY_MAX];
@@ -113,6 +118,10 @@ void optd_sharded_free(optd_sharded *s)
         return;
     for (size_t i = 0; s->names && i < s->k; i++)
         free(s->names[i]);
+    for (size_t i = 0; s->groups && i < s->k; i++)
+        free(s->groups[i]);
+    free(s->groups);
+    free(s->n_groups);
     free(s->names);
     free(s->clients);
     free(s->offs);
@@ -165,7 +174,10 @@ static optd_sharded *sharded_new(optd_client *const *clients, size_t k, const ch
     s->offs = calloc(k + 1, sizeof *s->offs);
     s->done = calloc(k, sizeof *s->done);
     s->steps = calloc(k, sizeof *s->steps);
-    if (!s->clients || !s->names || !s->offs || !s->done || !s->steps)
+    s->groups = calloc(k, sizeof *s->groups);
+    s->n_groups = calloc(k, sizeof *s->n_groups);
+    if (!s->clients || !s->names || !s->offs || !s->done || !s->steps || !s->groups ||
+        !s->n_groups)
         goto oom;
     for (size_t i = 0; i < k; i++) {
         s->clients[i] = clients[i];
@@ -173,7 +185,7 @@ static optd_sharded *sharded_new(optd_client *const *clients, size_t k, const ch
             goto oom;
         snprintf(s->names[i], SHARD_NAME_MAX, "%s.shard%zu", name, i);
     }
-    s->norm_type = 2.0;
+    s->retry_for_ms = OPTD_SHARD_RETRY_FOR_MS;
     return s;
 oom:
     optd_sharded_free(s);
@@ -250,31 +262,45 @@ static void open_one(optd_sharded *s, size_t i, void *arg)
     free(doc);
 }
 
+/* A member of an object as a number; dflt when absent or not a number. */
+static double num_or(const cJSON *obj, const char *name, double dflt)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, name);
+    return cJSON_IsNumber(v) ? v->valuedouble : dflt;
+}
+
 /* Fills offsets, layout, dtype and the clip's norm from the shards'
- * session documents.  0 or -1. */
+ * session documents and the place each one's metadata records
+ * (OPTD_SHARD_META).  0 or -1. */
 static int read_layout(optd_sharded *s, cJSON *const *docs, optd_error *err)
 {
     size_t nt = 0;
-    bool plain = true;
-    for (size_t i = 0; i < s->k; i++) {
-        const cJSON *ts = cJSON_GetObjectItemCaseSensitive(docs[i], "tensors");
-        const cJSON *t0 = cJSON_GetArrayItem(ts, 0);
-        const cJSON *nm = cJSON_GetObjectItemCaseSensitive(t0, "name");
-        if (cJSON_GetArraySize(ts) != 1 || !cJSON_IsString(nm) || strcmp(nm->valuestring, "params"))
-            plain = false;
-        nt += (size_t)cJSON_GetArraySize(ts);
-    }
+    for (size_t i = 0; i < s->k; i++)
+        nt += (size_t)cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(docs[i], "tensors"));
     s->sizes = calloc(nt ? nt : 1, sizeof *s->sizes);
     if (!s->sizes) {
         shard_err(err, 0, NULL, "out of memory");
         return -1;
     }
     const char *dt0 = NULL;
+    bool layout = false;
+    size_t total = 0;
     for (size_t i = 0; i < s->k; i++) {
         const cJSON *size = cJSON_GetObjectItemCaseSensitive(docs[i], "size");
         const cJSON *dt = cJSON_GetObjectItemCaseSensitive(docs[i], "dtype");
+        const cJSON *m = cJSON_GetObjectItemCaseSensitive(
+            cJSON_GetObjectItemCaseSensitive(docs[i], "metadata"), OPTD_SHARD_META);
         if (!cJSON_IsNumber(size) || size->valuedouble < 1 || !cJSON_IsString(dt)) {
             shard_err(err, 0, NULL, "shard %zu: a session document without size or dtype", i);
+            return -1;
+        }
+        if (num_or(m, "index", -1) != (double)i || num_or(m, "count", -1) != (double)s->k) {
+            shard_err(err, 0, NULL, "%s is not shard %zu of %zu", s->names[i], i, s->k);
+            return -1;
+        }
+        if (num_or(m, "offset", -1) != (double)s->offs[i]) {
+            shard_err(err, 0, NULL, "shard %zu starts at %.0f, not where shard %zu ends (%zu)", i,
+                      num_or(m, "offset", -1), i ? i - 1 : 0, s->offs[i]);
             return -1;
         }
         if (!dt0)
@@ -284,26 +310,55 @@ static int read_layout(optd_sharded *s, cJSON *const *docs, optd_error *err)
             return -1;
         }
         s->offs[i + 1] = s->offs[i] + (size_t)size->valuedouble;
+        total = (size_t)num_or(m, "size", 0);
+        layout = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(m, "layout"));
+        const cJSON *held = cJSON_GetObjectItemCaseSensitive(m, "groups"), *gv;
+        if (!(s->groups[i] = calloc((size_t)cJSON_GetArraySize(held) + 1, sizeof **s->groups))) {
+            shard_err(err, 0, NULL, "out of memory");
+            return -1;
+        }
+        cJSON_ArrayForEach(gv, held)
+        {
+            size_t gi = cJSON_IsNumber(gv) && gv->valuedouble >= 0 ? (size_t)gv->valuedouble : 0;
+            s->groups[i][s->n_groups[i]++] = gi;
+            if (gi + 1 > s->n_model_groups)
+                s->n_model_groups = gi + 1;
+        }
         const cJSON *t;
         cJSON_ArrayForEach(t, cJSON_GetObjectItemCaseSensitive(docs[i], "tensors"))
         {
-            const cJSON *ts = cJSON_GetObjectItemCaseSensitive(t, "size");
-            s->sizes[s->n_sizes++] = cJSON_IsNumber(ts) ? (size_t)ts->valuedouble : 0;
+            s->sizes[s->n_sizes++] = (size_t)num_or(t, "size", 0);
         }
     }
-    if (plain) { /* without a layout the whole vector is one tensor */
+    if (total != s->offs[s->k]) {
+        shard_err(err, 0, NULL, "the shards hold %zu elements, their metadata says %zu",
+                  s->offs[s->k], total);
+        return -1;
+    }
+    if (!layout) { /* without a layout the whole vector is one tensor */
         s->sizes[0] = s->offs[s->k];
         s->n_sizes = 1;
     }
     s->esize = strcmp(dt0, "float64") == 0 ? 8 : 4;
     const cJSON *clip = cJSON_GetObjectItemCaseSensitive(docs[0], "clip");
     const cJSON *type = cJSON_GetObjectItemCaseSensitive(clip, "type");
+    s->norm_type = 0; /* no clipping by norm: no Optd-Grad-Norm */
     if (cJSON_IsString(type) && strcmp(type->valuestring, "norm") == 0) {
         const cJSON *nt_ = cJSON_GetObjectItemCaseSensitive(clip, "norm_type");
+        s->norm_type = 2.0;
         if (cJSON_IsNumber(nt_))
             s->norm_type = nt_->valuedouble;
-        else if (cJSON_IsString(nt_) && strcmp(nt_->valuestring, "inf") == 0)
+        else if (cJSON_IsString(nt_) && (strcmp(nt_->valuestring, "inf") == 0 ||
+                                         strcmp(nt_->valuestring, "Infinity") == 0))
             s->norm_type = INFINITY;
+        const cJSON *mode = cJSON_GetObjectItemCaseSensitive(docs[0], "mode");
+        const cJSON *mt = cJSON_GetObjectItemCaseSensitive(mode, "type");
+        if ((cJSON_IsString(mt) && strcmp(mt->valuestring, "sync") == 0) ||
+            num_or(mode, "accumulate", 1) > 1) {
+            shard_err(err, 0, "clip", "a sharded session cannot clip by norm in sync mode or "
+                                      "with accumulation: the norm is the round's or the mean's");
+            return -1;
+        }
     }
     if (!(s->answers = malloc(s->offs[s->k] * s->esize))) {
         shard_err(err, 0, NULL, "out of memory");
@@ -380,23 +435,162 @@ static int exact_numbers(cJSON *item)
     return 0;
 }
 
-/* Shard bodies: the shared body with its own "params" (or "size"),
- * "tensors" and "groups".  docs[i] are new (caller deletes). */
-static int split_config(optd_sharded *s, const cJSON *root, cJSON **docs, optd_error *err)
+/* Where shard i starts in a vector of n_t tensors of sizes tsz (cut[i]:
+ * its first tensor): cut i (1..k-1) is the tensor boundary nearest to
+ * i*total/k (the lower one on a tie) after cut i-1, leaving a tensor to
+ * every later shard.  Without tensors: offs[i] = i*n/k rounded down.  The
+ * Python client's rules. */
+static void split_offsets(size_t k, size_t n, const size_t *tsz, size_t nt, size_t *cut,
+                          size_t *offs)
+{
+    if (!nt) {
+        for (size_t i = 0; i <= k; i++)
+            offs[i] = (size_t)((unsigned long long)i * n / k);
+        return;
+    }
+    size_t total = 0;
+    for (size_t j = 0; j < nt; j++)
+        total += tsz[j];
+    cut[0] = 0;
+    cut[k] = nt;
+    for (size_t i = 1; i < k; i++) {
+        double target = (double)(i * total) / (double)k;
+        size_t best = 0, end = 0;
+        double bd = 0;
+        for (size_t j = 0; j < cut[i - 1] + 1; j++)
+            end += tsz[j];
+        for (size_t j = cut[i - 1] + 1; j <= nt - (k - i); j++) {
+            double d = fabs((double)end - target);
+            if (!best || d < bd) {
+                best = j;
+                bd = d;
+            }
+            end += tsz[j];
+        }
+        cut[i] = best;
+    }
+    offs[0] = 0;
+    for (size_t i = 0; i < k; i++) {
+        offs[i + 1] = offs[i];
+        for (size_t j = cut[i]; j < cut[i + 1]; j++)
+            offs[i + 1] += tsz[j];
+    }
+}
+
+/* The create body of shard i: the shared body with a zeros init, its own
+ * "size" (or "tensors" and "groups") and its place in "metadata".  New
+ * (caller deletes), or NULL when out of memory. */
+static cJSON *shard_body(const optd_sharded *s, const cJSON *root, size_t i, const size_t *cut,
+                         size_t nt, size_t n)
+{
+    const cJSON *tensors = cJSON_GetObjectItemCaseSensitive(root, "tensors");
+    const cJSON *groups = cJSON_GetObjectItemCaseSensitive(root, "groups");
+    cJSON *d = cJSON_Duplicate(root, 1);
+    if (!d)
+        return NULL;
+    static const char *const drop[] = {"params", "size", "init", "tensors", "groups", "metadata"};
+    for (size_t j = 0; j < sizeof drop / sizeof drop[0]; j++)
+        cJSON_DeleteItemFromObjectCaseSensitive(d, drop[j]);
+    cJSON *init = cJSON_AddObjectToObject(d, "init");
+    cJSON *meta = cJSON_Duplicate(cJSON_GetObjectItemCaseSensitive(root, "metadata"), 1);
+    if (!meta)
+        meta = cJSON_CreateObject();
+    else
+        cJSON_DeleteItemFromObjectCaseSensitive(meta, OPTD_SHARD_META);
+    cJSON *place = cJSON_CreateObject(), *gi = cJSON_CreateArray();
+    bool ok = init && cJSON_AddStringToObject(init, "type", "zeros") && meta && place && gi &&
+              cJSON_AddItemToObject(d, "metadata", meta);
+    if (ok && nt) {
+        cJSON *ta = cJSON_AddArrayToObject(d, "tensors");
+        ok = ta != NULL;
+        for (size_t j = cut[i]; ok && j < cut[i + 1]; j++) {
+            cJSON *dup = cJSON_Duplicate(cJSON_GetArrayItem(tensors, (int)j), 1);
+            ok = dup && cJSON_AddItemToArray(ta, dup);
+        }
+        cJSON *ga = NULL;
+        int g_index = 0;
+        const cJSON *G;
+        cJSON_ArrayForEach(G, groups)
+        {
+            cJSON *held = cJSON_CreateArray();
+            const cJSON *nm;
+            cJSON_ArrayForEach(nm, cJSON_GetObjectItemCaseSensitive(G, "tensors"))
+            {
+                for (size_t j = cut[i]; ok && held && j < cut[i + 1] && cJSON_IsString(nm); j++) {
+                    const cJSON *tn =
+                        cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(tensors, (int)j), "name");
+                    if (cJSON_IsString(tn) && strcmp(tn->valuestring, nm->valuestring) == 0)
+                        ok = cJSON_AddItemToArray(held, cJSON_CreateString(nm->valuestring));
+                }
+            }
+            if (held && cJSON_GetArraySize(held) > 0) {
+                cJSON *g = cJSON_Duplicate(G, 1);
+                ok = ok && g && cJSON_ReplaceItemInObjectCaseSensitive(g, "tensors", held);
+                if (ok && !ga)
+                    ok = (ga = cJSON_AddArrayToObject(d, "groups")) != NULL;
+                ok = ok && cJSON_AddItemToArray(ga, g) &&
+                     cJSON_AddItemToArray(gi, cJSON_CreateNumber(g_index));
+                if (!ok)
+                    cJSON_Delete(g);
+            } else {
+                cJSON_Delete(held);
+                ok = ok && held;
+            }
+            g_index++;
+        }
+    } else if (ok) {
+        ok = cJSON_AddNumberToObject(d, "size", (double)(s->offs[i + 1] - s->offs[i])) != NULL;
+    }
+    if (ok && (!nt || !cJSON_IsArray(groups)))
+        ok = cJSON_AddItemToArray(gi, cJSON_CreateNumber(0));
+    ok = ok && cJSON_AddNumberToObject(place, "index", (double)i) &&
+         cJSON_AddNumberToObject(place, "count", (double)s->k) &&
+         cJSON_AddNumberToObject(place, "offset", (double)s->offs[i]) &&
+         cJSON_AddNumberToObject(place, "size", (double)n) && cJSON_AddItemToObject(place, "groups", gi);
+    if (ok)
+        gi = NULL;
+    ok = ok && cJSON_AddBoolToObject(place, "layout", nt > 0) &&
+         cJSON_AddItemToObject(meta, OPTD_SHARD_META, place);
+    if (ok)
+        place = NULL;
+    cJSON_Delete(gi);
+    cJSON_Delete(place);
+    if (!ok || exact_numbers(d)) {
+        cJSON_Delete(d);
+        return NULL;
+    }
+    return d;
+}
+
+/* Splits a create body: offsets into s, each shard's body into bodies[i]
+ * (new strings), the initial params in the session's dtype into *params
+ * (new, or NULL when the body has none).  0 or -1. */
+static int split_config(optd_sharded *s, const cJSON *root, char **bodies, void **params,
+                        optd_error *err)
 {
     size_t k = s->k;
-    const cJSON *params = cJSON_GetObjectItemCaseSensitive(root, "params");
+    const cJSON *pj = cJSON_GetObjectItemCaseSensitive(root, "params");
     const cJSON *size = cJSON_GetObjectItemCaseSensitive(root, "size");
     const cJSON *init = cJSON_GetObjectItemCaseSensitive(root, "init");
     const cJSON *tensors = cJSON_GetObjectItemCaseSensitive(root, "tensors");
-    const cJSON *groups = cJSON_GetObjectItemCaseSensitive(root, "groups");
     const cJSON *itype = cJSON_GetObjectItemCaseSensitive(init, "type");
+    const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(root, "dtype");
+    const cJSON *meta = cJSON_GetObjectItemCaseSensitive(root, "metadata");
+    *params = NULL;
     if (init && !(cJSON_IsString(itype) && strcmp(itype->valuestring, "zeros") == 0)) {
         shard_err(err, 0, "init", "a sharded session takes params or a zeros init: a seeded init "
                                   "would draw every shard's own numbers");
         return -1;
     }
-    size_t n = cJSON_IsArray(params) ? (size_t)cJSON_GetArraySize(params)
+    if (meta && !cJSON_IsObject(meta)) {
+        shard_err(err, 0, "metadata", "the metadata of a sharded session must be an object");
+        return -1;
+    }
+    if (cJSON_GetObjectItemCaseSensitive(root, "groups") && !cJSON_IsArray(tensors)) {
+        shard_err(err, 0, "groups", "groups need tensors");
+        return -1;
+    }
+    size_t n = cJSON_IsArray(pj) ? (size_t)cJSON_GetArraySize(pj)
                : cJSON_IsNumber(size) && size->valuedouble > 0 ? (size_t)size->valuedouble
                                                                : 0;
     size_t nt = cJSON_IsArray(tensors) ? (size_t)cJSON_GetArraySize(tensors) : 0;
@@ -414,12 +608,15 @@ static int split_config(optd_sharded *s, const cJSON *root, cJSON **docs, optd_e
             size_t e = 1;
             const cJSON *d;
             cJSON_ArrayForEach(d, cJSON_GetObjectItemCaseSensitive(T, "shape"))
-            e *= cJSON_IsNumber(d) && d->valuedouble > 0 ? (size_t)d->valuedouble : 0;
+            {
+                e *= cJSON_IsNumber(d) && d->valuedouble > 0 ? (size_t)d->valuedouble : 0;
+            }
             tsz[t++] = e;
             total += e;
         }
         if (nt < k) {
-            shard_err(err, 0, "tensors", "%zu tensors cannot be split over %zu shards", nt, k);
+            shard_err(err, 0, "tensors", "%zu tensors cannot make %zu shards: each shard holds "
+                                         "whole tensors", nt, k);
             goto done;
         }
         if (n && n != total) {
@@ -427,105 +624,43 @@ static int split_config(optd_sharded *s, const cJSON *root, cJSON **docs, optd_e
             goto done;
         }
         n = total;
-        /* run i ends at the first boundary at or past (i+1)/k of the
-         * elements, leaving a tensor to each later run */
-        size_t acc = 0;
-        t = 0;
-        for (size_t i = 0; i + 1 < k; i++) {
-            double target = (double)total * (double)(i + 1) / (double)k;
-            acc += tsz[t++];
-            while (t < nt - (k - 1 - i) && (double)acc < target)
-                acc += tsz[t++];
-            cut[i + 1] = t;
-        }
-        cut[k] = nt;
-        for (size_t i = 0; i < k; i++) {
-            s->offs[i + 1] = s->offs[i];
-            for (size_t j = cut[i]; j < cut[i + 1]; j++)
-                s->offs[i + 1] += tsz[j];
-        }
-    } else {
-        if (n < k) {
-            shard_err(err, 0, "params", "%zu params cannot be split over %zu shards", n, k);
+    } else if (n < k) {
+        shard_err(err, 0, "params", "%zu values cannot make %zu shards", n, k);
+        goto done;
+    }
+    split_offsets(k, n, tsz, nt, cut, s->offs);
+    if (cJSON_IsArray(pj)) {
+        bool f64 = cJSON_IsString(dtype) && strcmp(dtype->valuestring, "float64") == 0;
+        char *p = *params = malloc(n * (f64 ? 8 : 4));
+        if (!p) {
+            shard_err(err, 0, NULL, "out of memory");
             goto done;
         }
-        for (size_t i = 0; i < k; i++)
-            s->offs[i + 1] = s->offs[i] + n / k + (i < n % k ? 1 : 0);
+        const cJSON *v;
+        cJSON_ArrayForEach(v, pj)
+        {
+            /* a double rounded to float as the daemon rounds a create body's */
+            if (f64) {
+                double x = v->valuedouble;
+                memcpy(p, &x, 8);
+                p += 8;
+            } else {
+                float x = (float)v->valuedouble;
+                memcpy(p, &x, 4);
+                p += 4;
+            }
+        }
     }
     for (size_t i = 0; i < k; i++) {
-        cJSON *d = docs[i] = cJSON_Duplicate(root, 1);
-        if (!d)
-            goto oom;
-        cJSON_DeleteItemFromObjectCaseSensitive(d, "params");
-        cJSON_DeleteItemFromObjectCaseSensitive(d, "size");
-        cJSON_DeleteItemFromObjectCaseSensitive(d, "tensors");
-        cJSON_DeleteItemFromObjectCaseSensitive(d, "groups");
-        if (cJSON_IsArray(params)) {
-            cJSON *a = cJSON_AddArrayToObject(d, "params");
-            if (!a)
-                goto oom;
-            size_t j = 0;
-            const cJSON *v;
-            cJSON_ArrayForEach(v, params)
-            {
-                if (j >= s->offs[i] && j < s->offs[i + 1] &&
-                    !cJSON_AddItemToArray(a, cJSON_CreateNumber(v->valuedouble)))
-                    goto oom;
-                j++;
-            }
-        } else if (!nt && !cJSON_AddNumberToObject(d, "size", (double)(s->offs[i + 1] - s->offs[i]))) {
-            goto oom;
+        cJSON *d = shard_body(s, root, i, cut, nt, n);
+        bodies[i] = d ? cJSON_PrintUnformatted(d) : NULL;
+        cJSON_Delete(d);
+        if (!bodies[i]) {
+            shard_err(err, 0, NULL, "out of memory");
+            goto done;
         }
-        if (nt) {
-            cJSON *ta = cJSON_AddArrayToObject(d, "tensors");
-            if (!ta)
-                goto oom;
-            for (size_t j = cut[i]; j < cut[i + 1]; j++) {
-                cJSON *dup = cJSON_Duplicate(cJSON_GetArrayItem(tensors, (int)j), 1);
-                if (!dup || !cJSON_AddItemToArray(ta, dup))
-                    goto oom;
-            }
-            cJSON *ga = NULL;
-            const cJSON *G;
-            cJSON_ArrayForEach(G, groups)
-            {
-                cJSON *g = cJSON_Duplicate(G, 1);
-                cJSON *gt = cJSON_CreateArray();
-                if (!g || !gt) {
-                    cJSON_Delete(g);
-                    cJSON_Delete(gt);
-                    goto oom;
-                }
-                const cJSON *nm;
-                cJSON_ArrayForEach(nm, cJSON_GetObjectItemCaseSensitive(G, "tensors"))
-                {
-                    for (size_t j = cut[i]; j < cut[i + 1] && cJSON_IsString(nm); j++) {
-                        const cJSON *tn = cJSON_GetObjectItemCaseSensitive(
-                            cJSON_GetArrayItem(tensors, (int)j), "name");
-                        if (cJSON_IsString(tn) && strcmp(tn->valuestring, nm->valuestring) == 0)
-                            cJSON_AddItemToArray(gt, cJSON_CreateString(nm->valuestring));
-                    }
-                }
-                if (cJSON_GetArraySize(gt) == 0) {
-                    cJSON_Delete(g);
-                    cJSON_Delete(gt);
-                    continue;
-                }
-                cJSON_ReplaceItemInObjectCaseSensitive(g, "tensors", gt);
-                if (!ga && !(ga = cJSON_AddArrayToObject(d, "groups"))) {
-                    cJSON_Delete(g);
-                    goto oom;
-                }
-                cJSON_AddItemToArray(ga, g);
-            }
-        }
-        if (exact_numbers(d))
-            goto oom;
     }
     ret = 0;
-    goto done;
-oom:
-    shard_err(err, 0, NULL, "out of memory");
 done:
     free(tsz);
     free(cut);
@@ -534,14 +669,41 @@ done:
 
 typedef struct {
     char **bodies;
+    const char *params; /* the whole vector's initial params, or NULL */
     optd_error *errs;
     int *rc;
 } create_job;
 
+/* Creates shard i; while it is at step 0, gives it its range of the
+ * params (binary), as the Python client does. */
 static void create_one(optd_sharded *s, size_t i, void *arg)
 {
     create_job *j = arg;
-    j->rc[i] = optd_create_session(s->clients[i], s->names[i], j->bodies[i], &j->errs[i]) < 0;
+    optd_error *e = &j->errs[i];
+    int created = optd_create_session(s->clients[i], s->names[i], j->bodies[i], e);
+    j->rc[i] = created < 0;
+    if (created < 0 || !j->params)
+        return;
+    if (!created) {
+        long long step = -1;
+        char *doc = optd_get_session(s->clients[i], s->names[i], e);
+        cJSON *dj = doc ? cJSON_Parse(doc) : NULL;
+        step = (long long)num_or(dj, "step", -1);
+        cJSON_Delete(dj);
+        free(doc);
+        if (!doc) {
+            j->rc[i] = 1;
+            return;
+        }
+        if (step != 0)
+            return;
+    }
+    size_t n = s->offs[i + 1] - s->offs[i];
+    const char *p = j->params + s->offs[i] * s->esize;
+    j->rc[i] = (s->esize == 8 ? optd_set_params_f64_wire(s->clients[i], s->names[i],
+                                                         (const double *)p, n, OPTD_WIRE_FULL, e)
+                              : optd_set_params_f32_wire(s->clients[i], s->names[i],
+                                                         (const float *)p, n, OPTD_WIRE_FULL, e)) != 0;
 }
 
 optd_sharded *optd_sharded_create(optd_client *const *clients, size_t k, const char *name,
@@ -551,12 +713,12 @@ optd_sharded *optd_sharded_create(optd_client *const *clients, size_t k, const c
     if (!s)
         return NULL;
     cJSON *root = config_json ? cJSON_Parse(config_json) : NULL;
-    cJSON **docs = calloc(k, sizeof *docs);
     char **bodies = calloc(k, sizeof *bodies);
     optd_error *errs = calloc(k, sizeof *errs);
     int *rc = calloc(k, sizeof *rc);
+    void *params = NULL;
     int ret = -1;
-    if (!docs || !bodies || !errs || !rc) {
+    if (!bodies || !errs || !rc) {
         shard_err(err, 0, NULL, "out of memory");
         goto done;
     }
@@ -564,14 +726,11 @@ optd_sharded *optd_sharded_create(optd_client *const *clients, size_t k, const c
         shard_err(err, 0, NULL, "the create body is not a JSON object");
         goto done;
     }
-    if (split_config(s, root, docs, err))
+    if (split_config(s, root, bodies, &params, err))
         goto done;
-    for (size_t i = 0; i < k; i++)
-        if (!(bodies[i] = cJSON_PrintUnformatted(docs[i]))) {
-            shard_err(err, 0, NULL, "out of memory");
-            goto done;
-        }
-    create_job j = {bodies, errs, rc};
+    const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(root, "dtype");
+    s->esize = cJSON_IsString(dtype) && strcmp(dtype->valuestring, "float64") == 0 ? 8 : 4;
+    create_job j = {bodies, params, errs, rc};
     if (each_shard(s, NULL, create_one, &j)) {
         shard_err(err, 0, NULL, "out of memory");
         goto done;
@@ -586,20 +745,16 @@ optd_sharded *optd_sharded_create(optd_client *const *clients, size_t k, const c
             }
             goto done;
         }
-    /* the offsets the daemons hold are the ones to trust */
+    /* the places the daemons hold are the ones to trust */
     memset(s->offs, 0, (k + 1) * sizeof *s->offs);
     ret = open_all(s, err);
 done:
-    for (size_t i = 0; i < k; i++) {
-        if (docs)
-            cJSON_Delete(docs[i]);
-        if (bodies)
-            free(bodies[i]);
-    }
-    free(docs);
+    for (size_t i = 0; bodies && i < k; i++)
+        free(bodies[i]);
     free(bodies);
     free(errs);
     free(rc);
+    free(params);
     cJSON_Delete(root);
     if (ret) {
         optd_sharded_free(s);
@@ -610,13 +765,42 @@ done:
 
 /* ------------------------------------------------------------ steps */
 
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void optd_sharded_set_retry_for(optd_sharded *s, long ms)
+{
+    s->retry_for_ms = ms < 0 ? 0 : ms;
+}
+
 typedef struct {
     const void *grad;
     const double *loss;
+    const optd_step_opts *opts; /* the whole model's; may be NULL            */
     bool want_params;
     optd_error *errs;
     int *rc;
 } step_job;
+
+/* The values of shard i's groups, from the whole model's (NULL stays
+ * NULL).  A new array, or NULL when out of memory (*oom set). */
+static double *shard_groups(const optd_sharded *s, size_t i, const double *all, bool *oom)
+{
+    if (!all)
+        return NULL;
+    double *v = malloc((s->n_groups[i] ? s->n_groups[i] : 1) * sizeof *v);
+    if (!v) {
+        *oom = true;
+        return NULL;
+    }
+    for (size_t g = 0; g < s->n_groups[i]; g++)
+        v[g] = all[s->groups[i][g]];
+    return v;
+}
 
 static void step_one(optd_sharded *s, size_t i, void *arg)
 {
@@ -625,8 +809,27 @@ static void step_one(optd_sharded *s, size_t i, void *arg)
     snprintf(key, sizeof key, "%s.%zu", s->key, i);
     optd_step_opts o = optd_step_opts_default();
     o.idempotency_key = key;
-    o.grad_norm = &s->norm;
+    o.grad_norm = s->norm_type != 0 ? &s->norm : NULL;
     o.wire = OPTD_WIRE_FULL;
+    bool oom = false;
+    if (j->opts) {
+        o.base_step = j->opts->base_step;
+        o.worker = j->opts->worker;
+        if (j->opts->n_groups) {
+            o.n_groups = s->n_groups[i];
+            o.group_lr = shard_groups(s, i, j->opts->group_lr, &oom);
+            o.group_momentum = shard_groups(s, i, j->opts->group_momentum, &oom);
+            o.group_beta1 = shard_groups(s, i, j->opts->group_beta1, &oom);
+        }
+    }
+    if (oom) {
+        shard_err(&j->errs[i], 0, NULL, "out of memory");
+        j->rc[i] = -1;
+        free((void *)o.group_lr);
+        free((void *)o.group_momentum);
+        free((void *)o.group_beta1);
+        return;
+    }
     size_t n = s->offs[i + 1] - s->offs[i];
     const char *g = (const char *)j->grad + s->offs[i] * s->esize;
     unsigned char *out = j->want_params ? s->answers + s->offs[i] * s->esize : NULL;
@@ -636,6 +839,9 @@ static void step_one(optd_sharded *s, size_t i, void *arg)
                                       &o, (double *)out, &step, NULL, &j->errs[i])
                  : optd_step_f32_opts(s->clients[i], s->names[i], (const float *)g, n, j->loss,
                                       &o, (float *)out, &step, NULL, &j->errs[i]);
+    free((void *)o.group_lr);
+    free((void *)o.group_momentum);
+    free((void *)o.group_beta1);
     if (rc == 0) {
         s->steps[i] = step;
         s->done[i] = true;
@@ -646,11 +852,23 @@ static void step_one(optd_sharded *s, size_t i, void *arg)
 }
 
 static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esize,
-                        const double *loss, const char *key, void *params_out,
+                        const double *loss, const optd_step_opts *opts, void *params_out,
                         long long *step_out, optd_error *err)
 {
     if (err)
         memset(err, 0, sizeof *err);
+    const char *key = opts ? opts->idempotency_key : NULL;
+    if (opts && (opts->json || opts->n_absent || opts->grad_norm || opts->params_len ||
+                 (opts->wire != OPTD_WIRE_DEFAULT && opts->wire != OPTD_WIRE_FULL))) {
+        shard_err(err, 0, NULL, "a sharded step takes a key, base_step, worker and group values; "
+                                "not json, absent tensors, a wire form, grad_norm or params_len");
+        return -1;
+    }
+    if (opts && opts->n_groups && opts->n_groups != s->n_model_groups) {
+        shard_err(err, 0, "groups", "%zu group values for a model of %zu groups", opts->n_groups,
+                  s->n_model_groups);
+        return -1;
+    }
     if (esize != s->esize) {
         shard_err(err, 0, "dtype", "the sharded session is %s", s->esize == 8 ? "float64" : "float32");
         return -1;
@@ -660,9 +878,10 @@ static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esiz
                   optd_sharded_size(s));
         return -1;
     }
+    /* (without clipping by norm, the 2-norm: only its finiteness counts) */
     int finite;
     double norm = grad_norm(esize == 8 ? OPTIM_F64 : OPTIM_F32, grad, s->sizes, s->n_sizes,
-                            s->norm_type, &finite);
+                            s->norm_type != 0 ? s->norm_type : 2.0, &finite);
     if (!finite) {
         shard_err(err, 0, "grad", "the gradient has NaN or Inf elements: nothing was sent");
         return -1;
@@ -693,7 +912,6 @@ static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esiz
         snprintf(s->key, sizeof s->key, "%s", key);
         s->norm = norm;
         memset(s->done, 0, s->k * sizeof *s->done);
-        s->pending = true;
     }
     bool *want = calloc(s->k, sizeof *want);
     optd_error *errs = calloc(s->k, sizeof *errs);
@@ -703,25 +921,47 @@ static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esiz
         shard_err(err, 0, NULL, "out of memory");
         goto done;
     }
-    for (size_t i = 0; i < s->k; i++)
-        want[i] = !s->done[i];
-    /* The answers are kept for a retry, so params are always asked for. */
-    step_job j = {grad, loss, true, errs, rc};
-    if (each_shard(s, want, step_one, &j)) {
-        shard_err(err, 0, NULL, "out of memory");
-        goto done;
-    }
-    for (size_t i = 0; i < s->k; i++)
-        if (want[i] && rc[i]) {
+    /* Rounds: every shard not done, at once; the ones that failed
+     * transiently (no answer, 502, 503, 504) again, alone, until the retry
+     * window closes. */
+    long long deadline = now_ms() + s->retry_for_ms;
+    long wait = 100;
+    for (;;) {
+        size_t n_want = 0;
+        for (size_t i = 0; i < s->k; i++)
+            n_want += (want[i] = !s->done[i]);
+        if (!n_want)
+            break;
+        /* The answers are kept for a retry, so params are always asked for. */
+        step_job j = {grad, loss, opts, true, errs, rc};
+        if (each_shard(s, want, step_one, &j)) {
+            shard_err(err, 0, NULL, "out of memory");
+            goto done;
+        }
+        size_t bad = s->k;
+        bool retry = true;
+        for (size_t i = 0; i < s->k; i++)
+            if (want[i] && rc[i]) {
+                int st = errs[i].status;
+                retry = retry && (st == 0 || st == 502 || st == 503 || st == 504);
+                if (bad == s->k)
+                    bad = i;
+            }
+        if (bad == s->k)
+            continue;
+        if (!retry || now_ms() + wait > deadline) {
             if (err) {
-                *err = errs[i];
+                *err = errs[bad];
                 char d[sizeof err->detail];
-                snprintf(d, sizeof d, "shard %zu: %.480s", i, errs[i].detail);
+                snprintf(d, sizeof d, "shard %zu: %.480s", bad, errs[bad].detail);
                 memcpy(err->detail, d, sizeof d);
             }
             goto done;
         }
-    s->pending = false;
+        struct timespec ts = {wait / 1000, (wait % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        wait = wait >= 1000 ? 2000 : wait * 2;
+    }
     for (size_t i = 1; i < s->k; i++)
         if (s->steps[i] != s->steps[0]) {
             shard_err(err, 0, NULL, "the shards are at different steps (%lld, %lld)",
@@ -734,6 +974,14 @@ static int sharded_step(optd_sharded *s, const void *grad, size_t n, size_t esiz
         *step_out = s->steps[0];
     ret = 0;
 done:
+    /* A failed step stays pending when some shards applied it and others
+     * did not. */
+    {
+        size_t n_done = 0;
+        for (size_t i = 0; i < s->k; i++)
+            n_done += s->done[i];
+        s->pending = ret && n_done > 0 && n_done < s->k;
+    }
     free(want);
     free(errs);
     free(rc);
@@ -744,14 +992,32 @@ int optd_sharded_step_f32(optd_sharded *s, const float *grad, size_t n, const do
                           const char *key, float *params_out, long long *step_out,
                           optd_error *err)
 {
-    return sharded_step(s, grad, n, 4, loss, key, params_out, step_out, err);
+    optd_step_opts o = optd_step_opts_default();
+    o.idempotency_key = key;
+    return sharded_step(s, grad, n, 4, loss, &o, params_out, step_out, err);
+}
+
+int optd_sharded_step_f32_opts(optd_sharded *s, const float *grad, size_t n,
+                               const double *loss, const optd_step_opts *opts,
+                               float *params_out, long long *step_out, optd_error *err)
+{
+    return sharded_step(s, grad, n, 4, loss, opts, params_out, step_out, err);
 }
 
 int optd_sharded_step_f64(optd_sharded *s, const double *grad, size_t n, const double *loss,
                           const char *key, double *params_out, long long *step_out,
                           optd_error *err)
 {
-    return sharded_step(s, grad, n, 8, loss, key, params_out, step_out, err);
+    optd_step_opts o = optd_step_opts_default();
+    o.idempotency_key = key;
+    return sharded_step(s, grad, n, 8, loss, &o, params_out, step_out, err);
+}
+
+int optd_sharded_step_f64_opts(optd_sharded *s, const double *grad, size_t n,
+                               const double *loss, const optd_step_opts *opts,
+                               double *params_out, long long *step_out, optd_error *err)
+{
+    return sharded_step(s, grad, n, 8, loss, opts, params_out, step_out, err);
 }
 
 /* ----------------------------------------------------------- params */

@@ -102,22 +102,13 @@ func lanesSum(s *[normLanes]float64) float64 {
 // them into an FMA, which the daemon's C does not do.
 func blockNorm[T float](g []T, normType float64) float64 {
 	var acc [normLanes]float64
-	inf := math.IsInf(normType, 1)
-	for i, v := range g {
-		x := float64(v)
-		k := i % normLanes
-		switch {
-		case inf:
-			if a := math.Abs(x); a > acc[k] {
-				acc[k] = a
+	full := len(g) - len(g)%normLanes
+	if math.IsInf(normType, 1) {
+		for i, v := range g {
+			if a := math.Abs(float64(v)); a > acc[i%normLanes] {
+				acc[i%normLanes] = a
 			}
-		case normType == 1:
-			acc[k] = acc[k] + math.Abs(x)
-		default:
-			acc[k] = acc[k] + float64(x*x)
 		}
-	}
-	if inf {
 		m := acc[0]
 		for k := 1; k < normLanes; k++ {
 			if acc[k] > m {
@@ -125,6 +116,29 @@ func blockNorm[T float](g []T, normType float64) float64 {
 			}
 		}
 		return m
+	}
+	if normType == 1 {
+		for i := 0; i < full; i += normLanes {
+			c := g[i : i+normLanes : i+normLanes]
+			for k := range acc {
+				acc[k] = acc[k] + math.Abs(float64(c[k]))
+			}
+		}
+		for i := full; i < len(g); i++ {
+			acc[i-full] = acc[i-full] + math.Abs(float64(g[i]))
+		}
+		return lanesSum(&acc)
+	}
+	for i := 0; i < full; i += normLanes {
+		c := g[i : i+normLanes : i+normLanes]
+		for k := range acc {
+			x := float64(c[k])
+			acc[k] = acc[k] + float64(x*x)
+		}
+	}
+	for i := full; i < len(g); i++ {
+		x := float64(g[i])
+		acc[i-full] = acc[i-full] + float64(x*x)
 	}
 	return lanesSum(&acc)
 }

@@ -1,10 +1,14 @@
 package optd_test
 
 import (
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"math"
 	"math/rand"
+	"os"
+	"os/exec"
 	"strconv"
 	"syscall"
 	"testing"
@@ -239,7 +243,8 @@ func TestShardedMatchesSingleSession(t *testing.T) {
 
 // With a layout the split falls on tensor boundaries, each shard gets its
 // tensors and the groups restricted to them, and the run still equals the
-// single session's (a norm of per-tensor blocks, norm_type inf here).
+// single session's (a norm of per-tensor blocks, norm_type inf here), with
+// client-driven group lrs too.
 func TestShardedLayout(t *testing.T) {
 	t.Parallel()
 	ds := []*daemon{startDaemon(t), startDaemon(t), startDaemon(t)}
@@ -279,16 +284,171 @@ func TestShardedLayout(t *testing.T) {
 		meta["optd_shard"]["layout"] != true || meta["optd_shard"]["count"] != 3.0 {
 		t.Fatalf("shard 1's metadata: %s", in.Metadata)
 	}
+	// From step 11 on, client-driven group lrs: each shard is sent its
+	// groups' values (shard 0 holds group 0 only).
+	var values []optd.GroupStep
 	for step := 1; step <= 20; step++ {
+		if step == 11 {
+			values = []optd.GroupStep{{LR: optd.Ptr(0.005)}, {LR: optd.Ptr(0.03)}}
+		}
 		g := randGradF32(r, n, 2)
-		want, err := ref.StepF32(ctx, g, nil)
+		want, err := ref.StepF32(ctx, g, &optd.StepOptions{Groups: values, Worker: "w7"})
 		if err != nil {
 			t.Fatal(err)
 		}
-		got, _, err := sh.StepF32(ctx, g, nil)
+		got, _, err := sh.StepF32(ctx, g, &optd.ShardStepOptions{Groups: values, Worker: "w7"})
 		if err != nil {
 			t.Fatal(err)
 		}
 		sameBits32(t, "layout step "+strconv.Itoa(step), got, want)
+	}
+	if _, _, err := sh.StepF32(ctx, randGradF32(r, n, 1), &optd.ShardStepOptions{Groups: values[:1]}); err == nil {
+		t.Errorf("one group value for a model of two")
+	}
+}
+
+// docs/api.md's check values of the exact norm.
+func TestGradNormCheckValues(t *testing.T) {
+	const m = 100000
+	h := make([]float32, m)
+	for i := uint64(0); i < m; i++ {
+		h[i] = float32(float64((i*2654435761)%4294967296)/4294967296.0 - 0.5)
+	}
+	for _, c := range []struct {
+		sizes []int
+		p     float64
+		want  float64
+	}{
+		{[]int{m}, 2, 91.287529596558954},
+		{[]int{30000, 70000}, 2, 91.287529596558969},
+		{[]int{m}, 1, 25000.155304304324},
+		{[]int{30000, 70000}, math.Inf(1), 0.5},
+	} {
+		if got, _ := optd.GradNormF32(h, c.sizes, c.p); got != c.want {
+			t.Errorf("norm %v over %v: %.17g, want %.17g", c.p, c.sizes, got, c.want)
+		}
+	}
+}
+
+// crossGrad is g(t, i) = (((7t + 13i) mod 17) - 8) / 8, exact everywhere.
+func crossGrad(n, t int) []float32 {
+	g := make([]float32, n)
+	for i := range g {
+		g[i] = float32(((7*t+13*i)%17)-8) / 8
+	}
+	return g
+}
+
+// runPython runs /usr/bin/python3 with the Python client importable.
+func runPython(t *testing.T, script string) string {
+	t.Helper()
+	cmd := exec.Command("/usr/bin/python3", "-c", script)
+	cmd.Env = append(os.Environ(), "PYTHONPATH=../python")
+	out, err := cmd.Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			t.Fatalf("python3: %v\n%s", err, ee.Stderr)
+		}
+		t.Fatalf("python3: %v", err)
+	}
+	return string(out)
+}
+
+// A sharded session made and stepped by the Python client is stepped on
+// by this one, and one made by this client is stepped by Python: both
+// equal a single session bit for bit.
+func TestShardedPythonCompatible(t *testing.T) {
+	t.Parallel()
+	ds := []*daemon{startDaemon(t), startDaemon(t), startDaemon(t)}
+	ctx := ctxT(t)
+	const n = 10100
+	tensors := []optd.Tensor{{Name: "a", Shape: []int{5000}}, {Name: "b", Shape: []int{3000}},
+		{Name: "c", Shape: []int{2000}}, {Name: "d", Shape: []int{100}}}
+	groups := []optd.Group{{Tensors: []string{"a", "c"}},
+		{Tensors: []string{"b", "d"}, Overrides: map[string]any{"lr": 0.02}}}
+	cfg := optd.SessionConfig{Optimizer: map[string]any{"type": "adam", "lr": 0.01},
+		Clip: map[string]any{"type": "norm", "max_norm": 0.5}, ParamsF32: crossGrad(n, 0),
+		Tensors: tensors, Groups: groups}
+	c0 := optd.NewClient(ds[0].URL)
+	ref, err := c0.CreateSession(ctx, "ref", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	urls := "['" + ds[0].URL + "', '" + ds[1].URL + "', '" + ds[2].URL + "']"
+	out := runPython(t, `
+import numpy as np, optd
+def grad(t):
+    i = np.arange(`+strconv.Itoa(n)+`, dtype=np.int64)
+    return ((((7 * t + 13 * i) % 17) - 8) / 8).astype(np.float32)
+sh = optd.ShardedSession.create(`+urls+`, 'bypy', {'type': 'adam', 'lr': 0.01},
+    params=grad(0), clip={'type': 'norm', 'max_norm': 0.5},
+    tensors=[('a', [5000]), ('b', [3000]), ('c', [2000]), ('d', [100])],
+    groups=[{'tensors': ['a', 'c']}, {'tensors': ['b', 'd'], 'lr': 0.02}])
+for t in (1, 2, 3):
+    sh.step(grad(t))
+print(sh.last_step)
+`)
+	if out != "3\n" {
+		t.Fatalf("python: %q", out)
+	}
+	clients := []*optd.Client{c0, optd.NewClient(ds[1].URL), optd.NewClient(ds[2].URL)}
+	sh, err := optd.OpenSharded(ctx, clients, "bypy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []float32
+	for step := 1; step <= 6; step++ {
+		g := crossGrad(n, step)
+		if want, err = ref.StepF32(ctx, g, nil); err != nil {
+			t.Fatal(err)
+		}
+		if step <= 3 {
+			continue
+		}
+		got, info, err := sh.StepF32(ctx, g, nil)
+		if err != nil || info.Step != int64(step) {
+			t.Fatalf("step %d: %v (shards at %v)", step, err, info.Steps)
+		}
+		sameBits32(t, "made by Python, stepped by Go, step "+strconv.Itoa(step), got, want)
+	}
+
+	// Made by Go at the reference's params, stepped by Python; a fresh
+	// session from the same params is the reference.
+	cfg.ParamsF32 = want
+	if _, err := optd.CreateSharded(ctx, clients, "bygo", cfg); err != nil {
+		t.Fatal(err)
+	}
+	ref2, err := c0.CreateSession(ctx, "ref2", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want, err = ref2.StepF32(ctx, crossGrad(n, 7), nil); err != nil {
+		t.Fatal(err)
+	}
+	out = runPython(t, `
+import numpy as np, optd, sys
+i = np.arange(`+strconv.Itoa(n)+`, dtype=np.int64)
+g = ((((7 * 7 + 13 * i) % 17) - 8) / 8).astype(np.float32)
+sh = optd.ShardedSession.open(`+urls+`, 'bygo')
+sys.stdout.write(np.asarray(sh.step(g), dtype='<f4').tobytes().hex())
+`)
+	raw, err := hex.DecodeString(out)
+	if err != nil || len(raw) != 4*n {
+		t.Fatalf("python answered %d hex digits: %v", len(out), err)
+	}
+	got := make([]float32, n)
+	for i := range got {
+		got[i] = math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:]))
+	}
+	sameBits32(t, "made by Go, stepped by Python", got, want)
+}
+
+// go test -run '^$' -bench GradNorm -benchtime 3x: 1e7 float32 elements.
+func BenchmarkGradNormF32(b *testing.B) {
+	g := randGradF32(rand.New(rand.NewSource(1)), 10_000_000, 1)
+	b.SetBytes(int64(4 * len(g)))
+	for i := 0; i < b.N; i++ {
+		optd.GradNormF32(g, []int{len(g)}, 2)
 	}
 }

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Runs the Go client's tests against a real daemon: OPTD_BIN (default
 # build/optd of this repo).  Offline: standard library only, no module proxy.
+# The sharded-session tests also run /usr/bin/python3 with ../python (the
+# Python client, python3-numpy) to check that both make the same sessions.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
