@@ -11,7 +11,7 @@
  * new CA verifying new connections while a connection opened before keeps
  * working; a bad file at SIGHUP keeps the old certificate and logs an
  * error; SIGHUP without TLS keeps the daemon running; bad flags stop the
- * start with a clear message.
+ * start with a clear message; --check-health probes an https:// URL.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -495,6 +495,30 @@ static int run_refused(const char *args, char *out, size_t n)
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
+/* optd --check-health URL against the TLS daemon: its exit status. */
+static int check_health(const char *url)
+{
+    char out[4096], args[256];
+    snprintf(args, sizeof args, "--check-health %s", url);
+    return run_refused(args, out, sizeof out);
+}
+
+static void test_check_health_over_https(void **state)
+{
+    (void)state;
+    tdaemon d;
+    start(&d, pem("server.pem"), pem("server.key"), NULL);
+    char url[128];
+    snprintf(url, sizeof url, "%s", tdaemon_url(&d));
+    assert_int_equal(check_health(url), 0);
+    /* Plain HTTP to the TLS port is no answer. */
+    char plain[128];
+    snprintf(plain, sizeof plain, "http://127.0.0.1:%d", d.port);
+    assert_int_equal(check_health(plain), 1);
+    stop(&d);
+    assert_int_equal(check_health(url), 1);
+}
+
 static void test_bad_flags_refused(void **state)
 {
     (void)state;
@@ -539,6 +563,7 @@ int main(void)
         cmocka_unit_test(test_sighup_reloads_client_ca),
         cmocka_unit_test(test_sighup_without_tls_keeps_serving),
         cmocka_unit_test(test_bad_flags_refused),
+        cmocka_unit_test(test_check_health_over_https),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
