@@ -14,7 +14,7 @@ FROM debian:bookworm-slim AS build
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
-      libcurl4-openssl-dev libcmocka-dev zlib1g-dev \
+      libcurl4-openssl-dev libcmocka-dev zlib1g-dev libgnutls28-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

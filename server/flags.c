@@ -76,6 +76,9 @@ static const flag_spec flags[] = {
     {"--metrics-token", "OPTD_METRICS_TOKEN", F_STR, STR(metrics_token), 0, "token GET /metrics requires (Authorization: Bearer TOKEN) instead of --api-key"},
     {"--metrics-sessions", "OPTD_METRICS_SESSIONS", F_SIZE, STR(metrics_sessions), 100000, "per-session series on /metrics for at most N sessions (default 0: none)"},
     {"--idle-timeout", "OPTD_IDLE_TIMEOUT", F_SIZE, STR(idle_timeout_s), 86400, "seconds after which an idle or half-closed connection is closed (default 60)"},
+    {"--tls-cert", "OPTD_TLS_CERT", F_STR, STR(tls_cert), 0, "serve HTTPS with this PEM certificate (chain); needs --tls-key; reloaded on SIGHUP"},
+    {"--tls-key", "OPTD_TLS_KEY", F_STR, STR(tls_key), 0, "the PEM private key of --tls-cert"},
+    {"--tls-client-ca", "OPTD_TLS_CLIENT_CA", F_STR, STR(tls_client_ca), 0, "mutual TLS: require a client certificate signed by this PEM CA"},
 };
 #define N_FLAGS (sizeof flags / sizeof flags[0])
 
@@ -210,6 +213,15 @@ int srv_config_parse(srv_config *c, int argc, char **argv)
     }
     if (optind < argc) {
         fprintf(stderr, "optd: unknown flag %s (see optd --help)\n", argv[optind]);
+        return -1;
+    }
+    if (!c->tls_cert[0] != !c->tls_key[0]) {
+        fprintf(stderr, "optd: --tls-cert and --tls-key (OPTD_TLS_CERT, OPTD_TLS_KEY) go "
+                        "together: give both or neither\n");
+        return -1;
+    }
+    if (c->tls_client_ca[0] && !c->tls_cert[0]) {
+        fprintf(stderr, "optd: --tls-client-ca needs --tls-cert and --tls-key\n");
         return -1;
     }
     srv_log_level = c->log_level;

@@ -602,24 +602,38 @@ int srv_http_run(srv_ctx *ctx)
 
     ctx->suspend = suspend_conn;
     ctx->resume = resume_conn;
-    if (obs_init(ctx) != 0)
+    /* HTTPS when --tls-cert is given (server/tls.c). */
+    srv_tls *tls = NULL;
+    struct MHD_OptionItem tls_opts[3] = {{MHD_OPTION_END, 0, NULL}};
+    if (cfg->tls_cert[0]) {
+        if (srv_tls_open(cfg, &tls) != 0)
+            return -1;
+        srv_tls_mhd_options(tls, tls_opts);
+        flags |= MHD_USE_TLS;
+    }
+    if (obs_init(ctx) != 0) {
+        srv_tls_free(tls);
         return -1;
+    }
     obs_set_waiting_source(&parked_now);
     struct MHD_Daemon *d = MHD_start_daemon(
         flags, (uint16_t)cfg->port, NULL, NULL, on_request, ctx, MHD_OPTION_SOCK_ADDR, &ss,
         MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_URI_LOG_CALLBACK, on_uri, ctx,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, ctx, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)cfg->idle_timeout_s, MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections,
-        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->max_connections_per_ip, MHD_OPTION_END);
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->max_connections_per_ip,
+        MHD_OPTION_ARRAY, tls_opts, MHD_OPTION_END);
     if (!d) {
         srv_log(SRV_LOG_ERROR, "cannot listen on %s:%d", cfg->bind, cfg->port);
         obs_shutdown();
         obs_close();
+        srv_tls_free(tls);
         return -1;
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
     int port = info ? info->port : cfg->port;
-    printf("optd listening on http://%s%s%s:%d\n", v6->sin6_family == AF_INET6 ? "[" : "",
+    printf("optd listening on %s://%s%s%s:%d\n", tls ? "https" : "http",
+           v6->sin6_family == AF_INET6 ? "[" : "",
            cfg->bind, v6->sin6_family == AF_INET6 ? "]" : "", port);
     fflush(stdout);
     srv_log(SRV_LOG_INFO,
@@ -628,8 +642,15 @@ int srv_http_run(srv_ctx *ctx)
             cfg->bind, port, threads, cfg->db, cfg->max_connections, cfg->max_connections_per_ip,
             cfg->idle_timeout_s);
 
+    /* SIGHUP reloads the TLS files and serving goes on; SIGTERM and
+     * SIGINT stop. */
     int sig = 0;
-    sigwait(&set, &sig);
+    while (sigwait(&set, &sig) == 0 && sig == SIGHUP) {
+        if (tls)
+            srv_tls_reload(tls);
+        else
+            srv_log(SRV_LOG_INFO, "SIGHUP: TLS is off, nothing to reload; still serving");
+    }
     srv_log(SRV_LOG_INFO, "signal %d: stopping (in-flight requests finish)", sig);
     /* No MHD_quiesce_daemon here: in libmicrohttpd 0.9.75 with epoll and a
      * thread pool it races a worker removing the listening socket from its
@@ -646,6 +667,7 @@ int srv_http_run(srv_ctx *ctx)
      * sweep once more so that no connection stays suspended. */
     srv_sync_shutdown(ctx->sync);
     MHD_stop_daemon(d); /* waits for handlers to return */
+    srv_tls_free(tls);
     obs_close();
     return 0;
 }

@@ -1,6 +1,7 @@
 /*
  * main.c -- optd: parse the configuration, open the database, serve until
- * SIGTERM/SIGINT, then checkpoint hot sessions and close cleanly.
+ * SIGTERM/SIGINT (SIGHUP reloads the TLS files), then checkpoint hot
+ * sessions and close cleanly.
  */
 #include "server/server.h"
 
@@ -101,7 +102,7 @@ int main(int argc, char **argv)
                 storage_strerror(err));
         return 1;
     }
-    /* SIGTERM/SIGINT reach the main thread only (sigwait in srv_http_run):
+    /* SIGTERM/SIGINT/SIGHUP reach the main thread only (sigwait in srv_http_run):
      * block them before any thread exists, since threads inherit the mask. */
     sigset_t set;
     sigemptyset(&set);

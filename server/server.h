@@ -39,6 +39,9 @@ typedef struct {
     char access_log[1024];         /* --access-log FILE: JSON lines; "" none */
     char metrics_token[256];       /* /metrics token ("": --api-key's rule)  */
     size_t metrics_sessions;       /* sessions with their own series (0: none) */
+    char tls_cert[1024];           /* --tls-cert PEM chain; "" = plain HTTP   */
+    char tls_key[1024];            /* --tls-key PEM private key               */
+    char tls_client_ca[1024];      /* --tls-client-ca: mutual TLS; "" = none  */
 } srv_config;
 
 /* Parses OPTD_* environment variables, then argv (flags win).  Returns 0,
@@ -162,6 +165,24 @@ int srv_sync_submit(srv_ctx *ctx, eng_session *s, const srv_request *req, const 
                     bool with_params, api_reply *r);
 /* Drops an open round (PATCH of the mode, DELETE): its waiters get status. */
 void srv_sync_abort(srv_ctx *ctx, eng_session *s, int status, const char *why);
+
+/* ---------------------------------------------------------------- tls */
+
+/* tls.c: the certificate, key and client CA loaded with GnuTLS, served to
+ * libmicrohttpd's handshakes and reloaded on SIGHUP. */
+typedef struct srv_tls srv_tls;
+struct MHD_OptionItem;
+/* Loads cfg's --tls-* files.  0 and *out (freed by srv_tls_free), or -1
+ * after logging why. */
+int srv_tls_open(const srv_config *cfg, srv_tls **out);
+/* Loads the files again; new handshakes get them, connections in flight
+ * keep theirs.  0, or -1 after logging why (the previous files stay). */
+int srv_tls_reload(srv_tls *t);
+/* After MHD_stop_daemon (no connection left). */
+void srv_tls_free(srv_tls *t);
+/* Fills opts (room for 3) with the MHD_OPTION_ARRAY items of an HTTPS
+ * daemon, MHD_OPTION_END last; returns the count before the end. */
+int srv_tls_mhd_options(srv_tls *t, struct MHD_OptionItem *opts);
 
 /* --------------------------------------------------------------- http */
 

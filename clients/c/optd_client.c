@@ -39,6 +39,9 @@ struct optd_client {
     long connect_ms, request_ms;
     bool no_params_check;
     optd_wire wire;           /* never OPTD_WIRE_DEFAULT */
+    char *tls_ca, *tls_cert, *tls_key; /* PEM files for https://, or NULL */
+    char *ca_default;         /* libcurl's own CA bundle (NULL: none built in) */
+    bool ca_changed;          /* CURLOPT_CAINFO was set once */
     char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -91,7 +94,54 @@ void optd_client_free(optd_client *c)
         curl_easy_cleanup(c->h);
     free(c->base);
     free(c->auth);
+    free(c->tls_ca);
+    free(c->tls_cert);
+    free(c->tls_key);
+    free(c->ca_default);
     free(c);
+}
+
+/* A copy of s, or NULL for NULL or "" (*ok false when out of memory). */
+static char *dup_opt(const char *s, bool *ok)
+{
+    if (!s || !*s)
+        return NULL;
+    char *d = strdup(s);
+    if (!d)
+        *ok = false;
+    return d;
+}
+
+int optd_client_set_tls(optd_client *c, const char *ca_file, const char *cert_file,
+                        const char *key_file)
+{
+    if (!cert_file != !key_file || (cert_file && !*cert_file) || (key_file && !*key_file))
+        return -1;
+    bool ok = true;
+    char *ca = dup_opt(ca_file, &ok), *cert = dup_opt(cert_file, &ok), *key = dup_opt(key_file, &ok);
+    if (!ok) {
+        free(ca);
+        free(cert);
+        free(key);
+        return -1;
+    }
+    if (ca && !c->ca_changed) {
+        /* The bundle libcurl uses by default, to go back to when ca_file
+         * is NULL again. */
+        char *def = NULL;
+#if LIBCURL_VERSION_NUM >= 0x075400
+        curl_easy_getinfo(c->h, CURLINFO_CAINFO, &def);
+#endif
+        c->ca_default = def ? strdup(def) : NULL;
+        c->ca_changed = true;
+    }
+    free(c->tls_ca);
+    free(c->tls_cert);
+    free(c->tls_key);
+    c->tls_ca = ca;
+    c->tls_cert = cert;
+    c->tls_key = key;
+    return 0;
 }
 
 void optd_client_set_retry(optd_client *c, int max_attempts, long initial_backoff_ms,
@@ -488,6 +538,12 @@ static int perform(optd_client *c, const char *method, const char *path,
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, list);
+    /* https://: the CA bundle the daemon's certificate must verify against
+     * (NULL: the system's) and the client certificate for mutual TLS. */
+    if (c->tls_ca || c->ca_changed)
+        curl_easy_setopt(h, CURLOPT_CAINFO, c->tls_ca ? c->tls_ca : c->ca_default);
+    curl_easy_setopt(h, CURLOPT_SSLCERT, c->tls_cert);
+    curl_easy_setopt(h, CURLOPT_SSLKEY, c->tls_key);
     if (strcmp(method, "GET") == 0 && !body) {
         curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
     } else if (strcmp(method, "HEAD") == 0) {

@@ -80,6 +80,14 @@ void optd_client_set_params_check(optd_client *c, int on);
 /* Per-attempt timeouts in milliseconds (defaults: connect 5000, whole
  * request 60000). */
 void optd_client_set_timeouts(optd_client *c, long connect_ms, long request_ms);
+/* TLS for an https:// base URL: ca_file, a PEM bundle the daemon's
+ * certificate must verify against (NULL: the system's CAs); cert_file and
+ * key_file, a PEM client certificate and its key for a daemon that
+ * requires one (--tls-client-ca), both or neither.  The files are read at
+ * each new connection.  0, or -1 (one of cert/key without the other, out of
+ * memory; nothing changed). */
+int optd_client_set_tls(optd_client *c, const char *ca_file, const char *cert_file,
+                        const char *key_file);
 
 /* The form binary vectors travel in.  bfloat16 and float16 take half of
  * float32's bytes: a gradient is narrowed by the client (first to float32,

@@ -11,6 +11,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -68,7 +69,9 @@ type Client struct {
 	backoffMax time.Duration
 	timeout    time.Duration
 	noVerify   bool
-	wire       Wire // WithWire: the form vectors travel in by default
+	wire       Wire        // WithWire: the form vectors travel in by default
+	tlsConf    *tls.Config // WithTLS, WithTLSConfig
+	initErr    error       // a bad option, reported by every call
 }
 
 // Option configures a Client.
@@ -126,11 +129,17 @@ func NewClient(baseURL string, opts ...Option) *Client {
 	for _, o := range opts {
 		o(c)
 	}
+	if c.hc != nil && c.tlsConf != nil && c.initErr == nil {
+		c.initErr = errors.New("optd: WithTLS/WithTLSConfig and WithHTTPClient: set the TLS config on your own transport")
+	}
 	if c.hc == nil {
 		// The default transport keeps only 2 idle connections per host;
 		// several goroutines stepping at once would keep reconnecting.
 		t := http.DefaultTransport.(*http.Transport).Clone()
 		t.MaxIdleConnsPerHost = 32
+		if c.tlsConf != nil {
+			t.TLSClientConfig = c.tlsConf
+		}
 		c.hc = &http.Client{Transport: t}
 	}
 	return c
@@ -177,6 +186,9 @@ func (c *Client) do(ctx context.Context, req *request) (*response, error) {
 // doTracked is do that also reports whether an earlier attempt may have
 // reached the daemon without its answer reaching us.
 func (c *Client) doTracked(ctx context.Context, req *request) (resp *response, uncertain bool, err error) {
+	if c.initErr != nil {
+		return nil, false, c.initErr
+	}
 	for attempt := 0; ; attempt++ {
 		resp, err = c.once(ctx, req)
 		if err == nil && resp.status >= 200 && resp.status < 300 {

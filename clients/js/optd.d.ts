@@ -30,7 +30,16 @@ export interface ClientOptions {
   verifyParams?: boolean;
   /** Send gradients and receive params in 16 bits (always binary); default null: the session's dtype. */
   wire?: Wire | null;
+  /** Node, https:// URLs: a PEM bundle the daemon's certificate must verify against (default: Node's CAs). */
+  caFile?: string;
+  /** Node: a PEM client certificate for a daemon started with --tls-client-ca (with keyFile). */
+  certFile?: string;
+  /** Node: the PEM private key of certFile. */
+  keyFile?: string;
 }
+
+/** A fetch over node:https that verifies against caFile and presents certFile/keyFile (Node only). */
+export function tlsFetch(files?: { caFile?: string; certFile?: string; keyFile?: string }): typeof globalThis.fetch;
 
 /** A 16-bit wire form. */
 export type Wire = 'bfloat16' | 'float16';

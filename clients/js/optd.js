@@ -383,6 +383,66 @@ function checkName(name) {
   return name;
 }
 
+/** Node's TLS verification failures: no retry will make them pass. */
+const TLS_VERIFY_CODES = new Set([
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_GET_ISSUER_CERT', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'SELF_SIGNED_CERT_IN_CHAIN', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'CERT_HAS_EXPIRED', 'CERT_NOT_YET_VALID',
+  'CERT_SIGNATURE_FAILURE', 'CERT_UNTRUSTED', 'CERT_REJECTED', 'ERR_TLS_CERT_ALTNAME_INVALID',
+]);
+
+/**
+ * A fetch over node:https for https:// URLs in Node: the daemon's
+ * certificate must verify against the PEM bundle `caFile` (undefined: Node's
+ * CAs), and `certFile`/`keyFile` (PEM) are presented to a daemon that
+ * requires client certificates.  The files are read on the first request;
+ * one keep-alive agent carries every request.  (The global fetch takes no
+ * such options in Node; a browser uses its own TLS and certificates.)
+ */
+export function tlsFetch({ caFile, certFile, keyFile } = {}) {
+  let ready = null;
+  const setup = async () => {
+    const [https, fs, stream] = await Promise.all([import('node:https'), import('node:fs/promises'), import('node:stream')]);
+    const read = (p) => (p == null ? undefined : fs.readFile(p));
+    const [ca, cert, key] = await Promise.all([read(caFile), read(certFile), read(keyFile)]);
+    return { https, stream, agent: new https.Agent({ keepAlive: true, ca, cert, key }) };
+  };
+  return async (url, init = {}) => {
+    ready ??= setup().catch((e) => {
+      ready = null; // a file that could not be read is read again next time
+      throw new TypeError(`cannot read the TLS files: ${e.message}`, { cause: e });
+    });
+    const { https, stream, agent } = await ready;
+    const signal = init.signal;
+    return new Promise((resolve, reject) => {
+      const req = https.request(url, { method: init.method ?? 'GET', headers: init.headers, agent, signal }, (res) => {
+        const headers = new Headers();
+        for (const [k, v] of Object.entries(res.headers)) {
+          if (Array.isArray(v)) v.forEach((x) => headers.append(k, x));
+          else if (v !== undefined) headers.set(k, v);
+        }
+        const noBody = [204, 205, 304].includes(res.statusCode) || init.method === 'HEAD';
+        if (noBody) res.resume();
+        resolve(new Response(noBody ? null : stream.Readable.toWeb(res), {
+          status: res.statusCode,
+          statusText: res.statusMessage,
+          headers,
+        }));
+      });
+      req.on('error', (e) => {
+        if (signal?.aborted) return reject(signal.reason);
+        const err = new TypeError('fetch failed', { cause: e });
+        err.tlsVerify = TLS_VERIFY_CODES.has(e.code);
+        reject(err);
+      });
+      const b = init.body;
+      if (b == null || typeof b === 'string') req.end(b);
+      else if (b instanceof ArrayBuffer) req.end(new Uint8Array(b));
+      else if (ArrayBuffer.isView(b)) req.end(new Uint8Array(b.buffer, b.byteOffset, b.byteLength));
+      else reject(new TypeError('tlsFetch: unsupported body type'));
+    });
+  };
+}
+
 export class Client {
   /**
    * @param {string} url  the daemon's base URL, e.g. "http://127.0.0.1:8080"
@@ -402,6 +462,11 @@ export class Client {
    * @param {string|null} [o.wire=null] "bfloat16" or "float16": gradients
    *        are sent and params received in that 16-bit form (always binary);
    *        null: the session's dtype.  Each call may override it.
+   * @param {string} [o.caFile]        Node, https:// URLs: a PEM bundle the
+   *        daemon's certificate must verify against (default: Node's CAs)
+   * @param {string} [o.certFile]      Node: a PEM client certificate for a
+   *        daemon started with --tls-client-ca (with o.keyFile)
+   * @param {string} [o.keyFile]       Node: the PEM key of o.certFile
    */
   constructor(url, o = {}) {
     if (typeof url !== 'string' || !/^https?:\/\//i.test(url)) {
@@ -417,6 +482,12 @@ export class Client {
     this.verifyParams = o.verifyParams ?? true;
     this.wire = checkWire(o.wire ?? null);
     this._fetch = o.fetch ?? globalThis.fetch;
+    if (o.caFile != null || o.certFile != null || o.keyFile != null) {
+      if ((o.certFile == null) !== (o.keyFile == null)) throw new TypeError('certFile and keyFile go together');
+      if (!/^https:/i.test(url)) throw new TypeError('caFile, certFile and keyFile need an https:// URL');
+      if (o.fetch) throw new TypeError('pass fetch or caFile/certFile/keyFile, not both');
+      this._fetch = tlsFetch({ caFile: o.caFile, certFile: o.certFile, keyFile: o.keyFile });
+    }
     if (typeof this._fetch !== 'function') throw new TypeError('no fetch on this platform: pass options.fetch');
   }
 
@@ -462,6 +533,7 @@ export class Client {
         // TimeoutError/AbortError when the attempt's signal fires.
         const what = e?.name === 'TimeoutError' ? `timed out after ${this.timeoutMs} ms` : e?.cause?.message ?? e?.message;
         lastError = new OptdError({ status: 0, detail: `${method} ${path}: ${what}`, cause: e });
+        if (e?.tlsVerify) throw lastError; // the certificate will not verify next time either
       }
       if (attempt >= this.retries) throw lastError;
       // Exponential backoff with "equal jitter": half the cap is waited for

@@ -189,6 +189,40 @@ sh clients/shell/walkthrough.sh "$url" >"$tmp/walk2.txt" 2>&1
 rc=$?
 check "walkthrough.sh fails when optd is not there (rc $rc)" test $rc != 0
 
+# ------------------------------------------------- 2b. https and mTLS
+# The walkthrough against a daemon started with --tls-cert, --tls-key and
+# --tls-client-ca: OPTD_CACERT, OPTD_CERT and OPTD_KEY reach curl.
+if sh tests/support/make_test_ca.sh "$tmp/ca" 2>"$tmp/ca.err"; then
+    "$OPTD_BIN" --port 0 --db "$tmp/tls/optd.db" --tls-cert "$tmp/ca/server.pem" \
+        --tls-key "$tmp/ca/server.key" --tls-client-ca "$tmp/ca/ca.pem" >"$tmp/tls.out" 2>"$tmp/tls.err" &
+    pid=$!
+    turl=""
+    i=0
+    while [ $i -lt 100 ] && [ -z "$turl" ]; do
+        turl=$(sed -n 's/^optd listening on //p' "$tmp/tls.out")
+        [ -n "$turl" ] || sleep 0.1
+        i=$((i + 1))
+    done
+    case $turl in https://*) ;; *) turl="" ;; esac
+    OPTD_CACERT="$tmp/ca/ca.pem" OPTD_CERT="$tmp/ca/client.pem" OPTD_KEY="$tmp/ca/client.key" \
+        sh clients/shell/walkthrough.sh "$turl" >"$tmp/walk-tls.txt" 2>&1
+    rc=$?
+    check "walkthrough.sh over https with a client certificate exits 0 (rc $rc, $turl)" \
+        sh -c "test $rc = 0 && test -n '$turl' && grep -q '\"status\":\"ok\"' '$tmp/walk-tls.txt'"
+    OPTD_CACERT="$tmp/ca/ca.pem" sh clients/shell/walkthrough.sh "$turl" >/dev/null 2>&1
+    rc=$?
+    check "walkthrough.sh without the client certificate fails (rc $rc)" test $rc != 0
+    OPTD_CACERT="$tmp/ca/other-ca.pem" OPTD_CERT="$tmp/ca/client.pem" OPTD_KEY="$tmp/ca/client.key" \
+        sh clients/shell/walkthrough.sh "$turl" >/dev/null 2>&1
+    rc=$?
+    check "walkthrough.sh with the wrong CA fails (rc $rc)" test $rc != 0
+    kill -TERM "$pid"
+    wait "$pid"
+    pid=""
+else
+    not_ok "make_test_ca.sh: $(cat "$tmp/ca.err")"
+fi
+
 # ------------------------------------------------------------ 3. docs
 "$OPTD_BIN" --help >"$tmp/help"
 if $PY - "$tmp/help" <<'EOF'; then

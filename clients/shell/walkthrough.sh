@@ -9,9 +9,22 @@
 # With WALKTHROUGH_OUT=DIR every answer is also saved as DIR/01, DIR/02, ...
 # (clients/shell/test.sh checks them).  The commands between "run <<'EOF'"
 # and "EOF" are copied verbatim into README.md; test.sh checks that too.
+# An https:// daemon: OPTD_CACERT (a PEM CA bundle) and, for one started
+# with --tls-client-ca, OPTD_CERT and OPTD_KEY (a PEM client certificate and
+# its key) become curl's --cacert, --cert and --key.
 set -u
 OPTD=${1:-http://127.0.0.1:8080}
 n=0
+
+curl() {
+    if [ -n "${OPTD_CERT:-}" ]; then
+        set -- --cert "$OPTD_CERT" --key "${OPTD_KEY:-$OPTD_CERT}" "$@"
+    fi
+    if [ -n "${OPTD_CACERT:-}" ]; then
+        set -- --cacert "$OPTD_CACERT" "$@"
+    fi
+    command curl "$@"
+}
 
 # Reads one command from standard input, prints it, runs it.
 run() {

@@ -20,6 +20,8 @@
 #include <unistd.h>
 
 #define LISTEN_PREFIX "optd listening on http://127.0.0.1:"
+/* With --tls-cert the daemon serves HTTPS. */
+#define LISTEN_PREFIX_TLS "optd listening on https://127.0.0.1:"
 
 /* Is this test process itself running under valgrind?  Valgrind preloads
  * its vgpreload_*.so into the programs it runs. */
@@ -231,9 +233,10 @@ static int spawn(tdaemon *d, int port)
         }
         line[len] = '\0';
         len = 0;
-        if (strncmp(line, LISTEN_PREFIX, strlen(LISTEN_PREFIX)) == 0) {
-            d->port = atoi(line + strlen(LISTEN_PREFIX));
-            snprintf(d->url, sizeof d->url, "http://127.0.0.1:%d", d->port);
+        bool tls = strncmp(line, LISTEN_PREFIX_TLS, strlen(LISTEN_PREFIX_TLS)) == 0;
+        if (tls || strncmp(line, LISTEN_PREFIX, strlen(LISTEN_PREFIX)) == 0) {
+            d->port = atoi(line + strlen(tls ? LISTEN_PREFIX_TLS : LISTEN_PREFIX));
+            snprintf(d->url, sizeof d->url, "%s://127.0.0.1:%d", tls ? "https" : "http", d->port);
             if (pthread_create(&d->drain, NULL, drain_main, d) == 0)
                 d->drain_running = true;
             return 0;

@@ -4,7 +4,7 @@
  *
  * The daemon is started with --bind 127.0.0.1 --port 0 --db PATH; the port
  * it bound is read back from its "optd listening on http://127.0.0.1:PORT"
- * line.  When $OPTD_VALGRIND_DAEMON is set, the daemon runs under that
+ * line (https:// when started with --tls-cert).  When $OPTD_VALGRIND_DAEMON is set, the daemon runs under that
  * command (split on spaces) -- unless the test itself runs under valgrind,
  * whose --trace-children already covers the daemon.  The daemon's stderr and the rest of its
  * stdout go to DIR/optd.log, printed when a start fails or the daemon
@@ -22,7 +22,7 @@
 typedef struct {
     pid_t pid;                 /* 0 when not running                         */
     int port;
-    char url[64];              /* "http://127.0.0.1:PORT"                    */
+    char url[64];              /* "http://127.0.0.1:PORT" (https:// with TLS) */
     char dir[256];             /* the harness's temp dir (mkdtemp, removed)  */
     char db[512];              /* the SQLite file                            */
     char log[512];             /* daemon stderr + stdout                     */

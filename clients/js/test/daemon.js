@@ -36,7 +36,7 @@ export async function startDaemon({ args = [], dir, port = 0 } = {}) {
     child.stdout.setEncoding('utf8');
     child.stdout.on('data', (d) => {
       out += d;
-      const m = /optd listening on (http:\/\/\S+)/.exec(out);
+      const m = /optd listening on (https?:\/\/\S+)/.exec(out);
       if (m) {
         clearTimeout(timer);
         res(m[1]);

@@ -43,14 +43,33 @@ def _transient(exc):
     return isinstance(exc, (OSError, http.client.HTTPException))
 
 
+def tls_context(ca_file=None, cert_file=None, key_file=None, ssl_context=None):
+    """The ssl.SSLContext of an https:// client: ssl_context as given, or a
+    default one (the daemon's certificate and host name verified) trusting
+    ca_file (a PEM bundle; None: the system's CAs) and presenting cert_file
+    with key_file (PEM) to a daemon that requires client certificates."""
+    if ssl_context is not None:
+        if ca_file or cert_file or key_file:
+            raise ValueError("give ssl_context or ca_file/cert_file/key_file, not both")
+        return ssl_context
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file go together")
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
 class Transport:
     def __init__(self, url, api_key=None, timeout=60.0, retries=RETRIES, backoff=BACKOFF,
-                 max_backoff=MAX_BACKOFF):
+                 max_backoff=MAX_BACKOFF, ca_file=None, cert_file=None, key_file=None,
+                 ssl_context=None):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("url must look like http://host:port, not %r" % (url,))
         self.url = url
         self._https = parts.scheme == "https"
+        self._ssl = tls_context(ca_file, cert_file, key_file, ssl_context) if self._https else None
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
         self._prefix = parts.path.rstrip("/")
@@ -77,8 +96,12 @@ class Transport:
 
     def _connection(self):
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self.timeout)
+            if self._https:
+                self._conn = http.client.HTTPSConnection(self._host, self._port,
+                                                         timeout=self.timeout, context=self._ssl)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port,
+                                                        timeout=self.timeout)
         return self._conn
 
     def _delay(self, attempt, retry_after=None):

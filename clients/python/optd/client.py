@@ -4,6 +4,7 @@ import json as _json
 import math
 import os
 import re
+import ssl
 import urllib.parse
 import zlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -172,6 +173,11 @@ class Client:
     16-bit form (half of float32's bytes, always as a binary body), rounded
     to nearest even from float32 exactly as the daemon does.  Each call can
     override it with its own ``wire=``.
+    ``https://`` URLs: ``ca_file`` is a PEM bundle the daemon's certificate
+    must verify against (None: the system's CAs); ``cert_file`` and
+    ``key_file`` (PEM, both or neither) are the client certificate a daemon
+    started with ``--tls-client-ca`` requires; or ``ssl_context``, an
+    ``ssl.SSLContext`` of your own instead of those three.
 
     A client keeps one keep-alive connection; threads may share it (their
     requests take turns), or make one client each to run in parallel.
@@ -181,11 +187,14 @@ class Client:
                  timeout: float = 60.0, retries: int = RETRIES, backoff: float = BACKOFF,
                  max_backoff: float = MAX_BACKOFF, numpy: Optional[bool] = None,
                  binary_threshold: int = BINARY_THRESHOLD, verify_params: bool = True,
-                 wire: Optional[str] = None) -> None:
+                 wire: Optional[str] = None, ca_file: Optional[str] = None,
+                 cert_file: Optional[str] = None, key_file: Optional[str] = None,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.url = url
         self.verify_params = bool(verify_params)
         self._t = Transport(url, api_key=api_key, timeout=timeout, retries=retries,
-                            backoff=backoff, max_backoff=max_backoff)
+                            backoff=backoff, max_backoff=max_backoff, ca_file=ca_file,
+                            cert_file=cert_file, key_file=key_file, ssl_context=ssl_context)
         self.use_numpy = _vec.numpy_available() if numpy is None else bool(numpy)
         if self.use_numpy and not _vec.numpy_available():
             raise ValueError("numpy=True but NumPy cannot be imported")

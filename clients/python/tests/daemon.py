@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.normpath(os.path.join(HERE, "..", "..", ".."))
 OPTD_BIN = os.environ.get("OPTD_BIN") or os.path.join(REPO, "build", "optd")
 LISTEN_PREFIX = "optd listening on http://127.0.0.1:"
+LISTEN_PREFIX_TLS = "optd listening on https://127.0.0.1:"
 
 # tests/run.sh may ask for the daemon under valgrind: ten times slower.
 _WRAP = shlex.split(os.environ.get("OPTD_VALGRIND_DAEMON", ""))
@@ -39,13 +40,14 @@ def _die_with_parent():
 
 
 class Daemon:
-    def __init__(self, api_key=None):
+    def __init__(self, api_key=None, args=()):
         if not os.access(OPTD_BIN, os.X_OK):
             raise RuntimeError("no daemon at %s: run make build, or set OPTD_BIN" % OPTD_BIN)
         self.dir = tempfile.mkdtemp(prefix="optd-py-")
         self.db = os.path.join(self.dir, "optd.db")
         self.log = os.path.join(self.dir, "daemon.log")
         self.api_key = api_key
+        self.args = list(args)  # more flags (--tls-cert ...)
         self.proc = None
         self.port = 0
         self.url = None
@@ -63,6 +65,7 @@ class Daemon:
                        "--log-level", "warn"]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
+        cmd += self.args
         with open(out_path, "wb") as out, open(self.log, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
@@ -76,11 +79,12 @@ class Daemon:
                 self.kill()
                 raise RuntimeError("daemon did not start:\n" + self.log_text())
             time.sleep(0.005)
-        if not line.startswith(LISTEN_PREFIX):
+        tls = line.startswith(LISTEN_PREFIX_TLS)
+        if not tls and not line.startswith(LISTEN_PREFIX):
             self.kill()
             raise RuntimeError("unexpected first line %r" % line)
-        self.port = int(line[len(LISTEN_PREFIX):])
-        self.url = "http://127.0.0.1:%d" % self.port
+        self.port = int(line[len(LISTEN_PREFIX_TLS if tls else LISTEN_PREFIX):])
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
         return self
 
     def stop(self):
@@ -243,14 +247,23 @@ class LossyRelay:
                     pass
 
 
+def make_test_ca(directory):
+    """The test certificates of tests/support/make_test_ca.sh in directory
+    (ca, server, client, other-ca, other-client: NAME.pem and NAME.key)."""
+    subprocess.run(["sh", os.path.join(REPO, "tests", "support", "make_test_ca.sh"), directory],
+                   check=True)
+    return lambda name: os.path.join(directory, name)
+
+
 class DaemonCase(unittest.TestCase):
     """One real daemon per test class, on its own temporary database."""
 
     api_key = None
+    daemon_args = ()
 
     @classmethod
     def setUpClass(cls):
-        cls.daemon = Daemon(api_key=cls.api_key).start()
+        cls.daemon = Daemon(api_key=cls.api_key, args=cls.daemon_args).start()
 
     @classmethod
     def tearDownClass(cls):
