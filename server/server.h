@@ -39,6 +39,7 @@ typedef struct {
     char access_log[1024];         /* --access-log FILE: JSON lines; "" none */
     char metrics_token[256];       /* /metrics token ("": --api-key's rule)  */
     size_t metrics_sessions;       /* sessions with their own series (0: none) */
+    char cors_origin[2048];        /* --cors-origin: "", "*" or origin,origin */
 } srv_config;
 
 /* Parses OPTD_* environment variables, then argv (flags win).  Returns 0,
