@@ -416,8 +416,11 @@ export class Client {
     this.binaryThreshold = o.binaryThreshold ?? DEFAULTS.binaryThreshold;
     this.verifyParams = o.verifyParams ?? true;
     this.wire = checkWire(o.wire ?? null);
-    this._fetch = o.fetch ?? globalThis.fetch;
-    if (typeof this._fetch !== 'function') throw new TypeError('no fetch on this platform: pass options.fetch');
+    const f = o.fetch ?? globalThis.fetch;
+    if (typeof f !== 'function') throw new TypeError('no fetch on this platform: pass options.fetch');
+    // Called as a plain function: a browser's fetch throws "Illegal
+    // invocation" when called as a method of another object.
+    this._fetch = (url, init) => f(url, init);
   }
 
   /**
