@@ -58,6 +58,8 @@ static const char *origin_check(char *o)
 {
     if (strcmp(o, "null") == 0)
         return "\"null\" (the origin of files and sandboxed pages) cannot be allowed";
+    if (strchr(o, '*'))
+        return "no wildcards in an origin: list each one, or \"*\" alone for any";
     char *p = o;
     if (!isalpha((unsigned char)*p))
         return "an origin is scheme://host[:port], e.g. https://app.example";
