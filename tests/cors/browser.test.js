@@ -129,9 +129,15 @@ before(async () => {
 
 after(async () => {
   if (client) await client.close().catch(() => {});
-  if (chrome) { chrome.kill('SIGTERM'); await new Promise((r) => chrome.once('exit', r)).catch(() => {}); }
+  if (chrome && chrome.exitCode === null && chrome.signalCode === null) {
+    const gone = new Promise((r) => chrome.once('exit', r));
+    process.kill(chrome.pid, 'SIGTERM');
+    await gone;
+  }
   if (pages) await new Promise((r) => pages.close(r));
-  fs.rmSync(dir, { recursive: true, force: true });
+  // Chromium's helper processes may still be writing its profile for a
+  // moment after the browser exits.
+  fs.rmSync(dir, { recursive: true, force: true, maxRetries: 20, retryDelay: 100 });
 });
 
 test('with --cors-origin naming the page\'s origin, the page trains through the JS client', async () => {
