@@ -16,6 +16,9 @@
 #   make bench-remote   optd.torch.RemoteOptimizer's opt.step() against local torch.optim
 #   make bench-observe  step throughput with /metrics scraped and 10 event watchers
 #   make bench-travel   rollback/fork vs live steps, backup under load (bench/TRAVEL.md)
+#   make bench-shard    a 1e7 Adam step over 3 daemons vs 1 (bench/SHARD.md)
+#   make cluster        CLUSTER_NODES (3) daemons behind HAProxy on 127.0.0.1:CLUSTER_PORT (8080)
+#   make bench-cluster  3 daemons behind HAProxy vs 1 direct; HAProxy vs nginx (bench/CLUSTER.md)
 #   make demo           the optimizer comparison on the digits data set, and the
 #                       optimizers' trajectories on Rosenbrock and Beale
 #   make wheel          the Python client's wheel: build/python/optd-0.1.0-py3-none-any.whl
@@ -37,8 +40,8 @@ DEPS_RUN   := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsq
 DEPS_BUILD := $(DEPS_RUN) libcmocka-dev sqlite3 ca-certificates
 DEPS_TEST  := curl python3 python3-numpy python3-torch python3-sklearn python3-venv python3-pip python3-setuptools \
               python3-wheel python3-mypy python3-yaml python3-jsonschema golang-go go-staticcheck nodejs \
-              docker-compose prometheus chromium npm
-DEPS_BENCH := wrk nginx-light python3-torch
+              docker-compose prometheus chromium npm haproxy
+DEPS_BENCH := wrk nginx-light python3-torch python3-numpy haproxy
 DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
 DEPS_FUZZ  := clang libclang-rt-14-dev
 DEPS_TSAN  := libtsan2
@@ -77,7 +80,7 @@ BENCHES    := $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 
 .PHONY: all build run test deps deps-run deps-test deps-bench deps-demo deps-fuzz deps-tsan fuzz \
         fuzz-build tsan soak asan valgrind bench bench-kernels bench-http bench-sync bench-storage \
-        bench-json bench-observe bench-travel bench-remote bench-engine demo install uninstall \
+        bench-json bench-observe bench-travel bench-shard bench-remote bench-engine demo install uninstall \
         wheel clean test-unit test-clients
 .DEFAULT_GOAL := all
 
@@ -280,8 +283,22 @@ bench-storage: build
 	$(BUILD)/bench/storage $(BUILD)/bench-storage
 bench-travel: build
 	$(BUILD)/bench/travel --optd $(BUILD)/optd
+bench-shard: deps-bench build
+	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/shard.py $(BENCH_SHARD_ARGS)
 bench-remote: build
 	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/remote_torch.py
+bench-cluster: deps-bench build
+	OPTD_BIN=$(BUILD)/optd /usr/bin/python3 bench/cluster.py
+
+# Daemons behind HAProxy on this machine (deploy/cluster/README.md);
+# Ctrl-C stops them all.
+CLUSTER_NODES ?= 3
+CLUSTER_PORT  ?= 8080
+.PHONY: cluster bench-cluster
+cluster: deps-run
+	@$(MAKE) --no-print-directory $(OPTD)
+	@command -v haproxy >/dev/null 2>&1 || $(MAKE) --no-print-directory deps-bench
+	sh deploy/cluster/run --nodes $(CLUSTER_NODES) --port $(CLUSTER_PORT) --dir $(BUILD)/cluster --optd $(OPTD)
 
 # A mixed-load soak with restarts: SOAK_SECONDS (60); not part of make test.
 SOAK_SECONDS ?= 60

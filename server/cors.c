@@ -31,7 +31,7 @@
 static const char REQUEST_HEADERS[] =
     "Authorization, Content-Type, Accept, Idempotency-Key, X-Request-Id, Last-Event-ID, "
     "Optd-Loss, Optd-Base-Step, Optd-Worker, Optd-Dtype, Optd-Absent, Optd-Params-Dtype, "
-    "Optd-Group-Lr, Optd-Group-Momentum, Optd-Group-Beta1";
+    "Optd-Group-Lr, Optd-Group-Momentum, Optd-Group-Beta1, Optd-Grad-Norm";
 
 /* Response headers clients read; a page sees only the safelisted ones
  * (Content-Type, Content-Length, Cache-Control, ...) and these. */

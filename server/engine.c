@@ -674,6 +674,13 @@ static int apply(eng_pool *pool, eng_session *s, const eng_step_in *in, bool ref
 
     res->kind = STORAGE_LOG_STEP;
     update_job uj = {.s = s, .g = g, .gmode = G_DIRECT, .zero_after = zero_after};
+    if (s->cfg.clip.kind == OPTIM_CLIP_NORM && in->has_norm) {
+        /* The norm of the whole vector this gradient is a part of, given
+         * by the client (the handler refuses it with accumulation); the
+         * finiteness above is still this part's own. */
+        norm = in->grad_norm;
+        res->grad_norm = norm;
+    }
     if (s->cfg.clip.kind == OPTIM_CLIP_NORM) {
         /* torch.nn.utils.clip_grad_norm_: max_norm / (norm + 1e-6), applied
          * only when below 1.  A NaN coefficient fails the test. */
@@ -894,15 +901,19 @@ static int install_ckpt(void *ud, storage_reader *rd, size_t len, int64_t seq)
  * What a log row needs besides its gradient, as its `extra` bytes:
  * "OPX1", u32 absent count, the absent tensor indices (u32 each), u32
  * group count (0 when the step set no group values), then per group one
- * byte of flags (bit k: value k given) and ENG_HP_COUNT doubles.
+ * byte of flags (bit k: value k given) and ENG_HP_COUNT doubles.  A step
+ * with a client-given gradient norm is "OPX2": the same, then that norm
+ * as one double.
  */
 #define EXTRA_MAGIC "OPX1"
+#define EXTRA_MAGIC_NORM "OPX2"
 
 static void *extra_encode(const eng_step_in *in, size_t n_groups, size_t *len)
 {
     size_t ng = in->ghp ? n_groups : 0;
-    size_t l = 4 + 4 + 4 * in->n_absent + 4 + ng * (1 + 8 * ENG_HP_COUNT);
-    if (!in->n_absent && !ng) {
+    size_t l = 4 + 4 + 4 * in->n_absent + 4 + ng * (1 + 8 * ENG_HP_COUNT) +
+               (in->has_norm ? 8 : 0);
+    if (!in->n_absent && !ng && !in->has_norm) {
         *len = 0;
         return NULL;
     }
@@ -912,7 +923,7 @@ static void *extra_encode(const eng_step_in *in, size_t n_groups, size_t *len)
         return NULL;
     }
     uint32_t u;
-    memcpy(p, EXTRA_MAGIC, 4), p += 4;
+    memcpy(p, in->has_norm ? EXTRA_MAGIC_NORM : EXTRA_MAGIC, 4), p += 4;
     u = (uint32_t)in->n_absent;
     memcpy(p, &u, 4), p += 4;
     for (size_t k = 0; k < in->n_absent; k++)
@@ -927,6 +938,8 @@ static void *extra_encode(const eng_step_in *in, size_t n_groups, size_t *len)
         for (int k = 0; k < ENG_HP_COUNT; k++)
             memcpy(p, &in->ghp[g].v[k], 8), p += 8;
     }
+    if (in->has_norm)
+        memcpy(p, &in->grad_norm, 8), p += 8;
     *len = l;
     return b;
 }
@@ -939,12 +952,20 @@ static int extra_decode(const eng_session *s, const void *extra, size_t len, uin
     in->absent = NULL;
     in->n_absent = 0;
     in->ghp = NULL;
+    in->has_norm = false;
     if (!extra || len == 0)
         return 0;
     const unsigned char *p = extra, *end = p + len;
     uint32_t na, ng;
-    if (len < 12 || memcmp(p, EXTRA_MAGIC, 4) != 0)
+    bool has_norm = len >= 20 && memcmp(p, EXTRA_MAGIC_NORM, 4) == 0;
+    if (has_norm) {
+        end -= 8;
+        memcpy(&in->grad_norm, end, 8);
+        if (!isfinite(in->grad_norm) || in->grad_norm < 0)
+            return STORAGE_ECORRUPT;
+    } else if (len < 12 || memcmp(p, EXTRA_MAGIC, 4) != 0) {
         return STORAGE_ECORRUPT;
+    }
     memcpy(&na, p + 4, 4);
     p += 8;
     if (na > s->cfg.n_tensors || (size_t)(end - p) < 4 * (size_t)na + 4)
@@ -968,6 +989,7 @@ static int extra_decode(const eng_session *s, const void *extra, size_t len, uin
     in->absent = na ? absent : NULL;
     in->n_absent = na;
     in->ghp = ng ? ghp : NULL;
+    in->has_norm = has_norm;
     return 0;
 }
 

@@ -225,6 +225,10 @@ typedef struct {
                                    duplicates); NULL: none                   */
     size_t n_absent;
     const eng_group_hp *ghp;    /* per group, or NULL                         */
+    bool has_norm;              /* grad_norm given (Optd-Grad-Norm): clipping
+                                   by norm uses it instead of the norm of
+                                   grad (a shard of a larger vector)          */
+    double grad_norm;
     double loss;                /* NAN when not reported                       */
     double factor;              /* lr factor (stale damping), 1 otherwise      */
     const char *key;            /* idempotency key or NULL                     */

@@ -777,6 +777,41 @@ static int parse_group_values(const eng_session *s, const srv_request *req, eng_
     return 0;
 }
 
+/* Optd-Grad-Norm: the gradient norm of the whole logical vector this
+ * gradient is a part of (a sharded session), used by clipping by norm in
+ * place of the norm of this part.  A finite number >= 0, else 400.  Used
+ * only where the session clips by norm (*has false otherwise: the value
+ * is ignored); 422 where the norm clipping needs is not the request's
+ * (accumulation: the mean's; sync: the round's). */
+static int parse_grad_norm(const eng_session *s, const char *h, bool *has, double *norm,
+                           api_reply *r)
+{
+    *has = false;
+    *norm = NAN;
+    if (!h)
+        return 0;
+    char *end;
+    errno = 0;
+    double v = strtod(h, &end);
+    while (*end == ' ' || *end == '\t')
+        end++;
+    if (end == h || *end || errno == ERANGE || !isfinite(v) || v < 0)
+        return api_problem(r, 400, "Optd-Grad-Norm",
+                           "Optd-Grad-Norm must be one finite number >= 0: the gradient norm "
+                           "of the whole vector (17 significant digits round-trip a double)");
+    if (s->cfg.clip.kind != OPTIM_CLIP_NORM)
+        return 0;
+    if (s->cfg.mode.type == API_MODE_SYNC || s->cfg.mode.accumulate > 1)
+        return api_problem(r, 422, "Optd-Grad-Norm",
+                           "Optd-Grad-Norm works with plain async sessions only (this one %s: "
+                           "the norm clipping needs is not this request's)",
+                           s->cfg.mode.type == API_MODE_SYNC ? "is in sync mode"
+                                                             : "accumulates gradients");
+    *has = true;
+    *norm = v == 0 ? 0.0 : v; /* -0 is 0 */
+    return 0;
+}
+
 /* An idempotency key's request fingerprint: CRC-32 of the gradient as
  * decoded (the session's dtype: the same values sent as JSON, binary or a
  * 16-bit form are the same request) and of everything else that changes
@@ -785,7 +820,8 @@ static int parse_group_values(const eng_session *s, const srv_request *req, eng_
  * recorded" (keys stored before fingerprints existed). */
 static uint64_t step_fingerprint(const void *grad, size_t grad_bytes, const api_step_meta *meta,
                                  const uint32_t *absent, size_t n_absent,
-                                 const eng_group_hp *ghp, size_t n_groups)
+                                 const eng_group_hp *ghp, size_t n_groups, bool has_norm,
+                                 double norm)
 {
     uint32_t c = storage_crc32(0, grad, grad_bytes);
     double loss = meta->loss;
@@ -803,6 +839,8 @@ static uint64_t step_fingerprint(const void *grad, size_t grad_bytes, const api_
             if (has)
                 c = storage_crc32(c, &ghp[g].v[k], sizeof ghp[g].v[k]);
         }
+    if (has_norm) /* (without it, the fingerprints of before it existed) */
+        c = storage_crc32(c, &norm, sizeof norm);
     return (1ULL << 32) | c;
 }
 
@@ -865,6 +903,10 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
     }
     if ((st = parse_group_values(s, req, &ghp, r)))
         goto done;
+    bool has_norm;
+    double gnorm;
+    if ((st = parse_grad_norm(s, req->header(req->conn, "Optd-Grad-Norm"), &has_norm, &gnorm, r)))
+        goto done;
     st = decode_vector(s, req, true, (size_t)eng_present_size(s, absent, n_absent), false, &grad,
                        &owned, &meta, r);
     if (st)
@@ -874,7 +916,7 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         fp = step_fingerprint(grad,
                               (size_t)eng_present_size(s, absent, n_absent) *
                                   optim_dtype_size(s->cfg.dtype),
-                              &meta, absent, n_absent, ghp, s->cfg.n_groups);
+                              &meta, absent, n_absent, ghp, s->cfg.n_groups, has_norm, gnorm);
         int64_t recorded;
         double rec_lr;
         int rec_kind;
@@ -957,6 +999,8 @@ static int h_step(srv_ctx *ctx, const srv_request *req, api_reply *r)
         .absent = absent,
         .n_absent = n_absent,
         .ghp = ghp,
+        .has_norm = has_norm,
+        .grad_norm = gnorm,
         .loss = meta.loss,
         .factor = factor,
         .key = key,

@@ -985,12 +985,17 @@ class Contract(unittest.TestCase):
                 self.assertIsNone(re.search(sc["pattern"], badv))
             else:
                 self.fail("header parameter %s: no way to make a value its schema refuses" % name)
-            before = self.d.snapshot("hp")
-            r = self.d.request("POST", path, [BINCT, "%s: %s" % (name, badv)], g)
-            self.assertEqual(r.status, 400, "%s: %.40s..." % (name, badv))
-            self.assertEqual(r.json().get("field"), name)
-            self.check_answer(o, name, r)
-            self.assertEqual(self.d.snapshot("hp"), before, name + ": the refusal changed state")
+            bads = [badv]
+            if sc.get("type") == "number" and "minimum" in sc:
+                bads.append("%r" % (sc["minimum"] - 0.5))
+            for badv in bads:
+                before = self.d.snapshot("hp")
+                r = self.d.request("POST", path, [BINCT, "%s: %s" % (name, badv)], g)
+                self.assertEqual(r.status, 400, "%s: %.40s..." % (name, badv))
+                self.assertEqual(r.json().get("field"), name)
+                self.check_answer(o, name, r)
+                self.assertEqual(self.d.snapshot("hp"), before,
+                                 name + ": the refusal changed state")
         for need in ("Optd-Loss", "Optd-Worker", "Idempotency-Key"):
             self.assertIn(need, examples)
         r = self.d.request("POST", path, headers, g)

@@ -1074,6 +1074,10 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         err_set(err, 0, "n_absent without absent indices");
         return -1;
     }
+    if (o.grad_norm && !(isfinite(*o.grad_norm) && *o.grad_norm >= 0)) {
+        err_set(err, 0, "grad_norm must be a finite number >= 0");
+        return -1;
+    }
     for (size_t i = 0; i < o.n_groups; i++) {
         const double *vs[] = {o.group_lr, o.group_momentum, o.group_beta1};
         for (size_t k = 0; k < sizeof vs / sizeof vs[0]; k++) {
@@ -1089,7 +1093,7 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
         return -1;
 
     growbuf h_absent = {0}, h_glr = {0}, h_gmom = {0}, h_gb1 = {0};
-    char h_key[KEY_BUF + 32], h_loss[64], h_base[64], h_worker[200], h_dt[48], h_pdt[48];
+    char h_key[KEY_BUF + 32], h_loss[64], h_norm[64], h_base[64], h_worker[200], h_dt[48], h_pdt[48];
     unsigned char *half = NULL;
     const char *hdrs[MAX_EXTRA_HEADERS];
     size_t nh = 0;
@@ -1153,6 +1157,10 @@ static int step_common(optd_client *c, const char *name, const void *grad, size_
             snprintf(h_worker, sizeof h_worker, OPTD_HEADER_WORKER ": %s", o.worker);
             hdrs[nh++] = h_worker;
         }
+    }
+    if (o.grad_norm) {
+        snprintf(h_norm, sizeof h_norm, OPTD_HEADER_GRAD_NORM ": %.17g", *o.grad_norm);
+        hdrs[nh++] = h_norm;
     }
     /* Absent tensors and group values travel in headers, whichever the body. */
     int bad = 0;

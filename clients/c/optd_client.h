@@ -45,6 +45,7 @@ typedef struct optd_client optd_client;
 #define OPTD_HEADER_REPLAYED "Optd-Replayed"
 #define OPTD_HEADER_SKIPPED "Optd-Skipped"
 #define OPTD_HEADER_PARAMS_CRC32 "Optd-Params-Crc32"
+#define OPTD_HEADER_GRAD_NORM "Optd-Grad-Norm"
 /* optd_error.type when an answer's params do not match its
  * Optd-Params-Crc32 (optd_error_kind: "digest_mismatch"). */
 #define OPTD_ERROR_DIGEST_MISMATCH "urn:optd:client:params-digest-mismatch"
@@ -147,6 +148,11 @@ typedef struct {
     /* Elements params_out holds, 0: n.  A step with absent tensors answers
      * every tensor's params: give the session's size here. */
     size_t params_len;
+    /* When this session is one shard of a larger vector: the whole
+     * vector's gradient norm (Optd-Grad-Norm, a finite number >= 0), which
+     * clipping by norm uses in place of the norm of this session's part.
+     * NULL: not sent.  optd_sharded sets it (optd_grad_norm_f32). */
+    const double *grad_norm;
 } optd_step_opts;
 
 /* The options that send nothing extra (base_step -1, random key). */
@@ -224,6 +230,78 @@ int optd_export(optd_client *c, const char *name, int with_log, void **out, size
                 optd_error *err);
 /* Creates session name from an export file.  0 or -1. */
 int optd_import(optd_client *c, const char *name, const void *file, size_t len, optd_error *err);
+
+/* ------------------------------------------------------ sharded sessions
+ *
+ * One logical vector split by ranges over k sessions on k daemons, shard i
+ * named "NAME.shard<i>" on clients[i]'s daemon.  Each step computes the
+ * whole gradient's norm here, exactly as a single session's daemon would
+ * (optd_grad_norm_f32), refuses a gradient with NaN or Inf before sending
+ * anything, and sends every shard its slice with that norm at once (one
+ * thread per shard), with the Idempotency-Key "KEY.<i>" derived from the
+ * step's key KEY.  The joined params equal a single session's bit for bit.
+ * The Go and Python clients name, split and key shards the same way, so a
+ * sharded session made by one can be stepped by another.
+ *
+ * An optd_sharded borrows its clients (they must outlive it) and uses each
+ * from one thread at a time; it is not thread-safe itself. */
+typedef struct optd_sharded optd_sharded;
+
+/* The norm (norm_type 1, 2 or INFINITY) of a gradient made of n_sizes
+ * tensors of sizes[] elements in order, as the daemon computes it: each
+ * tensor cut into blocks of 8192 elements, each block reduced in double
+ * over 16 lanes, the lanes combined in a fixed order, the blocks combined
+ * in order, the square root taken for norm 2.  A session without a layout
+ * is one tensor.  *finite (may be NULL) is 0 when an element is NaN or Inf. */
+double optd_grad_norm_f32(const float *grad, const size_t *sizes, size_t n_sizes,
+                          double norm_type, int *finite);
+double optd_grad_norm_f64(const double *grad, const size_t *sizes, size_t n_sizes,
+                          double norm_type, int *finite);
+
+/* Creates (or verifies, as optd_create_session does) the sharded session
+ * name over k daemons from a create body: "params" (or "size" with a zeros
+ * init) are split into k ranges, the first size%k one element longer; with
+ * "tensors" the split falls on tensor boundaries (shard i ends at the first
+ * boundary at or past (i+1)/k of the elements, every shard keeping at least
+ * one tensor), each shard gets its tensors and "groups" restricted to them
+ * (a group with none of them is left out).  Returns a new handle (free with
+ * optd_sharded_free) or NULL. */
+optd_sharded *optd_sharded_create(optd_client *const *clients, size_t k, const char *name,
+                                  const char *config_json, optd_error *err);
+/* A handle on an existing sharded session, from what its daemons say.
+ * NULL on error. */
+optd_sharded *optd_sharded_open(optd_client *const *clients, size_t k, const char *name,
+                                optd_error *err);
+void optd_sharded_free(optd_sharded *s);
+/* Elements of the whole vector; where shard i starts (i == k: the size). */
+size_t optd_sharded_size(const optd_sharded *s);
+size_t optd_sharded_offset(const optd_sharded *s, size_t i);
+
+/* One step of the whole vector (n == optd_sharded_size).  key: the step's
+ * Idempotency-Key (NULL: a fresh one).  params_out (n, may be NULL) gets
+ * the joined params, *step_out (may be NULL) the shards' common step.
+ * 0, or -1 with err set.  When some shards failed (after their client's
+ * retries), the others have applied the step: optd_sharded_pending_key
+ * then gives its key, and a step with that key and the same gradient sends
+ * it to the failed shards alone; a step with another key is refused until
+ * then.  A gradient with NaN or Inf fails with err->field "grad" and sends
+ * nothing. */
+int optd_sharded_step_f32(optd_sharded *s, const float *grad, size_t n, const double *loss,
+                          const char *key, float *params_out, long long *step_out,
+                          optd_error *err);
+int optd_sharded_step_f64(optd_sharded *s, const double *grad, size_t n, const double *loss,
+                          const char *key, double *params_out, long long *step_out,
+                          optd_error *err);
+/* The key of the unfinished step, or NULL.  The string belongs to s. */
+const char *optd_sharded_pending_key(const optd_sharded *s);
+/* Whether shard i has the unfinished step (1), has not (0). */
+int optd_sharded_shard_done(const optd_sharded *s, size_t i);
+/* The joined params (n == size); steps_out (k entries, may be NULL) gets
+ * each shard's step.  0 or -1. */
+int optd_sharded_params_f32(optd_sharded *s, float *out, size_t n, long long *steps_out,
+                            optd_error *err);
+int optd_sharded_params_f64(optd_sharded *s, double *out, size_t n, long long *steps_out,
+                            optd_error *err);
 
 /* ------------------------------------------------------------ raw calls */
 

@@ -76,6 +76,11 @@ type StepOptions struct {
 	// hyperparameters: they become the groups' values from this step on.
 	// Every group must set the same fields.
 	Groups []GroupStep
+	// GradNorm, when this session is one shard of a larger vector, is the
+	// whole vector's gradient norm (Optd-Grad-Norm): clipping by norm uses
+	// it in place of the norm of this session's part. ShardedSession sets
+	// it; see GradNorm.
+	GradNorm *float64
 }
 
 // GroupStep is what one step may set in one group.
@@ -92,6 +97,7 @@ const (
 	HeaderGroupLR       = "Optd-Group-Lr"
 	HeaderGroupMomentum = "Optd-Group-Momentum"
 	HeaderGroupBeta1    = "Optd-Group-Beta1"
+	HeaderGradNorm      = "Optd-Grad-Norm"
 )
 
 // IndexRanges writes tensor indices as the Optd-Absent list: "0-57,60".
@@ -121,6 +127,9 @@ func checkStepExtras(o *StepOptions) error {
 		if a < 0 {
 			return fmt.Errorf("optd: absent tensor index %d is negative", a)
 		}
+	}
+	if o.GradNorm != nil && (math.IsNaN(*o.GradNorm) || math.IsInf(*o.GradNorm, 0) || *o.GradNorm < 0) {
+		return fmt.Errorf("optd: grad norm %v is not a finite number >= 0", *o.GradNorm)
 	}
 	for i, g := range o.Groups {
 		if (g.LR != nil) != (o.Groups[0].LR != nil) || (g.Momentum != nil) != (o.Groups[0].Momentum != nil) ||
@@ -545,6 +554,9 @@ func step[T float](ctx context.Context, s *Session, grad []T, dt DType, opts *St
 	// Absent tensors and group values travel in headers, whichever the body.
 	if len(o.Absent) > 0 {
 		req.header[HeaderAbsent] = IndexRanges(o.Absent)
+	}
+	if o.GradNorm != nil {
+		req.header[HeaderGradNorm] = strconv.FormatFloat(*o.GradNorm, 'g', 17, 64)
 	}
 	if len(o.Groups) > 0 {
 		g := o.Groups[0]

@@ -10,7 +10,9 @@ Standard library only; NumPy arrays when NumPy is importable.  The
 torch.optim adapter lives in optd.torch (imported on demand).
 """
 
+from ._norm import grad_norm
 from .client import Client, Session, new_idempotency_key
+from .sharded import ShardedSession, ShardStepFailed
 from .errors import (
     Conflict,
     ConnectionFailed,
@@ -33,6 +35,9 @@ __all__ = [
     "Client",
     "Session",
     "new_idempotency_key",
+    "grad_norm",
+    "ShardedSession",
+    "ShardStepFailed",
     "OptdError",
     "InvalidRequest",
     "Unprocessable",

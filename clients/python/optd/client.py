@@ -32,6 +32,7 @@ STEP_HEADERS = {
     "lr": "Optd-Group-Lr",
     "momentum": "Optd-Group-Momentum",
     "beta1": "Optd-Group-Beta1",
+    "grad_norm": "Optd-Grad-Norm",
 }
 #: What a step may carry per group.
 GROUP_STEP_KEYS = ("lr", "momentum", "beta1")
@@ -380,7 +381,7 @@ class Session:
              worker: Optional[str] = None, params: bool = True, json: Optional[bool] = None,
              idempotency_key: Optional[str] = None, absent: Optional[Sequence[Any]] = None,
              groups: Optional[Sequence[Dict[str, Any]]] = None,
-             wire: Any = _CLIENT_WIRE) -> Optional[Vector]:
+             wire: Any = _CLIENT_WIRE, grad_norm: Optional[float] = None) -> Optional[Vector]:
         """Applies one gradient; returns the new params (None with
         params=False): always the whole vector.
 
@@ -403,6 +404,9 @@ class Session:
         client's retries, so a gradient is never applied twice.  ``wire``
         ("bfloat16" / "float16"; None for the session's dtype; default the
         client's) sends the gradient and receives the params in 16 bits.
+        ``grad_norm``: the norm of the whole vector this gradient is a part
+        of (Optd-Grad-Norm, for a session clipping by norm that holds one
+        range of a larger vector: see ShardedSession and optd.grad_norm).
         """
         key = idempotency_key or new_idempotency_key()
         absent = _check_absent(absent) if absent else None
@@ -421,6 +425,11 @@ class Session:
             binary = True
         path = _path(self.name, "/step") + ("" if params else "?params=false")
         headers = {HEADERS["idempotency_key"]: key}
+        if grad_norm is not None:
+            grad_norm = float(grad_norm)
+            if not (math.isfinite(grad_norm) and grad_norm >= 0):
+                raise ValueError("grad_norm must be a finite number >= 0, not %r" % grad_norm)
+            headers[STEP_HEADERS["grad_norm"]] = "%.17g" % grad_norm
         if absent:
             headers[STEP_HEADERS["absent"]] = _ranges(self._tensor_indices(absent))
         if groups:
