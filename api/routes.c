@@ -111,6 +111,9 @@ int api_route_match(const char *method, const char *path, const api_route **rout
         return 0;
     }
     if (path_known) {
+        /* Every path answers OPTIONS too (server/cors.c). */
+        if (strlen(allowed) + 9 < sizeof allowed)
+            strcat(allowed, ", OPTIONS");
         api_problem(r, 405, NULL, "%s is not allowed on %s (allowed: %s)", method, path, allowed);
         api_reply_header(r, "Allow", "%s", allowed);
         return 405;

@@ -22,6 +22,7 @@
  * part of a stream belongs to the reader alone (MHD calls it for one
  * connection at a time).
  */
+#include "server/cors.h"
 #include "server/observe.h"
 
 #include <errno.h>
@@ -420,6 +421,7 @@ int obs_events_open(srv_ctx *ctx, void *conn, const char *name, const char *last
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     if (request_id)
         MHD_add_response_header(resp, "X-Request-Id", request_id);
+    srv_cors_decorate(conn, "GET", "", 200, resp);
     *ok = MHD_queue_response(conn, 200, resp) == MHD_YES;
     MHD_destroy_response(resp); /* freed, with the watcher, when the stream ends */
     return 0;

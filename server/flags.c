@@ -4,6 +4,7 @@
  * bound, help); getopt_long reads argv through an option array built from
  * it, and --help prints it.
  */
+#include "server/cors.h"
 #include "server/server.h"
 
 #include <errno.h>
@@ -75,6 +76,7 @@ static const flag_spec flags[] = {
     {"--access-log", "OPTD_ACCESS_LOG", F_STR, STR(access_log), 0, "append one JSON line per request to FILE (time, request id, method, route, session, status, bytes, latency)"},
     {"--metrics-token", "OPTD_METRICS_TOKEN", F_STR, STR(metrics_token), 0, "token GET /metrics requires (Authorization: Bearer TOKEN) instead of --api-key"},
     {"--metrics-sessions", "OPTD_METRICS_SESSIONS", F_SIZE, STR(metrics_sessions), 100000, "per-session series on /metrics for at most N sessions (default 0: none)"},
+    {"--cors-origin", "OPTD_CORS_ORIGIN", F_STR, STR(cors_origin), 0, "browser pages of these origins may call optd (comma-separated, e.g. https://app.example,http://127.0.0.1:8081; * for any); default none"},
     {"--idle-timeout", "OPTD_IDLE_TIMEOUT", F_SIZE, STR(idle_timeout_s), 86400, "seconds after which an idle or half-closed connection is closed (default 60)"},
     {"--tls-cert", "OPTD_TLS_CERT", F_STR, STR(tls_cert), 0, "serve HTTPS with this PEM certificate (chain); needs --tls-key; reloaded on SIGHUP"},
     {"--tls-key", "OPTD_TLS_KEY", F_STR, STR(tls_key), 0, "the PEM private key of --tls-cert"},
@@ -225,5 +227,7 @@ int srv_config_parse(srv_config *c, int argc, char **argv)
         return -1;
     }
     srv_log_level = c->log_level;
+    if (srv_cors_configure(c->cors_origin, "--cors-origin") != 0)
+        return -1;
     return 0;
 }

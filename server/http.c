@@ -12,6 +12,7 @@
  * matches that exactly (a '%' is not a name character, so any escape in a
  * name is a 400).  Query arguments stay decoded by libmicrohttpd.
  */
+#include "server/cors.h"
 #include "server/observe.h"
 #include "server/server.h"
 
@@ -159,6 +160,7 @@ static enum MHD_Result queue(struct MHD_Connection *c, conn_ctx *x, api_reply *r
     for (int i = 0; i < r->n_headers; i++)
         MHD_add_response_header(resp, r->headers[i].name, r->headers[i].value);
     MHD_add_response_header(resp, "X-Request-Id", x->rid);
+    srv_cors_decorate(c, x->method, x->path, r->status, resp);
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
     x->status = r->status;
@@ -301,6 +303,9 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
         api_reply_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
         return st;
     }
+    /* OPTIONS (a CORS preflight among them) answers before authentication. */
+    if (strcmp(method, "OPTIONS") == 0)
+        return srv_cors_options(c, x->path, r);
     st = api_route_match(method, x->path, &x->route, x->name, r);
     if (st)
         return st;

@@ -42,6 +42,7 @@ typedef struct {
     char tls_cert[1024];           /* --tls-cert PEM chain; "" = plain HTTP   */
     char tls_key[1024];            /* --tls-key PEM private key               */
     char tls_client_ca[1024];      /* --tls-client-ca: mutual TLS; "" = none  */
+    char cors_origin[2048];        /* --cors-origin: "", "*" or origin,origin */
 } srv_config;
 
 /* Parses OPTD_* environment variables, then argv (flags win).  Returns 0,

@@ -853,7 +853,7 @@ class Contract(unittest.TestCase):
         self.create("allow", '{"optimizer":{"type":"sgd","lr":1},"params":[1]}')
         for p in SPEC["paths"]:
             path = p.replace("{name}", "allow")
-            for probe in ("OPTIONS", "POST", "DELETE", "PATCH"):
+            for probe in ("POST", "DELETE", "PATCH"):
                 if spec_find(probe, p):
                     continue
                 r = self.d.request(probe, path)
@@ -862,10 +862,12 @@ class Contract(unittest.TestCase):
                 self.assertIsNotNone(allow, "%s %s: 405 without Allow" % (probe, path))
                 listed = {m.strip() for m in allow.split(",")}
                 documented = {m.upper() for m in METHODS if spec_find(m.upper(), p)}
-                # HEAD is served wherever GET is (the spec's info.description).
+                # HEAD is served wherever GET is, OPTIONS everywhere (the
+                # spec's info.description).
                 if "GET" in documented:
                     documented.add("HEAD")
                 self.assertTrue(documented)
+                documented.add("OPTIONS")
                 self.assertEqual(listed, documented, "%s: Allow and the spec" % p)
                 for h in m405.get("headers", {}):
                     self.assertIsNotNone(r.header(h), "405 lacks %s" % h)
@@ -873,6 +875,14 @@ class Contract(unittest.TestCase):
                 self.assertEqual(doc["status"], 405)
                 assert_valid(self, m405["content"]["application/problem+json"]["schema"], doc,
                              "405")
+            # OPTIONS, without the key: 204 and the same Allow.
+            documented = {m.upper() for m in METHODS if spec_find(m.upper(), p)}
+            documented |= {"OPTIONS"} | ({"HEAD"} if "GET" in documented else set())
+            r = self.d.request("OPTIONS", path, key=False)
+            self.assertEqual(r.status, 204, "OPTIONS %s" % path)
+            self.assertEqual({m.strip() for m in (r.header("Allow") or "").split(",")},
+                             documented, "OPTIONS %s: Allow and the spec" % p)
+            self.assertEqual(r.body, b"")
         r = self.d.request("GET", "/v1/nowhere")
         self.assertEqual(r.status, 404)
         assert_valid(self, {"$ref": "#/components/schemas/Problem"}, r.json(), "404 unknown path")

@@ -481,7 +481,10 @@ export class Client {
     this.binaryThreshold = o.binaryThreshold ?? DEFAULTS.binaryThreshold;
     this.verifyParams = o.verifyParams ?? true;
     this.wire = checkWire(o.wire ?? null);
-    this._fetch = o.fetch ?? globalThis.fetch;
+    const f = o.fetch ?? globalThis.fetch;
+    // Called as a plain function: a browser's fetch throws "Illegal
+    // invocation" when called as a method of another object.
+    this._fetch = typeof f === 'function' ? (u, init) => f(u, init) : f;
     if (o.caFile != null || o.certFile != null || o.keyFile != null) {
       if ((o.certFile == null) !== (o.keyFile == null)) throw new TypeError('certFile and keyFile go together');
       if (!/^https:/i.test(url)) throw new TypeError('caFile, certFile and keyFile need an https:// URL');

@@ -28,6 +28,19 @@ describe('client', () => {
     assert.ok(sgd.hyperparameters.some((h) => h.name === 'momentum' && h.default === 0));
   });
 
+  test('fetch is called as a plain function (a browser\'s throws when called as a method)', async () => {
+    // A browser's fetch refuses any receiver but the window ("Illegal
+    // invocation"); in a module a plain call has none.
+    const strictFetch = function (url, init) {
+      if (this !== undefined && this !== globalThis) throw new TypeError('Illegal invocation');
+      return fetch(url, init);
+    };
+    const b = new Client(d.url, { fetch: strictFetch, retries: 0 });
+    assert.equal((await b.health()).status, 'ok');
+    const s = await b.createSession('plain-fetch', { optimizer: { type: 'sgd', lr: 1 }, params: [1] });
+    assert.deepEqual(Array.from(await s.step([0.5])), [0.5]);
+  });
+
   test('createSession creates (201), then verifies (200)', async () => {
     const cfg = { optimizer: { type: 'sgd', lr: 0.5 }, params: [1, 2, 3] };
     const s = await c.createSession('create-verify', cfg);
