@@ -2,8 +2,9 @@
  * test_client_c.c -- the C client library against the real daemon: typed
  * errors, create-or-verify, binary and JSON steps (the same bits either
  * way), idempotency keys reused by retries, params get/set, update,
- * delete, the API key, retries across a daemon restart, and sessions of
- * named tensors and param groups with absent tensors on a step.
+ * delete, the API key, https:// with a CA and a client certificate, retries
+ * across a daemon restart, and sessions of named tensors and param groups
+ * with absent tensors on a step.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -503,6 +504,66 @@ static void test_api_key(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* https:// with optd_client_set_tls against a daemon that requires client
+ * certificates (tests/support/make_test_ca.sh makes them for the test). */
+static void test_tls_mutual(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/optd-c-tls-XXXXXX", cmd[256], f[6][300];
+    assert_non_null(mkdtemp(dir));
+    snprintf(cmd, sizeof cmd, "sh tests/support/make_test_ca.sh %s", dir);
+    assert_int_equal(system(cmd), 0);
+    const char *names[] = {"ca.pem", "server.pem", "server.key", "client.pem", "client.key",
+                           "other-ca.pem"};
+    for (int i = 0; i < 6; i++)
+        snprintf(f[i], sizeof f[i], "%s/%s", dir, names[i]);
+    const char *args[] = {"--tls-cert", f[1], "--tls-key", f[2], "--tls-client-ca", f[0], NULL};
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, args), 0);
+    assert_memory_equal(tdaemon_url(&d), "https://", 8);
+    optd_error e;
+    const char *cfg = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.5},\"params\":[1,2],"
+                      "\"dtype\":\"float64\"}";
+
+    optd_client *good = optd_client_new(tdaemon_url(&d), NULL);
+    assert_int_equal(optd_client_set_tls(good, f[0], f[3], f[4]), 0);
+    assert_int_equal(optd_create_session(good, "tls", cfg, &e), 1);
+    double g[2] = {1, 1}, p[2];
+    long long st;
+    assert_int_equal(optd_step_f64(good, "tls", g, 2, NULL, p, &st, &e), 0);
+    assert_true(p[0] == 0.5 && p[1] == 1.5);
+    assert_int_equal(st, 1);
+    assert_int_equal(optd_get_params_f64(good, "tls", p, 2, &st, &e), 0);
+    assert_true(p[0] == 0.5 && p[1] == 1.5);
+
+    /* The wrong CA: no answer, reported at once (not retried). */
+    optd_client *wrong = optd_client_new(tdaemon_url(&d), NULL);
+    assert_int_equal(optd_client_set_tls(wrong, f[5], f[3], f[4]), 0);
+    optd_client_set_retry(wrong, 4, 300, 1000);
+    long long t0 = tapi_now_ms();
+    assert_null(optd_get_session(wrong, "tls", &e));
+    assert_true(tapi_now_ms() - t0 < 300);
+    assert_int_equal(e.status, 0);
+    assert_non_null(strstr(e.detail, "certificate"));
+    /* No client certificate: the handshake is refused. */
+    optd_client *nocert = optd_client_new(tdaemon_url(&d), NULL);
+    assert_int_equal(optd_client_set_tls(nocert, f[0], NULL, NULL), 0);
+    optd_client_set_retry(nocert, 1, 0, 0);
+    assert_null(optd_get_session(nocert, "tls", &e));
+    assert_int_equal(e.status, 0);
+    /* A certificate without its key is refused and changes nothing. */
+    assert_int_equal(optd_client_set_tls(good, f[0], f[3], NULL), -1);
+    assert_int_equal(optd_get_params_f64(good, "tls", p, 2, &st, &e), 0);
+
+    optd_client_free(good);
+    optd_client_free(wrong);
+    optd_client_free(nocert);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 /* Nobody listening: the client tries max_attempts times, backing off. */
 static void test_retry_gives_up(void **state)
 {
@@ -741,6 +802,7 @@ int main(void)
         cmocka_unit_test(test_stale_error_carries_step),
         cmocka_unit_test(test_raw_request_headers),
         cmocka_unit_test(test_api_key),
+        cmocka_unit_test(test_tls_mutual),
         cmocka_unit_test(test_retry_gives_up),
         cmocka_unit_test(test_retry_across_restart),
         cmocka_unit_test(test_params_digest),
