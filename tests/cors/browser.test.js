@@ -21,10 +21,11 @@ const KEY = 'br0wser-key';
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 let dir, pages, pageOrigin, chrome, client;
 
-// The page's origin serves only these two files.
+// The page's origin serves only these files.
 const FILES = {
   '/page.html': [path.join(__dirname, 'page.html'), 'text/html; charset=utf-8'],
   '/optd.js': [path.join(REPO, 'clients/js/optd.js'), 'text/javascript; charset=utf-8'],
+  '/classic.html': [path.join(__dirname, 'classic.html'), 'text/html; charset=utf-8'],
 };
 
 function waitLine(proc, stream, re, ms) {
@@ -145,6 +146,14 @@ test('with --cors-origin naming the page\'s origin, the page trains through the 
   try {
     const r = await runPage(d.url, 'listed');
     await assertTrained(d, r, 'listed');
+    // A classic script loads the module with import() (clients/js/README.md).
+    await client.Page.navigate({ url: `${pageOrigin}/classic.html` });
+    let c;
+    for (let i = 0; i < 100 && !(c && c.done); i++) {
+      await sleep(100);
+      c = await evaluate('window.optdClassic');
+    }
+    assert.deepEqual(c, { done: true, client: 'function', session: 'function' });
   } finally {
     assert.equal(await d.stop(), 0);
   }
