@@ -33,7 +33,7 @@ SANFLAGS ?=
 # Packages a Debian 12 machine needs to build and test optd.
 # DEPS_RUN is what `make run` needs to build the daemon alone.
 DEPS_RUN   := gcc libc6-dev make pkg-config libmicrohttpd-dev libcjson-dev libsqlite3-dev \
-              libcurl4-openssl-dev zlib1g-dev
+              libcurl4-openssl-dev zlib1g-dev libgnutls28-dev
 DEPS_BUILD := $(DEPS_RUN) libcmocka-dev sqlite3 ca-certificates
 DEPS_TEST  := curl python3 python3-numpy python3-torch python3-sklearn python3-venv python3-pip python3-setuptools \
               python3-wheel python3-mypy python3-yaml python3-jsonschema golang-go go-staticcheck nodejs \
@@ -43,7 +43,7 @@ DEPS_DEMO  := python3-numpy python3-sklearn python3-matplotlib
 DEPS_FUZZ  := clang libclang-rt-14-dev
 DEPS_TSAN  := libtsan2
 
-PKGS     := libmicrohttpd libcjson sqlite3 libcurl
+PKGS     := libmicrohttpd libcjson sqlite3 libcurl gnutls
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
