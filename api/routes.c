@@ -36,8 +36,8 @@ const api_route api_routes[] = {
     /* Tokens: the admin key only (a token never mints or revokes one). */
     {"GET", "/v1/tokens", API_R_TOKENS_LIST, API_BODY_NONE, API_SCOPE_KEY},
     {"POST", "/v1/tokens", API_R_TOKENS_POST, API_BODY_JSON, API_SCOPE_KEY},
-    {"GET", "/v1/tokens/{name}", API_R_TOKEN_GET, API_BODY_NONE, API_SCOPE_KEY},
-    {"DELETE", "/v1/tokens/{name}", API_R_TOKEN_DELETE, API_BODY_NONE, API_SCOPE_KEY},
+    {"GET", "/v1/tokens/{id}", API_R_TOKEN_GET, API_BODY_NONE, API_SCOPE_KEY},
+    {"DELETE", "/v1/tokens/{id}", API_R_TOKEN_DELETE, API_BODY_NONE, API_SCOPE_KEY},
 };
 const size_t api_route_count = sizeof api_routes / sizeof api_routes[0];
 
