@@ -318,7 +318,7 @@ static int check_token(const char *tok, srv_principal *who, api_reply *r)
     if (strlen(tok) != TOKEN_LEN || strncmp(tok, TOKEN_PREFIX, 5) != 0 ||
         tok[5 + SRV_TOKEN_ID_LEN] != '_' || !is_hex(tok + 5, SRV_TOKEN_ID_LEN) ||
         !is_hex(tok + 6 + SRV_TOKEN_ID_LEN, 2 * SECRET_BYTES))
-        return unauthorized(r, "wrong admin key or token (Authorization: Bearer KEY-or-TOKEN)");
+        return unauthorized(r, "wrong API key or token (Authorization: Bearer KEY-or-TOKEN)");
     unsigned char h[STORAGE_TOKEN_HASH];
     if (token_hash(tok, h) != 0)
         return api_problem(r, 503, NULL, "cannot hash the token");
@@ -331,7 +331,7 @@ static int check_token(const char *tok, srv_principal *who, api_reply *r)
     /* The hash first: what a token's state is (revoked, expired) is told
      * to its holder only. */
     bool ok = t && bytes_equal(t->hash, h, sizeof h);
-    const char *why = !ok             ? "wrong admin key or token (Authorization: Bearer "
+    const char *why = !ok             ? "wrong API key or token (Authorization: Bearer "
                                         "KEY-or-TOKEN)"
                       : t->revoked_ms ? "this token was revoked"
                       : t->expires_ms && now >= t->expires_ms ? "this token has expired"
@@ -358,7 +358,7 @@ int srv_auth_check(const char *api_key, const char *metrics_token, const api_rou
         /* --metrics-token when set, else the admin key (when set). */
         const char *key = metrics_token[0] ? metrics_token : api_key;
         if (key[0] && !(cred && key_equal(cred, key)))
-            return unauthorized(r, "missing or wrong metrics token or admin key "
+            return unauthorized(r, "missing or wrong metrics token or API key "
                                    "(Authorization: Bearer KEY)");
         who->kind = key[0] ? SRV_WHO_ADMIN : SRV_WHO_NONE;
         who->scope = API_SCOPE_KEY;
@@ -373,7 +373,7 @@ int srv_auth_check(const char *api_key, const char *metrics_token, const api_rou
         return 0;
     }
     if (!cred)
-        return unauthorized(r, "missing admin key or token (Authorization: Bearer "
+        return unauthorized(r, "missing API key or token (Authorization: Bearer "
                                "KEY-or-TOKEN)");
     if (key_equal(cred, api_key)) {
         who->kind = SRV_WHO_ADMIN;
