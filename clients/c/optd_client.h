@@ -225,6 +225,23 @@ int optd_export(optd_client *c, const char *name, int with_log, void **out, size
 /* Creates session name from an export file.  0 or -1. */
 int optd_import(optd_client *c, const char *name, const void *file, size_t len, optd_error *err);
 
+/* --------------------------------------------------------------- tokens */
+
+/* Scoped tokens, managed with the admin key only (docs/security.md). */
+#define OPTD_TOKEN_ID_SIZE 17   /* 16 hex digits and the NUL            */
+#define OPTD_TOKEN_SIZE 96      /* "optd_<id>_<64 hex>" and the NUL    */
+/* POST /v1/tokens with request_json ({"scopes":["step"],"prefix":"run42-",
+ * "expires_in":..., "quotas":{...}}): the new token's id and its secret
+ * (the bearer token, shown this once).  0 or -1. */
+int optd_create_token(optd_client *c, const char *request_json, char id[OPTD_TOKEN_ID_SIZE],
+                      char secret[OPTD_TOKEN_SIZE], optd_error *err);
+/* GET /v1/tokens (id NULL: every token) or GET /v1/tokens/{id}: the JSON
+ * document (never a secret; caller frees), or NULL. */
+char *optd_tokens(optd_client *c, const char *id, optd_error *err);
+/* DELETE /v1/tokens/{id}: the next request that carries it is refused.
+ * 0 or -1. */
+int optd_revoke_token(optd_client *c, const char *id, optd_error *err);
+
 /* ------------------------------------------------------------ raw calls */
 
 typedef struct {
