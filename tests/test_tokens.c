@@ -15,6 +15,7 @@
 
 #include <cmocka.h>
 
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -710,6 +711,60 @@ static void test_quota_sessions_and_params(void **state)
     tok_free(&b);
 }
 
+/* Concurrent creates cannot pass max_sessions together: the check and the
+ * create are one step under a lock. */
+typedef struct {
+    const char *url, *secret;
+    int i, status;
+} racer;
+
+static void *race_create(void *arg)
+{
+    racer *r = arg;
+    optd_client *c = optd_client_new(r->url, r->secret);
+    optd_client_set_retry(c, 1, 0, 0);
+    char path[64];
+    snprintf(path, sizeof path, "/v1/sessions/race-%d", r->i);
+    /* Large enough that writing its first checkpoint takes a while: the
+     * creates overlap. */
+    static const char body[] = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":0.1},\"size\":1000000}";
+    optd_response resp;
+    r->status = optd_request(c, "PUT", path, NULL, body, strlen(body), &resp) == 0
+                    ? resp.status
+                    : -1;
+    if (r->status >= 0)
+        optd_response_free(&resp);
+    optd_client_free(c);
+    return NULL;
+}
+
+static void test_quota_concurrent_creates(void **state)
+{
+    suite *s = *state;
+    tok t = mint(s, "{\"scopes\":[\"admin\"],\"prefix\":\"race-\",\"quotas\":{\"max_sessions\":3}}");
+    enum { N = 8 };
+    racer r[N];
+    pthread_t th[N];
+    for (int i = 0; i < N; i++) {
+        r[i] = (racer){tdaemon_url(&s->d), t.secret, i, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, race_create, &r[i]), 0);
+    }
+    int created = 0, refused = 0;
+    for (int i = 0; i < N; i++) {
+        pthread_join(th[i], NULL);
+        created += r[i].status == 201;
+        refused += r[i].status == 429;
+    }
+    assert_int_equal(created, 3);
+    assert_int_equal(refused, N - 3);
+    char path[64];
+    snprintf(path, sizeof path, "/v1/tokens/%s", t.id);
+    cJSON *j = get_json(s, path);
+    assert_int_equal((int)tapi_num(cJSON_GetObjectItem(j, "usage"), "sessions"), 3);
+    cJSON_Delete(j);
+    tok_free(&t);
+}
+
 static long long session_step(suite *s, const char *name)
 {
     char path[64];
@@ -888,6 +943,7 @@ int main(void)
         cmocka_unit_test(test_route_battery),
         cmocka_unit_test(test_created_by),
         cmocka_unit_test(test_quota_sessions_and_params),
+        cmocka_unit_test(test_quota_concurrent_creates),
         cmocka_unit_test(test_step_rate),
         cmocka_unit_test(test_secrets_hashed_at_rest),
         cmocka_unit_test(test_restart_keeps_tokens),
