@@ -4,7 +4,7 @@ jsonschema (Draft 2020-12) validates every body (Debian's python3-yaml and
 python3-jsonschema).
 
   - the spec's (method, path) pairs equal api_routes[] both ways, with the
-    same auth needs and body media types (the table is read by a small C
+    same auth needs, scopes (x-optd-scope) and body media types (the table is read by a small C
     program compiled here from api/routes.c, as the daemon is built);
   - every documented operation, driven against a real daemon with valid and
     invalid requests, answers a status the spec documents for it, with a
