@@ -24,7 +24,7 @@ FROM debian:bookworm-slim
 # Exactly the libraries `ldd build/optd` resolves beyond the base image.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      libmicrohttpd12 libcjson1 libsqlite3-0 \
+      libmicrohttpd12 libcjson1 libsqlite3-0 libgnutls30 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/optd --no-create-home \
       --shell /usr/sbin/nologin optd \

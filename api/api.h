@@ -90,6 +90,10 @@ typedef enum {
     API_R_ROLLBACK,
     API_R_EXPORT_GET,
     API_R_EXPORT_PUT,
+    API_R_TOKENS_LIST,
+    API_R_TOKENS_POST,
+    API_R_TOKEN_GET,
+    API_R_TOKEN_DELETE,
     API_R_COUNT
 } api_route_id;
 
@@ -100,12 +104,23 @@ enum {
     API_BODY_BINARY = 3  /* application/octet-stream only */
 };
 
+/* What a route asks of its caller (docs/security.md).  The token scopes
+ * nest: read < step < admin; the admin key holds them all. */
+enum {
+    API_SCOPE_PUBLIC = 0, /* anyone (/healthz, the dashboard's files)       */
+    API_SCOPE_READ = 1,
+    API_SCOPE_STEP = 2,
+    API_SCOPE_ADMIN = 3,
+    API_SCOPE_KEY = 4     /* the admin key itself (tokens; /metrics also
+                             takes --metrics-token)                        */
+};
+
 typedef struct {
     const char *method;
     const char *pattern;   /* "/v1/sessions/{name}/step" */
     api_route_id id;
     int body;              /* API_BODY_* */
-    bool needs_auth;
+    int scope;             /* API_SCOPE_*: what the caller needs         */
 } api_route;
 
 extern const api_route api_routes[];

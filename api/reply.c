@@ -51,6 +51,7 @@ const char *api_problem_type(int status)
     switch (status) {
     case 400: return "urn:optd:problem:bad-request";
     case 401: return "urn:optd:problem:unauthorized";
+    case 403: return "urn:optd:problem:forbidden";
     case 404: return "urn:optd:problem:not-found";
     case 405: return "urn:optd:problem:method-not-allowed";
     case 406: return "urn:optd:problem:not-acceptable";
@@ -58,6 +59,7 @@ const char *api_problem_type(int status)
     case 413: return "urn:optd:problem:body-too-large";
     case 415: return "urn:optd:problem:unsupported-media-type";
     case 422: return "urn:optd:problem:unprocessable";
+    case 429: return "urn:optd:problem:too-many-requests";
     case 503: return "urn:optd:problem:unavailable";
     case 504: return "urn:optd:problem:round-timeout";
     default: return status >= 500 ? "urn:optd:problem:internal" : "urn:optd:problem:client-error";
@@ -77,6 +79,7 @@ static const char *status_title(int status)
     case 413: return "Content Too Large";
     case 415: return "Unsupported Media Type";
     case 422: return "Unprocessable Content";
+    case 429: return "Too Many Requests";
     case 500: return "Internal Server Error";
     case 503: return "Service Unavailable";
     case 504: return "Gateway Timeout";

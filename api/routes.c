@@ -9,30 +9,35 @@
 #include <strings.h>
 
 const api_route api_routes[] = {
-    {"GET", "/healthz", API_R_HEALTHZ, API_BODY_NONE, false},
-    {"GET", "/v1/optimizers", API_R_OPTIMIZERS, API_BODY_NONE, true},
-    {"GET", "/v1/sessions", API_R_SESSIONS_LIST, API_BODY_NONE, true},
-    {"PUT", "/v1/sessions/{name}", API_R_SESSION_PUT, API_BODY_JSON, true},
-    {"GET", "/v1/sessions/{name}", API_R_SESSION_GET, API_BODY_NONE, true},
-    {"PATCH", "/v1/sessions/{name}", API_R_SESSION_PATCH, API_BODY_JSON, true},
-    {"DELETE", "/v1/sessions/{name}", API_R_SESSION_DELETE, API_BODY_NONE, true},
-    {"POST", "/v1/sessions/{name}/step", API_R_STEP, API_BODY_VECTOR, true},
-    {"GET", "/v1/sessions/{name}/params", API_R_PARAMS_GET, API_BODY_NONE, true},
-    {"PUT", "/v1/sessions/{name}/params", API_R_PARAMS_PUT, API_BODY_VECTOR, true},
-    {"GET", "/v1/sessions/{name}/history", API_R_HISTORY, API_BODY_NONE, true},
-    {"GET", "/v1/sessions/{name}/state", API_R_STATE_GET, API_BODY_NONE, true},
-    {"PUT", "/v1/sessions/{name}/state", API_R_STATE_PUT, API_BODY_BINARY, true},
-    {"GET", "/v1/sessions/{name}/events", API_R_EVENTS, API_BODY_NONE, true},
-    /* /metrics: --metrics-token when set, else the API key.  The
+    {"GET", "/healthz", API_R_HEALTHZ, API_BODY_NONE, API_SCOPE_PUBLIC},
+    {"GET", "/v1/optimizers", API_R_OPTIMIZERS, API_BODY_NONE, API_SCOPE_READ},
+    {"GET", "/v1/sessions", API_R_SESSIONS_LIST, API_BODY_NONE, API_SCOPE_READ},
+    {"PUT", "/v1/sessions/{name}", API_R_SESSION_PUT, API_BODY_JSON, API_SCOPE_ADMIN},
+    {"GET", "/v1/sessions/{name}", API_R_SESSION_GET, API_BODY_NONE, API_SCOPE_READ},
+    {"PATCH", "/v1/sessions/{name}", API_R_SESSION_PATCH, API_BODY_JSON, API_SCOPE_ADMIN},
+    {"DELETE", "/v1/sessions/{name}", API_R_SESSION_DELETE, API_BODY_NONE, API_SCOPE_ADMIN},
+    {"POST", "/v1/sessions/{name}/step", API_R_STEP, API_BODY_VECTOR, API_SCOPE_STEP},
+    {"GET", "/v1/sessions/{name}/params", API_R_PARAMS_GET, API_BODY_NONE, API_SCOPE_READ},
+    {"PUT", "/v1/sessions/{name}/params", API_R_PARAMS_PUT, API_BODY_VECTOR, API_SCOPE_ADMIN},
+    {"GET", "/v1/sessions/{name}/history", API_R_HISTORY, API_BODY_NONE, API_SCOPE_READ},
+    {"GET", "/v1/sessions/{name}/state", API_R_STATE_GET, API_BODY_NONE, API_SCOPE_READ},
+    {"PUT", "/v1/sessions/{name}/state", API_R_STATE_PUT, API_BODY_BINARY, API_SCOPE_ADMIN},
+    {"GET", "/v1/sessions/{name}/events", API_R_EVENTS, API_BODY_NONE, API_SCOPE_READ},
+    /* /metrics: --metrics-token when set, else the admin key.  The
      * dashboard's files are public (the page asks for the key). */
-    {"GET", "/metrics", API_R_METRICS, API_BODY_NONE, true},
-    {"GET", "/", API_R_DASHBOARD, API_BODY_NONE, false},
-    {"GET", "/assets/{name}", API_R_ASSET, API_BODY_NONE, false},
-    {"GET", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_GET, API_BODY_NONE, true},
-    {"POST", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_POST, API_BODY_JSON, true},
-    {"POST", "/v1/sessions/{name}/rollback", API_R_ROLLBACK, API_BODY_JSON, true},
-    {"GET", "/v1/sessions/{name}/export", API_R_EXPORT_GET, API_BODY_NONE, true},
-    {"PUT", "/v1/sessions/{name}/export", API_R_EXPORT_PUT, API_BODY_BINARY, true},
+    {"GET", "/metrics", API_R_METRICS, API_BODY_NONE, API_SCOPE_KEY},
+    {"GET", "/", API_R_DASHBOARD, API_BODY_NONE, API_SCOPE_PUBLIC},
+    {"GET", "/assets/{name}", API_R_ASSET, API_BODY_NONE, API_SCOPE_PUBLIC},
+    {"GET", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_GET, API_BODY_NONE, API_SCOPE_READ},
+    {"POST", "/v1/sessions/{name}/checkpoints", API_R_CHECKPOINTS_POST, API_BODY_JSON, API_SCOPE_ADMIN},
+    {"POST", "/v1/sessions/{name}/rollback", API_R_ROLLBACK, API_BODY_JSON, API_SCOPE_ADMIN},
+    {"GET", "/v1/sessions/{name}/export", API_R_EXPORT_GET, API_BODY_NONE, API_SCOPE_READ},
+    {"PUT", "/v1/sessions/{name}/export", API_R_EXPORT_PUT, API_BODY_BINARY, API_SCOPE_ADMIN},
+    /* Tokens: the admin key only (a token never mints or revokes one). */
+    {"GET", "/v1/tokens", API_R_TOKENS_LIST, API_BODY_NONE, API_SCOPE_KEY},
+    {"POST", "/v1/tokens", API_R_TOKENS_POST, API_BODY_JSON, API_SCOPE_KEY},
+    {"GET", "/v1/tokens/{id}", API_R_TOKEN_GET, API_BODY_NONE, API_SCOPE_KEY},
+    {"DELETE", "/v1/tokens/{id}", API_R_TOKEN_DELETE, API_BODY_NONE, API_SCOPE_KEY},
 };
 const size_t api_route_count = sizeof api_routes / sizeof api_routes[0];
 

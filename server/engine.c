@@ -1042,6 +1042,7 @@ int eng_session_load(storage *db, eng_pool *pool, eng_session *s)
     s->id = info.id;
     s->created_ms = info.created_ms;
     s->updated_ms = info.updated_ms;
+    snprintf(s->created_by, sizeof s->created_by, "%s", info.created_by ? info.created_by : "");
     storage_session_info_free(&info);
     if (err != ENG_OK)
         return err;
@@ -1145,8 +1146,10 @@ int eng_session_create(storage *db, eng_session *s, int64_t now)
     int k = checkpoint_pieces(s, &h, &recs, iov);
     s->created_ms = s->updated_ms = now;
     int err = k < 0 ? ENG_ENOMEM
-                    : storage_session_create_at(db, s->name, cfg_json, now, iov, k,
-                                                (int64_t)s->st.step, &s->id);
+                    : storage_session_create_owned(db, s->name, cfg_json, now, iov, k,
+                                                   (int64_t)s->st.step,
+                                                   s->created_by[0] ? s->created_by : NULL,
+                                                   (int64_t)s->cfg.size, &s->id);
     free(recs);
     free(cfg_json);
     return err;

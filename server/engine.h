@@ -71,6 +71,8 @@ void eng_pool_run(eng_pool *p, void (*fn)(void *arg, size_t b0, size_t b1), void
 /* ------------------------------------------------------------ session */
 
 typedef struct eng_session eng_session;
+/* Longest created_by: a token id or "admin". */
+#define ENG_OWNER_MAX 32
 typedef struct srv_waiter srv_waiter;
 
 /* A request waiting for its synchronous round to close.  Lives in the
@@ -142,6 +144,7 @@ struct eng_session {
     int64_t seq;                /* last log row                                */
     size_t log_bytes;           /* replay bytes logged since the checkpoint    */
     int64_t created_ms, updated_ms;
+    char created_by[ENG_OWNER_MAX + 1]; /* token id, "admin", "" (none)     */
     double last_lr;
     double last_loss;
     int64_t n_applied, n_stale, n_timeout, n_skipped;

@@ -30,6 +30,20 @@ static cJSON *num(double x)
     return cJSON_CreateRaw(b);
 }
 
+/* cJSON_AddItemTo* leave the item to the caller when they fail (out of
+ * memory for the key, or no parent): freed here instead of leaking. */
+static void put(cJSON *obj, const char *key, cJSON *item)
+{
+    if (!cJSON_AddItemToObject(obj, key, item))
+        cJSON_Delete(item);
+}
+
+static void put_elem(cJSON *arr, cJSON *item)
+{
+    if (!cJSON_AddItemToArray(arr, item))
+        cJSON_Delete(item);
+}
+
 static double num_of(const cJSON *v, double dflt)
 {
     if (cJSON_IsNumber(v))
@@ -46,20 +60,20 @@ static double num_of(const cJSON *v, double dflt)
 static char *state_json(const eng_session *s)
 {
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddItemToObject(o, "step", num((double)s->st.step));
+    put(o, "step", num((double)s->st.step));
     cJSON *steps = cJSON_AddObjectToObject(o, "steps");
     cJSON *scalars = cJSON_AddObjectToObject(o, "scalars");
     cJSON *mi = s->cfg.opt.kind == OPTIM_SGD ? cJSON_AddObjectToObject(o, "momentum_initialized")
                                              : NULL;
     for (size_t t = 0; t < s->cfg.n_tensors; t++) {
         const char *tn = s->cfg.tensors[t].name;
-        cJSON_AddItemToObject(steps, tn, num((double)s->tst[t].step));
+        put(steps, tn, num((double)s->tst[t].step));
         cJSON *sc = cJSON_AddObjectToObject(scalars, tn);
         for (unsigned i = 0; i < OPTIM_MAX_SCALARS; i++) {
             const char *nm = optim_scalar_name(s->cfg.opt.kind, i);
             if (!nm)
                 break;
-            cJSON_AddItemToObject(sc, nm, num(s->tst[t].scalars[i]));
+            put(sc, nm, num(s->tst[t].scalars[i]));
         }
         /* torch's SGD makes momentum_buffer at a tensor's first update. */
         if (mi)
@@ -70,30 +84,30 @@ static char *state_json(const eng_session *s)
         cJSON *e = cJSON_CreateObject();
         const eng_group_hp *c = &s->gcur[g];
         if (c->has[ENG_HP_LR])
-            cJSON_AddItemToObject(e, "lr", num(c->v[ENG_HP_LR]));
+            put(e, "lr", num(c->v[ENG_HP_LR]));
         if (c->has[ENG_HP_MOMENTUM])
-            cJSON_AddItemToObject(e, "momentum", num(c->v[ENG_HP_MOMENTUM]));
+            put(e, "momentum", num(c->v[ENG_HP_MOMENTUM]));
         if (c->has[ENG_HP_BETA1]) {
             cJSON *b = cJSON_AddArrayToObject(e, "betas");
-            cJSON_AddItemToArray(b, num(c->v[ENG_HP_BETA1]));
-            cJSON_AddItemToArray(b, num(s->cfg.groups[g].opt.betas[1]));
+            put_elem(b, num(c->v[ENG_HP_BETA1]));
+            put_elem(b, num(s->cfg.groups[g].opt.betas[1]));
         }
-        cJSON_AddItemToArray(gs, e);
+        put_elem(gs, e);
     }
     cJSON *pl = cJSON_AddObjectToObject(o, "plateau");
-    cJSON_AddItemToObject(pl, "lr", num(s->plateau.lr));
-    cJSON_AddItemToObject(pl, "best", num(s->plateau.best));
-    cJSON_AddItemToObject(pl, "num_bad_epochs", num((double)s->plateau.num_bad_epochs));
-    cJSON_AddItemToObject(pl, "cooldown_counter", num((double)s->plateau.cooldown_counter));
-    cJSON_AddItemToObject(pl, "last_epoch", num((double)s->plateau.last_epoch));
+    put(pl, "lr", num(s->plateau.lr));
+    put(pl, "best", num(s->plateau.best));
+    put(pl, "num_bad_epochs", num((double)s->plateau.num_bad_epochs));
+    put(pl, "cooldown_counter", num((double)s->plateau.cooldown_counter));
+    put(pl, "last_epoch", num((double)s->plateau.last_epoch));
     cJSON *c = cJSON_AddObjectToObject(o, "counters");
-    cJSON_AddItemToObject(c, "applied", num((double)s->n_applied));
-    cJSON_AddItemToObject(c, "rejected_stale", num((double)s->n_stale));
-    cJSON_AddItemToObject(c, "timed_out", num((double)s->n_timeout));
-    cJSON_AddItemToObject(c, "skipped_nonfinite", num((double)s->n_skipped));
-    cJSON_AddItemToObject(o, "accumulated", num((double)s->accum_count));
-    cJSON_AddItemToObject(o, "last_lr", num(s->last_lr));
-    cJSON_AddItemToObject(o, "last_loss", num(s->last_loss));
+    put(c, "applied", num((double)s->n_applied));
+    put(c, "rejected_stale", num((double)s->n_stale));
+    put(c, "timed_out", num((double)s->n_timeout));
+    put(c, "skipped_nonfinite", num((double)s->n_skipped));
+    put(o, "accumulated", num((double)s->accum_count));
+    put(o, "last_lr", num(s->last_lr));
+    put(o, "last_loss", num(s->last_loss));
     cJSON_AddBoolToObject(o, "client_hyperparameters", s->client_hp);
     char *txt = cJSON_PrintUnformatted(o);
     cJSON_Delete(o);

@@ -75,6 +75,7 @@ static const flag_spec flags[] = {
     {"--max-connections-per-ip", "OPTD_MAX_CONNECTIONS_PER_IP", F_SIZE, STR(max_connections_per_ip), 1000000, "open connections from one client address (default 128)"},
     {"--access-log", "OPTD_ACCESS_LOG", F_STR, STR(access_log), 0, "append one JSON line per request to FILE (time, request id, method, route, session, status, bytes, latency)"},
     {"--metrics-token", "OPTD_METRICS_TOKEN", F_STR, STR(metrics_token), 0, "token GET /metrics requires (Authorization: Bearer TOKEN) instead of --api-key"},
+    {"--token-key", "OPTD_TOKEN_KEY", F_STR, STR(token_key), 0, "file of the key tokens are hashed with (default <db>.token-key, created 0600; optd backup leaves it out: keep a copy apart)"},
     {"--metrics-sessions", "OPTD_METRICS_SESSIONS", F_SIZE, STR(metrics_sessions), 100000, "per-session series on /metrics for at most N sessions (default 0: none)"},
     {"--cors-origin", "OPTD_CORS_ORIGIN", F_STR, STR(cors_origin), 0, "browser pages of these origins may call optd (comma-separated, e.g. https://app.example,http://127.0.0.1:8081; * for any); default none"},
     {"--idle-timeout", "OPTD_IDLE_TIMEOUT", F_SIZE, STR(idle_timeout_s), 86400, "seconds after which an idle or half-closed connection is closed (default 60)"},

@@ -199,6 +199,8 @@ static cJSON *session_doc(const eng_session *s)
     add_item(cnt, "skipped_nonfinite", raw_int(s->n_skipped));
     add_item(out, "created_at", timestamp(s->created_ms));
     add_item(out, "updated_at", timestamp(s->updated_ms));
+    if (s->created_by[0])
+        add_item(out, "created_by", cJSON_CreateString(s->created_by));
     return out;
 }
 
@@ -371,7 +373,10 @@ static int h_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
     storage_session_info *infos = calloc((size_t)limit, sizeof *infos);
     if (!infos)
         return api_problem(r, 503, NULL, "out of memory");
-    int n = storage_session_list(ctx->db, after, (int)limit, infos);
+    /* A token sees the names of its prefix only. */
+    const char *prefix = req->who && req->who->kind == SRV_WHO_TOKEN ? req->who->prefix : "";
+    int n = prefix[0] ? storage_session_list_prefix(ctx->db, prefix, after, (int)limit, infos)
+                      : storage_session_list(ctx->db, after, (int)limit, infos);
     if (n < 0) {
         free(infos);
         return srv_engine_fail(r, n, "listing sessions");
@@ -393,6 +398,8 @@ static int h_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
         }
         add_item(o, "created_at", timestamp(infos[i].created_ms));
         add_item(o, "updated_at", timestamp(infos[i].updated_ms));
+        if (infos[i].created_by)
+            add_item(o, "created_by", cJSON_CreateString(infos[i].created_by));
         add_elem(arr, o);
     }
     if (n == limit)
@@ -447,7 +454,12 @@ static int h_put_session(srv_ctx *ctx, const srv_request *req, api_reply *r)
                          (unsigned long long)cfg.size);
         goto out;
     }
-    err = eng_session_create(ctx->db, s, srv_now_ms());
+    err = srv_auth_create(ctx->db, req->who, s, srv_now_ms(), r);
+    if (err == SRV_EQUOTA) {
+        eng_session_free(s);
+        st = 429;
+        goto out;
+    }
     if (err == STORAGE_EEXIST) {
         /* Another request created it meanwhile: verify against that one. */
         eng_session_free(s);
@@ -1223,9 +1235,12 @@ again:;
     eng_lock(s);
     err = eng_state_import(s, t, n, state_json, why, sizeof why);
     if (err == ENG_OK)
-        err = eng_session_create(ctx->db, s, srv_now_ms());
+        err = srv_auth_create(ctx->db, req->who, s, srv_now_ms(), r);
     eng_unlock(s);
-    if (err == ENG_EDAMAGED) {
+    if (err == SRV_EQUOTA) {
+        st = 429;
+        eng_session_free(s);
+    } else if (err == ENG_EDAMAGED) {
         st = api_problem(r, 422, NULL, "%s; nothing was created", why);
         eng_session_free(s);
     } else if (err == STORAGE_EEXIST && tries++ == 0) {
@@ -1245,6 +1260,28 @@ out:
     free(t);
     cJSON_Delete(doc);
     return st;
+}
+
+/* The token routes: server/auth.c. */
+static int h_tokens_list(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    (void)req;
+    return srv_auth_tokens_list(ctx->db, r);
+}
+
+static int h_tokens_post(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    return srv_auth_tokens_post(ctx->db, req->body, req->body_len, r);
+}
+
+static int h_token_get(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    return srv_auth_token_get(ctx->db, req->name, r);
+}
+
+static int h_token_delete(srv_ctx *ctx, const srv_request *req, api_reply *r)
+{
+    return srv_auth_token_delete(ctx->db, req->name, r);
 }
 
 typedef int (*handler_fn)(srv_ctx *, const srv_request *, api_reply *);
@@ -1272,6 +1309,10 @@ static const handler_fn handlers[API_R_COUNT] = {
     [API_R_ROLLBACK] = srv_h_rollback,
     [API_R_EXPORT_GET] = srv_h_export_get,
     [API_R_EXPORT_PUT] = srv_h_export_put,
+    [API_R_TOKENS_LIST] = h_tokens_list,
+    [API_R_TOKENS_POST] = h_tokens_post,
+    [API_R_TOKEN_GET] = h_token_get,
+    [API_R_TOKEN_DELETE] = h_token_delete,
 };
 
 /* Under fault injection or sync counting (OPTD_FAULT, OPTD_FAULT_COUNT_SYNCS:

@@ -55,6 +55,7 @@ typedef struct {
     char *path;          /* the raw path (no query), as sent; owned       */
     char rid[OBS_RID_MAX + 1]; /* X-Request-Id, the client's or ours     */
     uint64_t bytes_out;  /* body bytes of the reply queued               */
+    srv_principal who;   /* the caller, from the auth step                */
 } conn_ctx;
 
 /* Requests parked in synchronous rounds right now (for the drain at stop). */
@@ -165,29 +166,6 @@ static enum MHD_Result queue(struct MHD_Connection *c, conn_ctx *x, api_reply *r
     MHD_destroy_response(resp);
     x->status = r->status;
     return ok;
-}
-
-/* Constant-time comparison: the time taken does not depend on where the
- * keys differ. */
-static bool key_equal(const char *given, const char *want)
-{
-    size_t lg = strlen(given), lw = strlen(want);
-    unsigned char d = (unsigned char)(lg != lw);
-    for (size_t i = 0; i < lw; i++)
-        d |= (unsigned char)(want[i] ^ (i < lg ? given[i] : 0));
-    return d == 0;
-}
-
-/* "Authorization: Bearer KEY" with the scheme in any case (RFC 7235) and
- * one or more blanks before the key. */
-static bool bearer_ok(const char *a, const char *key)
-{
-    if (!a || strncasecmp(a, "Bearer", 6) != 0 || (a[6] != ' ' && a[6] != '\t'))
-        return false;
-    a += 6;
-    while (*a == ' ' || *a == '\t')
-        a++;
-    return key_equal(a, key);
 }
 
 /* Returns a new buffer of at least n bytes aligned to BODY_ALIGN, its size
@@ -319,17 +297,12 @@ static int precheck(srv_ctx *ctx, struct MHD_Connection *c, conn_ctx *x, const c
     if (x->content_length > (long long)x->limit)
         return api_problem(r, 413, NULL, "body of %lld bytes exceeds the limit of %zu",
                            x->content_length, x->limit);
-    /* /metrics takes --metrics-token instead of the API key when one is set. */
-    const char *key = x->route->id == API_R_METRICS && ctx->cfg->metrics_token[0]
-                          ? ctx->cfg->metrics_token
-                          : ctx->cfg->api_key;
-    if (x->route->needs_auth && key[0]) {
-        if (!bearer_ok(hdr(c, MHD_HTTP_HEADER_AUTHORIZATION), key)) {
-            api_problem(r, 401, NULL, "missing or wrong API key (Authorization: Bearer KEY)");
-            api_reply_header(r, "WWW-Authenticate", "Bearer realm=\"optd\"");
-            return 401;
-        }
-    }
+    /* The admin key or a token, its scope, prefix and step rate
+     * (server/auth.c); /metrics takes --metrics-token when one is set. */
+    st = srv_auth_check(ctx->cfg->api_key, ctx->cfg->metrics_token, x->route, x->name,
+                        hdr(c, MHD_HTTP_HEADER_AUTHORIZATION), &x->who, r);
+    if (st)
+        return st;
     bool file_get = x->route->id == API_R_STATE_GET || x->route->id == API_R_EXPORT_GET;
     bool binary_ok = x->route->body == API_BODY_VECTOR || x->route->id == API_R_PARAMS_GET ||
                      x->route->id == API_R_STATE_GET || file_get;
@@ -508,6 +481,7 @@ static enum MHD_Result handle_request(void *cls, struct MHD_Connection *c, const
         .query = qry,
         .conn = c,
         .waiter = &x->waiter,
+        .who = &x->who,
     };
     double t_handle = obs_now();
     int handled = srv_handle(ctx, &req, &r);

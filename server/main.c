@@ -115,8 +115,13 @@ int main(int argc, char **argv)
                                                          : (int)(cores > 0 ? cores : 1));
     srv_registry *reg = pool ? srv_registry_new(db, pool, cfg.cache_mb * 1024 * 1024) : NULL;
     srv_ctx ctx = {.reg = reg, .db = db, .pool = pool, .cfg = &cfg};
-    ctx.sync = reg ? srv_sync_new(&ctx) : NULL;
+    char key_path[sizeof cfg.db + 16];
+    snprintf(key_path, sizeof key_path, "%s", cfg.token_key[0] ? cfg.token_key : cfg.db);
+    if (!cfg.token_key[0])
+        strcat(key_path, ".token-key");
+    ctx.sync = reg && srv_auth_open(db, cfg.api_key, key_path) == 0 ? srv_sync_new(&ctx) : NULL;
     rc = ctx.sync ? srv_http_run(&ctx) : -1;
+    srv_auth_close();
     srv_sync_free(ctx.sync);
     srv_registry_free(reg); /* checkpoints every session with a log tail */
     eng_pool_free(pool);

@@ -13,6 +13,7 @@
 
 #include "api/api.h"
 #include "optim/optim.h"
+#include "server/auth.h"
 #include "server/engine.h"
 #include "storage/storage.h"
 
@@ -38,6 +39,7 @@ typedef struct {
     size_t idle_timeout_s;         /* a connection idle this long is closed */
     char access_log[1024];         /* --access-log FILE: JSON lines; "" none */
     char metrics_token[256];       /* /metrics token ("": --api-key's rule)  */
+    char token_key[1024];          /* --token-key FILE ("": <db>.token-key)  */
     size_t metrics_sessions;       /* sessions with their own series (0: none) */
     char tls_cert[1024];           /* --tls-cert PEM chain; "" = plain HTTP   */
     char tls_key[1024];            /* --tls-key PEM private key               */
@@ -115,6 +117,7 @@ typedef struct {
     const char *(*query)(void *conn, const char *name);
     void *conn;
     srv_waiter *waiter;         /* where a parked request's answer goes      */
+    const srv_principal *who;   /* the caller (server/auth.h)                */
 } srv_request;
 
 int srv_handle(srv_ctx *ctx, const srv_request *req, api_reply *reply);
@@ -142,11 +145,13 @@ int srv_h_export_put(srv_ctx *ctx, const srv_request *req, api_reply *r);
  * buffer.  Used by the route and by `optd export`. */
 int srv_export_session(storage *db, eng_pool *pool, eng_session *s, bool with_log, char **body,
                        size_t *len);
-/* Creates session name from an export file (its log replayed and checked
+/* Creates session name from an export file (created_by and quotas: who's,
+ * NULL for none) (its log replayed and checked
  * against the exported head), visible only when complete.  0 and *out (a
  * new session, unlocked, not in a registry) or the problem's status. */
 int srv_import_session(storage *db, eng_pool *pool, const char *name, const char *body,
-                       size_t len, size_t max_params, eng_session **out, api_reply *r);
+                       size_t len, size_t max_params, const srv_principal *who,
+                       eng_session **out, api_reply *r);
 /* eng_step, and on a failed commit the session is dropped (memory was
  * ahead of disk: the next request reloads it).  0 or the problem's status. */
 int srv_commit_update(srv_ctx *ctx, eng_session *s, const eng_step_in *in, eng_step_out *out,

@@ -440,6 +440,9 @@ int srv_fork(srv_ctx *ctx, const srv_request *req, api_reply *r)
     if (!st && (!cJSON_IsString(from) || !api_name_valid(from->valuestring,
                                                           strlen(from->valuestring))))
         st = api_problem(r, 400, "fork.from", "fork.from must be a session name");
+    if (!st && !srv_auth_name_ok(req->who, from->valuestring))
+        st = api_problem(r, 403, "prefix", "session %s is outside this token's prefix \"%s\"",
+                         from->valuestring, req->who->prefix);
     if (!st && strcmp(from->valuestring, req->name) == 0)
         st = api_problem(r, 400, "fork.from", "a session cannot be forked onto itself");
     if (!st && js && !json_i64(js, &t))
@@ -499,8 +502,8 @@ int srv_fork(srv_ctx *ctx, const srv_request *req, api_reply *r)
     s->seq = 0;
     s->log_bytes = 0;
     int64_t now = srv_now_ms();
-    if ((err = eng_session_create(ctx->db, s, now)) != ENG_OK) {
-        st = srv_engine_fail(r, err, "creating the fork");
+    if ((err = srv_auth_create(ctx->db, req->who, s, now, r)) != ENG_OK) {
+        st = err == SRV_EQUOTA ? 429 : srv_engine_fail(r, err, "creating the fork");
         goto out;
     }
     int64_t rows = 0;
@@ -784,7 +787,8 @@ static int import_log(storage *db, eng_pool *pool, eng_session *s, const cJSON *
 static atomic_ullong import_counter;
 
 int srv_import_session(storage *db, eng_pool *pool, const char *name, const char *body,
-                       size_t len, size_t max_params, eng_session **out, api_reply *r)
+                       size_t len, size_t max_params, const srv_principal *who,
+                       eng_session **out, api_reply *r)
 {
     *out = NULL;
     api_st_tensor *t = NULL;
@@ -845,7 +849,7 @@ int srv_import_session(storage *db, eng_pool *pool, const char *name, const char
     eng_lock(s);
     err = eng_state_import(s, t, ns, state_json, why, sizeof why);
     if (err == ENG_OK)
-        err = eng_session_create(db, s, srv_now_ms());
+        err = srv_auth_create(db, who, s, srv_now_ms(), r);
     if (err == ENG_OK)
         id = s->id;
     if (err == ENG_OK && rows) {
@@ -879,7 +883,9 @@ int srv_import_session(storage *db, eng_pool *pool, const char *name, const char
             goto out;
         }
     }
-    if (err == ENG_EDAMAGED)
+    if (err == SRV_EQUOTA)
+        st = 429;
+    else if (err == ENG_EDAMAGED)
         st = api_problem(r, 422, NULL, "%s; nothing was created", why);
     else if (err != ENG_OK)
         st = srv_engine_fail(r, err, "importing the session");
@@ -935,7 +941,7 @@ int srv_h_export_put(srv_ctx *ctx, const srv_request *req, api_reply *r)
 {
     eng_session *s = NULL;
     int st = srv_import_session(ctx->db, ctx->pool, req->name, req->body, req->body_len,
-                                ctx->cfg->max_params, &s, r);
+                                ctx->cfg->max_params, req->who, &s, r);
     if (st)
         return st;
     st = srv_reply_session(r, 201, s);

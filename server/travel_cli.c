@@ -142,7 +142,7 @@ int srv_travel_main(int argc, char **argv)
         } else {
             api_reply r = {0};
             eng_session *s = NULL;
-            int hs = srv_import_session(st, pool, pos[0], body, len, SIZE_MAX, &s, &r);
+            int hs = srv_import_session(st, pool, pos[0], body, len, SIZE_MAX, NULL, &s, &r);
             if (hs) {
                 fprintf(stderr, "optd import: %d %.*s\n", hs, (int)r.len, r.body ? r.body : "");
             } else {

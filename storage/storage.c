@@ -39,7 +39,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
-#define SCHEMA_VERSION 5
+#define SCHEMA_VERSION 6
 #define OPTD_APPLICATION_ID 0x6f707464 /* "optd" */
 /* Vectors up to this size stay inline in SQLite: a small step costs one
  * commit (bench/storage.c; docs/storage.md has the figures). */
@@ -97,7 +97,8 @@ enum {
     "                             ORDER BY seq DESC LIMIT 1), 0)),"                       \
     " COALESCE((SELECT step FROM steps WHERE session_id = s.id ORDER BY seq DESC LIMIT 1)," \
     "          (SELECT step FROM checkpoints WHERE session_id = s.id"                     \
-    "           ORDER BY seq DESC LIMIT 1), 0)"                                          \
+    "           ORDER BY seq DESC LIMIT 1), 0),"                                         \
+    " s.created_by"                                                                       \
     " FROM sessions s"
 
 #define TOP_PERIODIC                                                                      \
@@ -118,7 +119,8 @@ static const char *const sql_text[Q_COUNT] = {
     [Q_RELEASE] = "RELEASE job",
     [Q_ROLLBACK_TO] = "ROLLBACK TO job",
     [Q_SESSION_INSERT] =
-        "INSERT INTO sessions(name, config, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?3)",
+        "INSERT INTO sessions(name, config, created_ms, updated_ms, created_by, params)"
+        " VALUES (?1, ?2, ?3, ?3, ?4, ?5)",
     [Q_SESSION_GET] = INFO_COLS " WHERE s.name = ?1",
     [Q_SESSION_LIST] = INFO_COLS " ORDER BY s.name LIMIT ?1",
     [Q_SESSION_LIST_AFTER] = INFO_COLS " WHERE s.name > ?2 ORDER BY s.name LIMIT ?1",
@@ -260,6 +262,24 @@ static const char *const migrations[] = {
     "ALTER TABLE checkpoints ADD COLUMN config TEXT;"
     "CREATE UNIQUE INDEX checkpoints_label ON checkpoints(session_id, label)"
     "  WHERE label IS NOT NULL;",
+    /* 5 -> 6: scoped tokens (only a keyed hash of each secret), and who
+     * created each session with its size (the token quotas count them). */
+    "ALTER TABLE sessions ADD COLUMN created_by TEXT;"
+    "ALTER TABLE sessions ADD COLUMN params INTEGER;"
+    "CREATE INDEX sessions_created_by ON sessions(created_by) WHERE created_by IS NOT NULL;"
+    "CREATE TABLE tokens ("
+    "  id TEXT PRIMARY KEY,"
+    "  hash BLOB NOT NULL,"
+    "  scope TEXT NOT NULL,"
+    "  prefix TEXT NOT NULL,"
+    "  label TEXT,"
+    "  created_ms INTEGER NOT NULL,"
+    "  expires_ms INTEGER,"
+    "  revoked_ms INTEGER,"
+    "  max_sessions INTEGER,"
+    "  max_params INTEGER,"
+    "  steps_per_second REAL,"
+    "  burst REAL) WITHOUT ROWID;",
 };
 
 /* ------------------------------------------------------- write jobs */
@@ -284,6 +304,8 @@ typedef struct job {
     int64_t id;
     /* inputs */
     const char *name, *config;
+    const char *owner;  /* create: created_by, NULL when none */
+    int64_t params;     /* create: the session's size */
     int64_t now_ms;
     const storage_log_entry *e;
     ckpt_ref ck;
@@ -1368,6 +1390,9 @@ static int run_job(storage *st, job *j)
         sqlite3_bind_text(s, 1, j->name, -1, SQLITE_STATIC);
         sqlite3_bind_text(s, 2, j->config, -1, SQLITE_STATIC);
         sqlite3_bind_int64(s, 3, j->now_ms);
+        if (j->owner)
+            sqlite3_bind_text(s, 4, j->owner, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 5, j->params);
         err = exec_stmt(st, s);
         if (err == STORAGE_EEXIST)
             set_error("a session named %s exists", j->name);
@@ -1590,7 +1615,8 @@ void storage_session_info_free(storage_session_info *info)
         return;
     free(info->name);
     free(info->config);
-    info->name = info->config = NULL;
+    free(info->created_by);
+    info->name = info->config = info->created_by = NULL;
 }
 
 int storage_session_create(storage *st, const char *name, const char *config, int64_t now_ms,
@@ -1602,10 +1628,19 @@ int storage_session_create(storage *st, const char *name, const char *config, in
 int storage_session_create_at(storage *st, const char *name, const char *config, int64_t now_ms,
                               const storage_iov *ckpt, int n_ckpt, int64_t step, int64_t *id_out)
 {
+    return storage_session_create_owned(st, name, config, now_ms, ckpt, n_ckpt, step, NULL, 0,
+                                        id_out);
+}
+
+int storage_session_create_owned(storage *st, const char *name, const char *config,
+                                 int64_t now_ms, const storage_iov *ckpt, int n_ckpt,
+                                 int64_t step, const char *owner, int64_t params, int64_t *id_out)
+{
     int err = check_writable(st);
     if (err != STORAGE_OK)
         return err;
-    job j = {.kind = J_CREATE, .name = name, .config = config, .now_ms = now_ms};
+    job j = {.kind = J_CREATE, .name = name, .config = config, .now_ms = now_ms,
+             .owner = owner, .params = params};
     err = write_ckpt(st, ckpt, n_ckpt, &j.ck);
     j.ck.kind = STORAGE_CKPT_ANCHOR;
     j.ck.config = config;
@@ -1626,7 +1661,9 @@ static int read_info(sqlite3_stmt *s, storage_session_info *info)
     info->created_ms = sqlite3_column_int64(s, 3);
     info->updated_ms = sqlite3_column_int64(s, 4);
     info->step = sqlite3_column_int64(s, 5);
-    if (!info->name || !info->config) {
+    const char *by = (const char *)sqlite3_column_text(s, 6);
+    info->created_by = by ? dup_str(by) : NULL;
+    if (!info->name || !info->config || (by && !info->created_by)) {
         storage_session_info_free(info);
         set_error("out of memory");
         return STORAGE_ENOMEM;
@@ -2634,4 +2671,176 @@ int storage_backup(const char *path, const char *out, int64_t *bytes)
     free(odir);
     free(dir);
     return err;
+}
+
+/* ------------------------------------------------------------- tokens */
+
+/* The tokens table is small and written rarely (mint, revoke): each call
+ * prepares its statement, runs it under db_mu in its own transaction. */
+static int token_exec(storage *st, const char *sql, sqlite3_stmt **out)
+{
+    int rc = sqlite3_prepare_v2(st->db, sql, -1, out, NULL);
+    return rc == SQLITE_OK ? STORAGE_OK : sql_fail(st->db, rc);
+}
+
+int storage_token_put(storage *st, const storage_token *t)
+{
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = NULL;
+    err = token_exec(st,
+                     "INSERT INTO tokens(id, hash, scope, prefix, label, created_ms, expires_ms,"
+                     " revoked_ms, max_sessions, max_params, steps_per_second, burst)"
+                     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                     &s);
+    if (err == STORAGE_OK) {
+        sqlite3_bind_text(s, 1, t->id, -1, SQLITE_STATIC);
+        sqlite3_bind_blob(s, 2, t->hash, STORAGE_TOKEN_HASH, SQLITE_STATIC);
+        sqlite3_bind_text(s, 3, t->scope, -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 4, t->prefix, -1, SQLITE_STATIC);
+        if (t->label)
+            sqlite3_bind_text(s, 5, t->label, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 6, t->created_ms);
+        if (t->expires_ms)
+            sqlite3_bind_int64(s, 7, t->expires_ms);
+        if (t->revoked_ms)
+            sqlite3_bind_int64(s, 8, t->revoked_ms);
+        if (t->max_sessions)
+            sqlite3_bind_int64(s, 9, t->max_sessions);
+        if (t->max_params)
+            sqlite3_bind_int64(s, 10, t->max_params);
+        if (t->steps_per_second > 0) {
+            sqlite3_bind_double(s, 11, t->steps_per_second);
+            sqlite3_bind_double(s, 12, t->burst);
+        }
+        err = exec_stmt(st, s);
+    }
+    sqlite3_finalize(s);
+    pthread_mutex_unlock(&st->db_mu);
+    return err;
+}
+
+int storage_token_revoke(storage *st, const char *id, int64_t now_ms)
+{
+    int err = check_writable(st);
+    if (err != STORAGE_OK)
+        return err;
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = NULL;
+    err = token_exec(st,
+                     "UPDATE tokens SET revoked_ms = COALESCE(revoked_ms, ?2) WHERE id = ?1", &s);
+    if (err == STORAGE_OK) {
+        sqlite3_bind_text(s, 1, id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(s, 2, now_ms);
+        err = exec_stmt(st, s);
+        if (err == STORAGE_OK && sqlite3_changes(st->db) == 0) {
+            set_error("no token %s", id);
+            err = STORAGE_ENOTFOUND;
+        }
+    }
+    sqlite3_finalize(s);
+    pthread_mutex_unlock(&st->db_mu);
+    return err;
+}
+
+int storage_token_each(storage *st, storage_token_fn fn, void *ud)
+{
+    clear_error();
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = NULL;
+    int err = token_exec(st,
+                         "SELECT id, hash, scope, prefix, label, created_ms, expires_ms,"
+                         " revoked_ms, max_sessions, max_params, steps_per_second, burst"
+                         " FROM tokens ORDER BY created_ms, id",
+                         &s);
+    int rc = SQLITE_DONE;
+    while (err == STORAGE_OK && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+        if (sqlite3_column_bytes(s, 1) != STORAGE_TOKEN_HASH) {
+            set_error("token %s has a hash of %d bytes", sqlite3_column_text(s, 0),
+                      sqlite3_column_bytes(s, 1));
+            err = STORAGE_ECORRUPT;
+            break;
+        }
+        storage_token t = {
+            .id = (const char *)sqlite3_column_text(s, 0),
+            .hash = sqlite3_column_blob(s, 1),
+            .scope = (const char *)sqlite3_column_text(s, 2),
+            .prefix = (const char *)sqlite3_column_text(s, 3),
+            .label = (const char *)sqlite3_column_text(s, 4),
+            .created_ms = sqlite3_column_int64(s, 5),
+            .expires_ms = sqlite3_column_int64(s, 6),
+            .revoked_ms = sqlite3_column_int64(s, 7),
+            .max_sessions = sqlite3_column_int64(s, 8),
+            .max_params = sqlite3_column_int64(s, 9),
+            .steps_per_second = sqlite3_column_double(s, 10),
+            .burst = sqlite3_column_double(s, 11),
+        };
+        err = fn(ud, &t);
+    }
+    if (err == STORAGE_OK && rc != SQLITE_DONE)
+        err = sql_fail(st->db, rc);
+    sqlite3_finalize(s);
+    pthread_mutex_unlock(&st->db_mu);
+    return err;
+}
+
+int storage_owner_usage(storage *st, const char *owner, int64_t *sessions, int64_t *params)
+{
+    clear_error();
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = NULL;
+    int err = token_exec(st,
+                         "SELECT COUNT(*), COALESCE(SUM(params), 0) FROM sessions"
+                         " WHERE created_by = ?1",
+                         &s);
+    if (err == STORAGE_OK) {
+        sqlite3_bind_text(s, 1, owner, -1, SQLITE_STATIC);
+        int rc = sqlite3_step(s);
+        if (rc == SQLITE_ROW) {
+            *sessions = sqlite3_column_int64(s, 0);
+            *params = sqlite3_column_int64(s, 1);
+        } else {
+            err = sql_fail(st->db, rc);
+        }
+    }
+    sqlite3_finalize(s);
+    pthread_mutex_unlock(&st->db_mu);
+    return err;
+}
+
+int storage_session_list_prefix(storage *st, const char *prefix, const char *after, int limit,
+                                 storage_session_info *infos)
+{
+    clear_error();
+    pthread_mutex_lock(&st->db_mu);
+    /* Names are ASCII below 0x7f: [prefix, prefix || 0x7f) is exactly the
+     * names that start with prefix, one range of the name index. */
+    sqlite3_stmt *s = NULL;
+    int err = token_exec(st,
+                         INFO_COLS " WHERE s.name > ?2 AND s.name >= ?3 AND s.name < ?3 ||"
+                                   " char(127) ORDER BY s.name LIMIT ?1",
+                         &s);
+    int n = 0, rc = SQLITE_DONE;
+    if (err == STORAGE_OK) {
+        sqlite3_bind_int(s, 1, limit);
+        sqlite3_bind_text(s, 2, after ? after : "", -1, SQLITE_STATIC);
+        sqlite3_bind_text(s, 3, prefix, -1, SQLITE_STATIC);
+        while (n < limit && (rc = sqlite3_step(s)) == SQLITE_ROW) {
+            if ((err = read_info(s, &infos[n])) != STORAGE_OK)
+                break;
+            n++;
+        }
+        if (err == STORAGE_OK && rc != SQLITE_ROW && rc != SQLITE_DONE)
+            err = sql_fail(st->db, rc);
+    }
+    sqlite3_finalize(s);
+    pthread_mutex_unlock(&st->db_mu);
+    if (err != STORAGE_OK) {
+        while (n > 0)
+            storage_session_info_free(&infos[--n]);
+        return err;
+    }
+    return n;
 }

@@ -122,6 +122,8 @@ typedef struct {
     int64_t created_ms;
     int64_t updated_ms;     /* time of the last change (step, PATCH, ...)    */
     int64_t step;           /* step of the newest row or checkpoint          */
+    char *created_by;       /* token id, "admin", or NULL (auth off, or made
+                               before optd recorded it)                      */
 } storage_session_info;
 
 void storage_session_info_free(storage_session_info *info);
@@ -138,6 +140,13 @@ int storage_session_create_at(storage *st, const char *name, const char *config,
                               const storage_iov *ckpt, int n_ckpt, int64_t step,
                               int64_t *id_out);
 
+/* The same, recording who created it (owner: a token id or "admin"; NULL
+ * when none) and its size in params (the token quotas count them). */
+int storage_session_create_owned(storage *st, const char *name, const char *config,
+                                 int64_t now_ms, const storage_iov *ckpt, int n_ckpt,
+                                 int64_t step, const char *owner, int64_t params,
+                                 int64_t *id_out);
+
 /* Renames a session (a fork or import made under a temporary name starting
  * with '~' becomes visible in one commit; storage_open deletes sessions
  * left with such a name by a crash).  STORAGE_EEXIST if name is taken. */
@@ -151,7 +160,45 @@ int storage_session_get(storage *st, const char *name, storage_session_info *inf
 int storage_session_list(storage *st, const char *after, int limit,
                          storage_session_info *infos);
 
+/* storage_session_list over the names that start with prefix only. */
+int storage_session_list_prefix(storage *st, const char *prefix, const char *after, int limit,
+                                storage_session_info *infos);
+
+/* Sessions created by owner and their params in all. */
+int storage_owner_usage(storage *st, const char *owner, int64_t *sessions, int64_t *params);
+
 int storage_session_delete(storage *st, const char *name);
+
+/* ------------------------------------------------------------- tokens
+ *
+ * Bearer tokens (server/auth.c).  The table keeps a keyed hash of each
+ * secret, never the secret; the key is not in the database. */
+#define STORAGE_TOKEN_HASH 32
+
+typedef struct {
+    const char *id;
+    const unsigned char *hash;  /* STORAGE_TOKEN_HASH bytes                  */
+    const char *scope;          /* "read", "step" or "admin"                  */
+    const char *prefix;         /* session-name prefix ("" = every name)      */
+    const char *label;          /* NULL when none                             */
+    int64_t created_ms;
+    int64_t expires_ms;         /* 0: never                                   */
+    int64_t revoked_ms;         /* 0: not revoked                             */
+    int64_t max_sessions;       /* 0: no quota                                */
+    int64_t max_params;         /* 0: no quota                                */
+    double steps_per_second;    /* 0: no rate limit                           */
+    double burst;
+} storage_token;
+
+/* Inserts a token (STORAGE_EEXIST when its id is taken). */
+int storage_token_put(storage *st, const storage_token *t);
+/* Marks it revoked at now_ms (kept: sessions name it as their creator);
+ * STORAGE_ENOTFOUND when no such id. */
+int storage_token_revoke(storage *st, const char *id, int64_t now_ms);
+/* Calls fn for every token, oldest first; the strings are valid during the
+ * call.  A non-zero return stops the walk with that value. */
+typedef int (*storage_token_fn)(void *ud, const storage_token *t);
+int storage_token_each(storage *st, storage_token_fn fn, void *ud);
 
 /* Loading: the newest checkpoint, then every log row after it, in order.
  * ckpt is called with a reader over the checkpoint's bytes (len of them);

@@ -4,7 +4,7 @@ jsonschema (Draft 2020-12) validates every body (Debian's python3-yaml and
 python3-jsonschema).
 
   - the spec's (method, path) pairs equal api_routes[] both ways, with the
-    same auth needs and body media types (the table is read by a small C
+    same auth needs, scopes (x-optd-scope) and body media types (the table is read by a small C
     program compiled here from api/routes.c, as the daemon is built);
   - every documented operation, driven against a real daemon with valid and
     invalid requests, answers a status the spec documents for it, with a
@@ -246,7 +246,8 @@ class Daemon:
         return rc
 
     def request(self, method, path, headers=(), body=None, key=True):
-        """One request on a fresh connection; body is bytes or None."""
+        """One request on a fresh connection; body is bytes or None.  key:
+        True sends the admin key, False nothing, a string that token."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             hdrs = {}
@@ -254,7 +255,7 @@ class Daemon:
                 k, _, v = h.partition(":")
                 hdrs[k.strip()] = v.strip()
             if key:
-                hdrs["Authorization"] = "Bearer " + API_KEY
+                hdrs["Authorization"] = "Bearer " + (API_KEY if key is True else key)
             if hdrs.get("Expect", "").lower() == "100-continue" and body is not None:
                 # A body past the limit: the daemon must refuse it from the
                 # Content-Length alone, before any of it is sent.
@@ -293,9 +294,9 @@ int main(void)
 {
     printf("{\"routes\":[");
     for (size_t i = 0; i < api_route_count; i++)
-        printf("%s{\"method\":\"%s\",\"pattern\":\"%s\",\"body\":%d,\"auth\":%s}", i ? "," : "",
-               api_routes[i].method, api_routes[i].pattern, api_routes[i].body,
-               api_routes[i].needs_auth ? "true" : "false");
+        printf("%s{\"method\":\"%s\",\"pattern\":\"%s\",\"body\":%d,\"scope\":%d}",
+               i ? "," : "", api_routes[i].method, api_routes[i].pattern, api_routes[i].body,
+               api_routes[i].scope);
     printf("],\"body_kinds\":{\"none\":%d,\"json\":%d,\"vector\":%d,\"binary\":%d},"
            "\"problem_types\":{", API_BODY_NONE, API_BODY_JSON, API_BODY_VECTOR, API_BODY_BINARY);
     for (int st = 400; st < 600; st++)
@@ -351,6 +352,18 @@ def state_file(size, config):
 STATE2 = state_file(2, {"dtype": "float32", "size": 2, "optimizer": {"type": "sgd", "lr": 0.1}})
 
 KEY, ANON = True, False
+# Tokens (minted in setUpClass, by role) and the daemon without an admin key.
+READ, STEP, ADMIN, OTHER, SLOW, QUOTA, OFF = ("read", "step", "admin", "other", "slow", "quota",
+                                              "off")
+TOKEN_ROLES = {
+    READ: '{"scopes":["read"],"prefix":""}',
+    STEP: '{"scopes":["step"]}',
+    ADMIN: '{"scopes":["admin"],"label":"openapi"}',
+    OTHER: '{"scopes":["admin"],"prefix":"elsewhere-"}',
+    SLOW: '{"scopes":["step"],"quotas":{"steps_per_second":0.01,"burst":1}}',
+    QUOTA: '{"scopes":["admin"],"prefix":"q","quotas":{"max_sessions":1,"max_params":2}}',
+}
+SCOPE_NAMES = {0: None, 1: "read", 2: "step", 3: "admin", 4: "admin-key"}
 
 # (label, who, method, path, headers, body (str JSON text, or bytes), status)
 SCENARIOS = [
@@ -579,6 +592,72 @@ SCENARIOS = [
     ("asset 404", ANON, "GET", "/assets/nope.js", [], None, 404),
     ("asset bad name", ANON, "GET", "/assets/bad!name", [], None, 400),
 
+    # Tokens: a scope too small or a name outside the prefix is 403.
+    ("catalogue by token", READ, "GET", "/v1/optimizers", [], None, 200),
+    ("list by token", OTHER, "GET", "/v1/sessions", [], None, 200),
+    ("create 403", READ, "PUT", "/v1/sessions/t3", [JSONCT], SGD3, 403),
+    ("get 403", OTHER, "GET", "/v1/sessions/t", [], None, 403),
+    ("patch 403", STEP, "PATCH", "/v1/sessions/t", [JSONCT], "{}", 403),
+    ("step by token", STEP, "POST", "/v1/sessions/t/step", [JSONCT], '{"grad":[1,1,1]}', 200),
+    ("step 403", READ, "POST", "/v1/sessions/t/step", [JSONCT], '{"grad":[1,1,1]}', 403),
+    ("step by slow token", SLOW, "POST", "/v1/sessions/t/step", [JSONCT], '{"grad":[1,1,1]}',
+     200),
+    ("step 429", SLOW, "POST", "/v1/sessions/t/step", [JSONCT], '{"grad":[1,1,1]}', 429),
+    ("params 403", OTHER, "GET", "/v1/sessions/t/params", [], None, 403),
+    ("set params 403", STEP, "PUT", "/v1/sessions/t/params", [JSONCT], '{"params":[1,2,3]}',
+     403),
+    ("history 403", OTHER, "GET", "/v1/sessions/t/history", [], None, 403),
+    ("state 403", OTHER, "GET", "/v1/sessions/t/state", [], None, 403),
+    ("import 403", READ, "PUT", "/v1/sessions/imported/state", [BINCT], STATE2, 403),
+    ("events 403", OTHER, "GET", "/v1/sessions/t/events?live=false", [], None, 403),
+    ("checkpoints 403", OTHER, "GET", "/v1/sessions/tt/checkpoints", [], None, 403),
+    ("label 403", STEP, "POST", "/v1/sessions/tt/checkpoints", [JSONCT], '{"label":"y"}', 403),
+    ("rollback 403", STEP, "POST", "/v1/sessions/tt/rollback", [JSONCT], '{"step":1}', 403),
+    ("export 403", OTHER, "GET", "/v1/sessions/tt/export", [], None, 403),
+    ("import export 403", READ, "PUT", "/v1/sessions/ty/export", [BINCT], STATE2, 403),
+    ("delete 403", STEP, "DELETE", "/v1/sessions/t", [], None, 403),
+    # Quotas: one session of at most 2 params.
+    ("create by quota token", QUOTA, "PUT", "/v1/sessions/q1", [JSONCT],
+     '{"optimizer":{"type":"sgd","lr":0.1},"params":[1]}', 201),
+    ("create 429", QUOTA, "PUT", "/v1/sessions/q2", [JSONCT],
+     '{"optimizer":{"type":"sgd","lr":0.1},"params":[1]}', 429),
+    ("import 429", QUOTA, "PUT", "/v1/sessions/q3/state", [BINCT], STATE2, 429),
+    ("import export 429", QUOTA, "PUT", "/v1/sessions/q4/export", [BINCT], STATE2, 429),
+    ("created by token", QUOTA, "GET", "/v1/sessions/q1", [], None, 200),
+    # The token routes: the admin key only.
+    ("mint", KEY, "POST", "/v1/tokens", [JSONCT],
+     '{"scopes":["read","step"],"prefix":"run42-","label":"ci","expires_in":3600,'
+     '"quotas":{"max_sessions":4,"max_params":1000,"steps_per_second":10,"burst":20}}', 201),
+    ("mint at", KEY, "POST", "/v1/tokens", [JSONCT],
+     '{"scopes":["admin"],"expires_at":"2099-01-01T00:00:00Z"}', 201),
+    ("mint bad scope", KEY, "POST", "/v1/tokens", [JSONCT], '{"scopes":["write"]}', 400),
+    ("mint 401", ANON, "POST", "/v1/tokens", [JSONCT], '{"scopes":["read"]}', 401),
+    ("mint 403", ADMIN, "POST", "/v1/tokens", [JSONCT], '{"scopes":["read"]}', 403),
+    ("mint 406", KEY, "POST", "/v1/tokens", [JSONCT, BINACC], '{"scopes":["read"]}', 406),
+    ("mint 415", KEY, "POST", "/v1/tokens", [TEXTCT], '{"scopes":["read"]}', 415),
+    ("mint huge body", KEY, "POST", "/v1/tokens", [JSONCT, EXPECT100], BIG, 413),
+    ("mint 409", OFF, "POST", "/v1/tokens", [JSONCT], '{"scopes":["read"]}', 409),
+    ("tokens", KEY, "GET", "/v1/tokens", [], None, 200),
+    ("tokens 401", ANON, "GET", "/v1/tokens", [], None, 401),
+    ("tokens 403", ADMIN, "GET", "/v1/tokens", [], None, 403),
+    ("tokens 406", KEY, "GET", "/v1/tokens", [BINACC], None, 406),
+    ("tokens 409", OFF, "GET", "/v1/tokens", [], None, 409),
+    ("token", KEY, "GET", "/v1/tokens/{quota}", [], None, 200),
+    ("token 404", KEY, "GET", "/v1/tokens/0123456789abcdef", [], None, 404),
+    ("token bad id", KEY, "GET", "/v1/tokens/bad!id", [], None, 400),
+    ("token 401", ANON, "GET", "/v1/tokens/{quota}", [], None, 401),
+    ("token 403", ADMIN, "GET", "/v1/tokens/{quota}", [], None, 403),
+    ("token 406", KEY, "GET", "/v1/tokens/{quota}", [BINACC], None, 406),
+    ("token 409", OFF, "GET", "/v1/tokens/0123456789abcdef", [], None, 409),
+    ("revoke 401", ANON, "DELETE", "/v1/tokens/{other}", [], None, 401),
+    ("revoke 403", ADMIN, "DELETE", "/v1/tokens/{other}", [], None, 403),
+    ("revoke 406", KEY, "DELETE", "/v1/tokens/{other}", [TEXTACC], None, 406),
+    ("revoke bad id", KEY, "DELETE", "/v1/tokens/bad!id", [], None, 400),
+    ("revoke 404", KEY, "DELETE", "/v1/tokens/0123456789abcdef", [], None, 404),
+    ("revoke 409", OFF, "DELETE", "/v1/tokens/0123456789abcdef", [], None, 409),
+    ("revoke", KEY, "DELETE", "/v1/tokens/{other}", [], None, 204),
+    ("revoked token 401", OTHER, "GET", "/v1/sessions", [], None, 401),
+
     ("delete 406", KEY, "DELETE", "/v1/sessions/t", [TEXTACC], None, 406),
     ("delete 401", ANON, "DELETE", "/v1/sessions/t", [], None, 401),
     ("delete bad name", KEY, "DELETE", "/v1/sessions/bad!name", [], None, 400),
@@ -598,9 +677,18 @@ class Contract(unittest.TestCase):
     def setUpClass(cls):
         cls.d = Daemon(["--api-key", API_KEY, "--max-body-mb", str(MAX_BODY_MB),
                         "--max-params", "100000"])
+        cls.off = Daemon(["--max-body-mb", str(MAX_BODY_MB)])
+        cls.tokens, cls.token_ids = {}, {}
+        for role, body in TOKEN_ROLES.items():
+            r = cls.d.request("POST", "/v1/tokens", [JSONCT], body.encode())
+            if r.status != 201:
+                raise AssertionError("minting %s: %d %r" % (role, r.status, r.body))
+            cls.tokens[role] = r.json()["token"]
+            cls.token_ids[role] = r.json()["id"]
 
     @classmethod
     def tearDownClass(cls):
+        cls.off.stop()
         rc = cls.d.stop()
         if rc != 0:
             raise AssertionError("optd exited %d" % rc)
@@ -788,7 +876,10 @@ class Contract(unittest.TestCase):
             self.assertIsNotNone(o, "route %s is served but not in api/openapi.yaml" % where)
             sec = o.op.get("security", SPEC.get("security"))
             spec_auth = bool(sec)
-            self.assertEqual(spec_auth, rt["auth"], "%s: auth in the spec and the table" % where)
+            self.assertEqual(spec_auth, rt["scope"] != 0,
+                             "%s: auth in the spec and the table" % where)
+            self.assertEqual(o.op.get("x-optd-scope"), SCOPE_NAMES[rt["scope"]],
+                             "%s: x-optd-scope in the spec and the scope in the table" % where)
             body = o.op.get("requestBody")
             content = deref(body).get("content", {}) if body else {}
             if rt["body"] == kinds["none"]:
@@ -817,10 +908,14 @@ class Contract(unittest.TestCase):
         driven_ok = set()
         seen = set()
         for label, who, method, path, headers, body, expect in SCENARIOS:
+            # "{role}" in a path is that token's id.
+            path = re.sub(r"\{([a-z]+)\}", lambda m: self.token_ids[m.group(1)], path)
             o = spec_match(method, path)
             self.assertIsNotNone(o, "%s: %s %s matches no operation" % (label, method, path))
-            r = self.d.request(method, path, headers,
-                               None if body is None else body_bytes(body), key=who)
+            daemon = self.off if who == OFF else self.d
+            key = who if isinstance(who, bool) else False if who == OFF else self.tokens[who]
+            r = daemon.request(method, path, headers,
+                               None if body is None else body_bytes(body), key=key)
             self.assertEqual(r.status, expect, "%s: %s %s: %.400s" % (label, method, path, r.body))
             self.check_answer(o, label, r)
             seen.add((o.method, o.path, str(r.status)))
@@ -852,7 +947,7 @@ class Contract(unittest.TestCase):
         m405 = ref("#/components/responses/MethodNotAllowed")
         self.create("allow", '{"optimizer":{"type":"sgd","lr":1},"params":[1]}')
         for p in SPEC["paths"]:
-            path = p.replace("{name}", "allow")
+            path = re.sub(r"\{[^}]*\}", "allow", p)
             for probe in ("POST", "DELETE", "PATCH"):
                 if spec_find(probe, p):
                     continue

@@ -562,6 +562,60 @@ static void test_tls_mutual(void **state)
     tdaemon_cleanup(&d);
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     assert_int_equal(system(cmd), 0);
+/* Tokens: minted, listed (never a secret), used, refused outside their
+ * scope and prefix, revoked. */
+static void test_tokens(void **state)
+{
+    (void)state;
+    tdaemon d;
+    const char *args[] = {"--api-key", "k-admin", NULL};
+    assert_int_equal(tdaemon_start(&d, NULL, args), 0);
+    optd_client *admin = optd_client_new(tdaemon_url(&d), "k-admin");
+    optd_error e;
+    char id[OPTD_TOKEN_ID_SIZE], secret[OPTD_TOKEN_SIZE];
+    assert_int_equal(optd_create_token(admin, "{\"scopes\":[\"step\"],\"prefix\":\"c-\"}", id,
+                                       secret, &e),
+                     0);
+    assert_int_equal(strlen(id), 16);
+    assert_int_equal(strlen(secret), 86);
+    assert_true(strncmp(secret, "optd_", 5) == 0 && strncmp(secret + 5, id, 16) == 0);
+    char *list = optd_tokens(admin, NULL, &e);
+    assert_non_null(list);
+    assert_non_null(strstr(list, id));
+    assert_null(strstr(list, secret + 22));
+    free(list);
+    char *one = optd_tokens(admin, id, &e);
+    assert_non_null(one);
+    assert_non_null(strstr(one, "\"usage\""));
+    free(one);
+    assert_int_equal(optd_create_session(admin, "c-a",
+                                         "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},"
+                                         "\"params\":[1]}",
+                                         &e),
+                     1);
+    optd_client *worker = optd_client_new(tdaemon_url(&d), secret);
+    float g = 1, p;
+    long long st;
+    assert_int_equal(optd_step_f32(worker, "c-a", &g, 1, NULL, &p, &st, &e), 0);
+    assert_true(p == 0.0f);
+    assert_int_equal(optd_delete(worker, "c-a", &e), -1);
+    assert_int_equal(e.status, 403);
+    assert_string_equal(e.field, "scope");
+    assert_string_equal(e.type, "urn:optd:problem:forbidden");
+    assert_null(optd_tokens(worker, NULL, &e));
+    assert_int_equal(e.status, 403);
+    assert_int_equal(optd_step_f32(worker, "elsewhere", &g, 1, NULL, &p, &st, &e), -1);
+    assert_int_equal(e.status, 403);
+    assert_string_equal(e.field, "prefix");
+    assert_int_equal(optd_revoke_token(admin, id, &e), 0);
+    assert_int_equal(optd_step_f32(worker, "c-a", &g, 1, NULL, &p, &st, &e), -1);
+    assert_int_equal(e.status, 401);
+    assert_int_equal(optd_revoke_token(admin, "0123456789abcdef", &e), -1);
+    assert_int_equal(e.status, 404);
+    optd_client_free(worker);
+    optd_client_free(admin);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
 }
 
 /* Nobody listening: the client tries max_attempts times, backing off. */
@@ -803,6 +857,7 @@ int main(void)
         cmocka_unit_test(test_raw_request_headers),
         cmocka_unit_test(test_api_key),
         cmocka_unit_test(test_tls_mutual),
+        cmocka_unit_test(test_tokens),
         cmocka_unit_test(test_retry_gives_up),
         cmocka_unit_test(test_retry_across_restart),
         cmocka_unit_test(test_params_digest),

@@ -775,6 +775,97 @@ int optd_delete(optd_client *c, const char *name, optd_error *err)
     return 0;
 }
 
+/* -------------------------------------------------------------- tokens */
+
+/* "/v1/tokens" or "/v1/tokens/ID", the id percent-encoded.  New string. */
+static char *token_path(optd_client *c, const char *id, optd_error *err)
+{
+    char *esc = id ? curl_easy_escape(c->h, id, 0) : NULL;
+    if (id && !esc) {
+        err_set(err, 0, "out of memory");
+        return NULL;
+    }
+    size_t n = (esc ? strlen(esc) : 0) + 16;
+    char *p = malloc(n);
+    if (p)
+        snprintf(p, n, "/v1/tokens%s%s", esc ? "/" : "", esc ? esc : "");
+    else
+        err_set(err, 0, "out of memory");
+    curl_free(esc);
+    return p;
+}
+
+/* One token call: the answer's body on 2xx (*body_out, new string, when
+ * asked for), else err.  0 or -1. */
+static int token_call(optd_client *c, const char *method, const char *id, const char *json,
+                      char **body_out, optd_error *err)
+{
+    err_clear(err);
+    if (body_out)
+        *body_out = NULL;
+    char *path = token_path(c, id, err);
+    if (!path)
+        return -1;
+    optd_response r;
+    int rc = call(c, method, path, NULL, json, json ? strlen(json) : 0, &r, err, NULL);
+    free(path);
+    if (rc)
+        return -1;
+    if (r.status < 200 || r.status > 299)
+        return fail_with(&r, err);
+    if (body_out) {
+        *body_out = r.body;
+        r.body = NULL;
+    }
+    optd_response_free(&r);
+    return 0;
+}
+
+int optd_create_token(optd_client *c, const char *request_json, char id[OPTD_TOKEN_ID_SIZE],
+                      char secret[OPTD_TOKEN_SIZE], optd_error *err)
+{
+    if (!request_json) {
+        err_clear(err);
+        err_set(err, 0, "no token request");
+        return -1;
+    }
+    char *body;
+    if (token_call(c, "POST", NULL, request_json, &body, err))
+        return -1;
+    cJSON *doc = cJSON_Parse(body);
+    free(body);
+    const cJSON *ji = cJSON_GetObjectItemCaseSensitive(doc, "id");
+    const cJSON *jt = cJSON_GetObjectItemCaseSensitive(doc, "token");
+    int rc = -1;
+    if (cJSON_IsString(ji) && cJSON_IsString(jt) && strlen(ji->valuestring) < OPTD_TOKEN_ID_SIZE &&
+        strlen(jt->valuestring) < OPTD_TOKEN_SIZE) {
+        snprintf(id, OPTD_TOKEN_ID_SIZE, "%s", ji->valuestring);
+        snprintf(secret, OPTD_TOKEN_SIZE, "%s", jt->valuestring);
+        rc = 0;
+    } else {
+        err_set(err, 201, "the answer holds no token id and secret");
+    }
+    cJSON_Delete(doc);
+    return rc;
+}
+
+char *optd_tokens(optd_client *c, const char *id, optd_error *err)
+{
+    char *out = NULL;
+    token_call(c, "GET", id, NULL, &out, err);
+    return out;
+}
+
+int optd_revoke_token(optd_client *c, const char *id, optd_error *err)
+{
+    if (!id || !*id) {
+        err_clear(err);
+        err_set(err, 0, "no token id");
+        return -1;
+    }
+    return token_call(c, "DELETE", id, NULL, NULL, err);
+}
+
 /* --------------------------------------------------------- time travel */
 
 /* POST or PUT a JSON body to the session's path + suffix; the answer's

@@ -336,6 +336,23 @@ int optd_sharded_params_f32(optd_sharded *s, float *out, size_t n, long long *st
 int optd_sharded_params_f64(optd_sharded *s, double *out, size_t n, long long *steps_out,
                             optd_error *err);
 
+/* --------------------------------------------------------------- tokens */
+
+/* Scoped tokens, managed with the admin key only (docs/security.md). */
+#define OPTD_TOKEN_ID_SIZE 17   /* 16 hex digits and the NUL            */
+#define OPTD_TOKEN_SIZE 96      /* "optd_<id>_<64 hex>" and the NUL    */
+/* POST /v1/tokens with request_json ({"scopes":["step"],"prefix":"run42-",
+ * "expires_in":..., "quotas":{...}}): the new token's id and its secret
+ * (the bearer token, shown this once).  0 or -1. */
+int optd_create_token(optd_client *c, const char *request_json, char id[OPTD_TOKEN_ID_SIZE],
+                      char secret[OPTD_TOKEN_SIZE], optd_error *err);
+/* GET /v1/tokens (id NULL: every token) or GET /v1/tokens/{id}: the JSON
+ * document (never a secret; caller frees), or NULL. */
+char *optd_tokens(optd_client *c, const char *id, optd_error *err);
+/* DELETE /v1/tokens/{id}: the next request that carries it is refused.
+ * 0 or -1. */
+int optd_revoke_token(optd_client *c, const char *id, optd_error *err);
+
 /* ------------------------------------------------------------ raw calls */
 
 typedef struct {

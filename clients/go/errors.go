@@ -113,8 +113,17 @@ func IsNotFound(err error) bool { return statusIs(err, http.StatusNotFound) }
 // config, or a gradient is too stale.
 func IsConflict(err error) bool { return statusIs(err, http.StatusConflict) }
 
-// IsUnauthorized reports whether err is a 401 (missing or wrong API key).
+// IsUnauthorized reports whether err is a 401 (missing or wrong API key, or
+// a revoked or expired token).
 func IsUnauthorized(err error) bool { return statusIs(err, http.StatusUnauthorized) }
+
+// IsForbidden reports whether err is a 403: a token whose scope is too small
+// (Field "scope") or a session outside its prefix (Field "prefix").
+func IsForbidden(err error) bool { return statusIs(err, http.StatusForbidden) }
+
+// IsTooManyRequests reports whether err is a 429: a token past its step rate
+// or a session quota (Field "max_sessions" or "max_params").
+func IsTooManyRequests(err error) bool { return statusIs(err, http.StatusTooManyRequests) }
 
 // decodeProblem turns a non-2xx answer into an *Error. A body that is not
 // problem+json (a proxy's page, say) still yields the status and its text.

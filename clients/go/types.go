@@ -193,6 +193,9 @@ type SessionInfo struct {
 	} `json:"counters"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+	// CreatedBy is the id of the token that created the session, "admin"
+	// (the admin key), or "" (authentication was off).
+	CreatedBy string `json:"created_by,omitempty"`
 	// Tensors is the layout; Groups the param groups with every effective
 	// hyperparameter and the group's current lr.
 	Tensors []TensorInfo `json:"tensors"`
@@ -223,6 +226,7 @@ type SessionSummary struct {
 	Size      int       `json:"size"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+	CreatedBy string    `json:"created_by,omitempty"`
 }
 
 // HistoryStep is one applied update.

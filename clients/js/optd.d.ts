@@ -44,6 +44,18 @@ export function tlsFetch(files?: { caFile?: string; certFile?: string; keyFile?:
 /** A 16-bit wire form. */
 export type Wire = 'bfloat16' | 'float16';
 
+/** A token as the daemon lists it (never its secret). */
+export interface TokenDoc {
+  id: string;
+  scopes: Array<'read' | 'step' | 'admin'>;
+  prefix: string;
+  label?: string;
+  created_at: string;
+  expires_at?: string;
+  revoked_at?: string;
+  quotas: { max_sessions?: number; max_params?: number; steps_per_second?: number; burst?: number };
+}
+
 export interface CreateOptions {
   /** `{type: 'adam', lr: 1e-3, ...}` or just the type name. */
   optimizer: string | Typed;
@@ -250,6 +262,19 @@ export class Client {
   session(name: string): Session;
   sessions(options?: { pageSize?: number; after?: string | null }): AsyncGenerator<SessionSummary, void, undefined>;
   optimizers(): Promise<Record<string, unknown>>;
+  createToken(
+    scopes: Array<'read' | 'step' | 'admin'>,
+    opts?: {
+      prefix?: string;
+      label?: string;
+      expiresIn?: number;
+      expiresAt?: string;
+      quotas?: { max_sessions?: number; max_params?: number; steps_per_second?: number; burst?: number };
+    },
+  ): Promise<TokenDoc & { token: string }>;
+  listTokens(): Promise<TokenDoc[]>;
+  getToken(id: string): Promise<TokenDoc & { usage: { sessions: number; params: number } }>;
+  revokeToken(id: string): Promise<void>;
   health(): Promise<{ status: string; [member: string]: unknown }>;
 }
 

@@ -522,9 +522,12 @@ export class Client {
           return onRetry404();
         }
         const err = await errorFromResponse(res);
-        if (res.status !== 503) throw err;
-        lastError = err;
         const ra = Number(res.headers.get('retry-after'));
+        // A 429 is waited out only when it names a short wait (a token's
+        // step rate); a session quota (a longer Retry-After) is thrown.
+        const shortWait = Number.isFinite(ra) && ra > 0 && ra <= DEFAULTS.retryAfterMaxS;
+        if (res.status !== 503 && !(res.status === 429 && shortWait)) throw err;
+        lastError = err;
         if (Number.isFinite(ra) && ra > 0) retryAfterMs = ra * 1000;
       } catch (e) {
         if (e instanceof OptdError) throw e;
@@ -661,6 +664,38 @@ export class Client {
   /** GET /healthz: {status: "ok", ...}. */
   async health() {
     return (await this._json('GET', '/healthz')).doc;
+  }
+
+  /**
+   * POST /v1/tokens (the admin key only): mints a token.  `scopes`: any of
+   * 'read', 'step', 'admin' (each holds the ones before it); `prefix`: the
+   * session-name prefix it is bound to ('' = every name); `expiresIn`
+   * seconds or `expiresAt` (RFC 3339 UTC); `quotas`: {max_sessions,
+   * max_params, steps_per_second, burst}.  Resolves to the token's
+   * document; its secret, `token`, is shown this once.
+   */
+  async createToken(scopes, { prefix = '', label, expiresIn, expiresAt, quotas } = {}) {
+    const body = { scopes: [...scopes], prefix };
+    if (label !== undefined) body.label = label;
+    if (expiresIn !== undefined) body.expires_in = expiresIn;
+    if (expiresAt !== undefined) body.expires_at = expiresAt;
+    if (quotas !== undefined) body.quotas = quotas;
+    return (await this._json('POST', '/v1/tokens', body, [201])).doc;
+  }
+
+  /** GET /v1/tokens (the admin key only): every token, never a secret. */
+  async listTokens() {
+    return (await this._json('GET', '/v1/tokens')).doc.tokens;
+  }
+
+  /** GET /v1/tokens/{id} (the admin key only): the token and its usage. */
+  async getToken(id) {
+    return (await this._json('GET', `/v1/tokens/${checkName(id)}`)).doc;
+  }
+
+  /** DELETE /v1/tokens/{id} (the admin key only): revokes the token. */
+  async revokeToken(id) {
+    await this._json('DELETE', `/v1/tokens/${checkName(id)}`, undefined, [204]);
   }
 }
 

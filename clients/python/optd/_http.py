@@ -1,8 +1,9 @@
 """One persistent HTTP/1.1 connection to optd, with bounded retries.
 
 Transient failures -- connection refused or reset, the peer closing a
-keep-alive connection, timeouts, and 503 answers -- are retried with
-exponential backoff and jitter.  Every request optd serves is safe to repeat
+keep-alive connection, timeouts, 503 answers, and 429 answers whose
+Retry-After is at most MAX_RETRY_AFTER (a token's step rate) -- are retried
+with exponential backoff and jitter (or after Retry-After when given).  Every request optd serves is safe to repeat
 (PUT/PATCH/DELETE are idempotent, and a step carries an Idempotency-Key that
 the caller keeps the same across attempts), so the transport retries them all.
 """
@@ -151,12 +152,17 @@ class Transport:
                     time.sleep(self._delay(attempt))
                     attempt += 1
                     continue
-                if status == 503 and attempt < self.retries:
+                if status in (503, 429) and attempt < self.retries:
                     ra = rh.get("retry-after")
                     try:
                         ra = float(ra) if ra is not None else None
                     except ValueError:
                         ra = None
+                    # A 429 is waited out only when it names a short wait
+                    # (a token's step rate); a quota that waiting cannot
+                    # lift (Retry-After past MAX_RETRY_AFTER) is answered.
+                    if status == 429 and (ra is None or ra > MAX_RETRY_AFTER):
+                        return Response(status, rh, data, attempt + 1)
                     time.sleep(self._delay(attempt, ra))
                     attempt += 1
                     continue

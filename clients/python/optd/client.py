@@ -76,7 +76,14 @@ def _raise_for(resp):
         return
     doc = _decode_json(resp)
     fallback = resp.body[:200].decode("utf-8", "replace") if doc is None else ""
-    raise from_problem(resp.status, doc, fallback)
+    err = from_problem(resp.status, doc, fallback)
+    ra = resp.header("retry-after")
+    if resp.status == 429 and ra is not None:
+        try:
+            err.retry_after = float(ra)
+        except ValueError:
+            pass
+    raise err
 
 
 def _json_doc(resp):
@@ -327,6 +334,42 @@ class Client:
             doc["replay"] = True
         resp = self._send_json("PUT", _path(name), doc)
         return Session(self, _json_doc(resp), created=True)
+
+    # ----------------------------------------------------------- tokens
+
+    def create_token(self, scopes: Sequence[str], prefix: str = "",
+                     label: Optional[str] = None, expires_in: Optional[int] = None,
+                     expires_at: Optional[str] = None,
+                     quotas: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """POST /v1/tokens (the admin key only): mints a token.  ``scopes``:
+        any of "read", "step", "admin" (each holds the ones before it);
+        ``prefix``: the session-name prefix it is bound to ("" = every
+        name); ``expires_in`` seconds or ``expires_at`` (RFC 3339 UTC);
+        ``quotas``: {"max_sessions", "max_params", "steps_per_second",
+        "burst"}.  Returns the token's document; its secret, in "token", is
+        shown this once."""
+        doc: Dict[str, Any] = {"scopes": list(scopes), "prefix": prefix}
+        for key, value in (("label", label), ("expires_in", expires_in),
+                           ("expires_at", expires_at), ("quotas", quotas)):
+            if value is not None:
+                doc[key] = value
+        return _json_doc(self._send_json("POST", "/v1/tokens", doc))
+
+    def list_tokens(self) -> List[Dict[str, Any]]:
+        """GET /v1/tokens (the admin key only): every token, revoked and
+        expired ones included; never a secret."""
+        return list(self._get_json("/v1/tokens").get("tokens", []))
+
+    def get_token(self, token_id: str) -> Dict[str, Any]:
+        """GET /v1/tokens/{id} (the admin key only): the token and its
+        usage (sessions it created, their params)."""
+        return self._get_json("/v1/tokens/" + _check_name(token_id))
+
+    def revoke_token(self, token_id: str) -> None:
+        """DELETE /v1/tokens/{id} (the admin key only): the next request
+        that carries the token is refused."""
+        _raise_for(self._request("DELETE", "/v1/tokens/" + _check_name(token_id),
+                                 headers={"Accept": _JSON}))
 
     def import_session(self, name: str, data: bytes) -> "Session":
         """Creates session ``name`` from an export file (Session.export)."""

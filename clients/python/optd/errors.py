@@ -61,6 +61,19 @@ class InvalidRequest(OptdError):
     kind = "invalid_request"
 
 
+class Forbidden(InvalidRequest):
+    """403: a token whose scope is too small (``field`` "scope"), or a
+    session outside its prefix (``field`` "prefix")."""
+
+
+class TooManyRequests(InvalidRequest):
+    """429: a token past a quota -- its step rate, or ``field``
+    "max_sessions" / "max_params" on a create.  ``retry_after``: the
+    seconds the daemon asked to wait (None when it named none)."""
+
+    retry_after = None
+
+
 class Unprocessable(InvalidRequest):
     """422: well-formed but unusable, e.g. a gradient of the wrong length or NaN."""
 
@@ -138,6 +151,10 @@ def error_class(status, field=None):
     """The OptdError subclass for an HTTP status (and the field at fault)."""
     if status == 401:
         return Unauthorized
+    if status == 403:
+        return Forbidden
+    if status == 429:
+        return TooManyRequests
     if status == 404:
         return NotFound
     if status == 409:
