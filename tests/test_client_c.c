@@ -562,6 +562,8 @@ static void test_tls_mutual(void **state)
     tdaemon_cleanup(&d);
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     assert_int_equal(system(cmd), 0);
+}
+
 /* Tokens: minted, listed (never a secret), used, refused outside their
  * scope and prefix, revoked. */
 static void test_tokens(void **state)
