@@ -393,8 +393,12 @@ print(sh.last_step)
 		t.Fatalf("python: %q", out)
 	}
 	clients := []*optd.Client{c0, optd.NewClient(ds[1].URL), optd.NewClient(ds[2].URL)}
-	sh, err := optd.OpenSharded(ctx, clients, "bypy")
-	if err != nil {
+	// Creating it again with the same config verifies it (nothing changes).
+	sh, err := optd.CreateSharded(ctx, clients, "bypy", cfg)
+	if err != nil || sh.Shards()[0].Created() {
+		t.Fatalf("create-or-verify of the shards Python made: %v", err)
+	}
+	if sh, err = optd.OpenSharded(ctx, clients, "bypy"); err != nil {
 		t.Fatal(err)
 	}
 	var want []float32
