@@ -5,7 +5,8 @@
  * whole vector at every one of 100 steps, through a lost answer and two
  * shard daemons killed with SIGKILL and restarted, with nothing applied
  * twice; a layout is split on tensor boundaries with its groups restricted;
- * bad input is refused before anything is sent; sharded sessions made by
+ * bad input is refused before anything is sent; update, set params and
+ * delete reach every shard; sharded sessions made by
  * the Python client are stepped by this one and the other way round (the
  * suite runs /usr/bin/python3 with clients/python, from the repository
  * root).
@@ -465,6 +466,63 @@ static void test_bad_input(void **state)
     optd_sharded_free(sh);
 }
 
+/* Update, set params and delete act on every shard; a clip switched to
+ * norm mid-run makes later steps carry the whole vector's norm.  The three
+ * shards share one daemon here (three clients: one per thread). */
+static void test_update_params_delete(void **state)
+{
+    suite *s = *state;
+    enum { N = 9000 };
+    static float p0[N], g[N], want[N], got[N];
+    optd_client *cs[K];
+    for (int i = 0; i < K; i++)
+        assert_non_null(cs[i] = optd_client_new(tdaemon_url(&s->d[0]), NULL));
+    fill(p0, N, 13, 0, 1.0);
+    char *params = json_floats(p0, N);
+    size_t cap = strlen(params) + 256;
+    char *body = malloc(cap);
+    snprintf(body, cap, "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"params\":%s}", params);
+    free(params);
+    optd_error e;
+    assert_int_equal(optd_create_session(cs[0], "uref", body, &e), 1);
+    optd_sharded *sh = optd_sharded_create(cs, K, "u", body, &e);
+    free(body);
+    if (!sh)
+        fail_msg("create u: %d %s", e.status, e.detail);
+    const char *clip = "{\"clip\":{\"type\":\"norm\",\"max_norm\":0.1,\"norm_type\":1}}";
+    for (int step = 1; step <= 5; step++) {
+        if (step == 2) {
+            assert_int_equal(optd_update(cs[0], "uref", clip, &e), 0);
+            if (optd_sharded_update(sh, clip, &e))
+                fail_msg("update: %d %s", e.status, e.detail);
+        }
+        if (step == 4) {
+            fill(p0, N, 13, 100, 1.0);
+            assert_int_equal(optd_set_params_f32(cs[0], "uref", p0, N, &e), 0);
+            assert_int_equal(optd_sharded_set_params_f32(sh, p0, N, &e), 0);
+            assert_int_equal(optd_sharded_params_f32(sh, got, N, NULL, &e), 0);
+            assert_same_bits(got, p0, N, "params set", step);
+        }
+        fill(g, N, 13, (uint64_t)step, 2.0);
+        assert_int_equal(optd_step_f32(cs[0], "uref", g, N, NULL, want, NULL, &e), 0);
+        if (optd_sharded_step_f32(sh, g, N, NULL, NULL, got, NULL, &e))
+            fail_msg("step %d: %d %s", step, e.status, e.detail);
+        assert_same_bits(got, want, N, "updated, set, stepped", step);
+    }
+    assert_int_equal(optd_sharded_update(sh, "{\"metadata\":{\"a\":1}}", &e), -1);
+    assert_string_equal(e.field, "metadata");
+    assert_int_equal(optd_sharded_delete(sh, &e), 0);
+    for (int i = 0; i < K; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "u.shard%d", i);
+        assert_null(optd_get_session(cs[0], name, &e));
+        assert_int_equal(e.status, 404);
+    }
+    optd_sharded_free(sh);
+    for (int i = 0; i < K; i++)
+        optd_client_free(cs[i]);
+}
+
 /* g(t, i) = (((7t + 13i) mod 17) - 8) / 8: exact in every language. */
 static void cross_grad(float *g, size_t n, int t)
 {
@@ -603,6 +661,7 @@ int main(void)
         cmocka_unit_test(test_sharded_matches_single),
         cmocka_unit_test(test_layout_split),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_update_params_delete),
         cmocka_unit_test(test_python_compatible),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);

@@ -329,6 +329,16 @@ void optd_sharded_set_retry_for(optd_sharded *s, long ms);
 const char *optd_sharded_pending_key(const optd_sharded *s);
 /* Whether shard i has the unfinished step (1), has not (0). */
 int optd_sharded_shard_done(const optd_sharded *s, size_t i);
+/* The same PATCH (optd_update) on every shard; a patch with "metadata" is
+ * refused (each shard's metadata keeps its place).  0 or -1. */
+int optd_sharded_update(optd_sharded *s, const char *patch_json, optd_error *err);
+/* Overwrites the whole vector (n == size), each shard its range; the
+ * optimizer state and step counts stay.  0 or -1. */
+int optd_sharded_set_params_f32(optd_sharded *s, const float *params, size_t n, optd_error *err);
+int optd_sharded_set_params_f64(optd_sharded *s, const double *params, size_t n,
+                                optd_error *err);
+/* Deletes every shard.  0 or -1.  The handle is still to be freed. */
+int optd_sharded_delete(optd_sharded *s, optd_error *err);
 /* The joined params (n == size); steps_out (k entries, may be NULL) gets
  * each shard's step.  0 or -1. */
 int optd_sharded_params_f32(optd_sharded *s, float *out, size_t n, long long *steps_out,

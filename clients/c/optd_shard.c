@@ -269,6 +269,34 @@ static double num_or(const cJSON *obj, const char *name, double dflt)
     return cJSON_IsNumber(v) ? v->valuedouble : dflt;
 }
 
+/* Whether steps carry the whole vector's norm, and of which type, from a
+ * shard's session document.  0 or -1 (norm clipping in sync mode or with
+ * accumulation). */
+static int read_clip(optd_sharded *s, const cJSON *doc, optd_error *err)
+{
+    const cJSON *clip = cJSON_GetObjectItemCaseSensitive(doc, "clip");
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(clip, "type");
+    s->norm_type = 0; /* no clipping by norm: no Optd-Grad-Norm */
+    if (cJSON_IsString(type) && strcmp(type->valuestring, "norm") == 0) {
+        const cJSON *nt_ = cJSON_GetObjectItemCaseSensitive(clip, "norm_type");
+        s->norm_type = 2.0;
+        if (cJSON_IsNumber(nt_))
+            s->norm_type = nt_->valuedouble;
+        else if (cJSON_IsString(nt_) && (strcmp(nt_->valuestring, "inf") == 0 ||
+                                         strcmp(nt_->valuestring, "Infinity") == 0))
+            s->norm_type = INFINITY;
+        const cJSON *mode = cJSON_GetObjectItemCaseSensitive(doc, "mode");
+        const cJSON *mt = cJSON_GetObjectItemCaseSensitive(mode, "type");
+        if ((cJSON_IsString(mt) && strcmp(mt->valuestring, "sync") == 0) ||
+            num_or(mode, "accumulate", 1) > 1) {
+            shard_err(err, 0, "clip", "a sharded session cannot clip by norm in sync mode or "
+                                      "with accumulation: the norm is the round's or the mean's");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Fills offsets, layout, dtype and the clip's norm from the shards'
  * session documents and the place each one's metadata records
  * (OPTD_SHARD_META).  0 or -1. */
@@ -340,26 +368,8 @@ static int read_layout(optd_sharded *s, cJSON *const *docs, optd_error *err)
         s->n_sizes = 1;
     }
     s->esize = strcmp(dt0, "float64") == 0 ? 8 : 4;
-    const cJSON *clip = cJSON_GetObjectItemCaseSensitive(docs[0], "clip");
-    const cJSON *type = cJSON_GetObjectItemCaseSensitive(clip, "type");
-    s->norm_type = 0; /* no clipping by norm: no Optd-Grad-Norm */
-    if (cJSON_IsString(type) && strcmp(type->valuestring, "norm") == 0) {
-        const cJSON *nt_ = cJSON_GetObjectItemCaseSensitive(clip, "norm_type");
-        s->norm_type = 2.0;
-        if (cJSON_IsNumber(nt_))
-            s->norm_type = nt_->valuedouble;
-        else if (cJSON_IsString(nt_) && (strcmp(nt_->valuestring, "inf") == 0 ||
-                                         strcmp(nt_->valuestring, "Infinity") == 0))
-            s->norm_type = INFINITY;
-        const cJSON *mode = cJSON_GetObjectItemCaseSensitive(docs[0], "mode");
-        const cJSON *mt = cJSON_GetObjectItemCaseSensitive(mode, "type");
-        if ((cJSON_IsString(mt) && strcmp(mt->valuestring, "sync") == 0) ||
-            num_or(mode, "accumulate", 1) > 1) {
-            shard_err(err, 0, "clip", "a sharded session cannot clip by norm in sync mode or "
-                                      "with accumulation: the norm is the round's or the mean's");
-            return -1;
-        }
-    }
+    if (read_clip(s, docs[0], err))
+        return -1;
     if (!(s->answers = malloc(s->offs[s->k] * s->esize))) {
         shard_err(err, 0, NULL, "out of memory");
         return -1;
@@ -1018,6 +1028,126 @@ int optd_sharded_step_f64_opts(optd_sharded *s, const double *grad, size_t n,
                                double *params_out, long long *step_out, optd_error *err)
 {
     return sharded_step(s, grad, n, 8, loss, opts, params_out, step_out, err);
+}
+
+/* ------------------------------------------- update, params, delete */
+
+typedef struct {
+    const char *patch;
+    const void *params;
+    optd_error *errs;
+    int *rc;
+} every_job;
+
+static void update_one(optd_sharded *s, size_t i, void *arg)
+{
+    every_job *j = arg;
+    j->rc[i] = optd_update(s->clients[i], s->names[i], j->patch, &j->errs[i]);
+}
+
+static void set_params_one(optd_sharded *s, size_t i, void *arg)
+{
+    every_job *j = arg;
+    size_t n = s->offs[i + 1] - s->offs[i];
+    const char *p = (const char *)j->params + s->offs[i] * s->esize;
+    j->rc[i] = s->esize == 8 ? optd_set_params_f64_wire(s->clients[i], s->names[i],
+                                                        (const double *)p, n, OPTD_WIRE_FULL,
+                                                        &j->errs[i])
+                             : optd_set_params_f32_wire(s->clients[i], s->names[i],
+                                                        (const float *)p, n, OPTD_WIRE_FULL,
+                                                        &j->errs[i]);
+}
+
+static void delete_one(optd_sharded *s, size_t i, void *arg)
+{
+    every_job *j = arg;
+    j->rc[i] = optd_delete(s->clients[i], s->names[i], &j->errs[i]);
+}
+
+/* f on every shard at once; the first failure's error (its detail naming
+ * the shard) in err.  0 or -1. */
+static int on_every_shard(optd_sharded *s, void (*f)(optd_sharded *, size_t, void *),
+                          const char *patch, const void *params, optd_error *err)
+{
+    optd_error *errs = calloc(s->k, sizeof *errs);
+    int *rc = calloc(s->k, sizeof *rc);
+    every_job j = {patch, params, errs, rc};
+    int ret = -1;
+    if (!errs || !rc || each_shard(s, NULL, f, &j)) {
+        shard_err(err, 0, NULL, "out of memory");
+        goto done;
+    }
+    for (size_t i = 0; i < s->k; i++)
+        if (rc[i]) {
+            if (err) {
+                *err = errs[i];
+                char d[sizeof err->detail];
+                snprintf(d, sizeof d, "shard %zu: %.480s", i, errs[i].detail);
+                memcpy(err->detail, d, sizeof d);
+            }
+            goto done;
+        }
+    ret = 0;
+done:
+    free(errs);
+    free(rc);
+    return ret;
+}
+
+int optd_sharded_update(optd_sharded *s, const char *patch_json, optd_error *err)
+{
+    if (err)
+        memset(err, 0, sizeof *err);
+    cJSON *pj = patch_json ? cJSON_Parse(patch_json) : NULL;
+    bool meta = pj && cJSON_GetObjectItemCaseSensitive(pj, "metadata");
+    cJSON_Delete(pj);
+    if (meta) {
+        shard_err(err, 0, "metadata", "the shards' metadata keeps their places: change it shard "
+                                      "by shard");
+        return -1;
+    }
+    if (on_every_shard(s, update_one, patch_json, NULL, err))
+        return -1;
+    /* the clip may have changed: read it again */
+    char *doc = optd_get_session(s->clients[0], s->names[0], err);
+    cJSON *dj = doc ? cJSON_Parse(doc) : NULL;
+    free(doc);
+    int rc = dj ? read_clip(s, dj, err) : -1;
+    if (doc && !dj)
+        shard_err(err, 0, NULL, "shard 0: an undecodable session document");
+    cJSON_Delete(dj);
+    return rc;
+}
+
+static int sharded_set_params(optd_sharded *s, const void *params, size_t n, size_t esize,
+                              optd_error *err)
+{
+    if (err)
+        memset(err, 0, sizeof *err);
+    if (esize != s->esize || n != optd_sharded_size(s) || !params) {
+        shard_err(err, 0, "params", "%zu elements of %zu bytes for a sharded session of %zu of %zu",
+                  n, esize, optd_sharded_size(s), s->esize);
+        return -1;
+    }
+    return on_every_shard(s, set_params_one, NULL, params, err);
+}
+
+int optd_sharded_set_params_f32(optd_sharded *s, const float *params, size_t n, optd_error *err)
+{
+    return sharded_set_params(s, params, n, 4, err);
+}
+
+int optd_sharded_set_params_f64(optd_sharded *s, const double *params, size_t n,
+                                optd_error *err)
+{
+    return sharded_set_params(s, params, n, 8, err);
+}
+
+int optd_sharded_delete(optd_sharded *s, optd_error *err)
+{
+    if (err)
+        memset(err, 0, sizeof *err);
+    return on_every_shard(s, delete_one, NULL, NULL, err);
 }
 
 /* ----------------------------------------------------------- params */

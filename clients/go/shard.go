@@ -283,7 +283,17 @@ func newSharded(name string, shards []*Session, infos []*SessionInfo) (*ShardedS
 	if !layout {
 		s.sizes = []int{s.offs[k]}
 	}
-	if c := infos[0].Clip; c != nil && c["type"] == "norm" {
+	if err := s.configure(infos[0]); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// configure reads whether steps carry the whole vector's norm, and of
+// which type, from a shard's session document.
+func (s *ShardedSession) configure(in *SessionInfo) error {
+	s.normType = 0
+	if c := in.Clip; c != nil && c["type"] == "norm" {
 		s.normType = 2
 		switch v := c["norm_type"].(type) {
 		case float64:
@@ -293,12 +303,75 @@ func newSharded(name string, shards []*Session, infos []*SessionInfo) (*ShardedS
 				s.normType = math.Inf(1)
 			}
 		}
-		m := infos[0].Mode
+		m := in.Mode
 		if acc, _ := m["accumulate"].(float64); m["type"] == "sync" || acc > 1 {
-			return nil, fmt.Errorf("optd: a sharded session cannot clip by norm in sync mode or with accumulation: the norm is the round's or the mean's")
+			return fmt.Errorf("optd: a sharded session cannot clip by norm in sync mode or with accumulation: the norm is the round's or the mean's")
 		}
 	}
-	return s, nil
+	return nil
+}
+
+// Update makes the same change on every shard (see Session.Update) and
+// returns the shards' sessions as changed. SetMetadata is refused: each
+// shard's metadata keeps its place.
+func (s *ShardedSession) Update(ctx context.Context, opts ...UpdateOption) ([]*SessionInfo, error) {
+	p := &patch{}
+	for _, o := range opts {
+		o(p)
+	}
+	if p.metadataSet {
+		return nil, fmt.Errorf("optd: the metadata of a sharded session's shards keeps their places; change it shard by shard")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	infos := make([]*SessionInfo, len(s.shards))
+	err := eachShard(len(s.shards), func(i int) error {
+		var err error
+		if infos[i], err = s.shards[i].Update(ctx, opts...); err != nil {
+			return fmt.Errorf("optd: shard %d: %w", i, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return infos, s.configure(infos[0])
+}
+
+// SetParamsF32 overwrites the whole vector of a float32 sharded session,
+// each shard its range; the optimizer state and step counts stay.
+func (s *ShardedSession) SetParamsF32(ctx context.Context, p []float32) error {
+	return shardSetParams(ctx, s, p, Float32)
+}
+
+// SetParamsF64 is SetParamsF32 for a float64 sharded session.
+func (s *ShardedSession) SetParamsF64(ctx context.Context, p []float64) error {
+	return shardSetParams(ctx, s, p, Float64)
+}
+
+func shardSetParams[T float](ctx context.Context, s *ShardedSession, p []T, dt DType) error {
+	if dt != s.dtype {
+		return fmt.Errorf("%w: sharded session %s is %s, the call is for %s", ErrDType, s.name, s.dtype, dt)
+	}
+	if len(p) != s.Size() {
+		return fmt.Errorf("optd: %d params for a sharded session of %d", len(p), s.Size())
+	}
+	return eachShard(len(s.shards), func(i int) error {
+		if err := setParams(ctx, s.shards[i], p[s.offs[i]:s.offs[i+1]], dt, WireFull); err != nil {
+			return fmt.Errorf("optd: shard %d: %w", i, err)
+		}
+		return nil
+	})
+}
+
+// Delete deletes every shard.
+func (s *ShardedSession) Delete(ctx context.Context) error {
+	return eachShard(len(s.shards), func(i int) error {
+		if err := s.shards[i].Delete(ctx); err != nil {
+			return fmt.Errorf("optd: shard %d: %w", i, err)
+		}
+		return nil
+	})
 }
 
 // OpenSharded returns the sharded session name whose shards live on the

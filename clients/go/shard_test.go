@@ -393,8 +393,12 @@ print(sh.last_step)
 		t.Fatalf("python: %q", out)
 	}
 	clients := []*optd.Client{c0, optd.NewClient(ds[1].URL), optd.NewClient(ds[2].URL)}
-	sh, err := optd.OpenSharded(ctx, clients, "bypy")
-	if err != nil {
+	// Creating it again with the same config verifies it (nothing changes).
+	sh, err := optd.CreateSharded(ctx, clients, "bypy", cfg)
+	if err != nil || sh.Shards()[0].Created() {
+		t.Fatalf("create-or-verify of the shards Python made: %v", err)
+	}
+	if sh, err = optd.OpenSharded(ctx, clients, "bypy"); err != nil {
 		t.Fatal(err)
 	}
 	var want []float32
@@ -450,5 +454,74 @@ func BenchmarkGradNormF32(b *testing.B) {
 	b.SetBytes(int64(4 * len(g)))
 	for i := 0; i < b.N; i++ {
 		optd.GradNormF32(g, []int{len(g)}, 2)
+	}
+}
+
+// Update, SetParams and Delete act on every shard, and a clip switched to
+// norm mid-run makes later steps carry the whole vector's norm. Three
+// shards share one daemon here (the names differ), beside the reference.
+func TestShardedUpdateSetParamsDelete(t *testing.T) {
+	t.Parallel()
+	d := startDaemon(t)
+	ctx := ctxT(t)
+	c := optd.NewClient(d.URL)
+	const n = 9000
+	r := rand.New(rand.NewSource(3))
+	cfg := optd.SessionConfig{Optimizer: map[string]any{"type": "adam", "lr": 0.01}, ParamsF32: randGradF32(r, n, 1)}
+	ref, err := c.CreateSession(ctx, "ref", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sh, err := optd.CreateSharded(ctx, []*optd.Client{c, c, c}, "u", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	same := func(what string) {
+		t.Helper()
+		g := randGradF32(r, n, 2)
+		want, err := ref.StepF32(ctx, g, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _, err := sh.StepF32(ctx, g, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameBits32(t, what, got, want)
+	}
+	same("before the update")
+	clip := optd.SetClip(optd.Clip{Type: "norm", Params: optd.Params{"max_norm": 0.1, "norm_type": 1}})
+	if _, err := ref.Update(ctx, clip); err != nil {
+		t.Fatal(err)
+	}
+	infos, err := sh.Update(ctx, clip)
+	if err != nil || len(infos) != 3 || infos[2].Clip["type"] != "norm" {
+		t.Fatalf("update: %v %v", infos, err)
+	}
+	same("clipped by the 1-norm after the update")
+	same("clipped by the 1-norm, again")
+	p := randGradF32(r, n, 1)
+	if err := ref.SetParamsF32(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	if err := sh.SetParamsF32(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err := sh.ParamsF32(ctx); err != nil {
+		t.Fatal(err)
+	} else {
+		sameBits32(t, "params set", got, p)
+	}
+	same("after the params were set")
+	if _, err := sh.Update(ctx, optd.SetMetadata(map[string]any{"a": 1})); err == nil {
+		t.Errorf("the shards' metadata was replaced")
+	}
+	if err := sh.Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := c.Session(optd.ShardName("u", i)).Info(ctx); !optd.IsNotFound(err) {
+			t.Errorf("shard %d after Delete: %v", i, err)
+		}
 	}
 }
