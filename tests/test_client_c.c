@@ -620,6 +620,75 @@ static void test_tokens(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* A token of 2 steps per second (burst 1): with retries the client waits
+ * each 429's Retry-After out and every step of a burst lands, no faster
+ * than the rate allows; with one attempt the caller sees the 429 and its
+ * retry_after.  A session quota's 429 (Retry-After 60) comes back at once. */
+static void test_retry_after(void **state)
+{
+    (void)state;
+    tdaemon d;
+    const char *args[] = {"--api-key", "k-admin", NULL};
+    assert_int_equal(tdaemon_start(&d, NULL, args), 0);
+    optd_client *admin = optd_client_new(tdaemon_url(&d), "k-admin");
+    optd_error e;
+    char id[OPTD_TOKEN_ID_SIZE], secret[OPTD_TOKEN_SIZE];
+    assert_int_equal(optd_create_token(admin,
+                                       "{\"scopes\":[\"step\"],\"prefix\":\"r-\","
+                                       "\"quotas\":{\"steps_per_second\":2,\"burst\":1}}",
+                                       id, secret, &e),
+                     0);
+    const char *cfg = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},\"params\":[0]}";
+    assert_int_equal(optd_create_session(admin, "r-a", cfg, &e), 1);
+
+    optd_client *hasty = optd_client_new(tdaemon_url(&d), secret);
+    optd_client_set_retry(hasty, 1, 50, 2000);
+    float g = 1, p;
+    long long st = 0;
+    assert_int_equal(optd_step_f32(hasty, "r-a", &g, 1, NULL, &p, &st, &e), 0);
+    assert_int_equal(st, 1);
+    assert_int_equal(e.retry_after, 0);
+    assert_int_equal(optd_step_f32(hasty, "r-a", &g, 1, NULL, &p, &st, &e), -1);
+    assert_int_equal(e.status, 429);
+    assert_string_equal(e.type, "urn:optd:problem:too-many-requests");
+    assert_string_equal(e.field, "");
+    assert_true(e.retry_after >= 1 && e.retry_after <= OPTD_RETRY_AFTER_MAX_S);
+
+    optd_client *patient = optd_client_new(tdaemon_url(&d), secret);
+    long long t0 = tapi_now_ms();
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(optd_step_f32(patient, "r-a", &g, 1, NULL, &p, &st, &e), 0);
+        assert_int_equal(st, 2 + i);
+    }
+    /* Four steps from a bucket of at most one: three waits of 0.5 s. */
+    assert_true(tapi_now_ms() - t0 >= 1500);
+    assert_true(p == -5.0f);
+
+    assert_int_equal(optd_create_token(admin,
+                                       "{\"scopes\":[\"admin\"],\"prefix\":\"q-\","
+                                       "\"quotas\":{\"max_sessions\":1}}",
+                                       id, secret, &e),
+                     0);
+    optd_client *owner = optd_client_new(tdaemon_url(&d), secret);
+    assert_int_equal(optd_create_session(owner, "q-1", cfg, &e), 1);
+    t0 = tapi_now_ms();
+    assert_int_equal(optd_create_session(owner, "q-2", cfg, &e), -1);
+    assert_true(tapi_now_ms() - t0 < 5000);
+    assert_int_equal(e.status, 429);
+    assert_string_equal(e.field, "max_sessions");
+    assert_int_equal(e.retry_after, 60);
+    assert_null(optd_get_session(admin, "q-2", &e));
+    assert_int_equal(e.status, 404);
+    assert_int_equal(e.retry_after, 0);
+
+    optd_client_free(owner);
+    optd_client_free(patient);
+    optd_client_free(hasty);
+    optd_client_free(admin);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+}
+
 /* Nobody listening: the client tries max_attempts times, backing off. */
 static void test_retry_gives_up(void **state)
 {
@@ -860,6 +929,7 @@ int main(void)
         cmocka_unit_test(test_api_key),
         cmocka_unit_test(test_tls_mutual),
         cmocka_unit_test(test_tokens),
+        cmocka_unit_test(test_retry_after),
         cmocka_unit_test(test_retry_gives_up),
         cmocka_unit_test(test_retry_across_restart),
         cmocka_unit_test(test_params_digest),
