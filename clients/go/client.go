@@ -231,12 +231,15 @@ func (c *Client) doTracked(ctx context.Context, req *request) (resp *response, u
 		}
 		if wait < 0 {
 			wait = c.backoff(attempt)
-		} else if wait > MaxRetryAfter {
-			wait = MaxRetryAfter
-		}
-		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
-			// The context would end during the wait: the answer is final.
-			return nil, uncertain, err
+		} else {
+			if wait > MaxRetryAfter {
+				wait = MaxRetryAfter
+			}
+			if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
+				// The context would end during the wait the daemon
+				// asked for: its answer is final.
+				return nil, uncertain, err
+			}
 		}
 		if werr := sleepCtx(ctx, wait); werr != nil {
 			return nil, uncertain, fmt.Errorf("optd: %s %s: %w (while waiting to retry after: %v)",
