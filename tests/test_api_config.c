@@ -306,6 +306,7 @@ static void test_client_constants(void **state)
     assert_int_equal((int)num_of(doc, "retries"), OPTD_DEFAULT_RETRIES);
     assert_int_equal((int)num_of(doc, "backoff_initial_ms"), OPTD_DEFAULT_BACKOFF_MS);
     assert_int_equal((int)num_of(doc, "backoff_max_ms"), OPTD_DEFAULT_MAX_BACKOFF_MS);
+    assert_int_equal((int)num_of(doc, "retry_after_max_s"), OPTD_RETRY_AFTER_MAX_S);
 
     /* The name rule: the C client's pattern is the file's, and the daemon's
      * api_name_valid agrees with it on its edges. */

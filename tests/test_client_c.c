@@ -620,6 +620,77 @@ static void test_tokens(void **state)
     tdaemon_cleanup(&d);
 }
 
+/* A token of 2 steps per second (burst 1): with retries the client waits
+ * each 429's Retry-After out and every step of a burst lands, no faster
+ * than the rate allows; with one attempt the caller sees the 429 and its
+ * retry_after.  A session quota's 429 (Retry-After 60) comes back at once. */
+static void test_retry_after(void **state)
+{
+    (void)state;
+    tdaemon d;
+    const char *args[] = {"--api-key", "k-admin", NULL};
+    assert_int_equal(tdaemon_start(&d, NULL, args), 0);
+    optd_client *admin = optd_client_new(tdaemon_url(&d), "k-admin");
+    optd_error e;
+    char id[OPTD_TOKEN_ID_SIZE], secret[OPTD_TOKEN_SIZE];
+    assert_int_equal(optd_create_token(admin,
+                                       "{\"scopes\":[\"step\"],\"prefix\":\"r-\","
+                                       "\"quotas\":{\"steps_per_second\":2,\"burst\":1}}",
+                                       id, secret, &e),
+                     0);
+    const char *cfg = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},\"params\":[0]}";
+    assert_int_equal(optd_create_session(admin, "r-a", cfg, &e), 1);
+
+    optd_client *hasty = optd_client_new(tdaemon_url(&d), secret);
+    optd_client_set_retry(hasty, 1, 50, 2000);
+    float g = 1, p;
+    long long st = 0;
+    assert_int_equal(optd_step_f32(hasty, "r-a", &g, 1, NULL, &p, &st, &e), 0);
+    assert_int_equal(st, 1);
+    assert_int_equal(e.retry_after, 0);
+    assert_int_equal(optd_step_f32(hasty, "r-a", &g, 1, NULL, &p, &st, &e), -1);
+    assert_int_equal(e.status, 429);
+    assert_string_equal(e.type, "urn:optd:problem:too-many-requests");
+    assert_string_equal(e.field, "");
+    assert_true(e.retry_after >= 1 && e.retry_after <= OPTD_RETRY_AFTER_MAX_S);
+
+    optd_client *patient = optd_client_new(tdaemon_url(&d), secret);
+    /* A backoff of 1 ms: only waiting out Retry-After gets the steps in. */
+    optd_client_set_retry(patient, OPTD_DEFAULT_RETRIES + 1, 1, 1);
+    long long t0 = tapi_now_ms();
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(optd_step_f32(patient, "r-a", &g, 1, NULL, &p, &st, &e), 0);
+        assert_int_equal(st, 2 + i);
+    }
+    /* Four steps from a bucket of at most one: three waits of 0.5 s. */
+    assert_true(tapi_now_ms() - t0 >= 1500);
+    assert_true(p == -5.0f);
+
+    assert_int_equal(optd_create_token(admin,
+                                       "{\"scopes\":[\"admin\"],\"prefix\":\"q-\","
+                                       "\"quotas\":{\"max_sessions\":1}}",
+                                       id, secret, &e),
+                     0);
+    optd_client *owner = optd_client_new(tdaemon_url(&d), secret);
+    assert_int_equal(optd_create_session(owner, "q-1", cfg, &e), 1);
+    t0 = tapi_now_ms();
+    assert_int_equal(optd_create_session(owner, "q-2", cfg, &e), -1);
+    assert_true(tapi_now_ms() - t0 < 5000);
+    assert_int_equal(e.status, 429);
+    assert_string_equal(e.field, "max_sessions");
+    assert_int_equal(e.retry_after, 60);
+    assert_null(optd_get_session(admin, "q-2", &e));
+    assert_int_equal(e.status, 404);
+    assert_int_equal(e.retry_after, 0);
+
+    optd_client_free(owner);
+    optd_client_free(patient);
+    optd_client_free(hasty);
+    optd_client_free(admin);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    tdaemon_cleanup(&d);
+}
+
 /* Nobody listening: the client tries max_attempts times, backing off. */
 static void test_retry_gives_up(void **state)
 {
@@ -720,6 +791,8 @@ static void test_retry_across_restart(void **state)
 typedef struct {
     int lfd;
     int port, upstream;
+    int unavailable; /* the first this many requests get a 503 of the relay's own */
+    int retry_after; /* ... whose Retry-After this is */
     pthread_t t;
 } relay;
 
@@ -755,6 +828,21 @@ static void *relay_main(void *arg)
         if (cfd < 0)
             return NULL;
         ssize_t n = read_message(cfd, buf, sizeof buf);
+        if (n > 0 && rl->unavailable > 0) {
+            rl->unavailable--;
+            static const char body[] = "{\"type\":\"urn:optd:problem:unavailable\","
+                                       "\"title\":\"Service Unavailable\",\"status\":503,"
+                                       "\"detail\":\"injected by the test relay\"}";
+            int hl = snprintf(buf, sizeof buf,
+                              "HTTP/1.1 503 Service Unavailable\r\n"
+                              "Content-Type: application/problem+json\r\nRetry-After: %d\r\n"
+                              "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
+                              rl->retry_after, sizeof body - 1, body);
+            if (write(cfd, buf, (size_t)hl) != hl)
+                hl = -1;
+            close(cfd);
+            continue;
+        }
         int ufd = socket(AF_INET, SOCK_STREAM, 0);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)rl->upstream)};
         a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -774,9 +862,11 @@ static void *relay_main(void *arg)
     }
 }
 
-static void relay_start(relay *rl, int upstream)
+static void relay_start_unavailable(relay *rl, int upstream, int unavailable, int retry_after)
 {
     rl->upstream = upstream;
+    rl->unavailable = unavailable;
+    rl->retry_after = retry_after;
     rl->lfd = socket(AF_INET, SOCK_STREAM, 0);
     assert_true(rl->lfd >= 0);
     struct sockaddr_in a = {.sin_family = AF_INET};
@@ -787,6 +877,11 @@ static void relay_start(relay *rl, int upstream)
     assert_int_equal(getsockname(rl->lfd, (struct sockaddr *)&a, &al), 0);
     rl->port = ntohs(a.sin_port);
     assert_int_equal(pthread_create(&rl->t, NULL, relay_main, rl), 0);
+}
+
+static void relay_start(relay *rl, int upstream)
+{
+    relay_start_unavailable(rl, upstream, 0, 0);
 }
 
 static void relay_stop(relay *rl)
@@ -842,6 +937,50 @@ static void test_params_digest(void **state)
     relay_stop(&rl);
 }
 
+/* 503 answers naming a Retry-After (from the relay) are retried after it,
+ * not after the backoff; out of attempts, the 503 comes back with its
+ * retry_after. */
+static void test_retry_after_503(void **state)
+{
+    suite *s = *state;
+    const char *cfg = "{\"optimizer\":{\"type\":\"sgd\",\"lr\":1},\"params\":[0]}";
+    optd_error e;
+    assert_true(optd_create_session(s->c, "busy", cfg, &e) >= 0);
+    float g = 1, p;
+    long long st;
+    char url[64];
+
+    relay rl;
+    relay_start_unavailable(&rl, s->d.port, 2, 1);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", rl.port);
+    optd_client *c = optd_client_new(url, NULL);
+    optd_client_set_params_check(c, 0); /* the relay alters the digest */
+    optd_client_set_retry(c, 3, 1, 1);
+    long long t0 = tapi_now_ms();
+    if (optd_step_f32(c, "busy", &g, 1, NULL, &p, &st, &e) != 0)
+        fail_msg("step after two 503s: %d %s", e.status, e.detail);
+    long long ms = tapi_now_ms() - t0;
+    if (ms < 2000)
+        fail_msg("two 503s with Retry-After 1 were retried within %lld ms", ms);
+    assert_int_equal(st, 1);
+    assert_true(p == -1.0f);
+    optd_client_free(c);
+    relay_stop(&rl);
+
+    relay_start_unavailable(&rl, s->d.port, 1, 1);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", rl.port);
+    c = optd_client_new(url, NULL);
+    optd_client_set_retry(c, 1, 1, 1);
+    t0 = tapi_now_ms();
+    assert_int_equal(optd_step_f32(c, "busy", &g, 1, NULL, &p, &st, &e), -1);
+    assert_true(tapi_now_ms() - t0 < 900);
+    assert_int_equal(e.status, 503);
+    assert_int_equal(e.retry_after, 1);
+    assert_string_equal(optd_error_kind(&e), "unavailable");
+    optd_client_free(c);
+    relay_stop(&rl);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -860,9 +999,11 @@ int main(void)
         cmocka_unit_test(test_api_key),
         cmocka_unit_test(test_tls_mutual),
         cmocka_unit_test(test_tokens),
+        cmocka_unit_test(test_retry_after),
         cmocka_unit_test(test_retry_gives_up),
         cmocka_unit_test(test_retry_across_restart),
         cmocka_unit_test(test_params_digest),
+        cmocka_unit_test(test_retry_after_503),
     };
     return cmocka_run_group_tests(tests, suite_setup, suite_teardown);
 }

@@ -342,6 +342,27 @@ static void copy_str(char *dst, size_t cap, const cJSON *item)
         snprintf(dst, cap, "%s", item->valuestring);
 }
 
+/* The answer's Retry-After as delta-seconds (capped at a day), or -1 when it
+ * has none or not in that form. */
+static long retry_after_s(const optd_response *r)
+{
+    const char *v = optd_response_header(r, "Retry-After");
+    if (!v)
+        return -1;
+    while (*v == ' ' || *v == '\t')
+        v++;
+    if (!isdigit((unsigned char)*v))
+        return -1;
+    long s = 0;
+    for (; isdigit((unsigned char)*v); v++)
+        s = s >= 86400 ? 86400 : s * 10 + (*v - '0');
+    while (*v == ' ' || *v == '\t')
+        v++;
+    if (*v)
+        return -1;
+    return s > 86400 ? 86400 : s;
+}
+
 void optd_error_from_response(const optd_response *r, optd_error *err)
 {
     if (!err)
@@ -365,6 +386,8 @@ void optd_error_from_response(const optd_response *r, optd_error *err)
                  (int)(r->len < sizeof err->detail ? r->len : sizeof err->detail - 1), r->body);
     }
     cJSON_Delete(root);
+    long ra = retry_after_s(r);
+    err->retry_after = ra > 0 ? (int)ra : 0;
 }
 
 /* ---------------------------------------------------------- responses */
@@ -626,9 +649,13 @@ static void sleep_ms(long ms)
 }
 
 /* perform() with the client's retry policy.  Returns 0 when an answer
- * other than 503 came (or the last attempt's 503), -1 on a transport
- * failure after the last attempt.  *retried says whether an earlier
- * attempt may have reached the daemon. */
+ * came that is not retried (or the last attempt's), -1 on a transport
+ * failure after the last attempt.  A 503 is retried, after its Retry-After
+ * (at most OPTD_RETRY_AFTER_MAX_S) when it names one, else after the
+ * backoff; a 429 only when its Retry-After names a wait of at most
+ * OPTD_RETRY_AFTER_MAX_S (a token's step rate: a session quota's longer one
+ * is answered at once).  *retried says whether an earlier attempt may have
+ * reached the daemon. */
 static int call(optd_client *c, const char *method, const char *path,
                 const char *const *headers, const void *body, size_t len, optd_response *out,
                 optd_error *err, bool *retried)
@@ -639,15 +666,26 @@ static int call(optd_client *c, const char *method, const char *path,
     for (int attempt = 1;; attempt++) {
         int rc = perform(c, method, path, headers, body, len, out, err);
         bool last = attempt >= c->max_attempts;
-        if (rc == 0 && (out->status != 503 || last))
-            return 0;
+        long ra = -1;
+        if (rc == 0) {
+            if (out->status != 503 && out->status != 429)
+                return 0;
+            ra = retry_after_s(out);
+            if (out->status == 429 && (ra < 0 || ra > OPTD_RETRY_AFTER_MAX_S))
+                return 0;
+            if (last)
+                return 0;
+        }
         if (rc != 0 && (!transient(rc) || last))
             return -1;
         if (rc == 0)
             optd_response_free(out);
         if (retried)
             *retried = true;
-        sleep_ms(wait);
+        if (ra >= 0)
+            sleep_ms((ra > OPTD_RETRY_AFTER_MAX_S ? OPTD_RETRY_AFTER_MAX_S : ra) * 1000L);
+        else
+            sleep_ms(wait);
         wait = wait > c->backoff_max_ms / 2 ? c->backoff_max_ms : wait * 2;
     }
 }

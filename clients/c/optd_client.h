@@ -11,7 +11,11 @@
  * no answer came at all (connection refused, timeout, ...).
  *
  * Retries: connection failures, timeouts and 503 answers are retried with
- * exponential backoff (optd_client_set_retry).  A step carries an
+ * exponential backoff (optd_client_set_retry), or after the answer's
+ * Retry-After when it names one (at most OPTD_RETRY_AFTER_MAX_S).  A 429
+ * whose Retry-After is at most OPTD_RETRY_AFTER_MAX_S (a token past its step
+ * rate) is waited out and retried the same way; a longer one (a session or
+ * params quota) fails at once, with optd_error.retry_after set.  A step carries an
  * Idempotency-Key generated once per logical step and reused by every retry,
  * so a retry never applies a gradient twice.
  */
@@ -33,6 +37,8 @@ typedef struct optd_client optd_client;
 #define OPTD_DEFAULT_RETRIES 4
 #define OPTD_DEFAULT_BACKOFF_MS 50
 #define OPTD_DEFAULT_MAX_BACKOFF_MS 2000
+/* The longest Retry-After (seconds) the retries wait out. */
+#define OPTD_RETRY_AFTER_MAX_S 30
 #define OPTD_NAME_PATTERN "^[A-Za-z0-9._-]{1,128}$"
 #define OPTD_HEADER_IDEMPOTENCY_KEY "Idempotency-Key"
 #define OPTD_HEADER_LOSS "Optd-Loss"
@@ -57,6 +63,7 @@ typedef struct {
     char detail[512];
     char field[96];      /* the field at fault, "" when none                */
     long long step;      /* "step" member of the problem, else -1          */
+    int retry_after;     /* the answer's Retry-After in seconds, 0 when none */
 } optd_error;
 
 /* Returns a new client for base_url ("http://127.0.0.1:8080"; a trailing

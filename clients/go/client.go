@@ -34,6 +34,10 @@ const (
 	DefaultInitialBackoff = 50 * time.Millisecond
 	DefaultMaxBackoff     = 2 * time.Second
 	DefaultTimeout        = 60 * time.Second
+	// MaxRetryAfter is the longest Retry-After the retries wait out: a 503's
+	// longer one is cut to it, and a 429 with a longer one (a token's
+	// session or params quota) is returned at once.
+	MaxRetryAfter = 30 * time.Second
 )
 
 // NamePattern is what a session name must match.
@@ -82,8 +86,10 @@ type Option func(*Client)
 func WithAPIKey(key string) Option { return func(c *Client) { c.apiKey = key } }
 
 // WithRetries sets how many times a call is retried after a transient failure
-// (connection refused or reset, a cut-off answer, a timed-out attempt, a 503).
-// 0 turns retries off.
+// (connection refused or reset, a cut-off answer, a timed-out attempt, a 503,
+// a 429 whose Retry-After is at most MaxRetryAfter: a token past its step
+// rate). A Retry-After, when the answer has one, is waited instead of the
+// backoff. 0 turns retries off.
 func WithRetries(n int) Option {
 	return func(c *Client) {
 		if n < 0 {
@@ -199,9 +205,21 @@ func (c *Client) doTracked(ctx context.Context, req *request) (resp *response, u
 			return nil, uncertain, fmt.Errorf("optd: %s %s: %w", req.method, req.path, ctx.Err())
 		}
 		var retry bool
+		wait := time.Duration(-1) // the answer's Retry-After, if it has one
 		if err == nil {
-			err = decodeProblem(resp)
-			retry = resp.status == http.StatusServiceUnavailable
+			pe := decodeProblem(resp)
+			err = pe
+			if pe.hasRetryAfter {
+				wait = pe.RetryAfter
+			}
+			switch resp.status {
+			case http.StatusServiceUnavailable:
+				retry = true
+			case http.StatusTooManyRequests:
+				// Only a short wait (a token's step rate) is waited out; a
+				// quota that waiting cannot lift is the caller's to handle.
+				retry = wait >= 0 && wait <= MaxRetryAfter
+			}
 		} else {
 			retry = transient(err)
 			// A refused connection never carried the request.
@@ -211,7 +229,19 @@ func (c *Client) doTracked(ctx context.Context, req *request) (resp *response, u
 		if !retry || attempt >= c.retries {
 			return nil, uncertain, err
 		}
-		if werr := sleepCtx(ctx, c.backoff(attempt)); werr != nil {
+		if wait < 0 {
+			wait = c.backoff(attempt)
+		} else {
+			if wait > MaxRetryAfter {
+				wait = MaxRetryAfter
+			}
+			if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
+				// The context would end during the wait the daemon
+				// asked for: its answer is final.
+				return nil, uncertain, err
+			}
+		}
+		if werr := sleepCtx(ctx, wait); werr != nil {
 			return nil, uncertain, fmt.Errorf("optd: %s %s: %w (while waiting to retry after: %v)",
 				req.method, req.path, werr, err)
 		}

@@ -24,6 +24,7 @@ func TestClientConstants(t *testing.T) {
 		Retries          int               `json:"retries"`
 		BackoffInitialMS int64             `json:"backoff_initial_ms"`
 		BackoffMaxMS     int64             `json:"backoff_max_ms"`
+		RetryAfterMaxS   int64             `json:"retry_after_max_s"`
 		NamePattern      string            `json:"name_pattern"`
 		Headers          map[string]string `json:"headers"`
 		Problems         []struct {
@@ -39,6 +40,9 @@ func TestClientConstants(t *testing.T) {
 	if optd.DefaultRetries != want.Retries || optd.DefaultInitialBackoff != time.Duration(want.BackoffInitialMS)*time.Millisecond ||
 		optd.DefaultMaxBackoff != time.Duration(want.BackoffMaxMS)*time.Millisecond {
 		t.Errorf("retry policy %d %v %v, want %+v", optd.DefaultRetries, optd.DefaultInitialBackoff, optd.DefaultMaxBackoff, want)
+	}
+	if want.RetryAfterMaxS == 0 || optd.MaxRetryAfter != time.Duration(want.RetryAfterMaxS)*time.Second {
+		t.Errorf("MaxRetryAfter %v, want %d s", optd.MaxRetryAfter, want.RetryAfterMaxS)
 	}
 	if optd.NamePattern != want.NamePattern {
 		t.Errorf("NamePattern %q, want %q", optd.NamePattern, want.NamePattern)

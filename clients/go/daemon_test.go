@@ -215,14 +215,15 @@ func startTCPRelay(t *testing.T, target string) *tcpRelay {
 // faultProxy is an HTTP proxy in front of a real daemon that loses answers:
 // for the first Drop step requests it forwards the request, lets the daemon
 // answer, then cuts the client's connection; for the first Unavailable ones
-// it answers 503 itself without forwarding. It records every step request's
-// Idempotency-Key.
+// it answers 503 itself without forwarding (with RetryAfter as its
+// Retry-After, when set). It records every step request's Idempotency-Key.
 type faultProxy struct {
 	URL         string
 	mu          sync.Mutex
 	drop        int
 	unavailable int
 	keys        []string
+	retryAfter  string
 }
 
 func startFaultProxy(t *testing.T, target string, drop, unavailable int) *faultProxy {
@@ -231,12 +232,14 @@ func startFaultProxy(t *testing.T, target string, drop, unavailable int) *faultP
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		isStep := r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/step")
 		var dropIt, unavail bool
+		var retryAfter string
 		if isStep {
 			p.mu.Lock()
 			p.keys = append(p.keys, r.Header.Get("Idempotency-Key"))
 			if p.unavailable > 0 {
 				p.unavailable--
 				unavail = true
+				retryAfter = p.retryAfter
 			} else if p.drop > 0 {
 				p.drop--
 				dropIt = true
@@ -244,6 +247,9 @@ func startFaultProxy(t *testing.T, target string, drop, unavailable int) *faultP
 			p.mu.Unlock()
 		}
 		if unavail {
+			if retryAfter != "" {
+				w.Header().Set("Retry-After", retryAfter)
+			}
 			w.Header().Set("Content-Type", "application/problem+json")
 			w.WriteHeader(http.StatusServiceUnavailable)
 			fmt.Fprint(w, `{"type":"urn:optd:problem:unavailable","title":"Service Unavailable","status":503,"detail":"injected by the test proxy"}`)

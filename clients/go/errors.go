@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"hash/crc32"
 	"net/http"
+	"strconv"
 	"strings"
+	"time"
 )
 
 // DigestMismatchError: the params in an answer are not the ones the daemon
@@ -49,6 +51,12 @@ type Error struct {
 	Detail string // what went wrong, for people
 	Field  string // the field at fault ("grad", "optimizer.lr", "name"), or ""
 	Step   *int64 // the session's step, on a 409 about a stale gradient; else nil
+	// RetryAfter is the answer's Retry-After (whole seconds), 0 when it
+	// names none: on a 429, how long a token's step rate or quota asks the
+	// caller to wait; on a 503, when to try again.
+	RetryAfter time.Duration
+
+	hasRetryAfter bool
 }
 
 func (e *Error) Error() string {
@@ -122,7 +130,9 @@ func IsUnauthorized(err error) bool { return statusIs(err, http.StatusUnauthoriz
 func IsForbidden(err error) bool { return statusIs(err, http.StatusForbidden) }
 
 // IsTooManyRequests reports whether err is a 429: a token past its step rate
-// or a session quota (Field "max_sessions" or "max_params").
+// or a session quota (Field "max_sessions" or "max_params"). The client
+// waits out a step rate's short Retry-After itself while retries remain;
+// (*Error).RetryAfter says how long the daemon asked to wait.
 func IsTooManyRequests(err error) bool { return statusIs(err, http.StatusTooManyRequests) }
 
 // decodeProblem turns a non-2xx answer into an *Error. A body that is not
@@ -147,6 +157,15 @@ func decodeProblem(r *response) *Error {
 	}
 	if e.Title == "" {
 		e.Title = http.StatusText(r.status)
+	}
+	if v := strings.TrimSpace(r.header.Get("Retry-After")); v != "" {
+		// Delta-seconds, the form the daemon sends; a day at most.
+		if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+			if n > 86400 {
+				n = 86400
+			}
+			e.RetryAfter, e.hasRetryAfter = time.Duration(n)*time.Second, true
+		}
 	}
 	return e
 }

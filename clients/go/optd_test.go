@@ -686,6 +686,23 @@ func TestRetryOn503(t *testing.T) {
 	if !e.Temporary() || e.Type != "urn:optd:problem:unavailable" || len(proxy2.stepKeys()) != 2 {
 		t.Fatalf("%+v after %d attempts", e, len(proxy2.stepKeys()))
 	}
+
+	// A 503 naming a Retry-After is retried after it, not after the backoff,
+	// and the last one's comes back on the error.
+	proxy3 := startFaultProxy(t, d.URL, 0, 2)
+	proxy3.mu.Lock()
+	proxy3.retryAfter = "1"
+	proxy3.mu.Unlock()
+	c3 := optd.NewClient(proxy3.URL, optd.WithRetries(1), optd.WithBackoff(time.Millisecond, time.Millisecond))
+	t0 := time.Now()
+	_, err = c3.Session("busy").StepF32(ctx, []float32{1}, nil)
+	e = asError(t, err, 503)
+	if el := time.Since(t0); el < time.Second || e.RetryAfter != time.Second || len(proxy3.stepKeys()) != 2 {
+		t.Fatalf("%+v after %v and %d attempts", e, el, len(proxy3.stepKeys()))
+	}
+	if _, err = c3.Session("busy").StepF32(ctx, []float32{1}, nil); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestRetriesAreBoundedAndHonourContext(t *testing.T) {
