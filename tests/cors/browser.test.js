@@ -120,7 +120,7 @@ before(async () => {
   chrome = spawn('chromium', ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
     '--user-data-dir=' + path.join(dir, 'chrome'), '--remote-debugging-address=127.0.0.1',
-    '--remote-debugging-port=0', 'about:blank'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '--remote-debugging-port=0', 'about:blank'], { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   const w = await waitLine(chrome, 'stderr', /DevTools listening on ws:\/\/127\.0\.0\.1:(\d+)\//, 30000);
   const targets = await CDP.List({ host: '127.0.0.1', port: Number(w[1]) });
   client = await CDP({ host: '127.0.0.1', port: Number(w[1]), target: targets.find((t) => t.type === 'page') });
@@ -135,9 +135,19 @@ after(async () => {
     process.kill(chrome.pid, 'SIGTERM');
     await gone;
   }
+  // Chromium runs in a process group of its own (detached): its helper
+  // processes (renderers, zygote, crash handler) may outlive the browser
+  // and keep writing its profile.  Stop the whole group and wait until no
+  // process of it is left, then remove the profile.
+  if (chrome) {
+    const alive = () => { try { process.kill(-chrome.pid, 0); return true; } catch { return false; } };
+    for (let i = 0; i < 100 && alive(); i++) {
+      try { process.kill(-chrome.pid, i < 20 ? 'SIGTERM' : 'SIGKILL'); } catch { /* gone */ }
+      await sleep(100);
+    }
+    assert.equal(alive(), false, 'Chromium\'s processes are gone');
+  }
   if (pages) await new Promise((r) => pages.close(r));
-  // Chromium's helper processes may still be writing its profile for a
-  // moment after the browser exits.
   fs.rmSync(dir, { recursive: true, force: true, maxRetries: 20, retryDelay: 100 });
 });
 

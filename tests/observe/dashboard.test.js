@@ -106,7 +106,7 @@ before(async () => {
   chrome = spawn('chromium', ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
     '--user-data-dir=' + path.join(dir, 'chrome'), '--remote-debugging-address=127.0.0.1',
-    '--remote-debugging-port=0', '--window-size=1400,1200', 'about:blank'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    '--remote-debugging-port=0', '--window-size=1400,1200', 'about:blank'], { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   const w = await waitLine(chrome, 'stderr', /DevTools listening on ws:\/\/127\.0\.0\.1:(\d+)\//, 30000);
   const targets = await CDP.List({ host: '127.0.0.1', port: Number(w[1]) });
   const page = targets.find((t) => t.type === 'page');
@@ -120,12 +120,26 @@ after(async () => {
   trainingStop = true;
   if (training) await training.catch(() => {});
   if (client) await client.close().catch(() => {});
-  if (chrome) { chrome.kill('SIGTERM'); await new Promise((r) => chrome.once('exit', r)).catch(() => {}); }
+  if (chrome && chrome.exitCode === null && chrome.signalCode === null) {
+    const gone = new Promise((r) => chrome.once('exit', r));
+    chrome.kill('SIGTERM');
+    await gone;
+  }
+  // Chromium's helpers (its own process group: detached) may outlive the
+  // browser and keep writing the profile: stop the group, wait it out.
+  if (chrome) {
+    const alive = () => { try { process.kill(-chrome.pid, 0); return true; } catch { return false; } };
+    for (let i = 0; i < 100 && alive(); i++) {
+      try { process.kill(-chrome.pid, i < 20 ? 'SIGTERM' : 'SIGKILL'); } catch { /* gone */ }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(alive(), false, 'Chromium\'s processes are gone');
+  }
   if (optd) {
     const code = await new Promise((r) => { optd.once('exit', (c) => r(c)); optd.kill('SIGTERM'); });
     assert.equal(code, 0, 'optd exited ' + code);
   }
-  fs.rmSync(dir, { recursive: true, force: true });
+  fs.rmSync(dir, { recursive: true, force: true, maxRetries: 20, retryDelay: 100 });
 });
 
 test('without the key the page says it needs one', async () => {
