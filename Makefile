@@ -219,7 +219,7 @@ asan:
 # ThreadSanitizer over the suites that run threads against one daemon; the
 # daemon runs the TSan build too (OPTD_BIN) and exits 66 after any report,
 # which fails the suite that stopped it.
-TSAN_SUITES := test_api_concurrency test_workers
+TSAN_SUITES := test_api_concurrency test_workers test_api_cache test_client_c_shard test_tokens
 tsan: deps-tsan
 	@$(MAKE) --no-print-directory BUILD=build-tsan OPTFLAGS=-O1 \
 	    SANFLAGS="-fsanitize=thread -fno-omit-frame-pointer" \

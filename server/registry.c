@@ -179,19 +179,28 @@ void srv_registry_free(srv_registry *r)
 
 int srv_registry_acquire(srv_registry *r, const char *name, eng_session **out)
 {
+    /* Lock order: a session's lock, then the registry's, never the other
+     * way round (a session lock is only try-locked under the registry's,
+     * by evict).  A cold session's shell is therefore locked before the
+     * registry is taken to map it. */
+    eng_session *shell = NULL;
     for (;;) {
         pthread_mutex_lock(&r->mu);
         eng_session *s = find(r, name);
         bool load = false;
+        if (!s && !shell) {
+            pthread_mutex_unlock(&r->mu);
+            if (!(shell = eng_session_shell(name)))
+                return ENG_ENOMEM;
+            eng_lock(shell);
+            continue; /* look again: another thread may have mapped it */
+        }
         if (!s) {
-            /* Cold: map an empty shell, locked by this thread, and read it
+            /* Cold: map the empty shell, locked by this thread, and read it
              * after letting the registry go.  Whoever wants it meanwhile
              * waits on its session lock, not on the registry. */
-            if (!(s = eng_session_shell(name))) {
-                pthread_mutex_unlock(&r->mu);
-                return ENG_ENOMEM;
-            }
-            eng_lock(s);
+            s = shell;
+            shell = NULL;
             map(r, s);
             load = true;
         } else {
@@ -200,6 +209,12 @@ int srv_registry_acquire(srv_registry *r, const char *name, eng_session **out)
         }
         s->refs++;
         pthread_mutex_unlock(&r->mu);
+        if (shell) {
+            /* Mapped by another thread meanwhile: ours is not needed. */
+            eng_unlock(shell);
+            eng_session_free(shell);
+            shell = NULL;
+        }
         if (load) {
             double t0 = obs_now();
             int err = eng_session_load(r->db, r->pool, s);
