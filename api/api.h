@@ -304,6 +304,11 @@ size_t api_fmt_f64(char *out, double x);
  * decide the rounding (bench/json.c counts those). */
 size_t api_fmt_f32_fast(char *out, float f);
 size_t api_fmt_f64_fast(char *out, double x);
+/* Whether long double arithmetic really has x87's 64-bit significand here
+ * (not under an emulator that computes it in double, such as valgrind):
+ * the fast paths of the float64 printer and of the JSON number reader use
+ * it only then. */
+bool api_ld64_exact(void);
 
 /* ------------------------------------------------------- safetensors */
 

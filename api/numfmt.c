@@ -38,6 +38,27 @@
 #include <stdio.h>
 #include <string.h>
 
+bool api_ld64_exact(void)
+{
+    /* The compiler's long double is x87 extended (LDBL_MANT_DIG 64), but
+     * an emulator may still compute it with a double's 53 bits (valgrind
+     * does): then 1 + 2^-63 rounds to 1 and the long double fast paths
+     * below would be wrong, so every value takes the exact slow path.
+     * Checked once; 0 unknown, 1 exact, 2 not. */
+    static int known;
+    int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (k == 0) {
+#if LDBL_MANT_DIG == 64
+        volatile long double one = 1.0L, tiny = 0x1p-63L;
+        k = one + tiny != one ? 1 : 2;
+#else
+        k = 2;
+#endif
+        __atomic_store_n(&known, k, __ATOMIC_RELAXED);
+    }
+    return k == 1;
+}
+
 /* 10^k for k = -32..55 (float32 needs -31..54), correctly rounded by the
  * compiler. */
 #define P10_MIN (-32)
@@ -307,7 +328,7 @@ size_t api_fmt_f64_fast(char *out, double x)
             return put_integer(out, neg, (uint64_t)a);
         uint64_t D;
         int X;
-        if (a > 1e-40 && a < 1e40 && digits_f64(a, &D, &X)) {
+        if (a > 1e-40 && a < 1e40 && api_ld64_exact() && digits_f64(a, &D, &X)) {
             char dig[24];
             put_fixed(dig, D, 17);
             return layout(out, neg, dig, 17, X);

@@ -254,7 +254,7 @@ static const char *parse_number(const char *p, const char *e, double *v)
         return p;
     }
 #if LDBL_MANT_DIG == 64
-    if (simple && m != 0 && scale >= -27 && scale <= 27) {
+    if (simple && m != 0 && scale >= -27 && scale <= 27 && api_ld64_exact()) {
         long double y = (long double)m, t = EXACT10L[scale < 0 ? -scale : scale];
         y = scale < 0 ? y / t : y * t;
         double d = (double)y;

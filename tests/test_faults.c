@@ -893,6 +893,14 @@ static void start_with_shim(frun *f, const char *spec)
 {
     char shim[1100];
     char *asan_old = getenv("ASAN_OPTIONS") ? strdup(getenv("ASAN_OPTIONS")) : NULL;
+    /* Under valgrind (make valgrind) the shim cannot see the daemon's
+     * allocations (valgrind replaces malloc everywhere): the daemon with
+     * the shim runs natively, this test and every other daemon still
+     * under valgrind. */
+    char *vg_old = spec && getenv("OPTD_VALGRIND_DAEMON") ? strdup(getenv("OPTD_VALGRIND_DAEMON"))
+                                                         : NULL;
+    if (vg_old)
+        unsetenv("OPTD_VALGRIND_DAEMON");
     if (spec) {
         shim_path(shim, sizeof shim);
         setenv("LD_PRELOAD", shim, 1);
@@ -904,6 +912,10 @@ static void start_with_shim(frun *f, const char *spec)
         setenv("ASAN_OPTIONS", asan, 1);
     }
     start_daemon(f);
+    if (vg_old) {
+        setenv("OPTD_VALGRIND_DAEMON", vg_old, 1);
+        free(vg_old);
+    }
     unsetenv("LD_PRELOAD");
     unsetenv("OPTD_FAILMALLOC");
     if (asan_old)
