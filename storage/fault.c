@@ -330,7 +330,7 @@ static int shim_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *f, int fl
 
 static void register_shim(void)
 {
-    real_vfs = sqlite3_vfs_find(NULL);
+    real_vfs = sqlite3_vfs_find(wal_vfs_name());
     shim_vfs = *real_vfs;
     shim_vfs.zName = "optd-fault";
     shim_vfs.szOsFile = (int)sizeof(shim_file) + real_vfs->szOsFile;

@@ -17,6 +17,9 @@ void fault_init_from_env(void);
 bool fault_active(void);
 /* The shim VFS's name when faults are on (registering it), else NULL. */
 const char *fault_vfs_name(void);
+/* The VFS that writes a transaction's WAL frames in one call (walvfs.c);
+ * the fault shim wraps it. */
+const char *wal_vfs_name(void);
 
 /* Whole-buffer pwrite/pread (a short file is -ENODATA), fdatasync, fsync,
  * ftruncate, each counted and possibly failed. */

@@ -988,7 +988,7 @@ static int open_impl(const char *path, storage_durability d, bool for_check, sto
     if (err == STORAGE_OK) {
         rc = sqlite3_open_v2(path, &st->db,
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
-                             fault_vfs_name());
+                             fault_vfs_name() ? fault_vfs_name() : wal_vfs_name());
         err = rc == SQLITE_OK ? STORAGE_OK : sql_fail(st->db, rc);
     }
     if (err == STORAGE_OK) {
