@@ -176,6 +176,74 @@ static void test_threads_sgd_accumulate_clip_value(void **state)
     run_case(body, OPTIM_SGD, 3, clip);
 }
 
+/* Steps whose commit is larger than storage's gathered WAL write (64 KiB)
+ * but whose gradient still lives in SQLite (under 256 KiB): sessions of
+ * 30,000 float32 params and 16 sizes above, one 1,024-param page apart, so
+ * that the commit frame falls at every place of a 64 KiB gathering (a
+ * frame is a 4 KiB page and its header), MID_STEPS steps each (the first
+ * ones also write checkpoints, whose transactions would flush a page left
+ * behind).  After each session's last acknowledged step the daemon is
+ * killed (kill -9): the step survives and the replayed params equal local
+ * kernels.  A commit frame's page held back by the gathering when it had
+ * to flush to make room for it fails this test. */
+#define MID 30000
+#define MID_STEPS 12
+static void test_midsize_commit_survives_kill9(void **state)
+{
+    (void)state;
+    tdaemon d;
+    assert_int_equal(tdaemon_start(&d, NULL, NULL), 0);
+    optd_client *c = tapi_client(tdaemon_url(&d), NULL, false);
+    size_t most = MID + 16 * 1024;
+    float *p = malloc(most * sizeof *p), *got = malloc(most * sizeof *got);
+    float *g = malloc(most * sizeof *g);
+    for (int k = 0; k < 16; k++) {
+        size_t n = MID + (size_t)k * 1024;
+        char body[256], name[32];
+        snprintf(name, sizeof name, "mid%d", k);
+        snprintf(body, sizeof body,
+                 "{\"optimizer\":{\"type\":\"adam\",\"lr\":0.01},\"size\":%zu,"
+                 "\"init\":{\"type\":\"normal\",\"std\":0.5,\"seed\":%d}}",
+                 n, 11 + k);
+        tapi_create(c, name, body, 201);
+        get_params(c, name, p, n, 0);
+        optim_hparams hp;
+        optim_hparams_default(OPTIM_ADAM, &hp);
+        hp.lr = 0.01;
+        optim_state st;
+        optim_state_init(&hp, &st);
+        float *buf[OPTIM_MAX_BUFFERS] = {0};
+        unsigned need = optim_buffers_needed(&hp);
+        for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
+            if (need & (1u << i)) {
+                buf[i] = malloc(n * sizeof(float));
+                optim_buffer_init(&hp, i, OPTIM_F32, buf[i], n);
+                st.buf[i] = buf[i];
+            }
+        for (int t = 0; t < MID_STEPS; t++) {
+            tgen_fill(OPTIM_F32, g, n, 500 + (uint64_t)(k * MID_STEPS + t), 0, 2.0);
+            step_bin(c, name, g, n * sizeof *g, "float32", 200);
+            optim_step(&hp, &st, OPTIM_F32, p, g, n);
+        }
+        /* Killed right after the last acknowledged step. */
+        optd_client_free(c);
+        assert_int_equal(tdaemon_kill9(&d), 0);
+        assert_int_equal(tdaemon_restart(&d), 0);
+        c = tapi_client(tdaemon_url(&d), NULL, false);
+        get_params(c, name, got, n, MID_STEPS);
+        assert_memory_equal(got, p, n * sizeof *p);
+        for (unsigned i = 0; i < OPTIM_MAX_BUFFERS; i++)
+            free(buf[i]);
+    }
+    free(p);
+    free(got);
+    free(g);
+    optd_client_free(c);
+    assert_int_equal(tdaemon_stop(&d), 0);
+    assert_int_equal(tapi_integrity_check(tdaemon_db(&d)), 0);
+    tdaemon_cleanup(&d);
+}
+
 /* bfloat16 and float16 gradients are widened exactly; answers narrow as
  * asked; the other full-width dtype and unknown names are refused. */
 static void test_wire_half(void **state)
@@ -484,6 +552,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_threads_adamw_clip_norm),
         cmocka_unit_test(test_threads_sgd_accumulate_clip_value),
+        cmocka_unit_test(test_midsize_commit_survives_kill9),
         cmocka_unit_test(test_wire_half),
         cmocka_unit_test(test_body_bound),
         cmocka_unit_test(test_streamed_answers),
