@@ -130,6 +130,10 @@ extern const size_t api_route_count;
  * the {name} segment, validated) on a match; otherwise fills reply with
  * 404 / 405 / 400 (bad name, including any %-escape in it) and returns
  * that status.  HEAD matches the GET routes. */
+/* The methods that path (raw, as sent) has in the route table, in its
+ * order, ", "-separated, GET followed by HEAD, into buf; their length (0:
+ * no route has that path). */
+size_t api_path_methods(const char *path, char *buf, size_t size);
 int api_route_match(const char *method, const char *path, const api_route **route,
                     char name[API_NAME_MAX + 1], api_reply *r);
 bool api_name_valid(const char *name, size_t len);

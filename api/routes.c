@@ -5,6 +5,7 @@
 #include "api/api.h"
 
 #include <ctype.h>
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
@@ -80,29 +81,39 @@ static bool match(const char *pattern, const char *path, const char **seg, size_
     return *pattern == '\0' && *path == '\0';
 }
 
+size_t api_path_methods(const char *path, char *buf, size_t size)
+{
+    size_t len = 0;
+    buf[0] = '\0';
+    const char *seg;
+    size_t seg_len;
+    for (size_t i = 0; i < api_route_count; i++) {
+        const api_route *rt = &api_routes[i];
+        if (!match(rt->pattern, path, &seg, &seg_len))
+            continue;
+        bool get = strcmp(rt->method, "GET") == 0;
+        int n = snprintf(buf + len, size - len, "%s%s", len ? ", " : "",
+                         get ? "GET, HEAD" : rt->method);
+        if (n < 0 || (size_t)n >= size - len) {
+            buf[len] = '\0';
+            break;
+        }
+        len += (size_t)n;
+    }
+    return len;
+}
+
 int api_route_match(const char *method, const char *path, const api_route **route,
                     char name[API_NAME_MAX + 1], api_reply *r)
 {
     /* HEAD is GET without the body (libmicrohttpd leaves the body out). */
     const char *as = strcmp(method, "HEAD") == 0 ? "GET" : method;
-    bool path_known = false;
     const char *seg = NULL;
     size_t seg_len = 0;
-    char allowed[64] = "";
     for (size_t i = 0; i < api_route_count; i++) {
         const api_route *rt = &api_routes[i];
-        if (!match(rt->pattern, path, &seg, &seg_len))
+        if (strcmp(rt->method, as) != 0 || !match(rt->pattern, path, &seg, &seg_len))
             continue;
-        path_known = true;
-        if (strcmp(rt->method, as) != 0) {
-            bool get = strcmp(rt->method, "GET") == 0;
-            if (strlen(allowed) + strlen(rt->method) + (get ? 9 : 3) < sizeof allowed) {
-                if (allowed[0])
-                    strcat(allowed, ", ");
-                strcat(allowed, get ? "GET, HEAD" : rt->method);
-            }
-            continue;
-        }
         if (seg) {
             if (!api_name_valid(seg, seg_len))
                 return api_problem(r, 400, "name",
@@ -115,7 +126,8 @@ int api_route_match(const char *method, const char *path, const api_route **rout
         *route = rt;
         return 0;
     }
-    if (path_known) {
+    char allowed[64];
+    if (api_path_methods(path, allowed, sizeof allowed)) {
         /* Every path answers OPTIONS too (server/cors.c). */
         if (strlen(allowed) + 9 < sizeof allowed)
             strcat(allowed, ", OPTIONS");

@@ -40,10 +40,6 @@ static const char EXPOSE_HEADERS[] =
     "Optd-Params-Crc32, Optd-Dtype, Optd-Fault-Counts, X-Request-Id, Location, Retry-After, "
     "WWW-Authenticate, Allow";
 
-/* The methods a route can have, in the order Allow lists them. */
-static const char *const METHODS[] = {"GET", "PUT", "POST", "PATCH", "DELETE"};
-#define N_METHODS (sizeof METHODS / sizeof METHODS[0])
-
 static struct {
     bool on;  /* --cors-origin given */
     bool any; /* "*" */
@@ -166,31 +162,6 @@ static const char *allowed_origin(struct MHD_Connection *c)
     return NULL;
 }
 
-/* The methods path has, as an Allow list ("GET, HEAD, PUT"; HEAD wherever
- * GET is) into buf; false when no route has the path.  A path whose
- * session name is not valid still has the route's methods (the request
- * itself will be answered 400). */
-static bool path_methods(const char *path, char *buf, size_t size)
-{
-    buf[0] = '\0';
-    size_t len = 0;
-    for (size_t i = 0; i < N_METHODS; i++) {
-        const api_route *rt = NULL;
-        char name[API_NAME_MAX + 1];
-        api_reply tmp = {0};
-        int st = api_route_match(METHODS[i], path, &rt, name, &tmp);
-        api_reply_free(&tmp);
-        if (st != 0 && st != 400)
-            continue;
-        int n = snprintf(buf + len, size - len, "%s%s%s", len ? ", " : "", METHODS[i],
-                         strcmp(METHODS[i], "GET") == 0 ? ", HEAD" : "");
-        if (n < 0 || (size_t)n >= size - len)
-            break;
-        len += (size_t)n;
-    }
-    return len > 0;
-}
-
 /* Is method one of the comma-separated list? */
 static bool listed(const char *list, const char *method)
 {
@@ -215,7 +186,7 @@ static bool is_preflight(struct MHD_Connection *c)
 int srv_cors_options(struct MHD_Connection *c, const char *path, api_reply *r)
 {
     char methods[64];
-    if (!path_methods(path, methods, sizeof methods))
+    if (!api_path_methods(path, methods, sizeof methods))
         return api_problem(r, 404, NULL, "no route for %s", path);
     if (!is_preflight(c)) {
         api_reply_header(r, "Allow", "%s, OPTIONS", methods);
@@ -250,7 +221,7 @@ void srv_cors_decorate(struct MHD_Connection *c, const char *method, const char 
     if (options && is_preflight(c)) {
         /* Only a preflight that passed names the origin. */
         char methods[64];
-        if (status != 204 || !path_methods(path, methods, sizeof methods))
+        if (status != 204 || !api_path_methods(path, methods, sizeof methods))
             return;
         MHD_add_response_header(resp, "Access-Control-Allow-Origin", cors.any ? "*" : origin);
         MHD_add_response_header(resp, "Access-Control-Allow-Methods", methods);
