@@ -1688,14 +1688,10 @@ int storage_session_get(storage *st, const char *name, storage_session_info *inf
     return err;
 }
 
-int storage_session_list(storage *st, const char *after, int limit, storage_session_info *infos)
+/* Under db_mu: the rows of a session-list statement s, at most limit,
+ * into infos.  Their number, or an error with none of them kept. */
+static int read_infos(storage *st, sqlite3_stmt *s, int limit, storage_session_info *infos)
 {
-    clear_error();
-    pthread_mutex_lock(&st->db_mu);
-    sqlite3_stmt *s = stmt(st, after ? Q_SESSION_LIST_AFTER : Q_SESSION_LIST);
-    sqlite3_bind_int(s, 1, limit);
-    if (after)
-        sqlite3_bind_text(s, 2, after, -1, SQLITE_STATIC);
     int n = 0, rc = SQLITE_DONE, err = STORAGE_OK;
     while (n < limit && (rc = sqlite3_step(s)) == SQLITE_ROW) {
         if ((err = read_info(s, &infos[n])) != STORAGE_OK)
@@ -1704,13 +1700,25 @@ int storage_session_list(storage *st, const char *after, int limit, storage_sess
     }
     if (err == STORAGE_OK && rc != SQLITE_ROW && rc != SQLITE_DONE)
         err = sql_fail(st->db, rc);
-    sqlite3_reset(s);
-    pthread_mutex_unlock(&st->db_mu);
     if (err != STORAGE_OK) {
         while (n > 0)
             storage_session_info_free(&infos[--n]);
         return err;
     }
+    return n;
+}
+
+int storage_session_list(storage *st, const char *after, int limit, storage_session_info *infos)
+{
+    clear_error();
+    pthread_mutex_lock(&st->db_mu);
+    sqlite3_stmt *s = stmt(st, after ? Q_SESSION_LIST_AFTER : Q_SESSION_LIST);
+    sqlite3_bind_int(s, 1, limit);
+    if (after)
+        sqlite3_bind_text(s, 2, after, -1, SQLITE_STATIC);
+    int n = read_infos(st, s, limit, infos);
+    sqlite3_reset(s);
+    pthread_mutex_unlock(&st->db_mu);
     return n;
 }
 
@@ -2822,25 +2830,13 @@ int storage_session_list_prefix(storage *st, const char *prefix, const char *aft
                          INFO_COLS " WHERE s.name > ?2 AND s.name >= ?3 AND s.name < ?3 ||"
                                    " char(127) ORDER BY s.name LIMIT ?1",
                          &s);
-    int n = 0, rc = SQLITE_DONE;
     if (err == STORAGE_OK) {
         sqlite3_bind_int(s, 1, limit);
         sqlite3_bind_text(s, 2, after ? after : "", -1, SQLITE_STATIC);
         sqlite3_bind_text(s, 3, prefix, -1, SQLITE_STATIC);
-        while (n < limit && (rc = sqlite3_step(s)) == SQLITE_ROW) {
-            if ((err = read_info(s, &infos[n])) != STORAGE_OK)
-                break;
-            n++;
-        }
-        if (err == STORAGE_OK && rc != SQLITE_ROW && rc != SQLITE_DONE)
-            err = sql_fail(st->db, rc);
+        err = read_infos(st, s, limit, infos);
     }
     sqlite3_finalize(s);
     pthread_mutex_unlock(&st->db_mu);
-    if (err != STORAGE_OK) {
-        while (n > 0)
-            storage_session_info_free(&infos[--n]);
-        return err;
-    }
-    return n;
+    return err;
 }
