@@ -833,17 +833,12 @@ static char *token_path(optd_client *c, const char *id, optd_error *err)
     return p;
 }
 
-/* One token call: the answer's body on 2xx (*body_out, new string, when
- * asked for), else err.  0 or -1. */
-static int token_call(optd_client *c, const char *method, const char *id, const char *json,
-                      char **body_out, optd_error *err)
+/* method on path (owned: freed here) with an optional JSON body: the
+ * answer's body on a 2xx (*body_out, a new string, when asked for), else
+ * err.  0 or -1. */
+static int json_call(optd_client *c, const char *method, char *path, const char *json,
+                     char **body_out, optd_error *err)
 {
-    err_clear(err);
-    if (body_out)
-        *body_out = NULL;
-    char *path = token_path(c, id, err);
-    if (!path)
-        return -1;
     optd_response r;
     int rc = call(c, method, path, NULL, json, json ? strlen(json) : 0, &r, err, NULL);
     free(path);
@@ -857,6 +852,18 @@ static int token_call(optd_client *c, const char *method, const char *id, const 
     }
     optd_response_free(&r);
     return 0;
+}
+
+/* One token call: the answer's body on 2xx (*body_out, new string, when
+ * asked for), else err.  0 or -1. */
+static int token_call(optd_client *c, const char *method, const char *id, const char *json,
+                      char **body_out, optd_error *err)
+{
+    err_clear(err);
+    if (body_out)
+        *body_out = NULL;
+    char *path = token_path(c, id, err);
+    return path ? json_call(c, method, path, json, body_out, err) : -1;
 }
 
 int optd_create_token(optd_client *c, const char *request_json, char id[OPTD_TOKEN_ID_SIZE],
@@ -915,21 +922,7 @@ static int post_json(optd_client *c, const char *method, const char *name, const
     if (body_out)
         *body_out = NULL;
     char *path = session_path(c, name, suffix, err);
-    if (!path)
-        return -1;
-    optd_response r;
-    int rc = call(c, method, path, NULL, json, json ? strlen(json) : 0, &r, err, NULL);
-    free(path);
-    if (rc)
-        return -1;
-    if (r.status < 200 || r.status > 299)
-        return fail_with(&r, err);
-    if (body_out) {
-        *body_out = r.body;
-        r.body = NULL;
-    }
-    optd_response_free(&r);
-    return 0;
+    return path ? json_call(c, method, path, json, body_out, err) : -1;
 }
 
 int optd_rollback(optd_client *c, const char *name, long long step, optd_error *err)
